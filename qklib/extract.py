@@ -1,0 +1,130 @@
+"""What meets W_q and W_k inside the model: normed token embeddings and attention probabilities.
+
+The token embeddings that enter a block's qkv projection are the block input after ``norm1``
+(LayerNorm). The authors' code projected the un-normalised residual stream instead; the normed input is
+what the model really multiplies by W_q and W_k.
+
+Attention probabilities are read from the model's own softmax: timm's fused attention
+(scaled_dot_product_attention) never materialises them, so it is switched off for the read and restored.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Record:
+    """One forward pass, per layer.
+
+    ``tokens``: ``[L, B, T, d]`` normed block inputs (what qkv sees), or None.
+    ``attention``: ``[L, B, H, T, T]`` attention probabilities (rows: queries, columns: keys), or None.
+    ``prefix_tokens``: how many of the T tokens come before the image tokens (CLS, distillation, registers).
+    """
+
+    tokens: torch.Tensor | None
+    attention: torch.Tensor | None
+    prefix_tokens: int
+
+
+@contextmanager
+def unfused_attention(model: nn.Module):
+    """Switch every block's fused attention off (so the softmax is computed explicitly), then restore."""
+    saved = []
+    for block in model.blocks:
+        if hasattr(block.attn, "fused_attn"):
+            saved.append((block.attn, block.attn.fused_attn))
+            block.attn.fused_attn = False
+    try:
+        yield
+    finally:
+        for attn, flag in saved:
+            attn.fused_attn = flag
+
+
+def _layers(model: nn.Module, layers) -> list[int]:
+    count = len(model.blocks)
+    if layers is None:
+        return list(range(count))
+    chosen = [int(layer) for layer in layers]
+    bad = [layer for layer in chosen if not 0 <= layer < count]
+    if bad:
+        raise ValueError(f"layer indices {bad} out of range: the model has layers 0..{count - 1}")
+    return chosen
+
+
+@torch.no_grad()
+def record(model: nn.Module, pixels: torch.Tensor, tokens: bool = True, attention: bool = False,
+           layers: list[int] | None = None) -> Record:
+    """Run the model once on ``pixels [B, 3, S, S]`` and record the requested per-layer tensors.
+
+    The forward pass stops after the last requested layer.
+    """
+    chosen = _layers(model, layers)
+    wanted = set(chosen)
+    token_out: dict[int, torch.Tensor] = {}
+    attn_out: dict[int, torch.Tensor] = {}
+    handles = []
+
+    class _Stop(Exception):
+        pass
+
+    last = max(chosen)
+    for index, block in enumerate(model.blocks):
+        if index not in wanted:
+            continue
+        if tokens:
+            handles.append(block.norm1.register_forward_hook(
+                lambda _m, _i, out, index=index: token_out.__setitem__(index, out.detach().float().cpu())))
+        if attention:
+            if not isinstance(getattr(block.attn, "attn_drop", None), nn.Module):
+                raise TypeError(f"block {index}: cannot read attention probabilities from {type(block.attn).__name__}")
+            # attn_drop receives the softmax output (identity in eval mode): the probabilities the model uses.
+            handles.append(block.attn.attn_drop.register_forward_hook(
+                lambda _m, _i, out, index=index: attn_out.__setitem__(index, out.detach().float().cpu())))
+
+    def stop(_module, _inputs, _output):
+        raise _Stop
+
+    handles.append(model.blocks[last].register_forward_hook(stop))
+    device = next(model.parameters()).device
+    try:
+        with unfused_attention(model) if attention else _null():
+            try:
+                model.forward_features(pixels.to(device))
+            except _Stop:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if attention and len(attn_out) != len(chosen):
+        raise RuntimeError("attention probabilities were not captured; does this model use timm's Attention?")
+    return Record(
+        tokens=torch.stack([token_out[i] for i in chosen]) if tokens else None,
+        attention=torch.stack([attn_out[i] for i in chosen]) if attention else None,
+        prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
+    )
+
+
+@contextmanager
+def _null():
+    yield
+
+
+def token_embeddings(model: nn.Module, pixels: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:
+    """``[L, B, T, d]`` normed token embeddings entering each chosen block's qkv (prefix tokens included)."""
+    return record(model, pixels, tokens=True, attention=False, layers=layers).tokens
+
+
+def attention_probs(model: nn.Module, pixels: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:
+    """``[L, B, H, T, T]`` attention probabilities the model computes (prefix tokens included)."""
+    return record(model, pixels, tokens=False, attention=True, layers=layers).attention
+
+
+def image_tokens(x: torch.Tensor, prefix_tokens: int, dim: int = -2) -> torch.Tensor:
+    """Drop the prefix tokens along ``dim``."""
+    return x.narrow(dim, prefix_tokens, x.shape[dim] - prefix_tokens)

@@ -1,0 +1,119 @@
+"""Images in: the photos that installed packages ship, image folders, and the model's preprocessing."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class ImageError(ValueError):
+    """An image path or folder that cannot be used; the message says what to do."""
+
+
+def shipped_photos() -> dict[str, Image.Image]:
+    """Natural photos shipped inside installed packages (no download): scikit-image, scikit-learn, matplotlib."""
+    import matplotlib.cbook
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = {name: Image.fromarray(getattr(skimage.data, name)()) for name in ("chelsea", "coffee", "astronaut", "rocket")}
+    sample = load_sample_images()
+    for filename, array in zip(sample.filenames, sample.images):
+        photos[Path(filename).stem] = Image.fromarray(array)
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
+        photos["grace_hopper"] = Image.open(handle).convert("RGB")
+    return {name: image.convert("RGB") for name, image in photos.items()}
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """One image as RGB (greyscale, palette and RGBA are converted; alpha is composited on white)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image {str(path)!r} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"image {str(path)!r} cannot be read ({error}); remove or replace the file") from error
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Every image file under ``folder`` (any depth, sorted), e.g. ImageNet's ``val/<class>/<file>`` layout."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ImageError(f"image folder {str(folder)!r} does not exist or is not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ImageError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found under {str(folder)!r}")
+    return files
+
+
+def load_folder(folder: str | Path, limit: int | None = None) -> dict[str, Image.Image]:
+    """Readable images of a folder by relative path; unreadable files are skipped with a warning."""
+    folder = Path(folder).expanduser()
+    images: dict[str, Image.Image] = {}
+    skipped = []
+    for path in list_images(folder):
+        if limit is not None and len(images) >= limit:
+            break
+        try:
+            images[str(path.relative_to(folder))] = open_rgb(path)
+        except ImageError:
+            skipped.append(path.name)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) in {folder}: {', '.join(skipped[:5])}")
+    if not images:
+        raise ImageError(f"none of the images under {str(folder)!r} could be read")
+    return images
+
+
+def model_transform(model: nn.Module):
+    """The model's eval preprocessing (resize, centre crop, normalise) from timm's data config."""
+    import timm.data
+
+    config = timm.data.resolve_data_config({}, model=model)
+    size = int(model.patch_embed.img_size[0])
+    config["input_size"] = (3, size, size)
+    return timm.data.create_transform(**config)
+
+
+def to_pixels(model: nn.Module, images: Image.Image | list[Image.Image]) -> torch.Tensor:
+    """``[B, 3, S, S]`` float32 model input for PIL images."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    transform = model_transform(model)
+    return torch.stack([transform(image.convert("RGB")) for image in images])
+
+
+def display_crop(model: nn.Module, image: Image.Image) -> np.ndarray:
+    """``[S, S, 3]`` uint8: the image region the model sees (resize + centre crop, no normalisation),
+    for drawing token maps over the photo."""
+    import timm.data
+
+    config = timm.data.resolve_data_config({}, model=model)
+    size = int(model.patch_embed.img_size[0])
+    config.update(input_size=(3, size, size), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    tensor = timm.data.create_transform(**config)(image.convert("RGB"))
+    return (tensor.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def batches(items: list, size: int) -> Iterator[list]:
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

