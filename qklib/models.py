@@ -122,8 +122,9 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` strictly, naming the first offending tensors when it does not fit."""
     own = model.state_dict()
-    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state.items() if k in own and own[k].shape != v.shape]
+    # Reported in the model's own (forward) order, so "first" means first in the network.
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in own.items() if k in state and state[k].shape != v.shape]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     problems = []

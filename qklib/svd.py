@@ -22,13 +22,15 @@ class QKWeights:
     """Per-head query and key projections, stacked.
 
     ``wq``, ``wk``: ``[L, H, d_k, d]`` float64, so that ``q = wq[l, h] @ x``.
-    ``qk_norm``: True where the model normalises q and k per head (q_norm/k_norm), in which case the
-    score is no longer exactly the bilinear form ``x^T W_q^T W_k x``.
+    ``qk_norm``: True where the model normalises q and k per head (q_norm/k_norm); ``rope``: True where it
+    rotates q and k by position (rotary embeddings). Either way the score is no longer exactly the bilinear
+    form ``x^T W_q^T W_k x``.
     """
 
     wq: torch.Tensor
     wk: torch.Tensor
     qk_norm: bool = False
+    rope: bool = False
 
 
 @dataclass
@@ -45,7 +47,7 @@ class QKSVD:
     U: torch.Tensor
     V: torch.Tensor
     model: str = ""
-    qk_norm: bool = False
+    exact: bool = True  # False: the model's scores are not exactly bilinear in the tokens (see ``notes``)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -111,7 +113,12 @@ def qk_svd_from_weights(weights: QKWeights, model: str = "") -> QKSVD:
             "this model normalises q and k per head (q_norm/k_norm): attention scores are not exactly "
             "the bilinear form x_i^T W_q^T W_k x_j, so the modes describe the pre-normalisation projections only"
         )
-    return QKSVD(S=s, U=u, V=v, model=model, qk_norm=weights.qk_norm, notes=notes)
+    if weights.rope:
+        notes.append(
+            "this model rotates q and k by token position (rotary embeddings): the score between two tokens "
+            "depends on their positions, so W_q^T W_k is exact only for tokens at the same position"
+        )
+    return QKSVD(S=s, U=u, V=v, model=model, exact=not (weights.qk_norm or weights.rope), notes=notes)
 
 
 def _linear_weight(module: nn.Module) -> torch.Tensor:
@@ -163,7 +170,8 @@ def qk_weights(model: nn.Module) -> QKWeights:
                 qk_norm = True
     if len({tuple(w.shape) for w in wqs}) != 1:
         raise ValueError("blocks differ in head count or width; stacked analysis needs a uniform transformer")
-    return QKWeights(wq=torch.stack(wqs), wk=torch.stack(wks), qk_norm=qk_norm)
+    return QKWeights(wq=torch.stack(wqs), wk=torch.stack(wks), qk_norm=qk_norm,
+                     rope=getattr(model, "rope", None) is not None)
 
 
 def qk_svd(model: nn.Module) -> QKSVD:

@@ -1,0 +1,164 @@
+"""The exact QK SVD and its statistics, checked against dense linear algebra and the model's own numbers."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import qklib
+from qklib.extract import token_embeddings
+from qklib.images import to_pixels
+from qklib.svd import QKWeights, qk_svd_from_weights
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def vit_b16():
+    torch.manual_seed(0)
+    return timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+
+
+@pytest.mark.parametrize("which", ["embedded", "vit_b16"])
+def test_every_head_reconstructs_wq_t_wk(which, request):
+    model = request.getfixturevalue("embedded_model" if which == "embedded" else "vit_b16")
+    weights = qklib.qk_weights(model)
+    svd = qklib.qk_svd(model)
+    layers, heads, r, d = weights.wq.shape
+    assert svd.S.shape == (layers, heads, r) and svd.U.shape == (layers, heads, d, r) == svd.V.shape
+    assert svd.S.dtype == torch.float64
+    dense = weights.wq.transpose(-1, -2) @ weights.wk  # [L, H, d, d]
+    rebuilt = (svd.U * svd.S.unsqueeze(-2)) @ svd.V.transpose(-1, -2)
+    errors = (rebuilt - dense).flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1)
+    assert errors.max() < 1e-6, f"worst head relative error {errors.max():.2e}"
+    assert torch.all(svd.S[..., :-1] >= svd.S[..., 1:]), "singular values must be descending"
+    eye = torch.eye(r, dtype=torch.float64)
+    assert torch.allclose(svd.U.transpose(-1, -2) @ svd.U, eye.expand(layers, heads, r, r), atol=1e-10)
+    assert torch.allclose(svd.V.transpose(-1, -2) @ svd.V, eye.expand(layers, heads, r, r), atol=1e-10)
+
+
+def test_matches_dense_numpy_svd_on_sampled_heads(embedded_model, embedded_svd):
+    weights = qklib.qk_weights(embedded_model)
+    rng = np.random.default_rng(0)
+    r = embedded_svd.rank
+    for layer, head in zip(rng.integers(0, 12, 4), rng.integers(0, 6, 4)):
+        matrix = (weights.wq[layer, head].T @ weights.wk[layer, head]).numpy()
+        u, s, vt = np.linalg.svd(matrix)
+        np.testing.assert_allclose(embedded_svd.S[layer, head].numpy(), s[:r], rtol=1e-8, atol=1e-12)
+        cos_dense = np.einsum("dr,dr->r", u[:, :r], vt[:r].T)
+        np.testing.assert_allclose(embedded_svd.cos[layer, head].numpy(), cos_dense, atol=1e-8)
+        # Vectors agree up to the sign flip that SVD applies to u_n and v_n together.
+        signs = np.sign(np.einsum("dr,dr->r", embedded_svd.U[layer, head].numpy(), u[:, :r]))
+        np.testing.assert_allclose(embedded_svd.U[layer, head].numpy() * signs, u[:, :r], atol=1e-7)
+        np.testing.assert_allclose(embedded_svd.V[layer, head].numpy() * signs, vt[:r].T, atol=1e-7)
+
+
+def test_modes_sum_to_the_models_own_scores_on_a_real_photo(embedded_model, embedded_svd, cat_photo):
+    """sum_n (x_i.u_n) s_n (v_n.x_j) equals q_i.k_j (biases removed) as the model computes q and k."""
+    pixels = to_pixels(embedded_model, cat_photo)
+    layer = 6
+    captured = {}
+    block = embedded_model.blocks[layer]
+    handle = block.attn.qkv.register_forward_hook(lambda _m, _i, out: captured.__setitem__("qkv", out.detach()))
+    try:
+        tokens = token_embeddings(embedded_model, pixels, layers=[layer])[0, 0].double()  # [T, d]
+    finally:
+        handle.remove()
+    qkv = captured["qkv"][0].double()  # [T, 3 * D]
+    bias = block.attn.qkv.bias.detach().double()
+    heads, head_dim = block.attn.num_heads, block.attn.head_dim
+    width = heads * head_dim
+    q = (qkv[:, :width] - bias[:width]).reshape(-1, heads, head_dim)
+    k = (qkv[:, width : 2 * width] - bias[width : 2 * width]).reshape(-1, heads, head_dim)
+    for head in range(heads):
+        model_scores = q[:, head] @ k[:, head].T
+        mode_sum = qklib.mode_scores(embedded_svd, layer, head, tokens, tokens).sum(0)
+        assert _relative(mode_sum, model_scores) < 1e-4
+
+
+def test_invariant_under_a_change_of_head_basis():
+    torch.manual_seed(1)
+    layers, heads, r, d = 2, 3, 8, 24
+    wq = torch.randn(layers, heads, r, d, dtype=torch.float64)
+    wk = torch.randn(layers, heads, r, d, dtype=torch.float64)
+    a = torch.randn(layers, heads, r, r, dtype=torch.float64) + 3 * torch.eye(r, dtype=torch.float64)
+    before = qk_svd_from_weights(QKWeights(wq, wk))
+    after = qk_svd_from_weights(QKWeights(a.transpose(-1, -2) @ wq, torch.linalg.inv(a) @ wk))
+    assert torch.allclose(before.S, after.S, rtol=1e-9)
+    assert torch.allclose(before.cos, after.cos, atol=1e-9)
+    for layer in range(layers):
+        for head in range(heads):
+            assert torch.allclose(before.matrix(layer, head), after.matrix(layer, head), atol=1e-9)
+    # A non-invariant change (scaling W_q alone) does change the spectrum: the check can fail.
+    scaled = qk_svd_from_weights(QKWeights(2 * wq, wk))
+    assert not torch.allclose(before.S, scaled.S)
+
+
+def test_weighted_cosine_is_the_papers_sum_not_divided_by_dk():
+    torch.manual_seed(2)
+    wq = torch.randn(1, 2, 4, 10, dtype=torch.float64)
+    wk = wq + 0.3 * torch.randn(1, 2, 4, 10, dtype=torch.float64)  # correlated: cosines well above 0
+    svd = qk_svd_from_weights(QKWeights(wq, wk))
+    for head in range(2):
+        u, s, vt = np.linalg.svd((wq[0, head].T @ wk[0, head]).numpy())
+        s, cos = s[:4], np.einsum("dr,dr->r", u[:, :4], vt[:4].T)
+        expected = float(np.sum(s / s.sum() * cos))
+        assert svd.weighted_cosine()[0, head].item() == pytest.approx(expected, abs=1e-10)
+        assert svd.unweighted_cosine()[0, head].item() == pytest.approx(cos.mean(), abs=1e-10)
+    assert svd.layer_weighted_cosine()[0].item() == pytest.approx(svd.weighted_cosine()[0].mean().item())
+    assert svd.layer_weighted_cosine()[0] > 0.3
+
+
+def test_null_band_matches_monte_carlo():
+    rng = np.random.default_rng(3)
+    for dim in (64, 384):
+        a = rng.standard_normal((40000, dim))
+        b = rng.standard_normal((40000, dim))
+        cos = np.einsum("nd,nd->n", a, b) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert qklib.null_band(dim) == pytest.approx(np.quantile(np.abs(cos), 0.95), rel=0.03)
+    assert qklib.null_band(768) == pytest.approx(1.96 / np.sqrt(768), rel=0.01)
+
+
+def test_random_init_control_stays_near_zero():
+    control = qklib.random_control(qklib.DEFAULT_MODEL, seed=0)
+    svd = qklib.qk_svd(control)
+    band = qklib.null_band(svd.dim)
+    layers = svd.layer_weighted_cosine()
+    assert layers.shape == (12,)
+    assert layers.abs().max() < band / 2, layers
+    # The same seed gives the same control; another seed a different one.
+    again = qklib.qk_svd(qklib.random_control(qklib.DEFAULT_MODEL, seed=0)).S
+    other = qklib.qk_svd(qklib.random_control(qklib.DEFAULT_MODEL, seed=1)).S
+    assert torch.equal(again, svd.S) and not torch.equal(other, svd.S)
+
+
+def test_embedded_model_groups_early_and_differs_from_its_control(embedded_svd):
+    layers = embedded_svd.layer_weighted_cosine()
+    band = qklib.null_band(embedded_svd.dim)
+    assert layers[:2].min() > 5 * band  # early layers: strongly positive, far outside the null band
+
+
+def test_separate_q_k_projections_match_fused():
+    torch.manual_seed(4)
+    fused = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    separate = timm.create_model("eva02_tiny_patch14_224", pretrained=False, qkv_fused=False).eval()
+    for model in (fused, separate):
+        weights = qklib.qk_weights(model)
+        attn = model.blocks[0].attn
+        q_weight = attn.qkv.weight[: weights.wq.shape[1] * weights.wq.shape[2]] if getattr(attn, "qkv", None) is not None \
+            else attn.q_proj.weight
+        assert torch.equal(weights.wq[0].reshape(-1, weights.wq.shape[-1]), q_weight.detach().double())
+    svd = qklib.qk_svd(separate)
+    assert not svd.exact and any("rotary" in note for note in svd.notes)
+    assert qklib.qk_svd(fused).exact
+
+
+def test_head_dim_80_and_qk_norm_flag():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_dim=240, num_heads=3).eval()
+    svd = qklib.qk_svd(model)
+    assert svd.S.shape == (12, 3, 80) and svd.U.shape == (12, 3, 240, 80)
+    normed = timm.create_model("vit_tiny_patch16_224", pretrained=False, qk_norm=True).eval()
+    svd = qklib.qk_svd(normed)
+    assert not svd.exact and any("q_norm" in note for note in svd.notes)
