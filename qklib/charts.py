@@ -1,0 +1,159 @@
+"""Tidy tables from QK SVDs, and the altair charts the chapters share.
+
+Every chart carries its data inline and keeps working in a static page: sliders are altair parameters
+bound to range inputs, filtering precomputed rows in the browser.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from .svd import QKSVD, null_band
+
+
+def inline(frame: pd.DataFrame, decimals: int = 4) -> alt.InlineData:
+    """The frame as inline chart data, floats rounded to keep pages small.
+
+    Inline values bypass altair's 5000-row guard on purpose: the chapters precompute every row that a
+    slider can show, and the page-size budget (5 MB) is checked by the book's browser test instead.
+    """
+    rounded = frame.copy()
+    for column in rounded.select_dtypes("float").columns:
+        rounded[column] = rounded[column].round(decimals)
+    return alt.InlineData(values=rounded.to_dict(orient="records"))
+
+
+def depth(layer: int | np.ndarray, num_layers: int):
+    """Normalised depth layer / (L - 1), the paper's x-axis."""
+    return layer / max(num_layers - 1, 1)
+
+
+def layer_table(svds: dict[str, QKSVD]) -> pd.DataFrame:
+    """One row per (model, layer): weighted and unweighted cosine averaged over heads."""
+    rows = []
+    for label, svd in svds.items():
+        weighted = svd.layer_weighted_cosine().numpy()
+        unweighted = svd.layer_unweighted_cosine().numpy()
+        for layer in range(svd.num_layers):
+            rows.append({"model": label, "layer": layer, "depth": depth(layer, svd.num_layers),
+                         "weighted_cosine": weighted[layer], "unweighted_cosine": unweighted[layer]})
+    return pd.DataFrame(rows)
+
+
+def head_table(svds: dict[str, QKSVD]) -> pd.DataFrame:
+    """One row per (model, layer, head): the weighted cosine of that head."""
+    frames = []
+    for label, svd in svds.items():
+        values = svd.weighted_cosine().numpy()
+        layers, heads = np.meshgrid(np.arange(svd.num_layers), np.arange(svd.num_heads), indexing="ij")
+        frames.append(pd.DataFrame({"model": label, "layer": layers.ravel(), "head": heads.ravel(),
+                                    "weighted_cosine": values.ravel()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def mode_table(svds: dict[str, QKSVD]) -> pd.DataFrame:
+    """One row per (model, layer, head, mode): s_n, its weight s_n / sum(s) and cos_n."""
+    frames = []
+    for label, svd in svds.items():
+        s = svd.S.numpy()
+        weight = s / s.sum(-1, keepdims=True)
+        layers, heads, modes = np.meshgrid(np.arange(svd.num_layers), np.arange(svd.num_heads), np.arange(svd.rank),
+                                           indexing="ij")
+        frames.append(pd.DataFrame({"model": label, "layer": layers.ravel(), "head": heads.ravel(),
+                                    "mode": modes.ravel(), "singular_value": s.ravel(),
+                                    "weight": weight.ravel(), "cos": svd.cos.numpy().ravel()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def cosine_histograms(modes: pd.DataFrame, bins: int = 40) -> pd.DataFrame:
+    """Per (model, layer): the fraction of modes (all heads) whose cos_n falls in each of ``bins`` bins on [-1, 1]."""
+    edges = np.linspace(-1, 1, bins + 1)
+    rows = []
+    for (model, layer), group in modes.groupby(["model", "layer"], sort=False):
+        counts, _ = np.histogram(group["cos"].to_numpy(), bins=edges)
+        for index, count in enumerate(counts):
+            rows.append({"model": model, "layer": layer, "bin_start": edges[index], "bin_end": edges[index + 1],
+                         "fraction": count / len(group)})
+    return pd.DataFrame(rows)
+
+
+def _layer_slider(max_layer: int, name: str = "layer") -> alt.Parameter:
+    return alt.param(name=name, value=0, bind=alt.binding_range(min=0, max=max_layer, step=1, name=f"{name} "))
+
+
+def fig3_cosine(layers: pd.DataFrame, band: float, title: str = "Weighted cosine between u_n and v_n") -> alt.Chart:
+    """Fig 3: weighted cosine per layer against normalised depth, one line per model, with the null band."""
+    band_frame = pd.DataFrame({"low": [-band], "high": [band], "x0": [0.0], "x1": [1.0]})
+    shade = alt.Chart(band_frame).mark_rect(opacity=0.15, color="gray").encode(
+        x="x0:Q", x2="x1:Q", y="low:Q", y2="high:Q")
+    lines = alt.Chart(inline(layers)).mark_line(point=True).encode(
+        x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("weighted_cosine:Q", title="weighted cosine (mean over heads)"),
+        color=alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400)),
+        tooltip=["model:N", "layer:O", alt.Tooltip("weighted_cosine:Q", format="+.3f"),
+                 alt.Tooltip("unweighted_cosine:Q", format="+.3f")],
+    )
+    return (shade + lines).properties(width=460, height=280, title=title)
+
+
+def heads_heatmap(heads: pd.DataFrame) -> alt.Chart:
+    """Weighted cosine of every head: layer x head, one panel per model."""
+    return alt.Chart(inline(heads)).mark_rect().encode(
+        x=alt.X("head:O"), y=alt.Y("layer:O"),
+        color=alt.Color("weighted_cosine:Q", scale=alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True)),
+        tooltip=["model:N", "layer:O", "head:O", alt.Tooltip("weighted_cosine:Q", format="+.3f")],
+    ).properties(width=160, height=220).facet(column=alt.Column("model:N", title=None))
+
+
+def s1_histograms(histograms: pd.DataFrame) -> alt.Chart:
+    """S1: histogram of cos_n over all modes and heads of one layer, with a layer slider."""
+    layer = _layer_slider(int(histograms["layer"].max()))
+    return alt.Chart(inline(histograms)).mark_bar(opacity=0.6, binSpacing=0).encode(
+        x=alt.X("bin_start:Q", title="cos_n = u_n . v_n", scale=alt.Scale(domain=[-1, 1])), x2="bin_end:Q",
+        y=alt.Y("fraction:Q", title="fraction of modes", stack=None),
+        color=alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400)),
+        tooltip=["model:N", "layer:O", alt.Tooltip("bin_start:Q", format="+.2f"), alt.Tooltip("fraction:Q", format=".3f")],
+    ).add_params(layer).transform_filter(alt.datum.layer == layer).properties(
+        width=460, height=240, title="cos_n of every mode of every head in the chosen layer")
+
+
+def s2_spectrum(modes: pd.DataFrame, num_layers: int, num_heads: int) -> alt.HConcatChart:
+    """S2: singular spectrum (as weights s_n / sum s) and cos_n of one head, with layer and head sliders."""
+    layer = _layer_slider(num_layers - 1)
+    head = alt.param(name="head", value=0, bind=alt.binding_range(min=0, max=num_heads - 1, step=1, name="head "))
+    modes = modes[["model", "layer", "head", "mode", "singular_value", "weight", "cos"]]
+    base = alt.Chart(inline(modes)).add_params(layer, head).transform_filter(
+        (alt.datum.layer == layer) & (alt.datum.head == head))
+    color = alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400))
+    spectrum = base.mark_line(point=alt.OverlayMarkDef(size=12)).encode(
+        x=alt.X("mode:Q", title="mode n (0-based)"),
+        y=alt.Y("weight:Q", title="s_n / sum_m s_m", scale=alt.Scale(type="log")),
+        color=color, tooltip=["model:N", "layer:O", "head:O", "mode:Q", alt.Tooltip("singular_value:Q", format=".3g")],
+    ).properties(width=300, height=220, title="singular spectrum")
+    cosines = base.mark_point(filled=True, size=25).encode(
+        x=alt.X("mode:Q", title="mode n (0-based)"),
+        y=alt.Y("cos:Q", title="cos_n", scale=alt.Scale(domain=[-1, 1])),
+        color=color, tooltip=["model:N", "layer:O", "head:O", "mode:Q", alt.Tooltip("cos:Q", format="+.3f")],
+    ).properties(width=300, height=220, title="cosine of each mode")
+    return alt.hconcat(spectrum, cosines)
+
+
+def s4_relative(frame: pd.DataFrame) -> alt.Chart:
+    """S4: weighted cosine, the anisotropy baseline, and their difference (relative cosine) per layer."""
+    long = frame.melt(id_vars=["model", "layer", "depth"],
+                      value_vars=["weighted_cosine", "anisotropy_baseline", "relative_cosine"],
+                      var_name="quantity", value_name="value")
+    return alt.Chart(inline(long)).mark_line(point=True).encode(
+        x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)"),
+        y=alt.Y("value:Q", title="cosine"),
+        color=alt.Color("quantity:N", legend=alt.Legend(orient="bottom")),
+        strokeDash=alt.StrokeDash("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400)),
+        tooltip=["model:N", "layer:O", "quantity:N", alt.Tooltip("value:Q", format="+.3f")],
+    ).properties(width=460, height=280, title="relative cosine = weighted cosine - anisotropy baseline")
+
+
+def null_band_for(svds: dict[str, QKSVD]) -> float:
+    dims = {svd.dim for svd in svds.values()}
+    return null_band(min(dims))
