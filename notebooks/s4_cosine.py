@@ -49,11 +49,7 @@ device = params.check_device(device)
 params.check_count("seed", seed, minimum=0)
 torch.manual_seed(seed)
 
-loaded = {}
-for name, weights, random_init in specs:
-    model = (qklib.random_control(name, seed=seed, device=device) if random_init
-             else qklib.load_model(name, weights=weights, device=device))
-    loaded[model.qklib_name] = model
+loaded = params.load_models(specs, device=device, seed=seed)
 svds = {label: qklib.qk_svd(model) for label, model in loaded.items()}
 band = charts.null_band_for(svds)
 for label, svd in svds.items():

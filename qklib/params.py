@@ -47,13 +47,15 @@ def check_models(models) -> list[tuple[str, str | None, bool]]:
     return specs
 
 
-def load_models(specs, device: str = "cpu"):
-    """Load checked model specs -> ``{label: model}``; a random-init control is labelled by its architecture."""
+def load_models(specs, device: str = "cpu", seed: int = 0):
+    """Load checked model specs -> ``{label: model}``; a random-init control (seeded with ``seed``) is
+    labelled by its architecture and seed."""
     from .models import load_model, random_control
 
     loaded = {}
     for name, weights, random_init in specs:
-        model = random_control(name, device=device) if random_init else load_model(name, weights=weights, device=device)
+        model = (random_control(name, seed=seed, device=device) if random_init
+                 else load_model(name, weights=weights, device=device))
         loaded[model.qklib_name] = model
     return loaded
 
