@@ -1,0 +1,344 @@
+#!/usr/bin/env python
+"""Build the book: vendor its JavaScript, execute every chapter with papermill, build strict HTML.
+
+What `make book` runs. Works offline once the npm tarballs are in the cache (the first run fetches them
+with `npm pack` from the npm registry).
+
+    tools/build_book.py                                   # every chapter in _toc.yml
+    tools/build_book.py --only s4_cosine                  # one chapter (intro and methods always built)
+    tools/build_book.py --param s4_cosine models='["vit_base_patch16_224.dino"]'
+    tools/build_book.py --param all device=cuda           # a parameter for every chapter
+    tools/build_book.py --no-execute                      # rebuild the HTML from executed/*.ipynb
+
+Chapters are the `executed/<name>` entries of _toc.yml; each comes from the jupytext text notebook
+`notebooks/<name>.py`, converted to .ipynb in a temporary folder and executed by papermill (cwd = repo
+root) into `executed/<name>.ipynb`. The text notebook is never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+EXECUTED = ROOT / "executed"
+VENDOR = ROOT / "book" / "vendor"
+BUILD_HTML = ROOT / "_build" / "html"
+TOC = ROOT / "_toc.yml"
+CHAPTER_PREFIX = "executed/"
+
+# npm packages the pages load; the versions are what the book was tested with.
+REQUIREJS = ("requirejs", "2.3.7")
+HTML_MANAGER = ("@jupyter-widgets/html-manager", "1.0.15")
+MATHJAX = ("mathjax", "3.2.2")
+MAX_PAGE_BYTES = 5 * 1024 * 1024
+
+
+# Appended to require.js, so it runs on widget pages only, after require.js and before embed-amd.js.
+WIDGET_PAGE_SETUP = r"""
+/* qklib: setup for @jupyter-widgets/html-manager's embed-amd.js */
+(function () {
+  // Its two AMD modules locate their font files from their module URI, which without a path is relative
+  // to the page (404s on every page); both modules live in embed-amd.js.
+  var dist = document.currentScript.src.replace(/requirejs\/require\.js.*$/, '') + 'html-manager/dist/';
+  requirejs.config({paths: {
+    '@jupyter-widgets/html-manager': dist + 'embed-amd',
+    '@jupyter-widgets/html-manager/dist/libembed-amd': dist + 'libembed-amd'
+  }});
+  // The controls typeset widget labels with MathJax 2's MathJax.Hub.Queue whenever window.MathJax exists;
+  // the book loads MathJax 3, which has no Hub (a page error per label). Give it that one call. MathJax 3
+  // replaces window.MathJax when its deferred script runs, so install this once the document is parsed
+  // (the widgets render later, on window load).
+  document.addEventListener('DOMContentLoaded', function () {
+    var mathjax = window.MathJax;
+    if (!mathjax || mathjax.Hub || !mathjax.startup) return;
+    mathjax.Hub = {Queue: function (job) {
+      var element = job && job[2];
+      if (element) mathjax.startup.promise.then(function () { return mathjax.typesetPromise([element]); });
+    }};
+  });
+})();
+"""
+
+
+class BuildError(RuntimeError):
+    """A step failed; the message says which and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------- toc
+def toc_files(toc_path: Path = TOC) -> list[str]:
+    """Every document of the toc, in reading order (root first), as written there (no suffix)."""
+    toc = yaml.safe_load(toc_path.read_text())
+    files = [toc["root"]]
+
+    def walk(node):
+        for key in ("parts", "chapters", "sections"):
+            for child in node.get(key, []) or []:
+                if "file" in child:
+                    files.append(child["file"])
+                walk(child)
+
+    walk(toc)
+    return files
+
+
+def chapter_names(files: list[str]) -> list[str]:
+    return [f[len(CHAPTER_PREFIX):] for f in files if f.startswith(CHAPTER_PREFIX)]
+
+
+def restricted_toc(only: list[str], path: Path) -> Path:
+    """A copy of _toc.yml keeping the non-chapter pages and only the chapters in `only`."""
+    toc = yaml.safe_load(TOC.read_text())
+    keep = {CHAPTER_PREFIX + name for name in only}
+
+    def prune(node):
+        for key in ("parts", "chapters", "sections"):
+            if key in node:
+                node[key] = [c for c in node[key] if not c.get("file", "").startswith(CHAPTER_PREFIX) or c["file"] in keep]
+                for child in node[key]:
+                    prune(child)
+
+    prune(toc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# written by tools/build_book.py --only; do not edit\n" + yaml.safe_dump(toc, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------------------------------- vendor
+def cache_dir() -> Path:
+    """npm tarballs live next to qklib's other caches: ``$QKLIB_CACHE/npm`` or the user cache dir."""
+    env = os.environ.get("QKLIB_CACHE")
+    if env:
+        return Path(env).expanduser() / "npm"
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("qklib")) / "npm"
+
+
+def npm_package(name: str, version: str) -> Path:
+    """The extracted `package/` folder of NAME@VERSION, fetched once with `npm pack` into the cache."""
+    target = cache_dir() / f"{name.replace('/', '+')}-{version}"
+    if (target / "package" / "package.json").is_file():
+        return target / "package"
+    if shutil.which("npm") is None:
+        raise BuildError(f"{name}@{version} is not in the cache {cache_dir()} and npm is missing: install npm "
+                         f"(apt-get install npm) or put the extracted tarball at {target}/package")
+    target.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["npm", "pack", f"{name}@{version}", "--json", "--pack-destination", str(target)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BuildError(f"npm pack {name}@{version} failed (is the npm registry reachable?):\n{result.stderr[-2000:]}")
+    tarball = target / json.loads(result.stdout)[0]["filename"]
+    with tarfile.open(tarball) as archive:
+        archive.extractall(target, filter="data")
+    tarball.unlink()
+    return target / "package"
+
+
+def _copy(source: Path, destination: Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, destination, dirs_exist_ok=True)
+    else:
+        shutil.copy2(source, destination)
+
+
+def vega_versions() -> dict[str, str]:
+    from altair.vegalite.v6 import display
+
+    return {"vega_version": display.VEGA_VERSION, "vegalite_version": display.VEGALITE_VERSION,
+            "vegaembed_version": display.VEGAEMBED_VERSION}
+
+
+def vendor() -> None:
+    """Fill book/vendor/ (served as the book's only static path) with every script the pages load."""
+    import vl_convert
+
+    # This script writes the glue scripts, so its own hash is part of the stamp.
+    versions = {**vega_versions(), **dict([REQUIREJS, HTML_MANAGER, MATHJAX]),
+                "build_book.py": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]}
+    stamp = VENDOR / "VERSIONS.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == versions:
+        print(f"vendor: {VENDOR.relative_to(ROOT)} is up to date")
+        return
+    started = time.perf_counter()
+    if VENDOR.exists():
+        shutil.rmtree(VENDOR)
+    (VENDOR / "vega").mkdir(parents=True)
+
+    # vega + vega-lite + vega-embed matching the installed altair. The bundle's top-level const/let would
+    # clash with Sphinx's globals (`_`): a function scope keeps them private; it sets window.vega* itself.
+    vl_minor = ".".join(versions["vegalite_version"].split(".")[:2])
+    bundle = vl_convert.javascript_bundle(vl_version=vl_minor)
+    (VENDOR / "vega" / "vega-bundle.js").write_text(
+        f"/* vega, vega-lite {vl_minor}, vega-embed from vl-convert's javascript_bundle() */\n"
+        f"(function () {{\n{bundle}\n}})();\n")
+    # altair's HTML loads vega from a CDN unless VEGA_DEBUG names the versions it wants; on pages with
+    # require.js (widget pages) it asks require.js for these module names instead.
+    (VENDOR / "vega" / "vega-setup.js").write_text(
+        "/* Tell altair's chart HTML that vega is already here (no CDN). */\n"
+        f"window.VEGA_DEBUG = Object.assign(window.VEGA_DEBUG || {{}}, {json.dumps(vega_versions())});\n"
+        "if (typeof define === 'function' && define.amd) {\n"
+        "  define('vega', [], function () { return window.vega; });\n"
+        "  define('vega-lite', [], function () { return window.vegaLite; });\n"
+        "  define('vega-embed', [], function () { return window.vegaEmbed; });\n"
+        "}\n")
+
+    # require.js (only on widget pages), followed by the widget manager's page setup.
+    requirejs = npm_package(*REQUIREJS)
+    (VENDOR / "requirejs").mkdir()
+    (VENDOR / "requirejs" / "require.js").write_text((requirejs / "require.js").read_text() + WIDGET_PAGE_SETUP)
+
+    manager = npm_package(*HTML_MANAGER)
+    for path in (manager / "dist").iterdir():
+        if path.name == "embed-amd.js" or path.suffix in {".woff", ".woff2", ".ttf", ".eot", ".svg"}:
+            _copy(path, VENDOR / "html-manager" / "dist" / path.name)
+
+    mathjax = npm_package(*MATHJAX)
+    for part in ("tex-mml-chtml.js", "output/chtml/fonts", "input/tex/extensions", "a11y", "ui"):
+        if (mathjax / "es5" / part).exists():
+            _copy(mathjax / "es5" / part, VENDOR / "mathjax" / "es5" / part)
+    _copy(mathjax / "LICENSE", VENDOR / "mathjax" / "LICENSE")
+
+    stamp.write_text(json.dumps(versions, indent=1) + "\n")
+    print(f"vendor: wrote {VENDOR.relative_to(ROOT)} in {time.perf_counter() - started:.1f} s")
+
+
+# ------------------------------------------------------------------------------------------ execute
+def parse_value(text: str):
+    """A parameter value as YAML (`3`, `true`, `[a, b]`, `'["x"]'`); anything unparsable stays a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def chapter_parameters(pairs: list[list[str]], chapters: list[str]) -> dict[str, dict]:
+    """`--param CHAPTER NAME=VALUE` pairs -> {chapter: {name: value}}; CHAPTER `all` means every chapter."""
+    parameters: dict[str, dict] = {name: {} for name in chapters}
+    for chapter, assignment in pairs:
+        if "=" not in assignment:
+            raise BuildError(f"--param {chapter} {assignment}: write NAME=VALUE, e.g. --param {chapter} n_images=8")
+        name, value = assignment.split("=", 1)
+        targets = chapters if chapter == "all" else [chapter]
+        for target in targets:
+            if target not in parameters:
+                raise BuildError(f"--param {chapter}: not a chapter of this build (chapters built now: "
+                                 f"{', '.join(chapters)}, or 'all'); check the name and --only")
+            parameters[target][name.strip()] = parse_value(value)
+    return parameters
+
+
+def execute(name: str, parameters: dict, workdir: Path) -> float:
+    """notebooks/NAME.py -> executed/NAME.ipynb through papermill; returns seconds. Raises BuildError."""
+    import jupytext
+    import papermill
+
+    source = NOTEBOOKS / f"{name}.py"
+    notebook = jupytext.read(source, fmt="py:percent")
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    unexecuted = workdir / f"{name}.ipynb"
+    jupytext.write(notebook, unexecuted, fmt="ipynb")
+    EXECUTED.mkdir(exist_ok=True)
+    output = EXECUTED / f"{name}.ipynb"
+    shown = ", ".join(f"{k}={v!r}" for k, v in parameters.items()) or "defaults"
+    print(f"execute: {source.relative_to(ROOT)} -> {output.relative_to(ROOT)} ({shown})", flush=True)
+    started = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(unexecuted), str(output), parameters=parameters, kernel_name="python3",
+                                   language="python", cwd=str(ROOT), progress_bar=False)
+    except papermill.PapermillExecutionError as error:
+        raise BuildError(f"chapter {name} failed in cell {error.exec_count} after "
+                         f"{time.perf_counter() - started:.0f} s: {error.ename}: {error.evalue}\n{''.join(error.traceback)}\n"
+                         f"the partial notebook is kept for inspection: {output.relative_to(ROOT)}") from None
+    return time.perf_counter() - started
+
+
+# -------------------------------------------------------------------------------------------- build
+def build_html(toc: Path) -> None:
+    command = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(ROOT), "--builder", "html",
+               "-W", "-n", "--keep-going", "--all", "--toc", str(toc)]
+    # A clean output folder: no page or script left from an earlier build with other chapters.
+    shutil.rmtree(BUILD_HTML, ignore_errors=True)
+    print("build:", " ".join(command), flush=True)
+    if subprocess.run(command, cwd=ROOT).returncode != 0:
+        raise BuildError("jupyter-book build failed (warnings are errors); see the messages above")
+
+
+def report(files: list[str]) -> None:
+    print("\npages:")
+    too_big = []
+    for doc in files:
+        page = BUILD_HTML / f"{doc}.html"
+        size = page.stat().st_size
+        print(f"  {page.relative_to(ROOT)}  {size / 1024:8.1f} KiB")
+        if size >= MAX_PAGE_BYTES:
+            too_big.append(doc)
+    static = sum(p.stat().st_size for p in (BUILD_HTML / "_static").rglob("*") if p.is_file())
+    print(f"  _static/ (shared scripts, fonts, styles) {static / 2**20:.1f} MiB")
+    print(f"\nopen it: {Path(sys.executable).relative_to(ROOT) if Path(sys.executable).is_relative_to(ROOT) else 'python'}"
+          " -m http.server -d _build/html 8000   then http://127.0.0.1:8000/")
+    if too_big:
+        raise BuildError(f"pages over 5 MB: {', '.join(too_big)}; show fewer images/modes or lower their resolution")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="build only this chapter (repeatable); the toc is restricted to it")
+    parser.add_argument("--param", "-p", nargs=2, action="append", default=[], metavar=("CHAPTER", "NAME=VALUE"),
+                        help="papermill parameter for a chapter (CHAPTER 'all' for every chapter); VALUE is YAML")
+    parser.add_argument("--no-execute", action="store_true", help="reuse executed/*.ipynb, only rebuild the HTML")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    try:
+        files = toc_files()
+        chapters = chapter_names(files)
+        unknown = [name for name in args.only if name not in chapters]
+        if unknown:
+            raise BuildError(f"--only {', '.join(unknown)}: not a chapter of _toc.yml; chapters: {', '.join(chapters)}")
+        selected = [name for name in chapters if not args.only or name in args.only]
+        for name in selected:
+            if not (NOTEBOOKS / f"{name}.py").is_file():
+                raise BuildError(f"notebooks/{name}.py missing: _toc.yml lists executed/{name}; write the chapter "
+                                 f"or build the others with --only")
+        parameters = chapter_parameters(args.param, selected)
+        vendor()
+        timings = {}
+        if args.no_execute:
+            missing = [n for n in selected if not (EXECUTED / f"{n}.ipynb").is_file()]
+            if missing:
+                raise BuildError(f"--no-execute: executed/{missing[0]}.ipynb missing; run without --no-execute first")
+        else:
+            with tempfile.TemporaryDirectory(prefix="qklib-book-") as workdir:
+                for name in selected:
+                    timings[name] = execute(name, parameters[name], Path(workdir))
+                    print(f"execute: {name} took {timings[name]:.1f} s", flush=True)
+        started = time.perf_counter()
+        toc = restricted_toc(selected, ROOT / "_build" / "toc-only.yml") if args.only else TOC
+        build_html(toc)
+        print(f"build: jupyter-book took {time.perf_counter() - started:.1f} s")
+        built = [f for f in files if not f.startswith(CHAPTER_PREFIX) or f[len(CHAPTER_PREFIX):] in selected]
+        for name, seconds in timings.items():
+            print(f"chapter {name}: executed in {seconds:.1f} s")
+        report(built)
+    except BuildError as error:
+        print(f"\nbuild_book: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
