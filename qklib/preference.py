@@ -15,6 +15,7 @@ distractor (the object vanishes at token resolution, or the centre crop cuts it 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -146,13 +147,15 @@ class Preference:
 def measure(model: nn.Module, samples: Iterable, batch_size: int = 8, min_cover: float = 0.5,
             label: str | None = None) -> Preference:
     """Attention preference of ``model`` on O3-style ``samples`` (``image``, ``target``, ``distractor``, ``id``)."""
-    from .images import batches, to_pixels
+    from .images import to_pixels
     from .svd import model_name
 
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
     label = label or model_name(model)
-    samples = list(samples)
     frames, chances, skipped, measured = [], [], {}, []
-    for batch in batches(samples, batch_size):
+    stream = iter(samples)  # batch by batch: an O3Set reads its photos lazily, never all at once
+    while batch := list(itertools.islice(stream, batch_size)):
         masks = token_masks(model, [s.target for s in batch], [s.distractor for s in batch])
         queries, keep = query_tokens(masks, min_cover)
         for sample, kept, cover_t, cover_d in zip(batch, keep.tolist(), masks.target.max(1).values.tolist(),

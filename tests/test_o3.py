@@ -306,3 +306,11 @@ def test_wrong_parameter_stops_in_the_first_cells(tmp_path, parameters, message)
     failed = [i for i, c in enumerate(cells) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
     assert len(failed) == 1 and "check_models" in "".join(cells[failed[0]]["source"])
     assert all(c.get("execution_count") is None for c in cells[failed[0] + 1:])
+
+
+def test_measure_runs_on_an_o3_folder_of_non_square_photos(model, tmp_path):
+    _write_o3(tmp_path, names=("a", "b", "c"))
+    result = measure(model, load_o3(tmp_path), batch_size=2)
+    assert result.measured == ["a", "b", "c"] and not result.skipped
+    assert len(result.table) == 3 * 12 * 6
+    np.testing.assert_allclose(result.table[list(GROUPS)].sum(axis=1), 1, atol=1e-5)
