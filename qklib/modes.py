@@ -1,0 +1,318 @@
+"""What one singular mode sees in an image: query and key maps, their red/cyan rendering, and how much each
+mode contributes to an image's attention scores (paper §5, Fig 1, 4, 5).
+
+Mode ``n`` of head ``(l, h)`` is ``(u_n, s_n, v_n)`` from :func:`qklib.qk_svd`. On the normed token
+embeddings ``x_i`` that enter block ``l``'s qkv (``qklib.extract.token_embeddings``):
+
+* query map ``x_i . u_n`` -- where a query token has what the mode looks for;
+* key map ``x_j . v_n`` -- where a key token offers it.
+
+SVD fixes each mode only up to a joint sign flip ``(u_n, v_n) -> (-u_n, -v_n)``; both signs are features
+of the same mode. ``sign=-1`` shows the flipped feature (maps ``-x . u_n`` and ``-x . v_n``).
+
+Labels are ``L{l} H{h} M{n}``, all 0-based (L0 is the first block, M0 the mode with the largest s_n);
+a trailing ``-`` marks the sign-flipped feature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .svd import QKSVD
+
+# The authors normalised each map between these percentiles before drawing it.
+LOW_PERCENTILE = 30.0
+HIGH_PERCENTILE = 95.0
+
+
+def mode_label(layer: int, head: int, mode: int, sign: int = 1) -> str:
+    """``"L3 H2 M0"`` (0-based); ``"L3 H2 M0-"`` for the sign-flipped feature."""
+    _check_sign(sign)
+    return f"L{layer} H{head} M{mode}" + ("-" if sign < 0 else "")
+
+
+def _check_sign(sign: int) -> None:
+    if sign not in (1, -1):
+        raise ValueError(f"sign must be +1 or -1 (the flipped feature (-u_n, -v_n)), got {sign!r}")
+
+
+def _check_index(svd: QKSVD, layer: int, head: int, mode: int | None = None) -> None:
+    if not 0 <= layer < svd.num_layers:
+        raise IndexError(f"layer {layer} out of range: the model has layers 0..{svd.num_layers - 1}")
+    if not 0 <= head < svd.num_heads:
+        raise IndexError(f"head {head} out of range: the model has heads 0..{svd.num_heads - 1}")
+    if mode is not None and not 0 <= mode < svd.rank:
+        raise IndexError(f"mode {mode} out of range: each head has modes 0..{svd.rank - 1}")
+
+
+def projections(svd: QKSVD, tokens: torch.Tensor, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project ``tokens [..., T, d]`` (normed, entering block ``layer``) on every mode of one head.
+
+    Returns ``(query [..., T, r], key [..., T, r])``: ``x_i . u_n`` and ``x_j . v_n`` in float64.
+    """
+    _check_index(svd, layer, head)
+    if tokens.shape[-1] != svd.dim:
+        raise ValueError(f"tokens have width {tokens.shape[-1]} but the model's is {svd.dim}")
+    x = tokens.to(torch.float64)
+    return x @ svd.U[layer, head], x @ svd.V[layer, head]
+
+
+def _grid(tokens: int, grid: tuple[int, int] | None) -> tuple[int, int]:
+    if grid is None:
+        side = int(round(tokens**0.5))
+        if side * side != tokens:
+            raise ValueError(f"{tokens} image tokens do not form a square grid; pass grid=(rows, cols)")
+        grid = (side, side)
+    if grid[0] * grid[1] != tokens:
+        raise ValueError(f"grid {grid} does not hold {tokens} image tokens")
+    return grid
+
+
+def mode_maps(svd: QKSVD, tokens: torch.Tensor, layer: int, head: int, mode: int, prefix_tokens: int = 1,
+              sign: int = 1, grid: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key maps of one mode over the image tokens.
+
+    ``tokens``: ``[B, T, d]`` (or ``[T, d]``) normed embeddings entering block ``layer``, prefix tokens first.
+    Returns ``(query [B, rows, cols], key [B, rows, cols])`` float64: ``sign * x_i . u_n`` and
+    ``sign * x_j . v_n`` (unnormalised).
+    """
+    _check_index(svd, layer, head, mode)
+    _check_sign(sign)
+    single = tokens.dim() == 2
+    if single:
+        tokens = tokens[None]
+    x = tokens[:, prefix_tokens:].to(torch.float64)
+    rows, cols = _grid(x.shape[1], grid)
+    query = sign * (x @ svd.U[layer, head, :, mode])
+    key = sign * (x @ svd.V[layer, head, :, mode])
+    query, key = query.reshape(-1, rows, cols), key.reshape(-1, rows, cols)
+    return (query[0], key[0]) if single else (query, key)
+
+
+def normalize_map(values, low: float = LOW_PERCENTILE, high: float = HIGH_PERCENTILE) -> np.ndarray:
+    """Map values to [0, 1] between their ``low`` and ``high`` percentiles (clipped), as the authors drew them.
+
+    A constant map becomes all zeros.
+    """
+    values = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    if not 0 <= low < high <= 100:
+        raise ValueError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
+    lo, hi = np.percentile(values, [low, high])
+    if not hi > lo:
+        return np.zeros_like(values)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def upsample(map01: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """``[rows, cols]`` -> ``[H, W]`` by bilinear interpolation (token centres on pixel centres)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    tensor = torch.as_tensor(np.asarray(map01, dtype=np.float32))[None, None]
+    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).numpy()
+
+
+def red_cyan(photo: np.ndarray, query01: np.ndarray, key01: np.ndarray, dim: float = 0.45) -> np.ndarray:
+    """Draw a query map in red and a key map in cyan over a photo: white where both are high.
+
+    ``photo``: ``[H, W, 3]`` uint8 (the crop the model sees, ``qklib.images.display_crop``).
+    ``query01``, ``key01``: maps in [0, 1] on the token grid (or already at ``H x W``); they are upsampled.
+    Colour = (query, key, key); it is laid over a dimmed grey copy of the photo with opacity max(query, key),
+    so a pure query region is red (255, 0, 0), a pure key region cyan (0, 255, 255), both white, neither the
+    dimmed photo. Returns ``[H, W, 3]`` uint8.
+    """
+    photo = np.asarray(photo)
+    if photo.ndim != 3 or photo.shape[2] != 3:
+        raise ValueError(f"photo must be [H, W, 3], got shape {photo.shape}")
+    height, width = photo.shape[:2]
+    query = upsample(query01, (height, width))
+    key = upsample(key01, (height, width))
+    grey = photo.astype(np.float32).mean(-1, keepdims=True) / 255.0 * dim
+    colour = np.stack([query, key, key], -1)
+    alpha = np.maximum(query, key)[..., None]
+    out = grey * (1 - alpha) + colour * alpha
+    return (out * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def render_mode(photo: np.ndarray, query: torch.Tensor | np.ndarray, key: torch.Tensor | np.ndarray,
+                low: float = LOW_PERCENTILE, high: float = HIGH_PERCENTILE) -> np.ndarray:
+    """Red/cyan picture of one image's raw query and key maps, each normalised between its own percentiles."""
+    return red_cyan(photo, normalize_map(query, low, high), normalize_map(key, low, high))
+
+
+def thumbnail(array: np.ndarray, size: int = 112) -> np.ndarray:
+    """Square ``size`` px copy of an ``[H, W, 3]`` uint8 picture (for pages that must stay small)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.LANCZOS))
+
+
+# --- Fig 5: one image through many modes -----------------------------------------------------------------
+
+def mode_contributions(svd: QKSVD, tokens: torch.Tensor, layer: int, prefix_tokens: int = 1,
+                       include_prefix: bool = False) -> torch.Tensor:
+    """``[B, H, r]``: each mode's contribution to an image's attention scores in every head of ``layer``.
+
+    The contribution of mode n of head h is the sum over token pairs of its term of the bias-free score:
+
+        c_n = sum_{i, j} (x_i . u_n) s_n (v_n . x_j) = s_n (sum_i x_i . u_n) (sum_j x_j . v_n),
+
+    with i (queries) and j (keys) over the image tokens only (``include_prefix=True`` adds CLS/registers).
+    Summed over n it is the head's total bias-free score ``sum_{i,j} (W_q x_i) . (W_k x_j)`` (no 1/sqrt(d_k)).
+    c_n does not change when the mode's sign is flipped. ``tokens``: ``[B, T, d]`` or ``[T, d]``.
+    """
+    if not 0 <= layer < svd.num_layers:
+        raise IndexError(f"layer {layer} out of range: the model has layers 0..{svd.num_layers - 1}")
+    single = tokens.dim() == 2
+    if single:
+        tokens = tokens[None]
+    x = tokens if include_prefix else tokens[:, prefix_tokens:]
+    total = x.to(torch.float64).sum(1)  # [B, d]: sum over tokens first, the sums factor
+    query = torch.einsum("bd,hdr->bhr", total, svd.U[layer])
+    key = torch.einsum("bd,hdr->bhr", total, svd.V[layer])
+    out = query * svd.S[layer] * key
+    return out[0] if single else out
+
+
+def present_sign(svd: QKSVD, tokens: torch.Tensor, layer: int, head: int, mode: int, prefix_tokens: int = 1) -> int:
+    """The sign of the feature an image holds on average: +1 if sum_i x_i . u_n >= 0 (over image tokens), else -1.
+
+    For a mode with positive contribution both sums share this sign, so these maps show the present feature.
+    """
+    x = tokens[..., prefix_tokens:, :].to(torch.float64)
+    return 1 if float((x @ svd.U[layer, head, :, mode]).sum()) >= 0 else -1
+
+
+@dataclass(frozen=True)
+class RankedMode:
+    layer: int
+    head: int
+    mode: int
+    sign: int
+    contribution: float
+    share: float  # contribution / sum over the head's modes of |contribution| (in [-1, 1])
+    singular_value: float
+    cos: float
+
+    @property
+    def label(self) -> str:
+        return mode_label(self.layer, self.head, self.mode, self.sign)
+
+
+def top_modes(svd: QKSVD, tokens: torch.Tensor, layer: int, head: int, count: int = 6,
+              prefix_tokens: int = 1) -> list[RankedMode]:
+    """One image's ``count`` modes of head ``(layer, head)`` with the largest contribution (by signed value:
+    the modes that raise the image's attention scores most). ``tokens``: ``[T, d]`` entering block ``layer``.
+    ``share`` is the contribution over the sum of all the head's |contributions|.
+    Each mode carries the sign of the feature present in the image (:func:`present_sign`)."""
+    _check_index(svd, layer, head)
+    if tokens.dim() != 2:
+        raise ValueError(f"top_modes takes one image's tokens [T, d], got shape {tuple(tokens.shape)}")
+    contrib = mode_contributions(svd, tokens, layer, prefix_tokens)[head]  # [r]
+    # Modes can contribute with either sign, so a share of the signed total can exceed 1; use the absolute mass.
+    total = float(contrib.abs().sum())
+    order = torch.argsort(contrib, descending=True)[:count].tolist()
+    cos = svd.cos[layer, head]
+    return [
+        RankedMode(layer, head, n, present_sign(svd, tokens, layer, head, n, prefix_tokens), float(contrib[n]),
+                   float(contrib[n]) / total if total else float("nan"), float(svd.S[layer, head, n]), float(cos[n]))
+        for n in order
+    ]
+
+
+# --- convenience for notebooks: from PIL images to pictures ----------------------------------------------
+
+def mode_pictures(model, svd: QKSVD, images, layer: int, head: int, mode: int, sign: int = 1,
+                  size: int | None = None, tokens: torch.Tensor | None = None) -> list[np.ndarray]:
+    """Red/cyan pictures of one mode for a list of PIL images (tokens computed unless given as ``[B, T, d]``)."""
+    from .extract import token_embeddings
+    from .images import display_crop, to_pixels
+    from .models import info
+
+    meta = info(model)
+    if tokens is None:
+        tokens = token_embeddings(model, to_pixels(model, list(images)), layers=[layer])[0]
+    query, key = mode_maps(svd, tokens, layer, head, mode, meta.prefix_tokens, sign, meta.grid)
+    pictures = [render_mode(display_crop(model, image), q, k) for image, q, k in zip(images, query, key)]
+    return [thumbnail(p, size) for p in pictures] if size else pictures
+
+
+def explore(model, svd: QKSVD, images: dict, size: int = 224):
+    """A live-kernel explorer: any layer, head, mode and sign for any of ``images`` ({name: PIL image}).
+
+    Uses Python callbacks, so it only works with a running kernel (the static book uses
+    ``qklib.widgets.nested_stack`` over precomputed pictures instead).
+    """
+    import ipywidgets as widgets
+
+    from .extract import token_embeddings
+    from .images import to_pixels
+    from .widgets import png_widget
+
+    names = list(images)
+    cache: dict[tuple[str, int], torch.Tensor] = {}
+    pick = widgets.Dropdown(options=names, description="image")
+    layer = widgets.IntSlider(0, 0, svd.num_layers - 1, description="layer")
+    head = widgets.IntSlider(0, 0, svd.num_heads - 1, description="head")
+    mode = widgets.IntSlider(0, 0, svd.rank - 1, description="mode")
+    sign = widgets.ToggleButtons(options=[("+", 1), ("-", -1)], description="sign")
+    out = widgets.Output()
+
+    def draw(_change=None):
+        key = (pick.value, layer.value)
+        if key not in cache:
+            cache[key] = token_embeddings(model, to_pixels(model, images[pick.value]), layers=[layer.value])[0]
+        picture = mode_pictures(model, svd, [images[pick.value]], layer.value, head.value, mode.value, sign.value,
+                                size=size, tokens=cache[key])[0]
+        n = mode.value
+        caption = (f"{mode_label(layer.value, head.value, n, sign.value)} (0-based): "
+                   f"s = {float(svd.S[layer.value, head.value, n]):.3g}, cos = {float(svd.cos[layer.value, head.value, n]):+.3f}")
+        out.clear_output(wait=True)
+        with out:
+            from IPython.display import display
+
+            display(widgets.VBox([widgets.HTML(caption), png_widget(picture)]))
+
+    for control in (pick, layer, head, mode, sign):
+        control.observe(draw, names="value")
+    draw()
+    return widgets.VBox([pick, layer, head, mode, sign, out])
+
+
+# --- small pictures for static pages ----------------------------------------------------------------------
+
+def mosaic(pictures: list[np.ndarray], columns: int, gap: int = 2, fill: int = 255) -> np.ndarray:
+    """Tile equally sized ``[h, w, 3]`` pictures row by row, ``columns`` per row, with a ``gap`` px border."""
+    if not pictures:
+        raise ValueError("mosaic needs at least one picture")
+    height, width = pictures[0].shape[:2]
+    rows = -(-len(pictures) // columns)
+    out = np.full((rows * (height + gap) - gap, columns * (width + gap) - gap, 3), fill, np.uint8)
+    for index, picture in enumerate(pictures):
+        row, col = divmod(index, columns)
+        out[row * (height + gap) : row * (height + gap) + height, col * (width + gap) : col * (width + gap) + width] = picture
+    return out
+
+
+def jpeg_bytes(array: np.ndarray, quality: int = 80) -> bytes:
+    """JPEG-encoded ``[H, W, 3]`` uint8 (photos with colour maps are ~5x smaller than PNG)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()
+
+
+def parse_label(text: str) -> tuple[int, int, int, int]:
+    """``"L10 H3 M0"`` -> ``(10, 3, 0, +1)``; a trailing ``-`` (``"L10 H3 M0-"``) gives sign -1. 0-based."""
+    import re
+
+    match = re.fullmatch(r"\s*L(\d+)\s*H(\d+)\s*M(\d+)\s*(-?)\s*", str(text))
+    if not match:
+        raise ValueError(f"mode label {text!r}: write it as 'L<layer> H<head> M<mode>' (0-based), e.g. 'L10 H3 M0', "
+                         "with a trailing '-' for the sign-flipped feature")
+    return int(match[1]), int(match[2]), int(match[3]), -1 if match[4] else 1
