@@ -127,23 +127,37 @@ charts.s4_relative(relative)
 # ## What we found
 
 # %%
+def shape(values) -> str:
+    """The paper's three patterns, decided from this run's numbers against the null band."""
+    low = int(values.argmin())
+    if (abs(values) < band).all():
+        return "indistinguishable from random vectors: every layer lies inside the null band"
+    falls = values[: max(2, len(values) // 6)].mean() - values[low] > band
+    rises = values[-1] - values[low] > band and low < len(values) - 1
+    if falls and rises:
+        return "high early, falling with depth and rising again at the end: the concave shape the paper reports for self-supervised and distilled models"
+    if falls:
+        return "high early and falling with depth, without a late rise: the shape the paper reports for classification-trained models"
+    return "neither falling with depth nor concave"
+
+
 def describe(label: str) -> str:
     frame = relative[relative["model"] == label].reset_index(drop=True)
     values = frame["weighted_cosine"].to_numpy()
     low = int(values.argmin())
     last = len(values) - 1
-    rise = values[last] - values[low]
-    return (f"- **`{label}`**: weighted cosine {values[0]:+.3f} in layer 0 and {values[1]:+.3f} in layer 1; "
-            f"lowest {values[low]:+.3f} in layer {low} (depth {low / last:.2f}); {values[last]:+.3f} in the last layer "
-            f"({'a rise of' if rise > band else 'a change of'} {rise:+.3f} from the minimum). "
-            f"{int((abs(values) < band).sum())} of {len(values)} layers lie inside the null band. "
+    return (f"- **`{label}`** is {shape(values)}. Weighted cosine {values[0]:+.3f} in layer 0 and {values[1]:+.3f} "
+            f"in layer 1; lowest {values[low]:+.3f} in layer {low} (depth {low / last:.2f}); {values[last]:+.3f} in "
+            f"the last layer. {int((abs(values) < band).sum())} of {len(values)} layers lie inside the null band. "
             f"Relative to the anisotropy baseline: {frame['relative_cosine'].iloc[0]:+.3f} (layer 0), "
-            f"{frame['relative_cosine'].iloc[low]:+.3f} (layer {low}), {frame['relative_cosine'].iloc[last]:+.3f} (last).")
+            f"{frame['relative_cosine'].iloc[low]:+.3f} (layer {low}), {frame['relative_cosine'].iloc[last]:+.3f} (last)"
+            f"{' -- below zero: in that layer the query and key features are less alike than two random tokens are' if frame['relative_cosine'].iloc[low] < 0 else ''}.")
+
 
 display(Markdown(
     f"Null band (95%, random unit vectors in R^{min(s.dim for s in svds.values())}): ±{band:.3f}.\n\n"
     + "\n".join(describe(label) for label in svds)
     + "\n\nThe paper reports high cosines early, a fall with depth, and a rise in the last layers for "
-      "self-supervised models. Compare each line above with that pattern and with the random-init control. "
+      "self-supervised models; the random-init control shows what the architecture alone gives. "
       "The embedded model is a DINOv2 backbone whose possible fine-tuning for saliency is unknown, so its last "
       "layers in particular may differ from the released DINOv2."))

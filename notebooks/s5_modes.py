@@ -352,8 +352,6 @@ alt.Chart(fig6).mark_line(point=True).encode(
 # ## What we found
 
 # %%
-bench_file = Path("executed/bench_search.json")
-bench = json.loads(bench_file.read_text()) if bench_file.is_file() else None
 half = svd.num_layers // 2
 early, late = float(np.nanmean(same.per_layer[:half])), float(np.nanmean(same.per_layer[half:]))
 peak_layer = int(np.nanargmax(same.per_layer))
@@ -370,22 +368,6 @@ lines = [
     f"layers {half}-{svd.num_layers - 1} (peak {same.per_layer[peak_layer]:.2f} in layer {peak_layer}); chance is "
     f"{np.nanmean(same.chance_layer):.2f} and the random-init control {np.nanmean(control.per_layer):.2f}.",
 ]
-if bench:
-    memory = {int(n): v["peak_mib"] for n, v in bench["memory"].items()}
-    low_n, high_n = min(memory), max(memory)
-    lines.append(
-        f"- **Search cost** (`make bench`, saved {bench.get('date', '?')}): search "
-        f"{bench['search_images_per_s']:.2f} vs bare forward {bench['bare_images_per_s']:.2f} images/s from disk, "
-        f"overhead {100 * bench['overhead']:+.0f}% (goal <= 25%; {100 * bench['preloaded_overhead']:+.0f}% on decoded "
-        f"tensors); peak resident memory during the search {memory[low_n]:.0f} MiB for {low_n} images and "
-        f"{memory[high_n]:.0f} MiB for {high_n} images (the loaded model alone: "
-        f"{bench['memory'][str(high_n)]['before_search_mib']:.0f} MiB): {100 * (memory[high_n] / memory[low_n] - 1):+.0f}% "
-        f"for {high_n // low_n} times the images. The search holds a fixed-size top-k and a bounded number of batches "
-        f"(at most two decoded batches wait); the remaining difference comes from the memory allocator, not from "
-        f"state that grows with N.")
-else:
-    lines.append("- **Search cost**: run `make bench` (or `python tools/bench_search.py`) to add the throughput and "
-                 "peak-memory figures here.")
 display(Markdown("\n".join(lines)))
 
 # %%

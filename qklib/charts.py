@@ -13,15 +13,19 @@ import pandas as pd
 from .svd import QKSVD, null_band
 
 
-def inline(frame: pd.DataFrame, decimals: int = 4) -> alt.InlineData:
-    """The frame as inline chart data, floats rounded to keep pages small.
+def inline(frame: pd.DataFrame, digits: int = 4) -> alt.InlineData:
+    """The frame as inline chart data, floats rounded to ``digits`` significant digits to keep pages small
+    (significant, not decimal, digits: small values such as spectrum weights on a log axis must not become 0).
 
     Inline values bypass altair's 5000-row guard on purpose: the chapters precompute every row that a
     slider can show, and the page-size budget (5 MB) is checked by the book's browser test instead.
     """
     rounded = frame.copy()
     for column in rounded.select_dtypes("float").columns:
-        rounded[column] = rounded[column].round(decimals)
+        values = rounded[column].to_numpy(dtype=float)
+        magnitude = np.floor(np.log10(np.abs(np.where(values == 0, 1.0, values))))
+        scale = 10.0 ** (digits - 1 - magnitude)
+        rounded[column] = np.round(values * scale) / scale
     return alt.InlineData(values=rounded.to_dict(orient="records"))
 
 
@@ -112,7 +116,7 @@ def s1_histograms(histograms: pd.DataFrame) -> alt.Chart:
     layer = _layer_slider(int(histograms["layer"].max()))
     return alt.Chart(inline(histograms)).mark_bar(opacity=0.6, binSpacing=0).encode(
         x=alt.X("bin_start:Q", title="cos_n = u_n . v_n", scale=alt.Scale(domain=[-1, 1])), x2="bin_end:Q",
-        y=alt.Y("fraction:Q", title="fraction of modes", stack=None),
+        y=alt.Y("fraction:Q", title="fraction of modes", stack=None), y2=alt.datum(0),
         color=alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400)),
         tooltip=["model:N", "layer:O", alt.Tooltip("bin_start:Q", format="+.2f"), alt.Tooltip("fraction:Q", format=".3f")],
     ).add_params(layer).transform_filter(alt.datum.layer == layer).properties(
@@ -149,9 +153,9 @@ def s4_relative(frame: pd.DataFrame) -> alt.Chart:
         x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)"),
         y=alt.Y("value:Q", title="cosine"),
         color=alt.Color("quantity:N", legend=alt.Legend(orient="bottom")),
-        strokeDash=alt.StrokeDash("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400)),
         tooltip=["model:N", "layer:O", "quantity:N", alt.Tooltip("value:Q", format="+.3f")],
-    ).properties(width=460, height=280, title="relative cosine = weighted cosine - anisotropy baseline")
+    ).properties(width=260, height=240).facet(column=alt.Column("model:N", title=None)).properties(
+        title="relative cosine = weighted cosine - anisotropy baseline")
 
 
 def null_band_for(svds: dict[str, QKSVD]) -> float:

@@ -249,6 +249,12 @@ def execute(name: str, parameters: dict, workdir: Path) -> float:
     source = NOTEBOOKS / f"{name}.py"
     notebook = jupytext.read(source, fmt="py:percent")
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    # The book reads as prose and figures: code cells start collapsed (a click shows them); the parameters
+    # cell stays open, since it says what to change when rerunning a chapter.
+    for cell in notebook.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if cell.cell_type == "code" and "parameters" not in tags and "hide-input" not in tags:
+            tags.append("hide-input")
     unexecuted = workdir / f"{name}.ipynb"
     jupytext.write(notebook, unexecuted, fmt="ipynb")
     EXECUTED.mkdir(exist_ok=True)
@@ -263,7 +269,21 @@ def execute(name: str, parameters: dict, workdir: Path) -> float:
         raise BuildError(f"chapter {name} failed in cell {error.exec_count} after "
                          f"{time.perf_counter() - started:.0f} s: {error.ename}: {error.evalue}\n{''.join(error.traceback)}\n"
                          f"the partial notebook is kept for inspection: {output.relative_to(ROOT)}") from None
+    displayed = displayed_errors(output)
+    if displayed:
+        raise BuildError(f"chapter {name}: a cell displayed an error instead of its output (papermill does not "
+                         f"stop on these, e.g. a chart that fails to render): {displayed[0]}\n"
+                         f"the notebook is kept for inspection: {output.relative_to(ROOT)}")
     return time.perf_counter() - started
+
+
+def displayed_errors(path: Path) -> list[str]:
+    """Errors a notebook shows without failing: error outputs of display hooks (altair catches its own)."""
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    return [f"{output.get('ename')}: {output.get('evalue')}" for cell in notebook.cells if cell.cell_type == "code"
+            for output in cell.get("outputs", []) if output.get("output_type") == "error"]
 
 
 # -------------------------------------------------------------------------------------------- build
