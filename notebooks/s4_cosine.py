@@ -33,7 +33,6 @@ device = "cpu"
 seed = 0  # seed of the random-init controls
 
 # %%
-import altair as alt
 import torch
 from IPython.display import Markdown, display
 

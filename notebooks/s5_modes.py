@@ -165,7 +165,7 @@ if image_root is not None:  # a user folder: its first six readable images inste
     picked = []
     for name in files:
         try:
-            picked.append((name, search.load_image(gallery_root / name)))
+            picked.append((name, open_rgb(gallery_root / name)))
         except qklib.images.ImageError:
             continue
         if len(picked) == 6:
@@ -245,7 +245,7 @@ def optimal_row(l: int, h: int, m: int, sign: int, size: int = 112) -> np.ndarra
     top = found.top(l, h, m, sign)
     if not top:
         return None
-    images = [search.load_image(found.path(name)) for name, _ in top]
+    images = [open_rgb(found.path(name)) for name, _ in top]
     pictures = modes.mode_pictures(net, svd, images, l, h, m, sign=sign, size=size)
     return modes.mosaic(pictures, columns=len(pictures))
 

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
+# Images longer than this aspect ratio are centre-cropped when opened.
+MAX_ASPECT = 4.0
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -34,22 +36,52 @@ def shipped_photos() -> dict[str, Image.Image]:
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """One image as RGB (greyscale, palette and RGBA are converted; alpha is composited on white)."""
+    """One image as RGB, or ImageError with the reason (corrupt, truncated, empty, unsupported).
+
+    Greyscale, palette, CMYK and 16-bit files are converted (16-bit and float rescaled to 8 bits, not
+    saturated); alpha is composited on white; extremely elongated images are centre-cropped to aspect ratio
+    ``MAX_ASPECT`` first, so a 1 x 100000 strip cannot blow up memory (the model crops a centre square anyway).
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image {str(path)!r} does not exist")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"image {str(path)!r} cannot be read ({error}); remove or replace the file") from error
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+            warnings.simplefilter("ignore")
+            with Image.open(path) as raw:
+                raw.load()
+                image = _to_8bit(raw)
+                if image.mode in ("RGBA", "LA", "P", "PA"):
+                    image = _composite(image)
+                image = image.convert("RGB")
+    except Exception as error:  # corrupt, truncated, empty, decompression bomb, unsupported codec
+        raise ImageError(f"image {str(path)!r} cannot be read ({type(error).__name__}: {error}); "
+                         "remove or replace the file") from None
+    width, height = image.size
+    if min(width, height) < 1:
+        raise ImageError(f"image {str(path)!r} is empty ({width} x {height})")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        long_side = int(MAX_ASPECT * min(width, height))
+        left, top = (width - long_side) // 2 if width > height else 0, (height - long_side) // 2 if height > width else 0
+        image = image.crop((left, top, left + min(width, long_side), top + min(height, long_side)))
+    return image
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and float greyscale images would saturate under PIL's RGB conversion: rescale them to 8 bits."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = np.nanmin(array), np.nanmax(array)
+        scaled = np.zeros_like(array) if not high > low else (array - low) / (high - low) * 255
+        return Image.fromarray(np.nan_to_num(scaled).astype(np.uint8))
+    return image
+
+
+def _composite(image: Image.Image) -> Image.Image:
+    if image.mode == "P" and "transparency" not in image.info:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
 
 
 def list_images(folder: str | Path) -> list[Path]:

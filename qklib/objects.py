@@ -107,8 +107,8 @@ def _ade_pairs(root: Path, split: str) -> tuple[str, list[tuple[Path, Path]]]:
             if image is not None:
                 pairs.append((image, seg))
         return "full", pairs
-    for kind, annotations in (("instance", "annotations_instance"), ("semantic", "annotations")):
-        hits = sorted(root.rglob(annotations))
+    for kind, folder_name in (("instance", "annotations_instance"), ("semantic", "annotations")):
+        hits = sorted(root.rglob(folder_name))
         for folder in hits:
             images_dir = folder.parent / "images"
             masks_dir = folder / split if (folder / split).is_dir() else folder

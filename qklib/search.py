@@ -27,7 +27,6 @@ import queue
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .images import IMAGE_SUFFIXES, ImageError, open_rgb
+from .images import ImageError, list_images, open_rgb
 from .svd import QKSVD
 
 SIGNS = (1, -1)  # index 0 of the sign axis is +1, index 1 is -1
 FORMAT_VERSION = 1
-# Images longer than this ratio are centre-cropped before the model's resize, so a 1 x 100000 strip cannot
-# blow up memory; normal photos are untouched (the model crops a centre square anyway).
-MAX_ASPECT = 4.0
 
 
 # --- which modes ---------------------------------------------------------------------------------------
@@ -189,18 +185,10 @@ class RunningTopK:
 # --- images in ---------------------------------------------------------------------------------------
 
 def image_files(root: str | Path) -> list[str]:
-    """Relative POSIX paths of every image under ``root`` (any depth), sorted as strings.
-
-    Works for ImageNet's ``val/<wnid>/<file>.JPEG`` layout or any tree of images.
-    """
+    """Relative POSIX paths of every image under ``root`` (any depth), sorted as strings: the order that
+    shards split and that breaks score ties. Works for ImageNet's ``val/<wnid>/<file>.JPEG`` layout."""
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise ImageError(f"image folder {str(root)!r} does not exist or is not a folder")
-    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise ImageError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found under {str(root)!r}")
-    return files
+    return sorted(p.relative_to(root).as_posix() for p in list_images(root))
 
 
 def parse_shard(spec) -> tuple[int, int] | None:
@@ -218,64 +206,6 @@ def parse_shard(spec) -> tuple[int, int] | None:
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard {spec!r}: need 0 <= i < n (shards are 0-based: '0/{max(count, 1)}' is the first)")
     return index, count
-
-
-def _to_8bit(image):
-    """16-bit and float greyscale images would saturate under PIL's RGB conversion: rescale them to 8 bits."""
-    from PIL import Image
-
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        low, high = np.nanmin(array), np.nanmax(array)
-        scaled = np.zeros_like(array) if not high > low else (array - low) / (high - low) * 255
-        return Image.fromarray(np.nan_to_num(scaled).astype(np.uint8))
-    return image
-
-
-def load_image(path: Path):
-    """An RGB PIL image ready for the model's transform, or raise ImageError with the reason.
-
-    Greyscale, palette, CMYK, 16-bit and RGBA (composited on white) files are converted; extremely elongated
-    images are centre-cropped to aspect ratio ``MAX_ASPECT`` first.
-    """
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as raw:
-                raw.load()
-                image = _to_8bit(raw)
-                if image.mode in ("RGBA", "LA", "P", "PA"):
-                    image.load()
-                    image = _composite(image)
-                image = image.convert("RGB")
-    except ImageError:
-        raise
-    except Exception as error:  # corrupt, truncated, empty, decompression bomb, unsupported codec
-        raise ImageError(f"{type(error).__name__}: {error}") from None
-    width, height = image.size
-    if min(width, height) < 1:
-        raise ImageError(f"empty image ({width} x {height})")
-    if max(width, height) > MAX_ASPECT * min(width, height):
-        side = min(width, height)
-        long_side = int(MAX_ASPECT * side)
-        if width > height:
-            left = (width - long_side) // 2
-            image = image.crop((left, 0, left + long_side, height))
-        else:
-            top = (height - long_side) // 2
-            image = image.crop((0, top, width, top + long_side))
-    return image
-
-
-def _composite(image):
-    from PIL import Image
-
-    if image.mode == "P" and "transparency" not in image.info:
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
 
 
 @dataclass
@@ -510,7 +440,7 @@ def search(model: nn.Module, root: str | Path, layers=None, heads=None, modes=No
     svd = svd if svd is not None else qk_svd(model)
     device = next(model.parameters()).device
     features = Features.select(svd, layers, heads, modes, device=device)
-    stream = Stream(lambda p: load_image(root / names[p]), names, positions, model_transform(model), batch_size)
+    stream = Stream(lambda p: open_rgb(root / names[p]), names, positions, model_transform(model), batch_size)
     start = time.perf_counter()
     top, scored = _run(model, svd, stream, features, k, progress, len(positions), "search")
     return _finish(top, names, features, k, model_name(model), str(root), len(names), scored, stream.skipped, part,

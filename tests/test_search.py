@@ -12,20 +12,14 @@ from PIL import Image
 import qklib
 from qklib import search
 from qklib.extract import token_embeddings
-from qklib.images import ImageError, to_pixels
+from qklib.images import MAX_ASPECT, ImageError, open_rgb, to_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """A 3-block random ViT at 64 px (4 x 4 tokens): fast, and exercises every code path."""
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3).eval()
-    model.qklib_name = "vit_tiny_patch16_224 (test)"
-    return model, qklib.qk_svd(model)
+def tiny(tiny_vit):
+    return tiny_vit
 
 
 def _photo(rng, width, height, mode="RGB"):
@@ -66,7 +60,7 @@ def _brute_force(model, svd, root, names, k):
     rows = {}
     for name in names:
         try:
-            image = search.load_image(root / name)
+            image = open_rgb(root / name)
         except ImageError:
             continue
         tokens = token_embeddings(model, to_pixels(model, image)).to(torch.float64)[:, 0, meta.prefix_tokens:]  # [L, T, d]
@@ -199,12 +193,12 @@ def test_bad_inputs(tiny, folder, tmp_path):
     with pytest.raises(ValueError, match="k must be"):
         search.search(model, folder, k=0, svd=svd, progress=False)
     # every odd file either loads or is skipped with its reason; strips are cropped before resizing
-    strip = search.load_image(folder / "b" / "strip.png")
-    assert max(strip.size) <= search.MAX_ASPECT * min(strip.size)
-    deep = np.asarray(search.load_image(folder / "b" / "deep16.png"))
+    strip = open_rgb(folder / "b" / "strip.png")
+    assert max(strip.size) <= MAX_ASPECT * min(strip.size)
+    deep = np.asarray(open_rgb(folder / "b" / "deep16.png"))
     assert deep.dtype == np.uint8 and deep.min() < 50 and deep.max() > 200  # rescaled, not saturated
     with pytest.raises(ImageError):
-        search.load_image(folder / "b" / "truncated.jpg")
+        open_rgb(folder / "b" / "truncated.jpg")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         search.load_result(tmp_path / "nothing.npz")
 

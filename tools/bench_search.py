@@ -52,10 +52,11 @@ def _bare_forward(model, root: Path, batch_size: int) -> float:
     import torch
 
     from qklib.images import model_transform
-    from qklib.search import Stream, image_files, load_image
+    from qklib.images import open_rgb
+    from qklib.search import Stream, image_files
 
     names = image_files(root)
-    stream = Stream(lambda p: load_image(root / names[p]), names, list(range(len(names))), model_transform(model), batch_size)
+    stream = Stream(lambda p: open_rgb(root / names[p]), names, list(range(len(names))), model_transform(model), batch_size)
     start = time.perf_counter()
     with torch.no_grad():
         for _position, pixels, _consumed in stream:
@@ -69,10 +70,11 @@ def _preloaded(model, svd, root: Path, batch_size: int) -> tuple[float, float]:
 
     from qklib.images import to_pixels
     from qklib.models import info
-    from qklib.search import Features, RunningTopK, feature_scores, forward_layers, image_files, load_image
+    from qklib.images import open_rgb
+    from qklib.search import Features, RunningTopK, feature_scores, forward_layers, image_files
 
     names = image_files(root)
-    pixels = to_pixels(model, [load_image(root / n) for n in names])
+    pixels = to_pixels(model, [open_rgb(root / n) for n in names])
     features = Features.select(svd)
     prefix = info(model).prefix_tokens
     with torch.no_grad():
