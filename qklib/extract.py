@@ -10,7 +10,8 @@ Attention probabilities are read from the model's own softmax: timm's fused atte
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -58,49 +59,54 @@ def _layers(model: nn.Module, layers) -> list[int]:
 
 
 @torch.no_grad()
-def record(model: nn.Module, pixels: torch.Tensor, tokens: bool = True, attention: bool = False,
-           layers: list[int] | None = None) -> Record:
-    """Run the model once on ``pixels [B, 3, S, S]`` and record the requested per-layer tensors.
-
-    The forward pass stops after the last requested layer.
-    """
+def stream_layers(model: nn.Module, pixels: torch.Tensor, layers: list[int] | None = None,
+                  on_tokens: Callable[[int, torch.Tensor], None] | None = None,
+                  on_attention: Callable[[int, torch.Tensor], None] | None = None) -> None:
+    """Run the model once on ``pixels [B, 3, S, S]``, calling ``on_tokens(layer, x [B, T, d])`` with the normed
+    tokens entering each chosen block's qkv and ``on_attention(layer, p [B, H, T, T])`` with its attention
+    probabilities, as they are computed (nothing is kept here). The pass stops after the last chosen block."""
     chosen = _layers(model, layers)
-    wanted = set(chosen)
-    token_out: dict[int, torch.Tensor] = {}
-    attn_out: dict[int, torch.Tensor] = {}
     handles = []
-
-    class _Stop(Exception):
-        pass
-
-    last = max(chosen)
-    for index, block in enumerate(model.blocks):
-        if index not in wanted:
-            continue
-        if tokens:
+    for index in chosen:
+        block = model.blocks[index]
+        if on_tokens is not None:
             handles.append(block.norm1.register_forward_hook(
-                lambda _m, _i, out, index=index: token_out.__setitem__(index, out.detach().float().cpu())))
-        if attention:
+                lambda _m, _i, out, index=index: on_tokens(index, out.detach())))
+        if on_attention is not None:
             if not isinstance(getattr(block.attn, "attn_drop", None), nn.Module):
                 raise TypeError(f"block {index}: cannot read attention probabilities from {type(block.attn).__name__}")
             # attn_drop receives the softmax output (identity in eval mode): the probabilities the model uses.
             handles.append(block.attn.attn_drop.register_forward_hook(
-                lambda _m, _i, out, index=index: attn_out.__setitem__(index, out.detach().float().cpu())))
+                lambda _m, _i, out, index=index: on_attention(index, out.detach())))
 
     def stop(_module, _inputs, _output):
         raise _Stop
 
-    handles.append(model.blocks[last].register_forward_hook(stop))
+    handles.append(model.blocks[max(chosen)].register_forward_hook(stop))
     device = next(model.parameters()).device
     try:
-        with unfused_attention(model) if attention else _null():
-            try:
-                model.forward_features(pixels.to(device))
-            except _Stop:
-                pass
+        with unfused_attention(model) if on_attention is not None else nullcontext():
+            model.forward_features(pixels.to(device))
+    except _Stop:
+        pass
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the last block of interest has run."""
+
+
+def record(model: nn.Module, pixels: torch.Tensor, tokens: bool = True, attention: bool = False,
+           layers: list[int] | None = None) -> Record:
+    """Run the model once on ``pixels [B, 3, S, S]`` and keep the requested per-layer tensors (on the CPU)."""
+    chosen = _layers(model, layers)
+    token_out: dict[int, torch.Tensor] = {}
+    attn_out: dict[int, torch.Tensor] = {}
+    stream_layers(model, pixels, chosen,
+                  on_tokens=(lambda i, x: token_out.__setitem__(i, x.float().cpu())) if tokens else None,
+                  on_attention=(lambda i, p: attn_out.__setitem__(i, p.float().cpu())) if attention else None)
     if attention and len(attn_out) != len(chosen):
         raise RuntimeError("attention probabilities were not captured; does this model use timm's Attention?")
     return Record(
@@ -108,11 +114,6 @@ def record(model: nn.Module, pixels: torch.Tensor, tokens: bool = True, attentio
         attention=torch.stack([attn_out[i] for i in chosen]) if attention else None,
         prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
     )
-
-
-@contextmanager
-def _null():
-    yield
 
 
 def token_embeddings(model: nn.Module, pixels: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:

@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 
 from .images import IMAGE_SUFFIXES, ImageError
-from .search import Features, RunningTopK, feature_scores, forward_layers
+from .extract import stream_layers
+from .search import Features, RunningTopK, feature_scores
 from .svd import QKSVD
 
 
@@ -272,7 +273,7 @@ def same_object_probability(model, svd: QKSVD, dataset: Sequence, k: int = 5, la
             same_neg = lo[..., :f].argmin(1) == lo[..., f:].argmin(1)
             out[layer] = (feature_scores(projected), torch.stack([same_pos, same_neg], -1).float())
 
-        forward_layers(model, pixels, features.layers, on_tokens)
+        stream_layers(model, pixels, features.layers, on_tokens=on_tokens)
         scores = torch.cat([out[layer][0] for layer in features.layers], 1).reshape(len(batch), -1)  # [B, F]
         same = torch.cat([out[layer][1] for layer in features.layers], 1).reshape(len(batch), -1)
         chance = (1.0 / objects)[:, None].expand_as(same)

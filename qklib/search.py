@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .extract import stream_layers
 from .images import ImageError, list_images, open_rgb
 from .svd import QKSVD
 
@@ -121,31 +122,6 @@ def feature_scores(projected: torch.Tensor) -> torch.Tensor:
     positive = high[:, :f].clamp_min(0) * high[:, f:].clamp_min(0)
     negative = (-low[:, :f]).clamp_min(0) * (-low[:, f:]).clamp_min(0)
     return torch.stack([positive, negative], -1)
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def forward_layers(model: nn.Module, pixels: torch.Tensor, layers: Sequence[int],
-                   on_tokens: Callable[[int, torch.Tensor], None]) -> None:
-    """Run ``model`` on ``pixels`` and call ``on_tokens(layer, x [B, T, d])`` with the normed tokens entering each
-    chosen block's qkv, as they are computed (nothing is kept); the pass stops after the last chosen block."""
-    handles = [model.blocks[layer].norm1.register_forward_hook(
-        lambda _m, _i, out, layer=layer: on_tokens(layer, out.detach())) for layer in layers]
-
-    def stop(_module, _inputs, _output):
-        raise _Stop
-
-    handles.append(model.blocks[max(layers)].register_forward_hook(stop))
-    try:
-        model.forward_features(pixels)
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class RunningTopK:
@@ -394,7 +370,7 @@ def _run(model: nn.Module, svd: QKSVD, stream: Stream, features: Features, k: in
         for position, pixels, consumed in stream:
             if pixels is not None:
                 per_layer.clear()
-                forward_layers(model, pixels.to(device), features.layers, on_tokens)
+                stream_layers(model, pixels.to(device), features.layers, on_tokens=on_tokens)
                 scores = torch.cat([per_layer[layer] for layer in features.layers], 1)  # [B, F/2, 2]
                 top.update(scores.reshape(scores.shape[0], -1).T, position)
                 scored += len(position)

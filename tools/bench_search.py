@@ -71,7 +71,8 @@ def _preloaded(model, svd, root: Path, batch_size: int) -> tuple[float, float]:
     from qklib.images import to_pixels
     from qklib.models import info
     from qklib.images import open_rgb
-    from qklib.search import Features, RunningTopK, feature_scores, forward_layers, image_files
+    from qklib.extract import stream_layers
+    from qklib.search import Features, RunningTopK, feature_scores, image_files
 
     names = image_files(root)
     pixels = to_pixels(model, [open_rgb(root / n) for n in names])
@@ -87,7 +88,7 @@ def _preloaded(model, svd, root: Path, batch_size: int) -> tuple[float, float]:
         for begin in range(0, len(pixels), batch_size):
             batch = pixels[begin : begin + batch_size]
             out = {}
-            forward_layers(model, batch, features.layers,
+            stream_layers(model, batch, features.layers, on_tokens=
                            lambda layer, x: out.__setitem__(layer, feature_scores(x[:, prefix:] @ features.projection[layer])))
             scores = torch.cat([out[layer] for layer in features.layers], 1)
             top.update(scores.reshape(len(batch), -1).T, torch.arange(begin, begin + len(batch)))
