@@ -219,14 +219,14 @@ if live_explorer:
 
 # %%
 def cached_search() -> search.SearchResult:
-    """Reuse the saved result when model, weights, folder contents, k and limit are unchanged."""
+    """Reuse the saved result when model, weights, folder contents, k, limit and the search code are unchanged."""
     import hashlib
 
     limit = max_images or None
     listed = files[:limit] if limit else files
     fingerprint = hashlib.sha256("\n".join(f"{n}:{(gallery_root / n).stat().st_size}" for n in listed).encode()).hexdigest()
     key = {"model": meta.name, "weights": weights, "root": str(gallery_root), "k": top_k, "limit": limit,
-           "files": fingerprint}
+           "files": fingerprint, "code": hashlib.sha256(Path(search.__file__).read_bytes()).hexdigest()}
     saved, saved_key = results / "search.npz", results / "search-key.json"
     if saved.is_file() and saved_key.is_file() and json.loads(saved_key.read_text()) == key:
         return search.load_result(saved)
