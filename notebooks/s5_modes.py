@@ -343,7 +343,7 @@ display(Markdown(f"Images: {masked_name}; used {same.images_used}, skipped {same
 alt.Chart(fig6).mark_line(point=True).encode(
     x=alt.X("depth:Q", title="normalised depth, layer / (L - 1)"),
     y=alt.Y("P(same object):Q", scale=alt.Scale(domain=[0, 1])),
-    color=alt.Color("model:N", title=None),
+    color=alt.Color("model:N", title=None, legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400)),
     strokeDash=alt.StrokeDash("model:N", legend=None),
     tooltip=["model", "layer", alt.Tooltip("P(same object):Q", format=".3f")],
 ).properties(width=420, height=240)
