@@ -232,7 +232,7 @@ def info(model: nn.Module) -> ModelInfo:
         name=model_name(model),
         num_layers=len(model.blocks),
         num_heads=attn.num_heads,
-        dim=model.blocks[0].norm1.normalized_shape[0] if hasattr(model.blocks[0].norm1, "normalized_shape") else model.embed_dim,
+        dim=int(model.embed_dim),
         head_dim=attn.head_dim,
         prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
         grid=grid,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -185,14 +184,6 @@ def model_name(model: nn.Module) -> str:
     return getattr(model, "qklib_name", "") or cfg.get("architecture", type(model).__name__)
 
 
-def dense_qk_svd(weights: QKWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference: a dense d x d SVD per head (what the authors' code does). Slow; for tests and benchmarks."""
-    matrices = weights.wq.transpose(-1, -2).to(torch.float64) @ weights.wk.to(torch.float64)  # [L, H, d, d]
-    u, s, v_t = torch.linalg.svd(matrices)
-    r = weights.wq.shape[-2]
-    return s[..., :r], u[..., :r], v_t.transpose(-1, -2)[..., :r]
-
-
 def null_band(dim: int, level: float = 0.95) -> float:
     """Half-width of the central ``level`` interval of the cosine of two independent random unit vectors
     in R^dim. Exact: (cos + 1) / 2 ~ Beta((dim-1)/2, (dim-1)/2); sd is ~ 1/sqrt(dim)."""
@@ -215,6 +206,3 @@ def mode_scores(svd: QKSVD, layer: int, head: int, x_query: torch.Tensor, x_key:
     kp = x_key.to(v) @ v  # [Tk, r]
     return torch.einsum("ir,r,jr->rij", qp, s, kp)
 
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
