@@ -7,13 +7,10 @@ import pytest
 import timm
 import torch
 
-import qklib
 from qklib.extract import image_tokens, record
 
 
-def _model(name: str) -> torch.nn.Module:
-    if name == "default":
-        return qklib.load_model()
+def _random_model(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     # Small random models with 2 (CLS + distillation) and 5 (CLS + 4 registers) prefix tokens.
     return timm.create_model(name, pretrained=False, img_size=56).eval()
@@ -24,7 +21,7 @@ MODELS = ["default", "deit_tiny_distilled_patch16_224", "vit_small_patch14_reg4_
 
 @pytest.fixture(scope="module", params=MODELS)
 def case(request):
-    model = _model(request.param)
+    model = request.getfixturevalue("embedded_model") if request.param == "default" else _random_model(request.param)
     size = int(model.patch_embed.img_size[0])
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     return request.param, model, pixels
@@ -81,7 +78,7 @@ def test_probabilities_are_rows_that_sum_to_one(case):
 
 
 def test_layer_subset_matches_full_record_and_restores_flags():
-    model = _model("deit_tiny_distilled_patch16_224")
+    model = _random_model("deit_tiny_distilled_patch16_224")
     pixels = torch.randn(1, 3, 56, 56)
     full = record(model, pixels, tokens=True, attention=True)
     part = record(model, pixels, tokens=True, attention=True, layers=[3, 1])

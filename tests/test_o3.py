@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-import qklib
 from qklib.o3 import O3Error, O3Layout, generate_scenes, load_o3, render_scene
 from qklib.preference import GROUPS, PAIRS, TokenMasks, chance, measure, query_tokens, ratios, token_masks
 
@@ -17,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model():
-    return qklib.load_model()
+def model(embedded_model):
+    return embedded_model
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from qklib.imgfocus import cache_dir as qklib_cache_dir  # noqa: E402
 NOTEBOOKS = ROOT / "notebooks"
 EXECUTED = ROOT / "executed"
 VENDOR = ROOT / "book" / "vendor"
@@ -118,13 +120,8 @@ def restricted_toc(only: list[str], path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------- vendor
 def cache_dir() -> Path:
-    """npm tarballs live next to qklib's other caches: ``$QKLIB_CACHE/npm`` or the user cache dir."""
-    env = os.environ.get("QKLIB_CACHE")
-    if env:
-        return Path(env).expanduser() / "npm"
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("qklib")) / "npm"
+    """npm tarballs live next to qklib's other caches (``$QKLIB_CACHE``, default the user cache dir)."""
+    return qklib_cache_dir() / "npm"
 
 
 def npm_package(name: str, version: str) -> Path:
