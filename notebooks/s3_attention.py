@@ -53,7 +53,7 @@ _start = time.perf_counter()
 import tempfile
 from pathlib import Path
 
-from qklib import params
+from qklib import chapter as params
 from qklib.o3 import O3Error, O3Layout, load_o3
 
 model_specs = params.check_models(models)
@@ -102,7 +102,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from qklib.images import display_crop
+from qklib.core.images import display_crop
 from qklib.o3 import generate_scenes
 from qklib.preference import query_tokens, token_masks
 
@@ -193,7 +193,7 @@ table.head()
 # %%
 import altair as alt
 
-from qklib.charts import inline
+from qklib.present.cosine import inline
 
 layer_stats = per_layer(table).merge(pd.DataFrame({"group": list(GROUPS), "chance": [chance[g] for g in GROUPS]}), on="group")
 group_order, model_order = list(GROUPS), list(loaded)
@@ -278,7 +278,7 @@ pair_chart
 from PIL import Image, ImageDraw
 
 from qklib.preference import query_maps
-from qklib.widgets import nested_stack, png_widget
+from qklib.present.widgets import nested_stack, png_widget
 
 example = next((s for s in shown if s.id in measured), None) or next(s for s in scenes if s.id in measured)
 maps, example_query, example_token_masks = query_maps(reference, example, min_cover)

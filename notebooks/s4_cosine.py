@@ -37,9 +37,10 @@ import torch
 from IPython.display import Markdown, display
 
 import qklib
-from qklib import charts, params
-from qklib.images import load_folder, shipped_photos, to_pixels
-from qklib.stats import anisotropy_baseline
+from qklib import chapter as params
+from qklib.present import cosine as charts
+from qklib.core.images import load_folder, shipped_photos, to_pixels
+from qklib.anisotropy import anisotropy_baseline
 
 specs = params.check_models(models)
 image_dir = params.check_folder("images", images)

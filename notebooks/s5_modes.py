@@ -66,10 +66,13 @@ from IPython.display import Image as ShowImage
 from IPython.display import Markdown, display
 
 import qklib
-from qklib import modes, objects, params, search
-from qklib.extract import token_embeddings
-from qklib.images import display_crop, open_rgb, shipped_photos, to_pixels
-from qklib.widgets import nested_stack
+from qklib import ade20k, modes, o3, same_object, search
+from qklib import chapter as params
+from qklib.present import render
+from qklib.core.extract import token_embeddings
+from qklib.core.images import ImageError, display_crop, open_rgb, shipped_photos, to_pixels
+from qklib.present.explore import explore
+from qklib.present.widgets import nested_stack
 
 started = time.perf_counter()
 (model_name, model_weights, random_init), = params.check_models([{"name": model, "weights": weights} if weights else model])
@@ -127,7 +130,7 @@ display(Markdown(f"`{meta.name}`: {meta.num_layers} layers, {meta.num_heads} hea
 # to `results_dir` once, so the optimal-image search reads them from disk like any image folder.
 
 # %%
-scene_set = objects.scenes(results / "scenes", n_scenes, seed=seed, size=meta.img_size)
+scene_set = o3.generate_scenes(results / "scenes", n_scenes, seed=seed, size=meta.img_size)
 if image_root is None:
     gallery_root = results / "gallery"
     for name, photo in shipped_photos().items():
@@ -166,7 +169,7 @@ if image_root is not None:  # a user folder: its first six readable images inste
     for name in files:
         try:
             picked.append((name, open_rgb(gallery_root / name)))
-        except qklib.images.ImageError:
+        except ImageError:
             continue
         if len(picked) == 6:
             break
@@ -177,7 +180,7 @@ THUMB = 96
 
 
 def picture_widget(array: np.ndarray, caption: str) -> widgets.VBox:
-    image = widgets.Image(value=modes.jpeg_bytes(array, quality=78), format="jpeg")
+    image = widgets.Image(value=render.jpeg_bytes(array, quality=78), format="jpeg")
     return widgets.VBox([widgets.HTML(caption), image])
 
 
@@ -192,8 +195,8 @@ for li, l in enumerate(layer_list):
     for h in head_list:
         per_mode = []
         for m in range(explorer_modes):
-            pictures = modes.mode_pictures(net, svd, explorer_images, l, h, m, size=THUMB, tokens=explorer_tokens[li])
-            per_mode.append(picture_widget(modes.mosaic(pictures, columns=len(pictures)), caption_for(l, h, m)))
+            pictures = render.mode_pictures(net, svd, explorer_images, l, h, m, size=THUMB, tokens=explorer_tokens[li])
+            per_mode.append(picture_widget(render.mosaic(pictures, columns=len(pictures)), caption_for(l, h, m)))
         per_head.append(per_mode)
     tree.append(per_head)
 display(Markdown(f"Slider positions: layer {dict(enumerate(layer_list))}, head {dict(enumerate(head_list))}, "
@@ -203,7 +206,7 @@ nested_stack(tree, ("layer", "head", "mode"))
 # %%
 if live_explorer:
     gallery_images = {n: photos[n] for n in photos} | {s.id: s.image for s in list(scene_set)[:4]}
-    display(modes.explore(net, svd, gallery_images))
+    display(explore(net, svd, gallery_images))
 
 # %% [markdown]
 # ## Fig 4: optimal images
@@ -246,8 +249,8 @@ def optimal_row(l: int, h: int, m: int, sign: int, size: int = 112) -> np.ndarra
     if not top:
         return None
     images = [open_rgb(found.path(name)) for name, _ in top]
-    pictures = modes.mode_pictures(net, svd, images, l, h, m, sign=sign, size=size)
-    return modes.mosaic(pictures, columns=len(pictures))
+    pictures = render.mode_pictures(net, svd, images, l, h, m, sign=sign, size=size)
+    return render.mosaic(pictures, columns=len(pictures))
 
 
 for label, (l, h, m, sign) in zip(featured, featured_modes):
@@ -257,7 +260,7 @@ for label, (l, h, m, sign) in zip(featured, featured_modes):
                      f"cos = {float(svd.cos[l, h, m]):+.3f}; top {len(top)}: "
                      + ", ".join(f"`{Path(n).stem}` ({s:.1f})" for n, s in top)))
     if row is not None:
-        display(ShowImage(data=modes.jpeg_bytes(row, quality=82), format="jpeg"))
+        display(ShowImage(data=render.jpeg_bytes(row, quality=82), format="jpeg"))
 
 # %% [markdown]
 # ## Fig 5: one image through many modes
@@ -288,11 +291,11 @@ for li, l in enumerate(layer_list):
         pictures = []
         for mode_info in ranked:
             q, k = modes.mode_maps(svd, walk_tokens[li], l, h, mode_info.mode, meta.prefix_tokens, mode_info.sign, meta.grid)
-            pictures.append(modes.thumbnail(modes.render_mode(walk_crop, q, k), 112))
+            pictures.append(render.thumbnail(render.render_mode(walk_crop, q, k), 112))
             walk_rows.append({"layer": l, "head": h, "rank": len(pictures) - 1, "label": mode_info.label,
                               "mode": mode_info.mode, "share": mode_info.share, "cos": mode_info.cos})
         caption = " &nbsp;|&nbsp; ".join(f"<b>{r.label}</b> share {r.share:.2f}, cos {r.cos:+.2f}" for r in ranked)
-        per_head.append(picture_widget(modes.mosaic(pictures, columns=len(pictures)), caption))
+        per_head.append(picture_widget(render.mosaic(pictures, columns=len(pictures)), caption))
     walk_panels.append(per_head)
 walk_table = pd.DataFrame(walk_rows)
 display(Markdown(f"Image: `{walk_name}`. Slider positions: layer {dict(enumerate(layer_list))}, head "
@@ -324,14 +327,14 @@ alt.Chart(top_share).mark_bar().encode(
 
 # %%
 if ade_root is not None:
-    masked = objects.load_ade20k(ade_root, limit=ade20k_limit)
+    masked = ade20k.load_ade20k(ade_root, limit=ade20k_limit)
     masked_name = f"ADE20K ({masked.kind} masks, {len(masked)} images)"
 else:
     masked = scene_set
     masked_name = f"{len(masked)} generated scenes (objects: the target and each distractor)"
-same = objects.same_object_probability(net, svd, masked, k=5, batch_size=16)
+same = same_object.same_object_probability(net, svd, masked, k=5, batch_size=16)
 control_net = qklib.random_control(model_name, seed=seed, device=device)
-control = objects.same_object_probability(control_net, qklib.qk_svd(control_net), masked, k=5, batch_size=16)
+control = same_object.same_object_probability(control_net, qklib.qk_svd(control_net), masked, k=5, batch_size=16)
 fig6 = pd.concat([
     pd.DataFrame({"layer": same.layers, "P(same object)": same.per_layer, "model": meta.name}),
     pd.DataFrame({"layer": control.layers, "P(same object)": control.per_layer, "model": "random-init control"}),

@@ -1,7 +1,20 @@
-"""qklib: query-key interaction in vision transformers (Pan et al., NeurIPS 2024), exactly and fast."""
+"""qklib: query-key interaction in vision transformers (Pan et al., NeurIPS 2024), exactly and fast.
 
-from .models import DEFAULT_MODEL, ModelError, ModelInfo, info, load_model, random_control
-from .svd import QKSVD, QKWeights, mode_scores, null_band, qk_svd, qk_weights
+The package has three floors; each imports only from the floors below it (``tests/test_layout.py``):
+
+* ``qklib.core``: load a ViT (``models``, ``imgfocus``, the paper's table ``paper_models``), images in
+  (``images``, ``stream``), what meets W_q and W_k (``extract``), and the exact QK SVD with its statistics (``svd``).
+* analyses, one per paper section: §3 ``o3`` (data) and ``preference``; §4 ``anisotropy``; §5 ``modes``,
+  ``search`` (optimal images), ``ade20k`` (data) and ``same_object``.
+* ``qklib.present``: every chart, picture and widget (``cosine``, ``attention``, ``mode_figures``, ``render``,
+  ``widgets``, ``explore``).
+
+``qklib.chapter`` serves the book's chapters (parameter checks, the gallery, cached results), and
+``qklib.cli`` is the command line (``python -m qklib``).
+"""
+
+from .core.models import DEFAULT_MODEL, ModelError, ModelInfo, info, load_model, random_control
+from .core.svd import QKSVD, QKWeights, mode_scores, null_band, qk_svd, qk_weights
 
 __all__ = [
     "DEFAULT_MODEL", "ModelError", "ModelInfo", "QKSVD", "QKWeights", "info", "load_model", "mode_scores",

@@ -1,5 +1,4 @@
-"""What one singular mode sees in an image: query and key maps, their red/cyan rendering, and how much each
-mode contributes to an image's attention scores (paper §5, Fig 1, 4, 5).
+"""What one singular mode sees in an image: query and key maps, their and how much each mode contributes to an image's attention scores (paper §5, Fig 1, 4, 5).
 
 Mode ``n`` of head ``(l, h)`` is ``(u_n, s_n, v_n)`` from :func:`qklib.qk_svd`. On the normed token
 embeddings ``x_i`` that enter block ``l``'s qkv (``qklib.extract.token_embeddings``):
@@ -18,16 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
+import re
+
 import torch
-import torch.nn.functional as F
 
-from .svd import QKSVD
-
-# The authors normalised each map between these percentiles before drawing it.
-LOW_PERCENTILE = 30.0
-HIGH_PERCENTILE = 95.0
-
+from .core.svd import QKSVD
 
 def mode_label(layer: int, head: int, mode: int, sign: int = 1) -> str:
     """``"L3 H2 M0"`` (0-based); ``"L3 H2 M0-"`` for the sign-flipped feature."""
@@ -91,62 +85,6 @@ def mode_maps(svd: QKSVD, tokens: torch.Tensor, layer: int, head: int, mode: int
     key = sign * (x @ svd.V[layer, head, :, mode])
     query, key = query.reshape(-1, rows, cols), key.reshape(-1, rows, cols)
     return (query[0], key[0]) if single else (query, key)
-
-
-def normalize_map(values, low: float = LOW_PERCENTILE, high: float = HIGH_PERCENTILE) -> np.ndarray:
-    """Map values to [0, 1] between their ``low`` and ``high`` percentiles (clipped), as the authors drew them.
-
-    A constant map becomes all zeros.
-    """
-    values = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
-    if not 0 <= low < high <= 100:
-        raise ValueError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
-    lo, hi = np.percentile(values, [low, high])
-    if not hi > lo:
-        return np.zeros_like(values)
-    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
-
-
-def upsample(map01: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """``[rows, cols]`` -> ``[H, W]`` by bilinear interpolation (token centres on pixel centres)."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    tensor = torch.as_tensor(np.asarray(map01, dtype=np.float32))[None, None]
-    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).numpy()
-
-
-def red_cyan(photo: np.ndarray, query01: np.ndarray, key01: np.ndarray, dim: float = 0.45) -> np.ndarray:
-    """Draw a query map in red and a key map in cyan over a photo: white where both are high.
-
-    ``photo``: ``[H, W, 3]`` uint8 (the crop the model sees, ``qklib.images.display_crop``).
-    ``query01``, ``key01``: maps in [0, 1] on the token grid (or already at ``H x W``); they are upsampled.
-    Colour = (query, key, key); it is laid over a dimmed grey copy of the photo with opacity max(query, key),
-    so a pure query region is red (255, 0, 0), a pure key region cyan (0, 255, 255), both white, neither the
-    dimmed photo. Returns ``[H, W, 3]`` uint8.
-    """
-    photo = np.asarray(photo)
-    if photo.ndim != 3 or photo.shape[2] != 3:
-        raise ValueError(f"photo must be [H, W, 3], got shape {photo.shape}")
-    height, width = photo.shape[:2]
-    query = upsample(query01, (height, width))
-    key = upsample(key01, (height, width))
-    grey = photo.astype(np.float32).mean(-1, keepdims=True) / 255.0 * dim
-    colour = np.stack([query, key, key], -1)
-    alpha = np.maximum(query, key)[..., None]
-    out = grey * (1 - alpha) + colour * alpha
-    return (out * 255).round().clip(0, 255).astype(np.uint8)
-
-
-def render_mode(photo: np.ndarray, query: torch.Tensor | np.ndarray, key: torch.Tensor | np.ndarray,
-                low: float = LOW_PERCENTILE, high: float = HIGH_PERCENTILE) -> np.ndarray:
-    """Red/cyan picture of one image's raw query and key maps, each normalised between its own percentiles."""
-    return red_cyan(photo, normalize_map(query, low, high), normalize_map(key, low, high))
-
-
-def thumbnail(array: np.ndarray, size: int = 112) -> np.ndarray:
-    """Square ``size`` px copy of an ``[H, W, 3]`` uint8 picture (for pages that must stay small)."""
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.LANCZOS))
 
 
 # --- Fig 5: one image through many modes -----------------------------------------------------------------
@@ -222,95 +160,8 @@ def top_modes(svd: QKSVD, tokens: torch.Tensor, layer: int, head: int, count: in
     ]
 
 
-# --- convenience for notebooks: from PIL images to pictures ----------------------------------------------
-
-def mode_pictures(model, svd: QKSVD, images, layer: int, head: int, mode: int, sign: int = 1,
-                  size: int | None = None, tokens: torch.Tensor | None = None) -> list[np.ndarray]:
-    """Red/cyan pictures of one mode for a list of PIL images (tokens computed unless given as ``[B, T, d]``)."""
-    from .extract import token_embeddings
-    from .images import display_crop, to_pixels
-    from .models import info
-
-    meta = info(model)
-    if tokens is None:
-        tokens = token_embeddings(model, to_pixels(model, list(images)), layers=[layer])[0]
-    query, key = mode_maps(svd, tokens, layer, head, mode, meta.prefix_tokens, sign, meta.grid)
-    pictures = [render_mode(display_crop(model, image), q, k) for image, q, k in zip(images, query, key)]
-    return [thumbnail(p, size) for p in pictures] if size else pictures
-
-
-def explore(model, svd: QKSVD, images: dict, size: int = 224):
-    """A live-kernel explorer: any layer, head, mode and sign for any of ``images`` ({name: PIL image}).
-
-    Uses Python callbacks, so it only works with a running kernel (the static book uses
-    ``qklib.widgets.nested_stack`` over precomputed pictures instead).
-    """
-    import ipywidgets as widgets
-
-    from .extract import token_embeddings
-    from .images import to_pixels
-    from .widgets import png_widget
-
-    names = list(images)
-    cache: dict[tuple[str, int], torch.Tensor] = {}
-    pick = widgets.Dropdown(options=names, description="image")
-    layer = widgets.IntSlider(0, 0, svd.num_layers - 1, description="layer")
-    head = widgets.IntSlider(0, 0, svd.num_heads - 1, description="head")
-    mode = widgets.IntSlider(0, 0, svd.rank - 1, description="mode")
-    sign = widgets.ToggleButtons(options=[("+", 1), ("-", -1)], description="sign")
-    out = widgets.Output()
-
-    def draw(_change=None):
-        key = (pick.value, layer.value)
-        if key not in cache:
-            cache[key] = token_embeddings(model, to_pixels(model, images[pick.value]), layers=[layer.value])[0]
-        picture = mode_pictures(model, svd, [images[pick.value]], layer.value, head.value, mode.value, sign.value,
-                                size=size, tokens=cache[key])[0]
-        n = mode.value
-        caption = (f"{mode_label(layer.value, head.value, n, sign.value)} (0-based): "
-                   f"s = {float(svd.S[layer.value, head.value, n]):.3g}, cos = {float(svd.cos[layer.value, head.value, n]):+.3f}")
-        out.clear_output(wait=True)
-        with out:
-            from IPython.display import display
-
-            display(widgets.VBox([widgets.HTML(caption), png_widget(picture)]))
-
-    for control in (pick, layer, head, mode, sign):
-        control.observe(draw, names="value")
-    draw()
-    return widgets.VBox([pick, layer, head, mode, sign, out])
-
-
-# --- small pictures for static pages ----------------------------------------------------------------------
-
-def mosaic(pictures: list[np.ndarray], columns: int, gap: int = 2, fill: int = 255) -> np.ndarray:
-    """Tile equally sized ``[h, w, 3]`` pictures row by row, ``columns`` per row, with a ``gap`` px border."""
-    if not pictures:
-        raise ValueError("mosaic needs at least one picture")
-    height, width = pictures[0].shape[:2]
-    rows = -(-len(pictures) // columns)
-    out = np.full((rows * (height + gap) - gap, columns * (width + gap) - gap, 3), fill, np.uint8)
-    for index, picture in enumerate(pictures):
-        row, col = divmod(index, columns)
-        out[row * (height + gap) : row * (height + gap) + height, col * (width + gap) : col * (width + gap) + width] = picture
-    return out
-
-
-def jpeg_bytes(array: np.ndarray, quality: int = 80) -> bytes:
-    """JPEG-encoded ``[H, W, 3]`` uint8 (photos with colour maps are ~5x smaller than PNG)."""
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=quality, optimize=True)
-    return buffer.getvalue()
-
-
 def parse_label(text: str) -> tuple[int, int, int, int]:
     """``"L10 H3 M0"`` -> ``(10, 3, 0, +1)``; a trailing ``-`` (``"L10 H3 M0-"``) gives sign -1. 0-based."""
-    import re
-
     match = re.fullmatch(r"\s*L(\d+)\s*H(\d+)\s*M(\d+)\s*(-?)\s*", str(text))
     if not match:
         raise ValueError(f"mode label {text!r}: write it as 'L<layer> H<head> M<mode>' (0-based), e.g. 'L10 H3 M0', "

@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+from .core.images import IMAGE_SUFFIXES, images_by_stem
+
 FEATURES = ("colour", "shape", "size", "orientation")
 SHAPES = ("disc", "square", "triangle", "cross", "ellipse", "bar")
 ORIENTED_SHAPES = ("ellipse", "bar", "triangle")
@@ -81,12 +82,6 @@ class O3Sample:
     distractor: np.ndarray
     objects: np.ndarray | None = None
     info: dict = field(default_factory=dict)  # generator metadata (feature, shapes, ...); empty for O3
-
-
-def _index(folder: Path) -> dict[str, Path]:
-    if not folder.is_dir():
-        return {}
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
 
 
 def _read_mask(path: Path, shape: tuple[int, int], what: str) -> np.ndarray:
@@ -156,11 +151,11 @@ def load_o3(root: str | Path, layout: O3Layout | None = None, ids: Sequence[str]
             "If your copy uses other folder names pass O3Layout(images=..., targets=..., distractors=...); if the "
             "release unpacked into a subfolder, point at that folder"
         )
-    images = _index(root / layout.images)
+    images = images_by_stem(root / layout.images)
     if not images:
         raise O3Error(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {str(root / layout.images)!r}")
-    targets, distractors = _index(root / layout.targets), _index(root / layout.distractors)
-    objects = _index(root / layout.objects)
+    targets, distractors = images_by_stem(root / layout.targets), images_by_stem(root / layout.distractors)
+    objects = images_by_stem(root / layout.objects)
     chosen = list(images) if ids is None else [str(i) for i in ids]
     problems = []
     unknown = [i for i in chosen if i not in images]

@@ -24,8 +24,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision import transforms as T
 
-from .extract import record
+from .core.extract import record
+from .core.images import to_pixels, view_steps
+from .core.models import depth, model_name
 
 PAIRS = ("t_t", "t_d", "t_b", "d_t", "d_d", "d_b")  # query -> key region, in the order of ratios()'s last two axes
 GROUPS = {"same": ("t_t", "d_d"), "different": ("t_d", "d_t"), "background": ("t_b", "d_b")}
@@ -48,30 +51,9 @@ class TokenMasks:
         return torch.stack([self.target, self.distractor, self.background], dim=1)
 
 
-def _view_steps(model: nn.Module):
-    """The geometric steps (resize, centre crop) of the model's eval transform, rebuilt for float masks."""
-    from torchvision import transforms as T
-
-    from .images import model_transform
-
-    steps = []
-    for step in model_transform(model).transforms:
-        if isinstance(step, T.Resize):
-            # Bilinear with antialias averages with positive weights: coverage fractions stay in [0, 1].
-            steps.append(T.Resize(step.size, interpolation=T.InterpolationMode.BILINEAR, max_size=step.max_size, antialias=True))
-        elif isinstance(step, T.CenterCrop):
-            steps.append(step)
-        elif type(step).__name__ in ("MaybeToTensor", "ToTensor", "Normalize", "MaybePILToTensor"):
-            continue
-        else:
-            raise NotImplementedError(f"cannot map masks through the transform step {step!r}; "
-                                      "qklib supports resize + centre crop preprocessing")
-    return steps
-
-
 def token_masks(model: nn.Module, targets: Sequence[np.ndarray], distractors: Sequence[np.ndarray]) -> TokenMasks:
     """Area-downscale pixel masks (``[H, W]`` bool, one per image, sizes may differ) to the model's token grid."""
-    steps = _view_steps(model)
+    steps = view_steps(model, T.InterpolationMode.BILINEAR)
     patch = tuple(int(p) for p in model.patch_embed.patch_size)
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     out_t, out_d = [], []
@@ -122,8 +104,6 @@ def query_rows(attention: torch.Tensor, prefix_tokens: int, queries: torch.Tenso
 
 def query_maps(model: nn.Module, sample, min_cover: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, TokenMasks]:
     """One scene's query maps for display: ``(maps [L, H, 2, gh, gw], queries [2], masks)``."""
-    from .images import to_pixels
-
     masks = token_masks(model, [sample.target], [sample.distractor])
     queries, keep = query_tokens(masks, min_cover)
     if not keep.all():
@@ -147,9 +127,6 @@ class Preference:
 def measure(model: nn.Module, samples: Iterable, batch_size: int = 8, min_cover: float = 0.5,
             label: str | None = None) -> Preference:
     """Attention preference of ``model`` on O3-style ``samples`` (``image``, ``target``, ``distractor``, ``id``)."""
-    from .images import to_pixels
-    from .svd import model_name
-
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     label = label or model_name(model)
@@ -198,7 +175,7 @@ def _frame(values: torch.Tensor, ids: list[str], label: str) -> pd.DataFrame:
     frame.insert(1, "image", np.asarray(ids)[image.ravel()])
     frame.insert(2, "layer", layer.ravel())
     frame.insert(3, "head", head.ravel())
-    frame.insert(4, "depth", layer.ravel() / max(layers - 1, 1))
+    frame.insert(4, "depth", depth(layer.ravel(), layers))
     for group, pair in GROUPS.items():
         frame[group] = frame[list(pair)].mean(axis=1)
     return frame

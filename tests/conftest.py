@@ -26,7 +26,7 @@ def embedded_svd(embedded_model):
 
 @pytest.fixture(scope="session")
 def cat_photo():
-    from qklib.images import shipped_photos
+    from qklib.core.images import shipped_photos
 
     return shipped_photos()["chelsea"]
 

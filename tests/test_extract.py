@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from qklib.extract import image_tokens, record
+from qklib.core.extract import image_tokens, record
 
 
 def _random_model(name: str) -> torch.nn.Module:

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 import qklib
-from qklib import imgfocus, registry
-from qklib.images import to_pixels
-from qklib.models import ModelError
+from qklib.core import imgfocus, paper_models
+from qklib.core.images import to_pixels
+from qklib.core.models import ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def test_embedded_model_geometry(embedded_model):
 
 
 def test_conversion_is_safe_when_two_processes_convert_at_once(tmp_path):
-    code = "from qklib import imgfocus; print(imgfocus.cached_weights())"
+    code = "from qklib.core import imgfocus; print(imgfocus.cached_weights())"
     env = {**os.environ, "QKLIB_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for _ in range(2)]
@@ -133,12 +133,12 @@ def test_random_control_keeps_prefix_tokens():
 
 
 def test_registry_lists_the_papers_16_models():
-    assert len(registry.PAPER_MODELS) == 16
-    assert {m.family for m in registry.PAPER_MODELS} == {"ViT", "DeiT", "DINO", "CLIP", "SimMIM", "I-JEPA"}
-    for model in registry.PAPER_MODELS:
+    assert len(paper_models.PAPER_MODELS) == 16
+    assert {m.family for m in paper_models.PAPER_MODELS} == {"ViT", "DeiT", "DINO", "CLIP", "SimMIM", "I-JEPA"}
+    for model in paper_models.PAPER_MODELS:
         if model.timm_name:
-            qklib.models.check_name(model.timm_name)  # every timm name is real in the pinned timm
-    deit = [m for m in registry.PAPER_MODELS if m.family == "DeiT"]
+            qklib.core.models.check_name(model.timm_name)  # every timm name is real in the pinned timm
+    deit = [m for m in paper_models.PAPER_MODELS if m.family == "DeiT"]
     assert all(m.prefix_tokens == 2 for m in deit)
 
 

@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 import qklib
-from qklib import modes, objects
-from qklib.extract import token_embeddings
-from qklib.images import ImageError, to_pixels
+from qklib import ade20k, modes, o3, same_object
+from qklib.present import render
+from qklib.core.extract import token_embeddings
+from qklib.core.images import ImageError, to_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,13 +97,13 @@ def test_labels():
 
 def test_normalize_map_percentiles():
     values = np.arange(100, dtype=float).reshape(10, 10)
-    out = modes.normalize_map(values)
+    out = render.normalize_map(values)
     lo, hi = np.percentile(values, [30, 95])
     assert out.min() == 0 and out.max() == 1
     assert out.flat[50] == pytest.approx((50 - lo) / (hi - lo))
-    assert (modes.normalize_map(np.ones((4, 4))) == 0).all()
+    assert (render.normalize_map(np.ones((4, 4))) == 0).all()
     with pytest.raises(ValueError):
-        modes.normalize_map(values, low=90, high=10)
+        render.normalize_map(values, low=90, high=10)
 
 
 def test_red_cyan_shapes_and_colours():
@@ -112,7 +113,7 @@ def test_red_cyan_shapes_and_colours():
     query[0, :] = 1  # top row: query only
     key[3, :] = 1  # bottom row: key only
     query[:, 3] = key[:, 3] = 1  # right column: both
-    out = modes.red_cyan(photo, query, key)
+    out = render.red_cyan(photo, query, key)
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
     assert tuple(out[2, 20]) == (255, 0, 0)  # red
     assert tuple(out[61, 20]) == (0, 255, 255)  # cyan
@@ -120,18 +121,18 @@ def test_red_cyan_shapes_and_colours():
     centre = out[30, 20]  # neither: dimmed grey photo
     assert centre[0] == centre[1] == centre[2] and centre[0] == round(200 * 0.45)
     with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
-        modes.red_cyan(np.zeros((8, 8)), query, key)
-    rendered = modes.render_mode(np.zeros((28, 28, 3), np.uint8), torch.randn(2, 2), torch.randn(2, 2))
+        render.red_cyan(np.zeros((8, 8)), query, key)
+    rendered = render.render_mode(np.zeros((28, 28, 3), np.uint8), torch.randn(2, 2), torch.randn(2, 2))
     assert rendered.shape == (28, 28, 3)
-    assert modes.thumbnail(out, 16).shape == (16, 16, 3)
-    assert modes.mosaic([out, out, out], columns=2, gap=2).shape == (130, 130, 3)
-    assert modes.jpeg_bytes(out)[:2] == b"\xff\xd8"
+    assert render.thumbnail(out, 16).shape == (16, 16, 3)
+    assert render.mosaic([out, out, out], columns=2, gap=2).shape == (130, 130, 3)
+    assert render.jpeg_bytes(out)[:2] == b"\xff\xd8"
 
 
 def test_mode_pictures_on_the_embedded_model(embedded_model, embedded_svd, cat_photo, tmp_path):
-    pictures = modes.mode_pictures(embedded_model, embedded_svd, [cat_photo], 10, 3, 0)
+    pictures = render.mode_pictures(embedded_model, embedded_svd, [cat_photo], 10, 3, 0)
     assert pictures[0].shape == (224, 224, 3)
-    small = modes.mode_pictures(embedded_model, embedded_svd, [cat_photo], 10, 3, 0, size=112)
+    small = render.mode_pictures(embedded_model, embedded_svd, [cat_photo], 10, 3, 0, size=112)
     assert small[0].shape == (112, 112, 3)
     Image.fromarray(pictures[0]).save(tmp_path / "cat_L10_H3_M0.png")  # for a look by eye when debugging
 
@@ -149,7 +150,7 @@ def _two_object_set(count, rng, size=64):
             labels[labels == 2] = 0  # only one object: skipped
         array[labels == 1] = (220, 30, 30)
         array[labels == 2] = (30, 30, 220)
-        items.append(objects.MaskedImage(f"im{i}", Image.fromarray(array), labels))
+        items.append(ade20k.MaskedImage(f"im{i}", Image.fromarray(array), labels))
     return items
 
 
@@ -159,20 +160,20 @@ def test_token_coverage(tiny):
     labels[:16, :16] = 3  # exactly token 0 after the model's resize/crop (64 -> 71 -> centre 64)
     labels[40:, 40:] = 7
     labels[0, 63] = 9  # one pixel: too small, left out
-    coverage, ids = objects.token_coverage(model, labels)
+    coverage, ids = same_object.token_coverage(model, labels)
     assert list(ids) == [3, 7]
     assert coverage.shape == (2, 16)
     assert np.all(coverage >= 0) and np.all(coverage <= 1)
     assert coverage.sum(0).max() <= 1 + 1e-6
     assert coverage[0, 0] > 0.7 and coverage[1, 15] == 1.0
-    cropped = objects.crop_labels(model, labels)
+    cropped = same_object.crop_labels(model, labels)
     assert cropped.shape == (64, 64) and set(np.unique(cropped)) <= {0, 3, 7, 9}
 
 
 def test_same_object_probability(tiny):
     model, svd = tiny
     data = _two_object_set(12, np.random.default_rng(0))
-    result = objects.same_object_probability(model, svd, data, k=3, batch_size=5)
+    result = same_object.same_object_probability(model, svd, data, k=3, batch_size=5)
     assert result.images_used == 9 and result.images_skipped == 3
     assert result.same.shape == (3, 3, 64, 2) and result.per_layer.shape == (3,)
     assert np.all((result.per_layer >= 0) & (result.per_layer <= 1))
@@ -188,7 +189,7 @@ def test_same_object_probability(tiny):
     order = [i for i in order if scores[i] > 0]
     same = []
     for i in order:
-        coverage, _ = objects.token_coverage(model, used[i].objects)
+        coverage, _ = same_object.token_coverage(model, used[i].objects)
         cov = torch.from_numpy(coverage).double()
         q_obj = ((cov @ qp[i]) / cov.sum(1)).argmax()
         k_obj = ((cov @ kp[i]) / cov.sum(1)).argmax()
@@ -199,12 +200,12 @@ def test_same_object_probability(tiny):
 
 def test_same_object_needs_masks(tiny):
     model, svd = tiny
-    item = objects.MaskedImage("x", Image.new("RGB", (64, 64)), None)
+    item = ade20k.MaskedImage("x", Image.new("RGB", (64, 64)), None)
     with pytest.raises(ImageError, match="no object label map"):
-        objects.same_object_probability(model, svd, [item])
-    one = objects.MaskedImage("y", Image.new("RGB", (64, 64)), np.ones((64, 64), np.uint8))
+        same_object.same_object_probability(model, svd, [item])
+    one = ade20k.MaskedImage("y", Image.new("RGB", (64, 64)), np.ones((64, 64), np.uint8))
     with pytest.raises(ImageError, match="two or more objects"):
-        objects.same_object_probability(model, svd, [one])
+        same_object.same_object_probability(model, svd, [one])
 
 
 def test_ade20k_layouts(tmp_path):
@@ -218,7 +219,7 @@ def test_ade20k_layouts(tmp_path):
     seg[:10, :, 0], seg[:10, :, 1], seg[:10, :, 2] = 10, 5, 1  # class 261, instance 1
     seg[10:, :15, 0], seg[10:, :15, 1], seg[10:, :15, 2] = 20, 3, 2  # class 515, instance 2
     Image.fromarray(seg).save(full / "ADE_val_00000001_seg.png")  # bottom-right stays unlabelled
-    data = objects.load_ade20k(tmp_path / "full")
+    data = ade20k.load_ade20k(tmp_path / "full")
     assert data.kind == "full" and len(data) == 1
     labels = data[0].objects
     assert labels.shape == (20, 30) and labels[15, 25] == 0
@@ -232,7 +233,7 @@ def test_ade20k_layouts(tmp_path):
     inst[:, :10, 0], inst[:, :10, 1] = 7, 1
     inst[:, 10:20, 0], inst[:, 10:20, 1] = 7, 2  # same class, another instance
     Image.fromarray(inst).save(challenge / "annotations_instance" / "validation" / "ADE_val_1.png")
-    data = objects.load_ade20k(challenge)
+    data = ade20k.load_ade20k(challenge)
     assert data.kind == "instance"
     labels = data[0].objects
     assert len(np.unique(labels)) == 3 and labels[0, 25] == 0 and labels[0, 0] != labels[0, 15]
@@ -243,16 +244,16 @@ def test_ade20k_layouts(tmp_path):
     image.save(semantic / "images" / "validation" / "a.jpg")
     Image.fromarray(np.repeat(np.array([[0, 4, 9]], np.uint8), 10, 1).repeat(20, 0)).save(
         semantic / "annotations" / "validation" / "a.png")
-    data = objects.load_ade20k(semantic)
+    data = ade20k.load_ade20k(semantic)
     assert data.kind == "semantic" and sorted(np.unique(data[0].objects)) == [0, 1, 2]
     with pytest.raises(ImageError, match="no ADE20K images"):
-        objects.load_ade20k(tmp_path / "sem" / "images")
+        ade20k.load_ade20k(tmp_path / "sem" / "images")
     with pytest.raises(ImageError, match="does not exist"):
-        objects.load_ade20k(tmp_path / "nope")
+        ade20k.load_ade20k(tmp_path / "nope")
 
 
 def test_generated_scenes_have_object_maps(tmp_path):
-    data = objects.scenes(tmp_path / "scenes", 3, seed=1, size=64)
+    data = o3.generate_scenes(tmp_path / "scenes", 3, seed=1, size=64)
     assert len(data) == 3
     assert data[0].objects is not None and data[0].objects.max() >= 2
 

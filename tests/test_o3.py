@@ -241,8 +241,8 @@ def test_measure_table_skips_and_counts_vanishing_targets(model, scenes):
 
 def test_measure_matches_a_direct_computation(model, scenes):
     """The batched table equals the six ratios computed by hand for one image, layer and head."""
-    from qklib.extract import record
-    from qklib.images import to_pixels
+    from qklib.core.extract import record
+    from qklib.core.images import to_pixels
 
     sample = scenes[1]
     table = measure(model, [sample]).table

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from qklib import charts
-from qklib.stats import anisotropy_baseline, centre_token_index, mean_pairwise_cosine
+from qklib.present import cosine as charts
+from qklib.anisotropy import anisotropy_baseline, centre_token_index, mean_pairwise_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_tables_hold_the_svd_numbers(embedded_svd):
 def test_chapter_runs_with_other_models_and_images(tmp_path, run_chapter):
     images = tmp_path / "images"
     images.mkdir()
-    from qklib.images import shipped_photos
+    from qklib.core.images import shipped_photos
 
     for name, photo in list(shipped_photos().items())[:3]:
         photo.save(images / f"{name}.png")

@@ -11,8 +11,8 @@ from PIL import Image
 
 import qklib
 from qklib import search
-from qklib.extract import token_embeddings
-from qklib.images import MAX_ASPECT, ImageError, open_rgb, to_pixels
+from qklib.core.extract import token_embeddings
+from qklib.core.images import MAX_ASPECT, ImageError, open_rgb, to_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,9 @@ import timm
 import torch
 
 import qklib
-from qklib.extract import token_embeddings
-from qklib.images import to_pixels
-from qklib.svd import QKWeights, qk_svd_from_weights
+from qklib.core.extract import token_embeddings
+from qklib.core.images import to_pixels
+from qklib.core.svd import QKWeights, qk_svd_from_weights
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

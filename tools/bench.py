@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import timm  # noqa: E402
 
-from qklib.svd import qk_svd_from_weights, qk_weights  # noqa: E402
+from qklib.core.svd import qk_svd_from_weights, qk_weights  # noqa: E402
 
 
 def _best_of(fn, repeats: int) -> float:

@@ -51,9 +51,10 @@ def _bare_forward(model, root: Path, batch_size: int) -> float:
     """Seconds for the same streaming loader plus ``forward_features`` on every batch (no search)."""
     import torch
 
-    from qklib.images import model_transform
-    from qklib.images import open_rgb
-    from qklib.search import Stream, image_files
+    from qklib.core.images import model_transform
+    from qklib.core.images import open_rgb
+    from qklib.core.stream import Stream
+    from qklib.search import image_files
 
     names = image_files(root)
     stream = Stream(lambda p: open_rgb(root / names[p]), names, list(range(len(names))), model_transform(model), batch_size)
@@ -68,10 +69,10 @@ def _preloaded(model, svd, root: Path, batch_size: int) -> tuple[float, float]:
     """Seconds for forward_features alone and for the search's forward + scoring + top-k, on decoded tensors."""
     import torch
 
-    from qklib.images import to_pixels
-    from qklib.models import info
-    from qklib.images import open_rgb
-    from qklib.extract import stream_layers
+    from qklib.core.images import to_pixels
+    from qklib.core.models import info
+    from qklib.core.images import open_rgb
+    from qklib.core.extract import stream_layers
     from qklib.search import Features, RunningTopK, feature_scores, image_files
 
     names = image_files(root)

@@ -33,7 +33,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from qklib.imgfocus import cache_dir as qklib_cache_dir  # noqa: E402
+from qklib.core.imgfocus import cache_dir as qklib_cache_dir  # noqa: E402
 NOTEBOOKS = ROOT / "notebooks"
 EXECUTED = ROOT / "executed"
 VENDOR = ROOT / "book" / "vendor"

@@ -65,7 +65,7 @@ def onnx_path() -> Path:
 
 def convert_state_dict(path: Path | None = None) -> dict[str, torch.Tensor]:
     """Read the ONNX initializers and return a timm ``vit_small_patch14_dinov2`` state dict at 224 px."""
-    import onnx
+    import onnx  # imported here: only the one-time conversion needs onnx
     from onnx import numpy_helper
 
     graph = onnx.load(str(path or onnx_path())).graph
@@ -162,6 +162,7 @@ def onnx_backbone_features(pixels: torch.Tensor) -> torch.Tensor:
 
     Used to check the conversion; ``pixels`` is ``[B, 3, 224, 224]``, ImageNet-normalised.
     """
+    # imported here: only this reference check (tests) needs onnx and onnxruntime
     import onnx
     import onnxruntime as ort
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .extract import token_embeddings
-from .models import info
+from .core.extract import token_embeddings
+from .core.models import info
 
 
 def centre_token_index(model: nn.Module) -> int:

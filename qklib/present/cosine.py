@@ -10,7 +10,8 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from .svd import QKSVD, null_band
+from ..core.models import depth
+from ..core.svd import QKSVD, null_band
 
 
 def inline(frame: pd.DataFrame, digits: int = 4) -> alt.InlineData:
@@ -27,11 +28,6 @@ def inline(frame: pd.DataFrame, digits: int = 4) -> alt.InlineData:
         scale = 10.0 ** (digits - 1 - magnitude)
         rounded[column] = np.round(values * scale) / scale
     return alt.InlineData(values=rounded.to_dict(orient="records"))
-
-
-def depth(layer: int | np.ndarray, num_layers: int):
-    """Normalised depth layer / (L - 1), the paper's x-axis."""
-    return layer / max(num_layers - 1, 1)
 
 
 def layer_table(svds: dict[str, QKSVD]) -> pd.DataFrame:

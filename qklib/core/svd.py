@@ -13,7 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from scipy.stats import beta
 from torch import nn
+
+from .models import attention_module, model_name, query_key_weights
 
 
 @dataclass
@@ -120,10 +123,6 @@ def qk_svd_from_weights(weights: QKWeights, model: str = "") -> QKSVD:
     return QKSVD(S=s, U=u, V=v, model=model, exact=not (weights.qk_norm or weights.rope), notes=notes)
 
 
-def _linear_weight(module: nn.Module) -> torch.Tensor:
-    return module.weight.detach().to("cpu", torch.float64)
-
-
 def qk_weights(model: nn.Module) -> QKWeights:
     """Stack every block's per-head W_q and W_k from a timm vision transformer.
 
@@ -137,26 +136,14 @@ def qk_weights(model: nn.Module) -> QKWeights:
         )
     wqs, wks, qk_norm = [], [], False
     for index, block in enumerate(blocks):
-        attn = getattr(block, "attn", None)
-        if attn is None or not hasattr(attn, "num_heads"):
-            raise TypeError(f"block {index} ({type(block).__name__}) has no self-attention module 'attn'")
-        heads = attn.num_heads
-        if isinstance(getattr(attn, "qkv", None), nn.Linear):
-            w = _linear_weight(attn.qkv)  # [3 * D_attn, d]
-            d_attn = w.shape[0] // 3
-            wq, wk = w[:d_attn], w[d_attn : 2 * d_attn]
-        else:
-            pair = next(
-                ((getattr(attn, q), getattr(attn, k)) for q, k in (("q", "k"), ("q_proj", "k_proj"))
-                 if isinstance(getattr(attn, q, None), nn.Linear)),
-                None,
+        attn = attention_module(block)
+        if attn is None:
+            raise TypeError(
+                f"block {index} ({type(block).__name__}): no self-attention module with a fused 'qkv' Linear "
+                "or separate 'q'/'k' Linears"
             )
-            if pair is None:
-                raise TypeError(
-                    f"block {index}: unsupported attention module {type(attn).__name__} "
-                    "(expected a fused 'qkv' Linear or separate 'q'/'k' Linears)"
-                )
-            wq, wk = _linear_weight(pair[0]), _linear_weight(pair[1])
+        heads = attn.num_heads
+        wq, wk = (w.to("cpu", torch.float64) for w in query_key_weights(attn))
         d_attn, d = wq.shape
         if d_attn % heads:
             raise ValueError(f"block {index}: attention width {d_attn} is not divisible by {heads} heads")
@@ -178,17 +165,9 @@ def qk_svd(model: nn.Module) -> QKSVD:
     return qk_svd_from_weights(qk_weights(model), model=model_name(model))
 
 
-def model_name(model: nn.Module) -> str:
-    """The ``arch.tag`` name qklib loaded the model under, else timm's architecture name."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return getattr(model, "qklib_name", "") or cfg.get("architecture", type(model).__name__)
-
-
 def null_band(dim: int, level: float = 0.95) -> float:
     """Half-width of the central ``level`` interval of the cosine of two independent random unit vectors
     in R^dim. Exact: (cos + 1) / 2 ~ Beta((dim-1)/2, (dim-1)/2); sd is ~ 1/sqrt(dim)."""
-    from scipy.stats import beta
-
     if dim < 2:
         raise ValueError(f"dim must be >= 2, got {dim}")
     a = (dim - 1) / 2

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import timm
+from huggingface_hub import try_to_load_from_cache
+
 from . import imgfocus
 
 
@@ -56,9 +59,6 @@ def available_offline(timm_name: str | None) -> bool:
         except FileNotFoundError:
             return False
         return True
-    import timm
-    from huggingface_hub import try_to_load_from_cache
-
     try:
         cfg = timm.models.get_pretrained_cfg(timm_name)
     except Exception:
