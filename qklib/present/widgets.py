@@ -10,12 +10,15 @@ mode), and links the level-k slider to every Stack at depth k.
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 from collections.abc import Sequence
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 
@@ -74,3 +77,23 @@ def nested_stack(tree, names: Sequence[str]) -> widgets.VBox:
             widgets.jslink((slider, "value"), (stack, "selected_index"))
         sliders.append(slider)
     return widgets.VBox([*sliders, root])
+
+
+def picture_html(data: bytes, width: int = 160, caption: str = "", format: str = "jpeg") -> str:
+    """An ``<img>`` (``data`` = encoded JPEG/PNG bytes) shown ``width`` px wide; a click toggles full size.
+
+    Plain HTML with an inline handler, so it works in a static page, in an ``HTML`` widget inside a static
+    slider ``Stack`` and in a live notebook alike.
+    """
+    source = f"data:image/{format};base64,{base64.b64encode(data).decode()}"
+    toggle = "this.style.width = this.style.width === '100%' ? '{w}px' : '100%'".format(w=width)
+    image = (f'<img src="{source}" style="width:{width}px;max-width:100%;cursor:zoom-in" '
+             f'title="click to enlarge / shrink" onclick="{toggle}">')
+    return f"<figure style='margin:0'>{image}<figcaption>{caption}</figcaption></figure>" if caption else image
+
+
+def download_link(frame: pd.DataFrame, filename: str, label: str | None = None) -> widgets.HTML:
+    """A link that downloads ``frame`` as CSV, embedded in the page (no file beside it needed)."""
+    payload = base64.b64encode(frame.to_csv(index=False).encode()).decode()
+    text = html.escape(label or f"Download {filename} ({len(frame)} rows, CSV)")
+    return widgets.HTML(f'<a download="{html.escape(filename)}" href="data:text/csv;base64,{payload}">{text}</a>')
