@@ -19,6 +19,7 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from IPython.display import HTML
 from PIL import Image
 
 
@@ -92,8 +93,8 @@ def picture_html(data: bytes, width: int = 160, caption: str = "", format: str =
     return f"<figure style='margin:0'>{image}<figcaption>{caption}</figcaption></figure>" if caption else image
 
 
-def download_link(frame: pd.DataFrame, filename: str, label: str | None = None) -> widgets.HTML:
-    """A link that downloads ``frame`` as CSV, embedded in the page (no file beside it needed)."""
+def download_link(frame: pd.DataFrame, filename: str, label: str | None = None) -> HTML:
+    """A link that downloads ``frame`` as CSV, embedded in the page (no file beside it, no widget manager needed)."""
     payload = base64.b64encode(frame.to_csv(index=False).encode()).decode()
     text = html.escape(label or f"Download {filename} ({len(frame)} rows, CSV)")
-    return widgets.HTML(f'<a download="{html.escape(filename)}" href="data:text/csv;base64,{payload}">{text}</a>')
+    return HTML(f'<a download="{html.escape(filename)}" href="data:text/csv;base64,{payload}">{text}</a>')
