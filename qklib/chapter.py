@@ -174,7 +174,7 @@ def o3_layout(name, value) -> O3Layout:
 
 # --- the chapters' declared parameters ----------------------------------------------------------------------
 
-COMMON = {"device": check_device, "seed": count(0), "results_dir": output_folder, "batch_size": count(1)}
+COMMON = {"batch_size": count(1), "device": check_device, "seed": count(0), "results_dir": output_folder}
 
 SPECS: dict[str, dict[str, Callable]] = {
     "s3_attention": {
