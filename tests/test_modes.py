@@ -302,7 +302,7 @@ def test_walkthrough_image_names_an_image_of_image_dir(tmp_path, run_chapter):
     images.mkdir()
     Image.new("RGB", (40, 40), (200, 30, 30)).save(images / "cat_05.png")
     nb, error = run_chapter("s5_modes", results_dir=str(tmp_path / "results"), models=["random:vit_tiny_patch16_224"],
-                            image_dir=str(images), walkthrough_image="chelsea", n_scenes=6)
+                            image_dir=str(images), walkthrough_image="chelsea", n_scenes=6, featured=["L0 H0 M0"])
     assert error is not None and "'chelsea' is neither an image of the gallery" in str(error)
     assert "cat_05" in str(error)  # the message lists what the folder holds
 
