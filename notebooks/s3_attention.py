@@ -71,12 +71,12 @@ loaded = chapter.load_models(p.models, device=p.device, seed=p.seed)
 reference = next(iter(loaded.values()))  # all models here share one input geometry
 shown = attention.example_scenes(scenes)
 print(source)
-attention.mask_figure(reference, shown, p.min_cover)
+attention.mask_picture(reference, shown, p.min_cover)
 
 # %% [markdown]
 # Top: what the model sees. Bottom: the token-grid masks (red: target fraction, blue: distractor
 # fraction, grey: background). The yellow box is the target query token, the white box the distractor
-# query token.
+# query token. Click the picture to enlarge it.
 #
 # ## Measuring every layer and head
 #

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from qklib.core.images import display_crop
 from qklib.o3 import generate_scenes
@@ -90,6 +91,14 @@ def test_mask_figure_has_a_view_and_a_mask_panel_per_scene(embedded_model, scene
     assert panel.shape == (16, 16, 3)
     expected = (masks.target[0] + 0.25 * masks.background[0]).clamp(0, 1).reshape(16, 16).numpy()
     np.testing.assert_allclose(panel[..., 0], expected, atol=1e-6)
+
+
+def test_mask_picture_is_a_clickable_png(embedded_model, scenes):
+    html = attention.mask_picture(embedded_model, attention.example_scenes(scenes, count=2), dpi=160).data
+    payload = base64.b64decode(re.search(r"data:image/png;base64,([^\"]+)", html).group(1))
+    drawn = Image.open(io.BytesIO(payload))
+    shown = int(re.search(r"width:(\d+)px", html).group(1))
+    assert shown == round(drawn.width / 2) and shown >= 2 * 160 and "onclick" in html
 
 
 # ------------------------------------------------------------------------------------------- charts

@@ -8,6 +8,7 @@ in a static page; every picture is an ``<img>`` that toggles full size on click.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 import altair as alt
@@ -16,6 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from IPython.display import HTML
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
@@ -82,6 +84,15 @@ def mask_figure(model, samples: Sequence, min_cover: float = 0.5) -> Figure:
     axes[1, 0].set_ylabel(f"token grid {grid_h}×{grid_w}")
     figure.tight_layout()
     return figure
+
+
+def mask_picture(model, samples: Sequence, min_cover: float = 0.5, dpi: int = 120) -> HTML:
+    """:func:`mask_figure` as a picture for the page: drawn at ``dpi``, shown at 80 dpi, a click enlarges it."""
+    figure = mask_figure(model, samples, min_cover)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    width = round(Image.open(buffer).width * 80 / dpi)
+    return HTML(picture_html(buffer.getvalue(), width=width, format="png"))
 
 
 # ------------------------------------------------------------------------------------------- charts
