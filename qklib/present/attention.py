@@ -67,7 +67,8 @@ def mask_figure(model, samples: Sequence, min_cover: float = 0.5) -> Figure:
         axes[0, column].imshow(view)
         axes[0, column].set_title(sample.info.get("feature", sample.id), fontsize=10)
         coloured = torch.stack([masks.target[column], masks.distractor[column] * 0.6, masks.distractor[column]], -1)
-        coloured = coloured.reshape(grid_h, grid_w, 3).numpy() + 0.25 * masks.background[column].reshape(grid_h, grid_w, 1).numpy()
+        background = masks.background[column].reshape(grid_h, grid_w, 1).numpy()
+        coloured = coloured.reshape(grid_h, grid_w, 3).numpy() + 0.25 * background
         axes[1, column].imshow(np.clip(coloured, 0, 1), interpolation="nearest")
         for query, edge in zip(queries[column].tolist(), ("yellow", "white")):
             row, col = divmod(query, grid_w)
@@ -219,7 +220,8 @@ def overlay(view: np.ndarray, query_map: torch.Tensor | np.ndarray, query: int, 
     level = np.asarray(query_map, dtype=np.float64)
     level = level / level.max()
     grid_h, grid_w = level.shape
-    codes = np.asarray(Image.fromarray((level * 255).round().astype(np.uint8)).resize((size, size), Image.Resampling.NEAREST))
+    codes = (level * 255).round().astype(np.uint8)
+    codes = np.asarray(Image.fromarray(codes).resize((size, size), Image.Resampling.NEAREST))  # token blocks
     alpha = np.sqrt(codes[..., None] / 255.0) * opacity
     out = view.astype(np.float64) * dim * (1 - alpha) + _MAGMA[codes].astype(np.float64) * alpha
     out = out.round().clip(0, 255).astype(np.uint8)
@@ -237,7 +239,8 @@ def query_map_pictures(model, sample, min_cover: float = 0.5, size: int = 224, g
     """``pictures[layer][head]``: ``[size, 2 * size + gap, 3]`` uint8, the target query's map over the scene
     (left) and the distractor query's (right), from :func:`qklib.preference.query_maps`."""
     maps, queries, _ = query_maps(model, sample, min_cover)  # [L, H, 2, gh, gw], [2]
-    view = np.asarray(Image.fromarray(display_crop(model, sample.image)).resize((size, size), Image.Resampling.BILINEAR))
+    view = Image.fromarray(display_crop(model, sample.image))
+    view = np.asarray(view.resize((size, size), Image.Resampling.BILINEAR))
     edges_t = outline(view_mask(model, sample.target, size))
     edges_d = outline(view_mask(model, sample.distractor, size))
     space = np.full((size, gap, 3), 255, dtype=np.uint8)
@@ -305,7 +308,7 @@ def findings(stats: pd.DataFrame, chance: pd.Series, models: Sequence[str]) -> d
         "s3_peak_layer": int(same.idxmax()), "s3_peak": float(same.max()),
         "s3_peak_x_chance": float(same.max() / float(chance["same"])), "s3_same_last_layer": float(same.iloc[-1]),
         "s3_chance_same": float(chance["same"]), "s3_chance_background": float(chance["background"]),
-        "s3_controls": "; ".join(f"{m} stays within {max(distance[(m, g)] for g in GROUP_ORDER):.3f} of chance in every layer" for m in models[1:])
-        or "no second model was run",
+        "s3_controls": "; ".join(f"{m} stays within {max(distance[(m, g)] for g in GROUP_ORDER):.3f} of chance "
+                                 "in every layer" for m in models[1:]) or "no second model was run",
         "s3_thirds": thirds.round(3), "s3_layer_table": wide.round(3),
     }
