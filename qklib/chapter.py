@@ -12,8 +12,10 @@ Parameter names are the same in every chapter: ``models``, ``image_dir``, ``max_
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ import torch
 from PIL import Image
 
 from .core.files import atomic_write
-from .core.images import images_by_stem, open_rgb, shipped_photos
+from .core.images import images_by_stem, load_folder, open_rgb, shipped_photos
 from .core.models import ModelError, check_name, load_model, random_control
 from .o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
 
@@ -172,7 +174,7 @@ def o3_layout(name, value) -> O3Layout:
 
 # --- the chapters' declared parameters ----------------------------------------------------------------------
 
-COMMON = {"device": check_device, "seed": count(0), "results_dir": output_folder, "batch_size": count(1)}
+COMMON = {"batch_size": count(1), "device": check_device, "seed": count(0), "results_dir": output_folder}
 
 SPECS: dict[str, dict[str, Callable]] = {
     "s3_attention": {
@@ -188,6 +190,20 @@ SPECS: dict[str, dict[str, Callable]] = {
         "explorer_modes": count(1), "featured": labels, "walkthrough_image": text, "live_explorer": flag, **COMMON,
     },
 }
+
+
+def declared_parameters(notebook: str | Path) -> list[str]:
+    """Names assigned in the ``parameters`` cell of a jupytext py:percent notebook (``notebooks/<name>.py``)."""
+    text = Path(notebook).read_text()
+    cells = re.split(r"^# %%", text, flags=re.M)
+    cell = next((c for c in cells if re.match(r"[^\n]*tags\s*=\s*\[[^\]]*[\"']parameters[\"']", c)), None)
+    if cell is None:
+        raise ParameterError(f"{str(notebook)!r} has no cell tagged 'parameters'")
+    names = []
+    for node in ast.parse(cell.split("\n", 1)[1] if "\n" in cell else "").body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        names += [target.id for target in targets if isinstance(target, ast.Name)]
+    return names
 
 
 def check(chapter: str, namespace: Mapping) -> SimpleNamespace:
@@ -212,6 +228,16 @@ def load_models(specs, device: str = "cpu", seed: int = 0) -> dict:
                  else load_model(name, weights=weights, device=device))
         loaded[model.qklib_name] = model
     return loaded
+
+
+def photos(image_dir: Path | None, max_images: int, minimum: int = 2) -> dict[str, Image.Image]:
+    """Up to ``max_images`` readable photos of ``image_dir`` by relative path, or the photos shipped in
+    installed packages when ``image_dir`` is None."""
+    found = load_folder(image_dir, limit=max_images) if image_dir else shipped_photos()
+    found = dict(list(found.items())[:max_images])
+    if len(found) < minimum:
+        raise ParameterError(f"parameter 'image_dir': need at least {minimum} readable images, found {len(found)}")
+    return found
 
 
 def scenes(results_dir: Path, n: int, seed: int = 0, size: int = 224) -> O3Set:

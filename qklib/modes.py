@@ -143,7 +143,7 @@ def top_modes(svd: QKSVD, tokens: torch.Tensor, layer: int, head: int, count: in
               prefix_tokens: int = 1) -> list[RankedMode]:
     """One image's ``count`` modes of head ``(layer, head)`` with the largest contribution (by signed value:
     the modes that raise the image's attention scores most). ``tokens``: ``[T, d]`` entering block ``layer``.
-    ``share`` is the contribution over the sum of all the head's |contributions|.
+    ``share`` is the contribution over the sum of the absolute contributions of all the head's modes.
     Each mode carries the sign of the feature present in the image (:func:`present_sign`)."""
     _check_index(svd, layer, head)
     if tokens.dim() != 2:

@@ -53,6 +53,7 @@ def run_chapter(tmp_path):
     import papermill
 
     def run(name: str, **parameters):
+        parameters.setdefault("results_dir", str(tmp_path / "results"))  # never write into the repository
         source = tmp_path / f"{name}.ipynb"
         jupytext.write(jupytext.read(ROOT / "notebooks" / f"{name}.py"), source, fmt="ipynb")
         out = tmp_path / f"{name}.out.ipynb"

@@ -178,6 +178,29 @@ def _raw_tex(page) -> list[str]:
     }""")
 
 
+def _overflow(page, chart) -> float:
+    """How many px a chart's drawing reaches past the right edge of the page's text column."""
+    return page.evaluate("""el => {
+        const column = el.closest('article, main') || document.body;
+        const drawn = [...el.querySelectorAll('canvas, svg.marks')].map(g => g.getBoundingClientRect().right);
+        return Math.max(...drawn) - column.getBoundingClientRect().right;
+    }""", chart.element_handle())
+
+
+@pytest.mark.browser
+def test_overflow_check_measures_a_chart_wider_than_its_column(chromium):
+    page = chromium.new_page()
+    try:
+        page.set_content('<main><article style="width:600px"><div id="altair-viz-1"><canvas width="900" height="10">'
+                         '</canvas></div><div id="altair-viz-2"><canvas width="500" height="10"></canvas></div>'
+                         '</article></main>')
+        wide, narrow = (page.locator(f"#altair-viz-{i}") for i in (1, 2))
+        assert _overflow(page, wide) == pytest.approx(300, abs=2)
+        assert _overflow(page, narrow) < 0
+    finally:
+        page.close()
+
+
 def _check_altair(page, problems: list[str]) -> str:
     charts = page.locator('[id^="altair-viz-"]')
     moved = 0
@@ -193,6 +216,9 @@ def _check_altair(page, problems: list[str]) -> str:
             problems.append(f"{name}: not rendered (no .vega-embed with a non-empty canvas/svg): "
                             f"{chart.inner_text()[:300]!r}")
             continue
+        overflow = _overflow(page, chart)
+        if overflow > 1:
+            problems.append(f"{name}: {overflow:.0f} px wider than the page column (wrap its facets or narrow it)")
         sliders = chart.locator(".vega-bindings input[type=range]")
         for j in range(sliders.count()):
             slider = sliders.nth(j)

@@ -136,8 +136,11 @@ def test_random_init_control_stays_near_zero():
 
 def test_embedded_model_groups_early_and_differs_from_its_control(embedded_svd):
     layers = embedded_svd.layer_weighted_cosine()
+    control = qklib.qk_svd(qklib.random_control(qklib.DEFAULT_MODEL, seed=0)).layer_weighted_cosine()
     band = qklib.null_band(embedded_svd.dim)
     assert layers[:2].min() > 5 * band  # early layers: strongly positive, far outside the null band
+    assert control.abs().max() < band  # the same architecture untrained: every layer inside the band
+    assert (layers[:2] - control[:2]).min() > 5 * band
 
 
 def test_separate_q_k_projections_match_fused():

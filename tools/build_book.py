@@ -5,9 +5,9 @@ What `make book` runs. Works offline once the npm tarballs are in the cache (the
 with `npm pack` from the npm registry).
 
     tools/build_book.py                                   # every chapter in _toc.yml
-    tools/build_book.py --only s4_cosine                  # one chapter (intro and methods always built)
+    tools/build_book.py --only s4_cosine                  # re-execute one chapter; the site keeps the others
     tools/build_book.py --param s4_cosine models='["vit_base_patch16_224.dino"]'
-    tools/build_book.py --param all device=cuda           # a parameter for every chapter
+    tools/build_book.py --param all device=cuda           # a parameter for every chapter that declares it
     tools/build_book.py --no-execute                      # rebuild the HTML from executed/*.ipynb
 
 Chapters are the `executed/<name>` entries of _toc.yml; each comes from the jupytext text notebook
@@ -33,6 +33,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from qklib.chapter import declared_parameters  # noqa: E402
 from qklib.core.imgfocus import cache_dir as qklib_cache_dir  # noqa: E402
 NOTEBOOKS = ROOT / "notebooks"
 EXECUTED = ROOT / "executed"
@@ -223,18 +224,29 @@ def parse_value(text: str):
 
 
 def chapter_parameters(pairs: list[list[str]], chapters: list[str]) -> dict[str, dict]:
-    """`--param CHAPTER NAME=VALUE` pairs -> {chapter: {name: value}}; CHAPTER `all` means every chapter."""
+    """`--param CHAPTER NAME=VALUE` pairs -> {chapter: {name: value}}, checked against the names each chapter
+    declares in its parameters cell. CHAPTER `all` sets NAME in every chapter of the build that declares it."""
+    declared = {name: declared_parameters(NOTEBOOKS / f"{name}.py") for name in chapters}
     parameters: dict[str, dict] = {name: {} for name in chapters}
     for chapter, assignment in pairs:
         if "=" not in assignment:
-            raise BuildError(f"--param {chapter} {assignment}: write NAME=VALUE, e.g. --param {chapter} n_images=8")
-        name, value = assignment.split("=", 1)
-        targets = chapters if chapter == "all" else [chapter]
+            raise BuildError(f"--param {chapter} {assignment}: write NAME=VALUE, e.g. --param {chapter} seed=1")
+        name, value = (part.strip() for part in assignment.split("=", 1))
+        if chapter == "all":
+            targets = [c for c in chapters if name in declared[c]]
+            if not targets:
+                raise BuildError(f"--param all {name}=...: no chapter of this build declares {name!r}; "
+                                 + "; ".join(f"{c}: {', '.join(declared[c])}" for c in chapters))
+        elif chapter not in parameters:
+            raise BuildError(f"--param {chapter}: not a chapter of this build (chapters built now: "
+                             f"{', '.join(chapters)}, or 'all'); check the name and --only")
+        elif name not in declared[chapter]:
+            raise BuildError(f"--param {chapter} {name}=...: {chapter} has no parameter {name!r}; "
+                             f"its parameters: {', '.join(declared[chapter])}")
+        else:
+            targets = [chapter]
         for target in targets:
-            if target not in parameters:
-                raise BuildError(f"--param {chapter}: not a chapter of this build (chapters built now: "
-                                 f"{', '.join(chapters)}, or 'all'); check the name and --only")
-            parameters[target][name.strip()] = parse_value(value)
+            parameters[target][name] = parse_value(value)
     return parameters
 
 
@@ -314,9 +326,10 @@ def report(files: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
-                        help="build only this chapter (repeatable); the toc is restricted to it")
+                        help="re-execute only this chapter (repeatable); the site keeps every chapter executed before")
     parser.add_argument("--param", "-p", nargs=2, action="append", default=[], metavar=("CHAPTER", "NAME=VALUE"),
-                        help="papermill parameter for a chapter (CHAPTER 'all' for every chapter); VALUE is YAML")
+                        help="papermill parameter for a chapter (CHAPTER 'all': every chapter that declares NAME); "
+                             "VALUE is YAML; a name the chapter does not declare is an error")
     parser.add_argument("--no-execute", action="store_true", help="reuse executed/*.ipynb, only rebuild the HTML")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
@@ -343,11 +356,17 @@ def main(argv: list[str] | None = None) -> int:
                 for name in selected:
                     timings[name] = execute(name, parameters[name], Path(workdir))
                     print(f"execute: {name} took {timings[name]:.1f} s", flush=True)
+        # The site holds every chapter executed so far: --only updates its chapters and keeps the others.
+        present = [name for name in chapters if (EXECUTED / f"{name}.ipynb").is_file()]
+        absent = [name for name in chapters if name not in present]
+        if absent:
+            print(f"build: not executed yet, left out of the site: {', '.join(absent)} "
+                  f"(run tools/build_book.py --only {absent[0]} to add it)")
         started = time.perf_counter()
-        toc = restricted_toc(selected, ROOT / "_build" / "toc-only.yml") if args.only else TOC
+        toc = restricted_toc(present, ROOT / "_build" / "toc-only.yml") if absent else TOC
         build_html(toc)
         print(f"build: jupyter-book took {time.perf_counter() - started:.1f} s")
-        built = [f for f in files if not f.startswith(CHAPTER_PREFIX) or f[len(CHAPTER_PREFIX):] in selected]
+        built = [f for f in files if not f.startswith(CHAPTER_PREFIX) or f[len(CHAPTER_PREFIX):] in present]
         for name, seconds in timings.items():
             print(f"chapter {name}: executed in {seconds:.1f} s")
         report(built)

@@ -1,4 +1,4 @@
-"""Tidy tables from QK SVDs, and the altair charts the chapters share.
+"""§4's figures (Fig 3, S1, S2, S4) as altair charts, and the chart data helper the chapters share.
 
 Every chart carries its data inline and keeps working in a static page: sliders are altair parameters
 bound to range inputs, filtering precomputed rows in the browser.
@@ -9,9 +9,12 @@ from __future__ import annotations
 import altair as alt
 import numpy as np
 import pandas as pd
+from IPython.display import Markdown
 
-from ..core.models import depth
-from ..core.svd import QKSVD, null_band
+from ..core.svd import QKSVD
+
+# Facetted charts wrap after this many panels, so that they fit the book's text column.
+PANELS_PER_ROW = 2
 
 
 def inline(frame: pd.DataFrame, digits: int = 4) -> alt.InlineData:
@@ -28,55 +31,6 @@ def inline(frame: pd.DataFrame, digits: int = 4) -> alt.InlineData:
         scale = 10.0 ** (digits - 1 - magnitude)
         rounded[column] = np.round(values * scale) / scale
     return alt.InlineData(values=rounded.to_dict(orient="records"))
-
-
-def layer_table(svds: dict[str, QKSVD]) -> pd.DataFrame:
-    """One row per (model, layer): weighted and unweighted cosine averaged over heads."""
-    rows = []
-    for label, svd in svds.items():
-        weighted = svd.layer_weighted_cosine().numpy()
-        unweighted = svd.layer_unweighted_cosine().numpy()
-        for layer in range(svd.num_layers):
-            rows.append({"model": label, "layer": layer, "depth": depth(layer, svd.num_layers),
-                         "weighted_cosine": weighted[layer], "unweighted_cosine": unweighted[layer]})
-    return pd.DataFrame(rows)
-
-
-def head_table(svds: dict[str, QKSVD]) -> pd.DataFrame:
-    """One row per (model, layer, head): the weighted cosine of that head."""
-    frames = []
-    for label, svd in svds.items():
-        values = svd.weighted_cosine().numpy()
-        layers, heads = np.meshgrid(np.arange(svd.num_layers), np.arange(svd.num_heads), indexing="ij")
-        frames.append(pd.DataFrame({"model": label, "layer": layers.ravel(), "head": heads.ravel(),
-                                    "weighted_cosine": values.ravel()}))
-    return pd.concat(frames, ignore_index=True)
-
-
-def mode_table(svds: dict[str, QKSVD]) -> pd.DataFrame:
-    """One row per (model, layer, head, mode): s_n, its weight s_n / sum(s) and cos_n."""
-    frames = []
-    for label, svd in svds.items():
-        s = svd.S.numpy()
-        weight = s / s.sum(-1, keepdims=True)
-        layers, heads, modes = np.meshgrid(np.arange(svd.num_layers), np.arange(svd.num_heads), np.arange(svd.rank),
-                                           indexing="ij")
-        frames.append(pd.DataFrame({"model": label, "layer": layers.ravel(), "head": heads.ravel(),
-                                    "mode": modes.ravel(), "singular_value": s.ravel(),
-                                    "weight": weight.ravel(), "cos": svd.cos.numpy().ravel()}))
-    return pd.concat(frames, ignore_index=True)
-
-
-def cosine_histograms(modes: pd.DataFrame, bins: int = 40) -> pd.DataFrame:
-    """Per (model, layer): the fraction of modes (all heads) whose cos_n falls in each of ``bins`` bins on [-1, 1]."""
-    edges = np.linspace(-1, 1, bins + 1)
-    rows = []
-    for (model, layer), group in modes.groupby(["model", "layer"], sort=False):
-        counts, _ = np.histogram(group["cos"].to_numpy(), bins=edges)
-        for index, count in enumerate(counts):
-            rows.append({"model": model, "layer": layer, "bin_start": edges[index], "bin_end": edges[index + 1],
-                         "fraction": count / len(group)})
-    return pd.DataFrame(rows)
 
 
 def _layer_slider(max_layer: int, name: str = "layer") -> alt.Parameter:
@@ -104,7 +58,7 @@ def heads_heatmap(heads: pd.DataFrame) -> alt.Chart:
         x=alt.X("head:O"), y=alt.Y("layer:O"),
         color=alt.Color("weighted_cosine:Q", scale=alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True)),
         tooltip=["model:N", "layer:O", "head:O", alt.Tooltip("weighted_cosine:Q", format="+.3f")],
-    ).properties(width=160, height=220).facet(column=alt.Column("model:N", title=None))
+    ).properties(width=160, height=220).facet(facet=alt.Facet("model:N", title=None), columns=PANELS_PER_ROW)
 
 
 def s1_histograms(histograms: pd.DataFrame) -> alt.Chart:
@@ -131,12 +85,12 @@ def s2_spectrum(modes: pd.DataFrame, num_layers: int, num_heads: int) -> alt.HCo
         x=alt.X("mode:Q", title="mode n (0-based)"),
         y=alt.Y("weight:Q", title="s_n / sum_m s_m", scale=alt.Scale(type="log")),
         color=color, tooltip=["model:N", "layer:O", "head:O", "mode:Q", alt.Tooltip("singular_value:Q", format=".3g")],
-    ).properties(width=300, height=220, title="singular spectrum")
+    ).properties(width=260, height=220, title="singular spectrum")
     cosines = base.mark_point(filled=True, size=25).encode(
         x=alt.X("mode:Q", title="mode n (0-based)"),
         y=alt.Y("cos:Q", title="cos_n", scale=alt.Scale(domain=[-1, 1])),
         color=color, tooltip=["model:N", "layer:O", "head:O", "mode:Q", alt.Tooltip("cos:Q", format="+.3f")],
-    ).properties(width=300, height=220, title="cosine of each mode")
+    ).properties(width=260, height=220, title="cosine of each mode")
     return alt.hconcat(spectrum, cosines)
 
 
@@ -150,10 +104,15 @@ def s4_relative(frame: pd.DataFrame) -> alt.Chart:
         y=alt.Y("value:Q", title="cosine"),
         color=alt.Color("quantity:N", legend=alt.Legend(orient="bottom")),
         tooltip=["model:N", "layer:O", "quantity:N", alt.Tooltip("value:Q", format="+.3f")],
-    ).properties(width=260, height=240).facet(column=alt.Column("model:N", title=None)).properties(
+    ).properties(width=260, height=240).facet(facet=alt.Facet("model:N", title=None), columns=PANELS_PER_ROW).properties(
         title="relative cosine = weighted cosine - anisotropy baseline")
 
 
-def null_band_for(svds: dict[str, QKSVD]) -> float:
-    dims = {svd.dim for svd in svds.values()}
-    return null_band(min(dims))
+
+
+def model_summary(svds: dict[str, QKSVD]) -> Markdown:
+    """A table of each model's geometry, followed by the notes of models whose score is not exactly bilinear."""
+    rows = "\n".join(f"| `{label}` | {svd.num_layers} | {svd.num_heads} | {svd.dim} | {svd.rank} |"
+                     for label, svd in svds.items())
+    notes = "".join(f"\n\n**Note on `{label}`:** {note}." for label, svd in svds.items() for note in svd.notes)
+    return Markdown("| model | layers | heads | d | modes per head |\n|---|---|---|---|---|\n" + rows + notes)

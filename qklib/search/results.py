@@ -56,6 +56,7 @@ class SearchResult:
         return [(self.files[i], float(s)) for i, s in zip(self.index[slot], self.scores[slot]) if i >= 0]
 
     def path(self, relative: str) -> Path:
+        """The image file of ``relative`` (a name from :meth:`top`)."""
         return Path(self.root) / relative
 
     def meta(self) -> dict:
@@ -88,6 +89,7 @@ class SearchResult:
 
 
 def load_result(path: str | Path) -> SearchResult:
+    """A :class:`SearchResult` saved by :meth:`SearchResult.save` (or by ``python -m qklib search``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"search result {str(path)!r} does not exist; run 'python -m qklib search' first")

@@ -1,0 +1,129 @@
+"""Every chapter: declared parameters, how much of it is code, and wrong parameters stopping it early."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qklib import chapter
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = sorted(chapter.SPECS)
+
+
+def cells(name: str) -> list[tuple[str, list[str]]]:
+    """``(kind, non-blank lines)`` per cell of ``notebooks/<name>.py`` (the jupytext header excluded)."""
+    text = (ROOT / "notebooks" / f"{name}.py").read_text()
+    out = []
+    for cell in re.split(r"^# %%", text, flags=re.M)[1:]:
+        header, _, body = cell.partition("\n")
+        out.append(("markdown" if "[markdown]" in header else "code", [l for l in body.splitlines() if l.strip()]))
+    return out
+
+
+def test_every_toc_chapter_has_a_declared_spec():
+    toc = (ROOT / "_toc.yml").read_text()
+    assert sorted(re.findall(r"executed/(\w+)", toc)) == CHAPTERS
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_parameters_cell_matches_the_declared_spec(name):
+    assert sorted(chapter.declared_parameters(ROOT / "notebooks" / f"{name}.py")) == sorted(chapter.SPECS[name])
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_chapters_read_as_prose_with_short_code_cells(name):
+    kinds = cells(name)
+    code = sum(len(lines) for kind, lines in kinds if kind == "code")
+    total = sum(len(lines) for _, lines in kinds)
+    longest = max(len(lines) for kind, lines in kinds if kind == "code")
+    assert code / total <= 0.5, f"{name}: {code} of {total} non-blank lines are code"
+    assert longest <= 25, f"{name}: a code cell has {longest} lines"
+
+
+def defaults(name: str) -> dict:
+    """The chapter's default parameter values, from its parameters cell."""
+    namespace: dict = {}
+    body = next("\n".join(lines) for kind, lines in cells(name) if kind == "code")
+    exec(body, namespace)  # the parameters cell holds only literal assignments
+    return {key: value for key, value in namespace.items() if key in chapter.SPECS[name]}
+
+
+WRONG = [  # (parameter, value, what the message must say); each applies to the chapters that declare it
+    ("models", ["vit_bse_patch16_224"], "unknown model 'vit_bse_patch16_224'"),
+    ("models", [{"name": "vit_tiny_patch16_224", "weights": "/no/such.safetensors"}], "does not exist"),
+    ("models", [{"nme": "vit_tiny_patch16_224"}], "use {'name'"),
+    ("image_dir", "/no/such/folder", "folder '/no/such/folder' does not exist"),
+    ("o3_dir", "/no/such/folder", "folder '/no/such/folder' does not exist"),
+    ("ade20k_dir", "/no/such/folder", "does not exist"),
+    ("max_images", -1, "'max_images' must be an integer >="),
+    ("n_scenes", "many", "'n_scenes' must be an integer"),
+    ("seed", 1.5, "'seed' must be an integer >= 0"),
+    ("device", "cuda:7", "no CUDA device is available"),
+    ("device", 3, "'device' must be a string"),
+    ("batch_size", 0, "'batch_size' must be an integer >= 1"),
+    ("min_cover", 1.5, "'min_cover' must be a number in (0, 1]"),
+    ("o3_layout", {"masks": "x"}, "'o3_layout'"),
+    ("live_explorer", "yes", "must be True or False"),
+    ("featured", [], "non-empty list"),
+    ("layers", "some", "'layers' must be 'all'"),
+]
+CASES = [(name, parameter, value, message) for name in CHAPTERS for parameter, value, message in WRONG
+         if parameter in chapter.SPECS[name]]
+
+
+@pytest.mark.parametrize("name, parameter, value, message", CASES,
+                         ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(CASES)])
+def test_a_wrong_parameter_is_named_with_what_to_pass(tmp_path, name, parameter, value, message):
+    namespace = defaults(name) | {"results_dir": str(tmp_path), parameter: value}
+    with pytest.raises(chapter.ParameterError, match=re.escape(message)):
+        chapter.check(name, namespace)
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_the_defaults_pass(tmp_path, name):
+    checked = chapter.check(name, defaults(name) | {"results_dir": str(tmp_path)})
+    assert checked.results_dir == tmp_path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_a_wrong_parameter_stops_the_notebook_in_its_checking_cell(run_chapter, name):
+    nb, error = run_chapter(name, seed=-1)
+    assert error is not None and "'seed' must be an integer >= 0" in str(error)
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    failing = next(i for i, c in enumerate(code_cells) if any(o.output_type == "error" for o in c.outputs))
+    assert failing <= 2  # parameters, injected parameters, then the checking cell
+
+
+def build(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/build_book.py", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_the_book_builder_refuses_a_parameter_the_chapter_does_not_declare():
+    wrong = build("--only", "s4_cosine", "--param", "s4_cosine", "model=[x]")
+    assert wrong.returncode == 1
+    assert "s4_cosine has no parameter 'model'; its parameters: models, image_dir" in wrong.stderr
+    nobody = build("--only", "s4_cosine", "--param", "all", "walkthrough_image=x")
+    assert nobody.returncode == 1 and "no chapter of this build declares 'walkthrough_image'" in nobody.stderr
+
+
+@pytest.mark.slow
+def test_s4_runs_with_other_models_and_images(tmp_path, run_chapter):
+    images = tmp_path / "images"
+    images.mkdir()
+    from qklib.core.images import shipped_photos
+
+    for name, photo in list(shipped_photos().items())[:3]:
+        photo.save(images / f"{name}.png")
+    nb, error = run_chapter("s4_cosine", models=["random:vit_tiny_patch16_224", "random:deit_tiny_distilled_patch16_224"],
+                            image_dir=str(images), seed=3)
+    assert error is None, error
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"], "a cell displayed an error"
+    text = "\n".join(str(o.get("data", {})) for o in outputs)
+    assert "deit_tiny_distilled_patch16_224 (random init, seed 3)" in text
+    assert "chelsea.png, coffee.png, astronaut.png" in text  # the baseline used the folder's images
+    assert sum("vegaEmbed" in o.get("data", {}).get("text/html", "") for o in outputs) == 5

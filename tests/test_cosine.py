@@ -1,0 +1,75 @@
+"""qklib.cosine: the §4 tables, the anisotropy baseline and the verdict on a curve's shape."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qklib.core.extract import token_embeddings
+from qklib.core.images import to_pixels
+from qklib.cosine import (anisotropy_baseline, centre_token_index, cosine_histograms, depth_profile, findings_table,
+                          layer_table, mean_pairwise_cosine, mode_table)
+
+
+def test_mean_pairwise_cosine_matches_brute_force():
+    torch.manual_seed(0)
+    vectors = torch.randn(3, 5, 16)
+    got = mean_pairwise_cosine(vectors)
+    for layer in range(3):
+        pairs = [torch.nn.functional.cosine_similarity(vectors[layer, i], vectors[layer, j], dim=0)
+                 for i in range(5) for j in range(5) if i != j]
+        assert got[layer].item() == pytest.approx(torch.stack(pairs).mean().item(), abs=1e-6)
+    shared = torch.randn(16)
+    assert mean_pairwise_cosine(shared.expand(4, 16)).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least two"):
+        mean_pairwise_cosine(torch.randn(1, 16))
+
+
+def test_anisotropy_baseline_is_the_centre_tokens_pairwise_cosine(tiny_vit, cat_photo):
+    model, _ = tiny_vit
+    assert centre_token_index(model) == 1 + 2 * 4 + 2  # CLS, then row 2, column 2 of the 4 x 4 grid
+    torch.manual_seed(1)
+    pixels = torch.randn(4, 3, 64, 64)
+    baseline = anisotropy_baseline(model, pixels, batch_size=3)  # batches of 3 + 1 must not matter
+    centre = token_embeddings(model, pixels)[:, :, centre_token_index(model)]  # [L, 4, d]
+    for layer in range(3):
+        pairs = [torch.nn.functional.cosine_similarity(centre[layer, i], centre[layer, j], dim=0)
+                 for i in range(4) for j in range(4) if i != j]
+        assert baseline[layer].item() == pytest.approx(torch.stack(pairs).mean().item(), abs=1e-5)
+    same = to_pixels(model, [cat_photo, cat_photo])
+    assert torch.allclose(anisotropy_baseline(model, same), torch.ones(3, dtype=torch.float64), atol=1e-6)
+
+
+def test_tables_hold_the_svd_numbers(embedded_svd):
+    svds = {"m": embedded_svd}
+    layers = layer_table(svds)
+    assert np.allclose(layers["weighted_cosine"], embedded_svd.layer_weighted_cosine().numpy())
+    assert layers["depth"].tolist() == [layer / 11 for layer in range(12)]
+    modes = mode_table(svds)
+    assert len(modes) == 12 * 6 * 64
+    row = modes[(modes["layer"] == 3) & (modes["head"] == 2) & (modes["mode"] == 5)].iloc[0]
+    assert row["cos"] == pytest.approx(embedded_svd.cos[3, 2, 5].item())
+    assert row["weight"] == pytest.approx((embedded_svd.S[3, 2, 5] / embedded_svd.S[3, 2].sum()).item())
+    histograms = cosine_histograms(modes, bins=8)
+    layer4 = histograms[histograms["layer"] == 4]["fraction"].to_numpy()
+    counts, _ = np.histogram(embedded_svd.cos[4].flatten().numpy(), bins=np.linspace(-1, 1, 9))
+    assert np.allclose(layer4, counts / counts.sum())
+
+
+@pytest.mark.parametrize("values, shape", [
+    ([0.6, 0.5, 0.2, 0.1, 0.1, 0.4], "concave"),
+    ([0.6, 0.5, 0.2, 0.1, 0.1, 0.12], "falling"),
+    ([0.05, -0.05, 0.02, 0.0], "inside band"),
+    ([0.1, 0.2, 0.3, 0.4], "other"),
+])
+def test_depth_profile(values, shape):
+    assert depth_profile(np.array(values), band=0.1) == shape
+
+
+def test_findings_table_reads_first_lowest_and_last_layer():
+    frame = pd.DataFrame({"model": "m", "layer": range(4), "weighted_cosine": [0.5, 0.05, 0.3, 0.4],
+                          "relative_cosine": [0.4, -0.1, 0.2, 0.3]})
+    row = findings_table(frame, band=0.1).iloc[0]
+    assert (row["lowest layer"], row["lowest"], row["last layer"]) == (1, 0.05, 0.4)
+    assert row["layers inside band"] == "1 of 4" and row["relative, lowest layer"] == -0.1
+    assert row["shape"] == "concave"
