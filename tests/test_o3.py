@@ -300,23 +300,6 @@ def test_odd_one_out_generates_under_results_dir_or_reads_o3(tmp_path):
         chapter.odd_one_out(tmp_path / "O3", O3Layout(targets="masks"), 2, 3, 1, tmp_path)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("parameters, message", [
-    ({"n_scenes": -3}, "parameter 'n_scenes' must be an integer >= 1"),
-    ({"max_images": 0}, "parameter 'max_images' must be an integer >= 1"),
-    ({"o3_dir": "/no/such/o3"}, "parameter 'o3_dir': folder '/no/such/o3' does not exist"),
-    ({"models": ["vit_bse_patch16_224"]}, "parameter 'models': unknown model 'vit_bse_patch16_224'"),
-])
-def test_wrong_parameter_stops_in_the_first_cells(run_chapter, parameters, message):
-    nb, error = run_chapter("s3_attention", **parameters)
-    assert error is not None and error.ename == "ParameterError" and message in str(error)
-    # Stopped in the checking cell (the one after the parameters): no later cell ran.
-    cells = [c for c in nb.cells if c["cell_type"] == "code"]
-    failed = [i for i, c in enumerate(cells) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
-    assert len(failed) == 1 and 'chapter.check("s3_attention"' in "".join(cells[failed[0]]["source"])
-    assert all(c.get("execution_count") is None for c in cells[failed[0] + 1:])
-
-
 def test_measure_runs_on_an_o3_folder_of_non_square_photos(model, tmp_path):
     _write_o3(tmp_path, names=("a", "b", "c"))
     result = measure(model, load_o3(tmp_path), batch_size=2)
