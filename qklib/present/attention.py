@@ -1,8 +1,8 @@
 """§3's figures (paper Fig 2): the scenes' token masks, attention preference against depth, per head and per
 query pair (static sliders), one scene's query maps drawn over the scene, and the values "What we found" glues.
 
-Inputs are the tidy table of :func:`qklib.preference.measure` (one row per model, image, layer and head) and
-the per-layer statistics of :func:`qklib.preference.per_layer`. Every chart carries its data inline and works
+Inputs are the tidy table of ``qklib.preference.measure`` (one row per model, image, layer and head) and
+the per-layer statistics of ``qklib.preference.per_layer``. Every chart carries its data inline and works
 in a static page; every picture is an ``<img>`` that toggles full size on click.
 """
 
