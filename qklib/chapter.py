@@ -29,7 +29,7 @@ from .core.images import ImageError, images_by_stem, load_folder, open_rgb, ship
 from .core.models import ModelError, check_name, load_model, random_control
 from .core.svd import QKSVD
 from .modes import parse_label
-from .o3 import O3Error, O3Layout, O3Set, generate_scenes
+from .o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
 from .search import parse_indices
 
 
@@ -279,6 +279,21 @@ def photos(image_dir: Path | None, max_images: int, minimum: int = 2) -> dict[st
 def scenes(results_dir: Path, n: int, seed: int = 0, size: int = 224) -> O3Set:
     """``n`` generated odd-one-out scenes, written once under ``results_dir/scenes-<size>px-seed<seed>``."""
     return generate_scenes(Path(results_dir) / f"scenes-{size}px-seed{seed}", n, seed=seed, size=size)
+
+
+def odd_one_out(o3_dir: Path | None, layout: O3Layout, max_images: int, n_scenes: int, seed: int,
+                results_dir: Path) -> tuple[O3Set, str]:
+    """§3's images and a description of them without machine paths: the O3 copy under ``o3_dir`` (at most
+    ``max_images``, a seeded choice; every mask checked now, so a wrong folder stops the run here) or, when
+    ``o3_dir`` is None, ``n_scenes`` generated scenes written under ``results_dir`` (:func:`scenes`)."""
+    if o3_dir is None:
+        generated = scenes(results_dir, n_scenes, seed=seed)
+        return generated, f"{len(generated)} generated scenes (seed {seed})"
+    try:
+        found = load_o3(o3_dir, layout, limit=max_images, seed=seed)
+    except O3Error as error:
+        raise ParameterError(f"parameter 'o3_dir': {error}") from None
+    return found, f"{len(found)} O3 images from the folder {Path(o3_dir).name!r} (seeded choice, seed {seed})"
 
 
 def gallery(results_dir: Path, scene_set: O3Set | None = None) -> Path:
