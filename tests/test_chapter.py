@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from qklib import chapter
+from qklib.o3 import O3Layout
 
 
 def test_declared_parameters_reads_only_the_parameters_cell(tmp_path):
@@ -91,3 +92,14 @@ def test_digests_change_with_content(tmp_path):
     assert chapter.file_digest(tmp_path / "a.png") != chapter.file_digest(None)
     (tmp_path / "a.png").write_bytes(b"22")
     assert chapter.listing_digest(tmp_path, ["a.png"]) != first
+
+
+def test_odd_one_out_generates_under_results_dir_or_reads_o3(tmp_path, write_o3):
+    found, text = chapter.odd_one_out(None, O3Layout(), 50, 3, 4, tmp_path)
+    assert len(found) == 3 and (tmp_path / "scenes-224px-seed4" / "scenes.csv").is_file()
+    assert text == "3 generated scenes (seed 4)"
+    write_o3(tmp_path / "O3", names=tuple("abcd"))
+    found, text = chapter.odd_one_out(tmp_path / "O3", O3Layout(), 2, 3, 1, tmp_path)
+    assert len(found) == 2 and text == "2 O3 images from the folder 'O3' (seeded choice, seed 1)"
+    with pytest.raises(chapter.ParameterError, match=r"parameter 'o3_dir': .*missing masks/ \(target masks\)"):
+        chapter.odd_one_out(tmp_path / "O3", O3Layout(targets="masks"), 2, 3, 1, tmp_path)
