@@ -94,6 +94,18 @@ def test_band_with_unequal_singular_values_has_the_exact_variance():
     assert layer_null_band_from(spectrum, dim, draws=4000)[0] > 1.3 * flat
 
 
+def test_gaussian_weights_fall_inside_their_band_95_percent_of_the_time():
+    """End to end: for i.i.d. Gaussian W_q, W_k (a random-init model), U and V of W_q^T W_k are Haar and independent
+    given S, so each layer's statistic, from the real SVD, is one draw of the null built from its own S."""
+    layers, heads, rank, dim = 2000, 2, 4, 16
+    generator = torch.Generator().manual_seed(11)
+    wq, wk = (torch.randn(layers, heads, rank, dim, generator=generator, dtype=torch.float64) for _ in range(2))
+    svd = qk_svd_from_weights(QKWeights(wq, wk))
+    band = layer_null_band_from(svd.S, dim, draws=2000, seed=0)
+    inside = (svd.layer_weighted_cosine().abs() < band).double().mean().item()
+    assert abs(inside - 0.95) < 5 * np.sqrt(0.95 * 0.05 * (1 / layers + 1 / 2000)), inside
+
+
 def test_band_narrows_as_heads_and_modes_increase():
     dim = 64
     few = layer_null_band_from(torch.ones(1, 1, 4), dim)[0].item()
