@@ -62,13 +62,41 @@ figures.model_summary(svds)
 #
 # Per head, $\overline{\cos} = \sum_n \frac{s_n}{\sum_m s_m} \cos_n$ (the paper's formula; the authors' code
 # further divides by $d_k$, which rescales every curve by $1/d_k$ and hides how large the values are), then
-# the mean over heads. The grey band is the central 95% of the cosine between two independent random unit
-# vectors in $\mathbb{R}^d$, for the smallest $d$ among the models shown.
+# the mean over heads. Each shaded strip is the 95% band of *this plotted statistic* under chance: each
+# head's $U$ and $V$ replaced by independent random orthonormal frames, keeping the head's own singular
+# values (2000 draws, seed 0, so exactly reproducible). Averaging over modes and heads makes it far narrower
+# than the spread of a single random cosine (±{glue:text}`s4_single_band:.3f` for $d$ = {glue:text}`s4_dim`),
+# which the S1 histograms below use.
 
 # %%
 layers = cosine.layer_table(svds)
-band = cosine.null_band_for(svds)
-figures.fig3_cosine(layers, band)
+bands = cosine.null_band_table(svds)
+single_band = cosine.null_band_for(svds)
+glue("s4_single_band", single_band, display=False)
+glue("s4_dim", min(svd.dim for svd in svds.values()), display=False)
+figures.fig3_cosine_simulated_band(layers, bands)
+
+# %% [markdown]
+# ## Which basis? Raw weights and the standardised token
+#
+# The score acts on the LayerNorm output $x = \gamma \odot z + \beta$, and the cosine $u_n \cdot v_n$ is
+# measured in the basis of $x$. Folding $\gamma$ into the weights ($W_q \operatorname{diag}\gamma$,
+# $W_k \operatorname{diag}\gamma$) gives the same scores as a form on the standardised token $z$ (up to
+# the $\beta$ terms), the default of TransformerLens. Both are legitimate; they differ because $\gamma$
+# stretches some coordinates more than others, which changes which directions count as "alike". The paper
+# used the raw weights (left); the right panel shows how much the curve depends on that choice.
+
+# %%
+folded = {label: qklib.qk_svd(model, fold_gamma=True) for label, model in loaded.items()}
+basis = cosine.basis_table(svds, folded)
+glue("s4_basis", cosine.basis_differences(basis).style.format(precision=3).hide(axis="index"), display=False)
+figures.basis_comparison(basis)
+
+# %% [markdown]
+# Where the two bases put each curve's lowest layer, and where they differ most:
+#
+# ```{glue:} s4_basis
+# ```
 
 # %% [markdown]
 # Every head, as a layer × head map (red: grouping, blue: attending to opposite features):
@@ -116,18 +144,21 @@ figures.s4_relative(relative)
 # Baseline images: {glue:text}`s4_photos`. The per-layer table behind Fig 3 and S4, for download:
 
 # %%
-findings = cosine.findings_table(relative, band)
-glue("s4_band", band, display=False)
+findings = cosine.findings_table(relative, bands, effect=single_band)
 glue("s4_findings", findings.style.format(precision=3).hide(axis="index"), display=False)
-download_link(relative, "s4_cosine_per_layer.csv")
+per_layer = relative.merge(bands[["model", "layer", "null_band"]]).merge(
+    basis.pivot_table(index=["model", "layer"], columns="basis", values="weighted_cosine").reset_index())
+download_link(per_layer, "s4_cosine_per_layer.csv")
 
 # %% [markdown]
 # ## What we found
 #
-# For each model: the shape of its curve, decided against the null band (±{glue:text}`s4_band:.3f`):
-# *concave* when the first layers lie more than the band above the lowest layer and the last layer does
-# too, *falling* when only the first holds, *inside band* when every layer lies within it; then the weighted
-# cosine in the first, the lowest and the last layer, and the relative cosine in those layers.
+# For each model: the shape of its curve, judged with the spread of one random cosine
+# (±{glue:text}`s4_single_band:.3f`) as the smallest change that counts: *concave* when the first layers lie
+# more than that above the lowest layer and the last layer does too, *falling* when only the first holds,
+# *flat* when every layer lies within it. Then the weighted cosine in the first, the lowest and the last
+# layer, how many layers lie outside the model's own 95% null band (about 1 in 20 by chance alone), and the
+# relative cosine in those layers.
 #
 # ```{glue:} s4_findings
 # ```

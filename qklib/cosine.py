@@ -119,35 +119,38 @@ def relative_table(models: dict[str, nn.Module], layers: pd.DataFrame, photos: l
     return pd.concat(frames, ignore_index=True)
 
 
-def depth_profile(values: np.ndarray, band: float) -> str:
-    """The shape of a weighted-cosine curve over layers, decided against the null band ``band``.
+def depth_profile(values: np.ndarray, effect: float) -> str:
+    """The shape of a weighted-cosine curve over layers, judged with the effect size ``effect`` (the chapter
+    uses the single-cosine null band, a change as large as one random cosine's spread).
 
-    "concave": the mean of the first sixth (at least two layers) lies more than ``band`` above the lowest
-    layer, and the last layer more than ``band`` above it too; "falling": only the first holds; "inside
-    band": every layer lies inside the band; otherwise "other".
+    "concave": the mean of the first sixth (at least two layers) lies more than ``effect`` above the lowest
+    layer, and the last layer more than ``effect`` above it too; "falling": only the first holds; "flat":
+    every layer lies within ``±effect``; otherwise "other".
     """
     values = np.asarray(values, dtype=float)
     low = int(values.argmin())
-    if (np.abs(values) < band).all():
-        return "inside band"
-    falls = values[: max(2, len(values) // 6)].mean() - values[low] > band
-    rises = values[-1] - values[low] > band and low < len(values) - 1
+    if (np.abs(values) < effect).all():
+        return "flat"
+    falls = values[: max(2, len(values) // 6)].mean() - values[low] > effect
+    rises = values[-1] - values[low] > effect and low < len(values) - 1
     if falls and rises:
         return "concave"
     return "falling" if falls else "other"
 
 
-def findings_table(relative: pd.DataFrame, band: float) -> pd.DataFrame:
-    """One row per model: the curve's shape (:func:`depth_profile`), its values at the first, lowest and last
-    layer, how many layers lie inside the null band, and the relative cosine at those layers."""
+def findings_table(relative: pd.DataFrame, bands: pd.DataFrame, effect: float) -> pd.DataFrame:
+    """One row per model: the curve's shape (:func:`depth_profile` with ``effect``), its values at the first,
+    lowest and last layer, how many layers lie outside the model's own 95% null band (``bands``:
+    :func:`null_band_table`; about 1 in 20 is expected by chance alone), and the relative cosine at those layers."""
     rows = []
     for label, frame in relative.groupby("model", sort=False):
         frame = frame.reset_index(drop=True)
         values = frame["weighted_cosine"].to_numpy()
+        band = bands[bands["model"] == label].sort_values("layer")["null_band"].to_numpy()
         low, last = int(values.argmin()), len(values) - 1
-        rows.append({"model": label, "shape": depth_profile(values, band), "layer 0": values[0],
+        rows.append({"model": label, "shape": depth_profile(values, effect), "layer 0": values[0],
                      "lowest layer": low, "lowest": values[low], "last layer": values[last],
-                     "layers inside band": f"{int((np.abs(values) < band).sum())} of {len(values)}",
+                     "layers outside the null band": f"{int((np.abs(values) > band).sum())} of {len(values)}",
                      "relative, layer 0": frame["relative_cosine"].iloc[0],
                      "relative, lowest layer": frame["relative_cosine"].iloc[low],
                      "relative, last layer": frame["relative_cosine"].iloc[last]})
@@ -159,10 +162,10 @@ def null_band_table(svds: dict[str, QKSVD], level: float = 0.95, draws: int = NU
     """One row per (model, layer): the simulated ``level`` null band of the plotted statistic (Fig 3's layer mean
     of head weighted cosines) for that model's own singular values, as a half-width ``null_band`` (the null is
     symmetric about 0: the band is [-null_band, +null_band]), the exact null standard deviation ``null_sd``, and
-    the single-cosine band ``single_cosine_band`` (:func:`null_band`, for comparison and the S1 histograms).
+    the single-cosine band ``single_cosine_band`` (``qklib.null_band``, for comparison and the S1 histograms).
 
     ``draws`` Haar draws per head with numpy's generator seeded by ``seed``
-    (:func:`qklib.core.svd.simulate_layer_null`): exactly reproducible.
+    (``qklib.core.svd.simulate_layer_null``): exactly reproducible.
     """
     frames = []
     for label, svd in svds.items():
@@ -195,4 +198,18 @@ def basis_table(raw: dict[str, QKSVD], folded: dict[str, QKSVD]) -> pd.DataFrame
             for layer in range(svd.num_layers):
                 rows.append({"model": label, "basis": basis, "basis_label": BASIS_LABELS[basis], "layer": layer,
                              "depth": depth(layer, svd.num_layers), "weighted_cosine": weighted[layer]})
+    return pd.DataFrame(rows)
+
+
+def basis_differences(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per model from :func:`basis_table`: the lowest layer in each basis and the layer where the two
+    bases differ most, with both values there."""
+    rows = []
+    for label, frame in table.groupby("model", sort=False):
+        wide = frame.pivot_table(index="layer", columns="basis", values="weighted_cosine")
+        gap = (wide["gamma-folded"] - wide["raw"]).abs()
+        most = int(gap.idxmax())
+        rows.append({"model": label, "lowest layer, raw": int(wide["raw"].idxmin()),
+                     "lowest layer, gamma folded": int(wide["gamma-folded"].idxmin()), "largest difference in layer": most,
+                     "raw there": wide.loc[most, "raw"], "gamma folded there": wide.loc[most, "gamma-folded"]})
     return pd.DataFrame(rows)

@@ -7,7 +7,7 @@ import torch
 
 from qklib.core.extract import token_embeddings
 from qklib.core.images import to_pixels
-from qklib.cosine import (anisotropy_baseline, centre_token_index, cosine_histograms, depth_profile, findings_table,
+from qklib.cosine import (anisotropy_baseline, basis_differences, centre_token_index, cosine_histograms, depth_profile, findings_table,
                           layer_table, mean_pairwise_cosine, mode_table)
 
 
@@ -59,17 +59,27 @@ def test_tables_hold_the_svd_numbers(embedded_svd):
 @pytest.mark.parametrize("values, shape", [
     ([0.6, 0.5, 0.2, 0.1, 0.1, 0.4], "concave"),
     ([0.6, 0.5, 0.2, 0.1, 0.1, 0.12], "falling"),
-    ([0.05, -0.05, 0.02, 0.0], "inside band"),
+    ([0.05, -0.05, 0.02, 0.0], "flat"),
     ([0.1, 0.2, 0.3, 0.4], "other"),
 ])
 def test_depth_profile(values, shape):
-    assert depth_profile(np.array(values), band=0.1) == shape
+    assert depth_profile(np.array(values), effect=0.1) == shape
 
 
 def test_findings_table_reads_first_lowest_and_last_layer():
     frame = pd.DataFrame({"model": "m", "layer": range(4), "weighted_cosine": [0.5, 0.05, 0.3, 0.4],
                           "relative_cosine": [0.4, -0.1, 0.2, 0.3]})
-    row = findings_table(frame, band=0.1).iloc[0]
+    bands = pd.DataFrame({"model": "m", "layer": [3, 2, 1, 0], "null_band": [0.5, 0.01, 0.01, 0.01]})
+    row = findings_table(frame, bands, effect=0.1).iloc[0]
     assert (row["lowest layer"], row["lowest"], row["last layer"]) == (1, 0.05, 0.4)
-    assert row["layers inside band"] == "1 of 4" and row["relative, lowest layer"] == -0.1
+    assert row["layers outside the null band"] == "3 of 4"  # layer 3's own band (0.5) holds its 0.4
+    assert row["relative, lowest layer"] == -0.1
     assert row["shape"] == "concave"
+
+
+def test_basis_differences_finds_the_lowest_layers_and_the_largest_gap():
+    table = pd.DataFrame({"model": "m", "basis": ["raw"] * 3 + ["gamma-folded"] * 3, "layer": [0, 1, 2] * 2,
+                          "weighted_cosine": [0.5, 0.1, 0.2, 0.6, 0.4, 0.15]})
+    row = basis_differences(table).iloc[0]
+    assert (row["lowest layer, raw"], row["lowest layer, gamma folded"]) == (1, 2)
+    assert (row["largest difference in layer"], row["raw there"], row["gamma folded there"]) == (1, 0.1, 0.4)

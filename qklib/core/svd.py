@@ -40,7 +40,7 @@ class QKWeights:
 
     @property
     def basis(self) -> str:
-        """What the bilinear form acts on: see :func:`basis_name`."""
+        """What the bilinear form acts on (``basis_name``): raw, gamma-folded, with biases."""
         return basis_name(self.fold_gamma, self.with_bias)
 
 
@@ -65,7 +65,7 @@ class QKSVD:
 
     @property
     def basis(self) -> str:
-        """What the modes act on: see :func:`basis_name`."""
+        """What the modes act on (``basis_name``): raw, gamma-folded, with biases."""
         return basis_name(self.fold_gamma, self.with_bias)
 
     @property
@@ -284,7 +284,7 @@ def qk_svd(model: nn.Module, fold_gamma: bool = False, with_bias: bool | str = F
     """Exact SVD of every head's W_q^T W_k of a timm ViT: ``S [L,H,r]``, ``U``/``V [L,H,d,r]``, float64.
 
     Default: the raw weights, the form on the LayerNorm output x (the paper's basis). ``fold_gamma`` and
-    ``with_bias`` change the basis as in :func:`qk_weights` (``with_bias=True`` or ``"query"``: ``U``/``V
+    ``with_bias`` change the basis as in ``qk_weights`` (``with_bias=True`` or ``"query"``: ``U``/``V
     [L,H,d+1,r]`` on ``[x; 1]``); the result's ``basis`` and ``notes`` say which. With both biases the corner
     ``b_q . b_k`` and the column ``x_i^T W_q^T b_k``, constant over keys, can dominate the modes;
     ``with_bias="query"`` decomposes exactly the part of the score that the softmax keeps.
@@ -391,7 +391,7 @@ def layer_null_sd(S: torch.Tensor, dim: int) -> torch.Tensor:
 
 def layer_null_band_from(S: torch.Tensor, dim: int, level: float = 0.95, draws: int = NULL_DRAWS,
                          seed: int = NULL_SEED) -> torch.Tensor:
-    """``[L]``: half-width of the central ``level`` band of the layer statistic (see :func:`simulate_layer_null`).
+    """``[L]``: half-width of the central ``level`` band of the layer statistic (see ``simulate_layer_null``).
 
     The null is symmetric about 0 (V -> -V preserves the Haar law and flips the sign), so the band is
     ``[-h, +h]`` with ``h`` the ``level`` quantile of the absolute statistic over the draws (which uses that symmetry).
@@ -404,7 +404,7 @@ def layer_null_band_from(S: torch.Tensor, dim: int, level: float = 0.95, draws: 
 
 def layer_null_band(svd: QKSVD, level: float = 0.95, draws: int = NULL_DRAWS, seed: int = NULL_SEED) -> torch.Tensor:
     """``[L]``: per layer, the half-width of the simulated ``level`` null band of Fig 3's statistic (the head mean
-    of the s-weighted cosine) for this model's own singular values and width. :func:`null_band` is the band of
+    of the s-weighted cosine) for this model's own singular values and width. ``null_band`` is the band of
     one cosine (the S1 histograms' line); this one is far narrower."""
     return layer_null_band_from(svd.S, svd.dim, level=level, draws=draws, seed=seed)
 
