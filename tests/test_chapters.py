@@ -127,3 +127,19 @@ def test_s4_runs_with_other_models_and_images(tmp_path, run_chapter):
     assert "deit_tiny_distilled_patch16_224 (random init, seed 3)" in text
     assert "chelsea.png, coffee.png, astronaut.png" in text  # the baseline used the folder's images
     assert sum("vegaEmbed" in o.get("data", {}).get("text/html", "") for o in outputs) == 5
+
+
+def test_every_parameter_the_docs_show_is_declared():
+    """`--param CHAPTER NAME=...` and papermill `-y 'NAME: ...'` lines in README.md and the book's pages name
+    parameters the chapter declares (`all` applies to chapters that declare the name)."""
+    shown = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "book").glob("*.md"))]:
+        text = doc.read_text()
+        shown += [(doc.name, c, n) for c, n in re.findall(r"--param\s+(\w+)\s+(\w+)=", text)]
+        shown += [(doc.name, "s4_cosine", n) for n in re.findall(r"-y\s+'(\w+):", text)]  # intro's papermill example
+    assert shown, "the docs show no --param example"
+    for doc, target, name in shown:
+        if target == "all":
+            assert any(name in chapter.SPECS[c] for c in CHAPTERS), f"{doc}: --param all {name}"
+        else:
+            assert name in chapter.SPECS[target], f"{doc}: --param {target} {name}: not a parameter of {target}"
