@@ -25,7 +25,8 @@ class QKWeights:
 
     ``wq``, ``wk``: ``[L, H, d_k, d]`` float64, so that ``q = wq[l, h] @ x``.
     ``qk_norm``: True where the model normalises q and k per head (q_norm/k_norm); ``rope``: True where it
-    rotates q and k by position (rotary embeddings). Either way the score is no longer exactly the bilinear
+    rotates q and k by position (rotary embeddings); ``rel_pos_bias``: True where it adds a learned relative
+    position bias to every score (BEiT, SimMIM). Either way the score is no longer exactly the bilinear
     form ``x^T W_q^T W_k x``.
     """
 
@@ -33,6 +34,7 @@ class QKWeights:
     wk: torch.Tensor
     qk_norm: bool = False
     rope: bool = False
+    rel_pos_bias: bool = False
 
 
 @dataclass
@@ -120,7 +122,14 @@ def qk_svd_from_weights(weights: QKWeights, model: str = "") -> QKSVD:
             "this model rotates q and k by token position (rotary embeddings): the score between two tokens "
             "depends on their positions, so W_q^T W_k is exact only for tokens at the same position"
         )
-    return QKSVD(S=s, U=u, V=v, model=model, exact=not (weights.qk_norm or weights.rope), notes=notes)
+    if weights.rel_pos_bias:
+        notes.append(
+            "this model adds a learned relative position bias to every attention score (BEiT/SimMIM): the score is "
+            "x_i^T W_q^T W_k x_j plus a term that depends only on where the two tokens are, so the modes describe "
+            "the content part of the score only"
+        )
+    exact = not (weights.qk_norm or weights.rope or weights.rel_pos_bias)
+    return QKSVD(S=s, U=u, V=v, model=model, exact=exact, notes=notes)
 
 
 def qk_weights(model: nn.Module) -> QKWeights:
@@ -156,8 +165,10 @@ def qk_weights(model: nn.Module) -> QKWeights:
                 qk_norm = True
     if len({tuple(w.shape) for w in wqs}) != 1:
         raise ValueError("blocks differ in head count or width; stacked analysis needs a uniform transformer")
+    rel_pos_bias = getattr(model, "rel_pos_bias", None) is not None or any(
+        getattr(block.attn, "relative_position_bias_table", None) is not None for block in blocks)
     return QKWeights(wq=torch.stack(wqs), wk=torch.stack(wks), qk_norm=qk_norm,
-                     rope=getattr(model, "rope", None) is not None)
+                     rope=getattr(model, "rope", None) is not None, rel_pos_bias=rel_pos_bias)
 
 
 def qk_svd(model: nn.Module) -> QKSVD:

@@ -157,3 +157,26 @@ def s4_relative(frame: pd.DataFrame) -> alt.Chart:
 def null_band_for(svds: dict[str, QKSVD]) -> float:
     dims = {svd.dim for svd in svds.values()}
     return null_band(min(dims))
+
+
+def fig_s3_encoder_predictor(svds: dict[str, QKSVD]) -> alt.HConcatChart:
+    """Fig S3: weighted cosine across depth for I-JEPA's encoder and predictor side by side, one panel each,
+    each with the null band of its own width (the predictor is narrower: d = 384 against the encoder's 1280).
+
+    ``svds``: ``{label: QKSVD}``, e.g. from ``qklib.core.paper_models.ijepa_encoder_predictor(checkpoint)``.
+    """
+    panels = []
+    for label, svd in svds.items():
+        band = null_band(svd.dim)
+        band_frame = pd.DataFrame({"low": [-band], "high": [band], "x0": [0.0], "x1": [1.0]})
+        shade = alt.Chart(band_frame).mark_rect(opacity=0.15, color="gray").encode(
+            x="x0:Q", x2="x1:Q", y="low:Q", y2="high:Q")
+        line = alt.Chart(inline(layer_table({label: svd}))).mark_line(point=True).encode(
+            x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1])),
+            y=alt.Y("weighted_cosine:Q", title="weighted cosine (mean over heads)"),
+            tooltip=["model:N", "layer:O", alt.Tooltip("weighted_cosine:Q", format="+.3f"),
+                     alt.Tooltip("unweighted_cosine:Q", format="+.3f")],
+        )
+        title = alt.TitleParams([label, f"{svd.num_layers} layers x {svd.num_heads} heads, d = {svd.dim}"], fontSize=12)
+        panels.append((shade + line).properties(width=220, height=240, title=title))
+    return alt.hconcat(*panels).resolve_scale(y="shared")
