@@ -127,6 +127,21 @@ def test_hf_convert_and_reload_gives_identical_weights(tmp_path):
     _assert_same_state(direct, reloaded)
 
 
+CLIP_PREPROCESSING = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+                      "resample": 3, "do_center_crop": True, "size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 32}}
+
+
+def test_hf_preprocessing_travels_with_the_weights(tmp_path):
+    _save_hf("clip_vision", tmp_path / "clip")
+    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps(CLIP_PREPROCESSING))
+    out, model = convert(tmp_path / "clip", tmp_path / "clip.safetensors")
+    for loaded in (model, qklib.load_model(weights=out)):
+        config = timm.data.resolve_data_config({}, model=loaded)
+        assert config["mean"] == pytest.approx(CLIP_PREPROCESSING["image_mean"])
+        assert config["std"] == pytest.approx(CLIP_PREPROCESSING["image_std"])
+        assert (config["crop_pct"], config["interpolation"]) == (0.8, "bicubic")
+
+
 def _fake_hf_cache(cache: Path, repo: str, source: Path) -> None:
     """The hub cache layout: models--ORG--NAME/refs/main names a snapshot folder holding the files."""
     entry = cache / f"models--{repo.replace('/', '--')}"
@@ -153,6 +168,25 @@ def test_hf_name_resolves_in_the_local_cache_only(tmp_path, monkeypatch):
         qklib.load_model("hf:facebook/dino-vits8")
     with pytest.raises(ModelError, match="expected hf:ORG/NAME"):
         qklib.load_model("hf:dino")
+
+
+def test_cached_timm_weights_load_without_asking_the_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from qklib.core import paper_models
+
+    name = "deit_tiny_distilled_patch16_224.fb_in1k"
+    entry = next(m for m in paper_models.PAPER_MODELS if m.timm_name == name)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert paper_models.available_offline(entry) == "no"
+    source = qklib.load_model("random:" + name, seed=5)
+    (tmp_path / "files").mkdir()
+    save_file(source.state_dict(), str(tmp_path / "files" / "model.safetensors"))
+    _fake_hf_cache(tmp_path / "hub", timm.models.get_pretrained_cfg(name).hf_hub_id, tmp_path / "files")
+    assert paper_models.available_offline(entry) == "yes"
+    model = qklib.load_model(name)  # HF_HUB_OFFLINE=1 here (conftest): the cached file is read directly
+    assert model_name(model) == name
+    _assert_same_state(model, source)
 
 
 def test_hf_folders_of_the_wrong_kind_are_refused(tmp_path):
@@ -242,6 +276,8 @@ def test_official_simmim_checkpoint_converts_to_beit(tmp_path, pretrain):
     svd = qklib.qk_svd(model)
     assert not svd.exact and any("relative position bias" in note for note in svd.notes)
     assert ("pixel decoder" in " ".join(model.qklib_notes)) == pretrain
+    config = timm.data.resolve_data_config({}, model=model)  # SimMIM normalises with ImageNet's statistics
+    assert config["mean"] == pytest.approx((0.485, 0.456, 0.406)) and config["crop_pct"] == 0.875
     assert record(model, torch.randn(1, 3, 64, 64)).tokens.shape == (2, 1, 17, 96)
     out = tmp_path / "simmim.safetensors"
     result = run_cli("convert", str(path), "--out", str(out))

@@ -92,6 +92,27 @@ def _read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     raise ModelError(f"{str(folder)!r} has a config.json but no model.safetensors or pytorch_model.bin")
 
 
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's resample codes in preprocessor_config.json
+
+
+def _data_config(folder: Path) -> dict:
+    """Mean, std, crop and interpolation from the folder's preprocessor_config.json (empty if it has none)."""
+    try:
+        config = json.loads((folder / "preprocessor_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    out = {}
+    if isinstance(config.get("image_mean"), list) and isinstance(config.get("image_std"), list):
+        out["mean"], out["std"] = config["image_mean"], config["image_std"]
+    if config.get("resample") in _RESAMPLE:
+        out["interpolation"] = _RESAMPLE[config["resample"]]
+    size, crop = config.get("size"), config.get("crop_size")
+    edge = size.get("shortest_edge") if isinstance(size, dict) else size if isinstance(size, int) else None
+    crop = crop.get("height") if isinstance(crop, dict) else crop
+    out["crop_pct"] = crop / edge if config.get("do_center_crop") and edge and crop else 1.0
+    return out
+
+
 def _prefix(state: dict[str, torch.Tensor], probe: str, candidates) -> str:
     for prefix in candidates:
         if prefix + probe in state:
@@ -176,7 +197,9 @@ def convert_folder(folder: str | Path, source: str | None = None) -> Converted:
         raise ModelError(f"{str(folder)!r}: config.json says model_type {kind!r}; qklib converts Hugging Face "
                          f"{', '.join(SUPPORTED)} models (hierarchical models such as Swin have no global attention)")
     if kind in ("clip", "clip_vision_model"):
-        return _convert_clip(config, state, source)
+        converted = _convert_clip(config, state, source)
+        converted.data_config = _data_config(folder)
+        return converted
     what = f"{source} ({kind})"
     if kind == "dinov2" and config.get("use_swiglu_ffn"):
         raise ModelError(f"{what}: SwiGLU feed-forward (DINOv2 giant) is not supported")
@@ -215,7 +238,7 @@ def convert_folder(folder: str | Path, source: str | None = None) -> Converted:
     defaults = {"vit": "vit_base_patch16_224", "deit": "deit_base_distilled_patch16_224",
                 "dinov2": "vit_base_patch14_dinov2", "ijepa": "vit_huge_patch14_gap_224"}
     notes = ["the pooler (not part of the token features) was left out"] if "pooler.dense.weight" in inner else []
-    return Converted(_arch(kind, kwargs, defaults[kind]), kwargs, out, source, notes)
+    return Converted(_arch(kind, kwargs, defaults[kind]), kwargs, out, source, notes, _data_config(folder))
 
 
 def _convert_clip(config: dict, state: dict[str, torch.Tensor], source: str) -> Converted:

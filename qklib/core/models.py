@@ -35,7 +35,7 @@ from torch import nn
 
 from . import hf, imgfocus, official
 from .files import atomic_write
-from .weights import (Converted, ModelError, arch_from_metadata, converted_metadata, describe_keys, is_state_dict,
+from .weights import (DATA_KEYS, Converted, ModelError, arch_from_metadata, converted_metadata, describe_keys, is_state_dict,
                       load_state, read_checkpoint, read_weights, unwrap)
 
 __all__ = ["DEFAULT_MODEL", "ModelError", "ModelInfo", "attention_module", "build", "cached_pretrained_file",
@@ -157,7 +157,10 @@ def _structure_check(arch: str, kwargs: dict, label: str) -> None:
     check_vit(skeleton, label)
 
 
-def _finish(model: nn.Module, label: str, arch: str, kwargs: dict, device, notes=()) -> nn.Module:
+def _finish(model: nn.Module, label: str, arch: str, kwargs: dict, device, notes=(), data_config=None) -> nn.Module:
+    if data_config:
+        data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
+        model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **data_config}
     model.qklib_name = label
     model.qklib_arch = arch
     model.qklib_kwargs = dict(kwargs)
@@ -226,7 +229,7 @@ def _read_source(weights: str | Path, name: str | None, part: str | None) -> Con
         simmim = None if recorded or official.is_ijepa(content) else official.simmim_state(content)
         if recorded:
             state = unwrap(content)
-            converted = Converted(recorded[0], recorded[1], state, label)
+            converted = Converted(recorded[0], recorded[1], state, label, data_config=recorded[2])
         elif official.is_ijepa(content):
             ijepa = True
             converted = official.convert_ijepa(content, part, label)
@@ -268,7 +271,7 @@ def _from_converted(converted: Converted, name: str | None, device) -> nn.Module
     if converted.arch != official.PREDICTOR_ARCH:
         check_vit(model, label)
     load_state(model, converted.state, repr(converted.source))
-    return _finish(model, label, converted.arch, converted.kwargs, device, converted.notes)
+    return _finish(model, label, converted.arch, converted.kwargs, device, converted.notes, converted.data_config)
 
 
 def cached_pretrained_file(name: str) -> Path | None:
@@ -402,8 +405,11 @@ def convert(source: str | Path, out: str | Path, name: str | None = None, part: 
     else:
         model = load_model(name, weights=source, part=part)
     state = {key: tensor.detach().contiguous().cpu() for key, tensor in model.state_dict().items()}
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    data_config = {key: (list(cfg[key]) if isinstance(cfg[key], tuple) else cfg[key])
+                   for key in DATA_KEYS if cfg.get(key) is not None}
     data = safetensors.torch.save(state, metadata=converted_metadata(model.qklib_arch, model.qklib_kwargs,
-                                                                     model_name(model)))
+                                                                     model_name(model), data_config))
     with atomic_write(out) as stream:
         stream.write(data)
     return out, model

@@ -40,6 +40,8 @@ from torch import nn
 from .weights import Converted, ModelError, describe_keys, is_state_dict, strip_prefix, unwrap
 
 IJEPA_PARTS = ("encoder", "target_encoder", "predictor")
+# Both repositories normalise with ImageNet's mean and std; SimMIM evaluates on a 224 crop of a 256 resize.
+_IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 PREDICTOR_ARCH = "ijepa_predictor"
 # Heads per width in the I-JEPA repository's vit_tiny ... vit_giant constructors (not stored in checkpoints).
 _IJEPA_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
@@ -184,7 +186,7 @@ def convert_ijepa(content: dict, part: str | None, source: str) -> Converted:
     arch = f"vit_{_SIZE_NAMES[width]}_patch{patch}_gap_{img}"
     if not timm.is_model(arch):
         arch = "vit_huge_patch14_gap_224"
-    return Converted(arch, kwargs, state, f"{source}, {part}")
+    return Converted(arch, kwargs, state, f"{source}, {part}", data_config=dict(_IMAGENET))
 
 
 def _ijepa_predictor(state: dict[str, torch.Tensor], what: str, source: str) -> Converted:
@@ -272,4 +274,5 @@ def convert_simmim(state: dict[str, torch.Tensor], source: str) -> Converted:
               "use_abs_pos_emb": "pos_embed" in state, "use_rel_pos_bias": per_layer, "use_shared_rel_pos_bias": shared,
               "init_values": 0.1 if layer_scale else None, "global_pool": "avg" if mean_pooling else "token",
               "use_fc_norm": mean_pooling, "num_classes": state["head.weight"].shape[0] if "head.weight" in state else 0}
-    return Converted("beit_base_patch16_224", kwargs, state, source, notes)
+    data_config = {**_IMAGENET, "crop_pct": 0.875, "interpolation": "bicubic"}
+    return Converted("beit_base_patch16_224", kwargs, state, source, notes, data_config)

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".tar", ".ckpt")
-META_ARCH, META_KWARGS, META_SOURCE = "arch", "arch_kwargs", "source"
+META_ARCH, META_KWARGS, META_SOURCE, META_DATA = "arch", "arch_kwargs", "source", "data_config"
+DATA_KEYS = ("mean", "std", "crop_pct", "interpolation")
 
 
 class ModelError(ValueError):
@@ -40,7 +41,9 @@ class Converted:
     ``arch``: a timm architecture name (or ``ijepa_predictor``); ``kwargs``: JSON-able keyword arguments that
     override the architecture's defaults; ``state``: the state dict in that architecture's key format;
     ``source``: a short label of where the weights came from (a file name, ``hf:ORG/NAME``); ``notes``:
-    what was left out (decoders, mask tokens, poolers).
+    what was left out (decoders, mask tokens, poolers); ``data_config``: the preprocessing the weights were
+    trained with where it differs from the architecture's timm default (``mean``, ``std``, ``crop_pct``,
+    ``interpolation``), applied to the model's ``pretrained_cfg``.
     """
 
     arch: str
@@ -48,6 +51,7 @@ class Converted:
     state: dict[str, torch.Tensor]
     source: str
     notes: list[str] = field(default_factory=list)
+    data_config: dict = field(default_factory=dict)
 
 
 class _ConfigStandIn:
@@ -153,20 +157,26 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     model.load_state_dict(state, strict=True)
 
 
-def converted_metadata(arch: str, kwargs: dict, source: str) -> dict[str, str]:
+def converted_metadata(arch: str, kwargs: dict, source: str, data_config: dict) -> dict[str, str]:
     """Safetensors metadata of a converted file (strings only, as the format requires)."""
-    return {"format": "pt", META_ARCH: arch, META_KWARGS: json.dumps(kwargs, sort_keys=True), META_SOURCE: source}
+    return {"format": "pt", META_ARCH: arch, META_KWARGS: json.dumps(kwargs, sort_keys=True), META_SOURCE: source,
+            META_DATA: json.dumps(data_config, sort_keys=True)}
 
 
-def arch_from_metadata(metadata: dict[str, str], path: str | Path) -> tuple[str, dict] | None:
-    """``(arch, kwargs)`` recorded in a converted file's metadata, or None for a plain file."""
+def _json_object(metadata: dict[str, str], key: str, path: str | Path) -> dict:
+    try:
+        value = json.loads(metadata.get(key) or "{}")
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{str(path)!r}: metadata {key!r} is not JSON ({error})") from error
+    if not isinstance(value, dict):
+        raise ModelError(f"{str(path)!r}: metadata {key!r} must be a JSON object, got {value!r}")
+    return value
+
+
+def arch_from_metadata(metadata: dict[str, str], path: str | Path) -> tuple[str, dict, dict] | None:
+    """``(arch, kwargs, data_config)`` recorded in a converted file's metadata, or None for a plain file."""
     arch = metadata.get(META_ARCH)
     if not arch:
         return None
-    try:
-        kwargs = json.loads(metadata.get(META_KWARGS) or "{}")
-    except json.JSONDecodeError as error:
-        raise ModelError(f"{str(path)!r}: metadata {META_KWARGS!r} is not JSON ({error})") from error
-    if not isinstance(kwargs, dict):
-        raise ModelError(f"{str(path)!r}: metadata {META_KWARGS!r} must be a JSON object, got {kwargs!r}")
-    return arch, kwargs
+    data = _json_object(metadata, META_DATA, path)
+    return arch, _json_object(metadata, META_KWARGS, path), {k: v for k, v in data.items() if k in DATA_KEYS}
