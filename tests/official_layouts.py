@@ -14,9 +14,15 @@ from pathlib import Path
 import torch
 
 
-def _block(prefix: str, width: int, mlp: int, generator: torch.Generator, qkv_bias: bool = True) -> dict:
-    def r(*shape):
-        return torch.randn(*shape, generator=generator) * 0.05
+def _maker(generator: torch.Generator, meta: bool):
+    """Random tensors (std 0.05), or shape-only tensors on the meta device for full-size layouts."""
+    def make(*shape):
+        return torch.empty(*shape, device="meta") if meta else torch.randn(*shape, generator=generator) * 0.05
+    return make
+
+
+def _block(prefix: str, width: int, mlp: int, generator: torch.Generator, qkv_bias: bool = True, meta: bool = False) -> dict:
+    r = _maker(generator, meta)
 
     state = {
         f"{prefix}norm1.weight": 1 + r(width), f"{prefix}norm1.bias": r(width),
@@ -31,32 +37,28 @@ def _block(prefix: str, width: int, mlp: int, generator: torch.Generator, qkv_bi
     return state
 
 
-def ijepa_encoder(width: int = 192, depth: int = 2, patch: int = 16, grid: int = 4, seed: int = 0) -> dict:
+def ijepa_encoder(width: int = 192, depth: int = 2, patch: int = 16, grid: int = 4, seed: int = 0,
+                  meta: bool = False) -> dict:
     """An I-JEPA VisionTransformer state dict (no class token; keys as DistributedDataParallel saves them)."""
     g = torch.Generator().manual_seed(seed)
-    state = {"patch_embed.proj.weight": torch.randn(width, 3, patch, patch, generator=g) * 0.05,
-             "patch_embed.proj.bias": torch.randn(width, generator=g) * 0.05,
-             "pos_embed": torch.randn(1, grid * grid, width, generator=g) * 0.05,
-             "norm.weight": 1 + torch.randn(width, generator=g) * 0.05, "norm.bias": torch.randn(width, generator=g) * 0.05}
+    r = _maker(g, meta)
+    state = {"patch_embed.proj.weight": r(width, 3, patch, patch), "patch_embed.proj.bias": r(width),
+             "pos_embed": r(1, grid * grid, width), "norm.weight": 1 + r(width), "norm.bias": r(width)}
     for i in range(depth):
-        state |= _block(f"blocks.{i}.", width, 4 * width, g)
+        state |= _block(f"blocks.{i}.", width, 4 * width, g, meta=meta)
     return {f"module.{k}": v for k, v in state.items()}
 
 
-def ijepa_predictor(width: int = 192, predictor_width: int = 96, depth: int = 2, tokens: int = 16, seed: int = 1) -> dict:
+def ijepa_predictor(width: int = 192, predictor_width: int = 96, depth: int = 2, tokens: int = 16, seed: int = 1,
+                    meta: bool = False) -> dict:
     """An I-JEPA VisionTransformerPredictor state dict."""
     g = torch.Generator().manual_seed(seed)
-    p = predictor_width
-    state = {"predictor_embed.weight": torch.randn(p, width, generator=g) * 0.05,
-             "predictor_embed.bias": torch.randn(p, generator=g) * 0.05,
-             "mask_token": torch.randn(1, 1, p, generator=g) * 0.02,
-             "predictor_pos_embed": torch.randn(1, tokens, p, generator=g) * 0.05,
-             "predictor_norm.weight": 1 + torch.randn(p, generator=g) * 0.05,
-             "predictor_norm.bias": torch.randn(p, generator=g) * 0.05,
-             "predictor_proj.weight": torch.randn(width, p, generator=g) * 0.05,
-             "predictor_proj.bias": torch.randn(width, generator=g) * 0.05}
+    r, p = _maker(g, meta), predictor_width
+    state = {"predictor_embed.weight": r(p, width), "predictor_embed.bias": r(p), "mask_token": r(1, 1, p),
+             "predictor_pos_embed": r(1, tokens, p), "predictor_norm.weight": 1 + r(p), "predictor_norm.bias": r(p),
+             "predictor_proj.weight": r(width, p), "predictor_proj.bias": r(width)}
     for i in range(depth):
-        state |= _block(f"predictor_blocks.{i}.", p, 4 * p, g)
+        state |= _block(f"predictor_blocks.{i}.", p, 4 * p, g, meta=meta)
     return {f"module.{k}": v for k, v in state.items()}
 
 
@@ -88,32 +90,32 @@ def beit_relative_index(window: int) -> torch.Tensor:
 
 
 def simmim_vit(width: int = 96, depth: int = 2, heads: int = 3, patch: int = 16, window: int = 4, shared: bool = True,
-               mean_pooling: bool = False, classes: int = 0, seed: int = 0) -> dict:
+               mean_pooling: bool = False, classes: int = 0, seed: int = 0, meta: bool = False) -> dict:
     """SimMIM's (BEiT-style) VisionTransformer state dict: qkv without bias plus q_bias/v_bias, layer scale,
     relative position bias shared (pretraining config) or per layer (fine-tuning config), no pos_embed."""
     g = torch.Generator().manual_seed(seed)
+    r = _maker(g, meta)
     table = (2 * window - 1) ** 2 + 3
-    state = {"cls_token": torch.randn(1, 1, width, generator=g) * 0.02,
-             "patch_embed.proj.weight": torch.randn(width, 3, patch, patch, generator=g) * 0.05,
-             "patch_embed.proj.bias": torch.randn(width, generator=g) * 0.05}
+    state = {"cls_token": r(1, 1, width), "patch_embed.proj.weight": r(width, 3, patch, patch),
+             "patch_embed.proj.bias": r(width)}
     if shared:
-        state["rel_pos_bias.relative_position_bias_table"] = torch.randn(table, heads, generator=g) * 0.1
+        state["rel_pos_bias.relative_position_bias_table"] = r(table, heads)
         state["rel_pos_bias.relative_position_index"] = beit_relative_index(window)
     for i in range(depth):
-        state |= _block(f"blocks.{i}.", width, 4 * width, g, qkv_bias=False)
-        state[f"blocks.{i}.attn.q_bias"] = torch.randn(width, generator=g) * 0.05
-        state[f"blocks.{i}.attn.v_bias"] = torch.randn(width, generator=g) * 0.05
-        state[f"blocks.{i}.gamma_1"] = 0.1 + torch.randn(width, generator=g) * 0.01
-        state[f"blocks.{i}.gamma_2"] = 0.1 + torch.randn(width, generator=g) * 0.01
+        state |= _block(f"blocks.{i}.", width, 4 * width, g, qkv_bias=False, meta=meta)
+        state[f"blocks.{i}.attn.q_bias"] = r(width)
+        state[f"blocks.{i}.attn.v_bias"] = r(width)
+        state[f"blocks.{i}.gamma_1"] = 0.1 + r(width)
+        state[f"blocks.{i}.gamma_2"] = 0.1 + r(width)
         if not shared:
-            state[f"blocks.{i}.attn.relative_position_bias_table"] = torch.randn(table, heads, generator=g) * 0.1
+            state[f"blocks.{i}.attn.relative_position_bias_table"] = r(table, heads)
             state[f"blocks.{i}.attn.relative_position_index"] = beit_relative_index(window)
     norm = "fc_norm" if mean_pooling else "norm"
-    state[f"{norm}.weight"] = 1 + torch.randn(width, generator=g) * 0.05
-    state[f"{norm}.bias"] = torch.randn(width, generator=g) * 0.05
+    state[f"{norm}.weight"] = 1 + r(width)
+    state[f"{norm}.bias"] = r(width)
     if classes:
-        state["head.weight"] = torch.randn(classes, width, generator=g) * 0.02
-        state["head.bias"] = torch.zeros(classes)
+        state["head.weight"] = r(classes, width)
+        state["head.bias"] = r(classes)
     return state
 
 

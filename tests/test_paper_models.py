@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 import qklib
-from official_layouts import write_ijepa
-from qklib.core import paper_models
+from official_layouts import ijepa_encoder, ijepa_predictor, simmim_vit, write_ijepa
+from qklib.core import official, paper_models
 from qklib.core.extract import record
 from qklib.core.models import ModelError, query_key_weights
+from qklib.core.weights import strip_prefix
 from qklib.present import cosine as charts
 
 ENTRIES = [*paper_models.PAPER_MODELS, paper_models.IJEPA_PREDICTOR]
@@ -70,6 +71,34 @@ def test_full_architecture_matches_the_registry(entry):
     assert attn.num_heads == entry.heads and wq.shape[0] // attn.num_heads == entry.head_dim
     if entry is not paper_models.IJEPA_PREDICTOR:
         assert qklib.core.models.prefix_tokens(net) == entry.prefix_tokens
+
+
+def _shapes(module: nn.Module, drop=("head.weight", "head.bias")) -> dict:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items() if k not in drop}
+
+
+def test_full_size_official_layouts_convert_to_the_registry_architectures():
+    """Full ViT-H/14 (I-JEPA) and ViT-B/16 (SimMIM) official layouts, as shapes on the meta device."""
+    encoder = strip_prefix(ijepa_encoder(width=1280, depth=32, patch=14, grid=16, meta=True), "module.")
+    predictor = strip_prefix(ijepa_predictor(width=1280, predictor_width=384, depth=12, tokens=256, meta=True), "module.")
+    parts = {"encoder": encoder, "predictor": predictor, "target_encoder": encoder}
+    converted = official.convert_ijepa(parts, "encoder", "full.pth.tar")
+    assert converted.arch == "vit_huge_patch14_gap_224"
+    converted_predictor = official.convert_ijepa(parts, "predictor", "full.pth.tar")
+    assert converted_predictor.kwargs == paper_models.IJEPA_PREDICTOR.arch_kwargs
+    simmim = {e.label: e for e in paper_models.PAPER_MODELS if e.family == "SimMIM"}
+    pretrain = official.convert_simmim(simmim_vit(768, 12, 12, 16, 14, shared=True, meta=True), "pre.pth")
+    finetune = official.convert_simmim(simmim_vit(768, 12, 12, 16, 14, shared=False, mean_pooling=True, classes=1000,
+                                                  meta=True), "ft.pth")
+    pairs = [(converted, next(m for m in paper_models.PAPER_MODELS if m.family == "I-JEPA")),
+             (converted_predictor, paper_models.IJEPA_PREDICTOR),
+             (pretrain, simmim["SimMIM ViT-B/16 pretrain"]), (finetune, simmim["SimMIM ViT-B/16 fine-tuned"])]
+    for result, entry in pairs:
+        with torch.device("meta"):
+            built = qklib.core.models.build(result.arch, result.kwargs)
+            registry = qklib.core.models.build(*paper_models.architecture(entry))
+        file_shapes = {k: tuple(v.shape) for k, v in result.state.items() if not k.startswith("head.")}
+        assert _shapes(built) == _shapes(registry) == file_shapes, entry.label
 
 
 def _exact_reconstruction(net: nn.Module, svd: qklib.QKSVD) -> float:
