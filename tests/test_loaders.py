@@ -16,6 +16,7 @@ import pytest
 import timm
 import torch
 import transformers
+from huggingface_hub import constants
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 import qklib
 from official_layouts import beit_relative_index, write_ijepa, write_simmim
 from qklib.cli import main
-from qklib.core import hf
+from qklib.core import hf, paper_models
 from qklib.core.extract import record
 from qklib.core.models import ModelError, convert, model_name
 
@@ -155,8 +156,6 @@ def _fake_hf_cache(cache: Path, repo: str, source: Path) -> None:
 
 
 def test_hf_name_resolves_in_the_local_cache_only(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
     _save_hf("dino", tmp_path / "dino")
     cache = tmp_path / "hub"
     _fake_hf_cache(cache, "facebook/dino-vitb16", tmp_path / "dino")
@@ -171,10 +170,6 @@ def test_hf_name_resolves_in_the_local_cache_only(tmp_path, monkeypatch):
 
 
 def test_cached_timm_weights_load_without_asking_the_hub(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    from qklib.core import paper_models
-
     name = "deit_tiny_distilled_patch16_224.fb_in1k"
     entry = next(m for m in paper_models.PAPER_MODELS if m.timm_name == name)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

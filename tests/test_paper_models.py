@@ -6,12 +6,16 @@ block of these isotropic transformers has the same geometry, so head dim, head c
 pre-norm, pooling and the relative position bias are all present at depth 2.
 """
 
+import contextlib
+import io
+
 import pytest
 import timm
 import torch
 from torch import nn
 
 import qklib
+from qklib.cli import main
 from official_layouts import ijepa_encoder, ijepa_predictor, simmim_vit, write_ijepa
 from qklib.core import official, paper_models
 from qklib.core.extract import record
@@ -44,10 +48,6 @@ def test_every_timm_name_is_a_pretrained_timm_model():
 
 
 def test_cli_models_lists_all_16_with_how_each_loads():
-    from qklib.cli import main
-    import contextlib
-    import io
-
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["models"]) == 0
