@@ -12,6 +12,7 @@ import pandas as pd
 from IPython.display import Markdown
 
 from ..core.svd import QKSVD
+from ..cosine import layer_table, null_band_table
 
 # Facetted charts wrap after this many panels, so that they fit the book's text column.
 PANELS_PER_ROW = 2
@@ -151,3 +152,18 @@ def basis_comparison(table: pd.DataFrame, title: str = "Weighted cosine in two b
         tooltip=["model:N", "basis_label:N", "layer:O", alt.Tooltip("weighted_cosine:Q", format="+.3f")],
     ).properties(width=220, height=240).facet(
         column=alt.Column("basis:N", sort=order, title=None)).resolve_scale(y="shared").properties(title=title)
+
+
+def fig_s3_encoder_predictor(svds: dict[str, QKSVD]) -> alt.HConcatChart:
+    """Fig S3: weighted cosine across depth for I-JEPA's encoder and predictor side by side, one panel each,
+    each with the simulated 95% null band of its own plotted statistic (the predictor is narrower: d = 384
+    against the encoder's 1280).
+
+    ``svds``: ``{label: QKSVD}``, e.g. from ``qklib.core.paper_models.ijepa_encoder_predictor(checkpoint)``.
+    """
+    panels = []
+    for label, svd in svds.items():
+        title = alt.TitleParams([label, f"{svd.num_layers} layers x {svd.num_heads} heads, d = {svd.dim}"], fontSize=12)
+        chart = fig3_cosine_simulated_band(layer_table({label: svd}), null_band_table({label: svd}))
+        panels.append(chart.properties(width=220, height=240, title=title))
+    return alt.hconcat(*panels).resolve_scale(y="shared")
