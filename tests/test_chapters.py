@@ -110,25 +110,6 @@ def test_the_book_builder_refuses_a_parameter_the_chapter_does_not_declare():
     assert nobody.returncode == 1 and "no chapter of this build declares 'walkthrough_image'" in nobody.stderr
 
 
-@pytest.mark.slow
-def test_s4_runs_with_other_models_and_images(tmp_path, run_chapter):
-    images = tmp_path / "images"
-    images.mkdir()
-    from qklib.core.images import shipped_photos
-
-    for name, photo in list(shipped_photos().items())[:3]:
-        photo.save(images / f"{name}.png")
-    nb, error = run_chapter("s4_cosine", models=["random:vit_tiny_patch16_224", "random:deit_tiny_distilled_patch16_224"],
-                            image_dir=str(images), seed=3)
-    assert error is None, error
-    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
-    assert not [o for o in outputs if o.output_type == "error"], "a cell displayed an error"
-    text = "\n".join(str(o.get("data", {})) for o in outputs)
-    assert "deit_tiny_distilled_patch16_224 (random init, seed 3)" in text
-    assert "chelsea.png, coffee.png, astronaut.png" in text  # the baseline used the folder's images
-    assert sum("vegaEmbed" in o.get("data", {}).get("text/html", "") for o in outputs) == 5
-
-
 def test_every_parameter_the_docs_show_is_declared():
     """`--param CHAPTER NAME=...` and papermill `-y 'NAME: ...'` lines in README.md and the book's pages name
     parameters the chapter declares (`all` applies to chapters that declare the name)."""
