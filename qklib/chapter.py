@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -39,26 +40,36 @@ class ParameterError(ValueError):
 
 # --- checkers: (parameter name, value) -> normalised value, or ParameterError ------------------------------
 
-def model_spec(spec) -> tuple[str, str | None, bool]:
-    """One entry of a chapter's ``models`` parameter -> ``(name, weights, random_init)``.
+class ModelSpec(NamedTuple):
+    """One checked entry of a chapter's ``models`` parameter."""
 
-    An entry is a model name (``"vit_base_patch16_224.dino"``), ``"random:NAME"`` for the random-init
-    control of NAME's architecture, or ``{"name": ..., "weights": "file.safetensors"}``.
+    name: str | None  # timm "arch.tag", "hf:ORG/NAME", or None: the architecture a converted weights file names
+    weights: str | None  # a weights file or a Hugging Face model folder
+    random_init: bool  # the seeded random-init control of ``name``'s architecture
+    part: str | None = None  # which network of an official I-JEPA checkpoint
+
+
+def model_spec(spec) -> ModelSpec:
+    """One entry of a chapter's ``models`` parameter, spelled as for ``qklib.load_model``: a model name
+    (``"vit_base_patch16_224.dino"``, ``"hf:facebook/dino-vitb16"``), ``"random:NAME"`` for the random-init
+    control of NAME's architecture, or ``{"name": ..., "weights": "file or HF folder", "part": "encoder"}``
+    (``name`` optional when the file names its architecture).
     """
     if isinstance(spec, dict):
-        unknown = set(spec) - {"name", "weights"}
-        if "name" not in spec or unknown:
-            raise ParameterError(f"models entry {spec!r}: use {{'name': 'arch.tag', 'weights': 'path'}}")
-        return str(spec["name"]), spec.get("weights") or None, False
+        unknown = set(spec) - {"name", "weights", "part"}
+        if unknown or not (spec.get("name") or spec.get("weights")):
+            raise ParameterError(f"models entry {spec!r}: use {{'name': 'arch.tag', 'weights': 'path', 'part': ...}} "
+                                 "(name or weights, part only for an I-JEPA checkpoint)")
+        return ModelSpec(spec.get("name") or None, spec.get("weights") or None, False, spec.get("part") or None)
     if not isinstance(spec, str) or not spec:
         raise ParameterError(f"models entry {spec!r}: give a model name string, 'random:NAME', or a dict")
     if spec.startswith("random:"):
-        return spec[len("random:"):], None, True
-    return spec, None, False
+        return ModelSpec(spec[len("random:"):], None, True)
+    return ModelSpec(spec, None, False)
 
 
-def check_models(models, name: str = "models", most: int | None = None) -> list[tuple[str, str | None, bool]]:
-    """Validate a ``models`` parameter (names known to timm, weights files present) before any loading."""
+def check_models(models, name: str = "models", most: int | None = None) -> list[ModelSpec]:
+    """Validate a ``models`` parameter (names known to timm, weights files or folders present) before loading."""
     if isinstance(models, str | dict):
         models = [models]
     if not isinstance(models, list | tuple) or not models:
@@ -67,13 +78,14 @@ def check_models(models, name: str = "models", most: int | None = None) -> list[
         raise ParameterError(f"parameter {name!r}: this chapter draws one model at a time; give at most {most} "
                              f"entr{'y' if most == 1 else 'ies'}, got {len(models)}")
     specs = [model_spec(m) for m in models]
-    for model, weights, _ in specs:
+    for spec in specs:
         try:
-            check_name(model)
+            if spec.name is not None:
+                check_name(spec.name)
         except ModelError as error:
             raise ParameterError(f"parameter {name!r}: {error}") from None
-        if weights is not None and not Path(weights).expanduser().is_file():
-            raise ParameterError(f"parameter {name!r}: weights file {weights!r} for {model!r} does not exist")
+        if spec.weights is not None and not Path(spec.weights).expanduser().exists():
+            raise ParameterError(f"parameter {name!r}: weights file or folder {spec.weights!r} does not exist")
     return specs
 
 
@@ -271,9 +283,9 @@ def load_models(specs, device: str = "cpu", seed: int = 0) -> dict:
     """Load checked model specs -> ``{label: model}``; a random-init control (seeded with ``seed``) is
     labelled by its architecture and seed."""
     loaded = {}
-    for name, weights, random_init in specs:
-        model = (random_control(name, seed=seed, device=device) if random_init
-                 else load_model(name, weights=weights, device=device))
+    for spec in specs:
+        model = (random_control(spec.name, seed=seed, device=device) if spec.random_init
+                 else load_model(spec.name, weights=spec.weights, device=device, part=spec.part))
         loaded[model.qklib_name] = model
     return loaded
 
