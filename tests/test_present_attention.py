@@ -211,7 +211,7 @@ def test_findings_phrases_follow_the_numbers():
     assert found["s3_course_background"].startswith("rises L0→L1 (0.30→0.40), stays level L1→L2")
     assert found["s3_verdict"].startswith("3 of the 3 hold: same-object attention is the largest of the three in "
                                           "layer 0 (it is the largest in L0, L1, L2 of 6)")
-    assert "background attention grows with depth (3 of 5 layer steps rise; L0 0.30, L5 0.50)" in found["s3_verdict"]
+    assert "background attention grows with depth (slope +0.031 per layer, 3 of 5 layer steps rise; L0 0.30, L5 0.50)" in found["s3_verdict"]
     assert found["s3_peak_layer"] == 0 and found["s3_peak"] == pytest.approx(0.6)
     assert found["s3_peak_x_chance"] == pytest.approx(6.0) and found["s3_same_last_layer"] == pytest.approx(0.2)
     assert found["s3_controls"] == "model b stays within 0.010 of chance in every layer"
@@ -247,6 +247,7 @@ def test_variant_means_chart_and_self_token_findings():
     assert means.loc[1, ("same", "peak token, self removed")] == pytest.approx(0.35)
     found = attention.self_token_findings(means)
     assert found["s3_self_part_l0"] == pytest.approx(0.3) and found["s3_same_removed_l0"] == pytest.approx(0.25)
+    assert found["s3_self_layer"] in (0, 1, 2) and found["s3_self_part"] == pytest.approx(0.3)
     assert (found["s3_removed_low"], found["s3_removed_high"]) == pytest.approx((0.25, 0.45))
     assert found["s3_course_same_all"] == "rises L0→L2 (0.35→0.55)"
     spec = attention.variant_chart(means, "m").to_dict()

@@ -285,11 +285,13 @@ def course(values: Sequence[float], tolerance: float = 0.005) -> str:
     return ", ".join(runs)
 
 
-def _grows(values: Sequence[float], tolerance: float = 0.005) -> tuple[bool, int]:
-    """(last layer above the first and more rising than falling steps, number of rising steps)."""
-    steps = np.diff(np.asarray(values, dtype=float))
-    rising, falling = int((steps > tolerance).sum()), int((steps < -tolerance).sum())
-    return bool(values[-1] > values[0] and rising > falling), rising
+def _grows(values: Sequence[float], tolerance: float = 0.005) -> tuple[bool, int, float]:
+    """(grows: the least-squares slope over layers is positive and the last layer lies above the first,
+    the number of rising layer steps, the slope per layer)."""
+    values = np.asarray(values, dtype=float)
+    slope = float(np.polyfit(np.arange(len(values)), values, 1)[0])
+    rising = int((np.diff(values) > tolerance).sum())
+    return bool(slope > 0 and values[-1] > values[0]), rising, slope
 
 
 def findings(stats: pd.DataFrame, chance: pd.Series, models: Sequence[str]) -> dict[str, object]:
@@ -298,7 +300,7 @@ def findings(stats: pd.DataFrame, chance: pd.Series, models: Sequence[str]) -> d
     ``stats``: :func:`layer_stats` of one variant (the chapter's headline). Everything is stated layer by layer:
     ``s3_course_<group>`` (:func:`course` of the first model's curve), ``s3_verdict`` (which of the paper's three
     Fig 2 observations hold for the first model: same-object attention is the largest group in layer 0; a group
-    "grows with depth" when its last layer lies above its first and more layer steps rise than fall),
+    "grows with depth" when its least-squares slope over layers is positive and its last layer lies above its first),
     ``s3_controls`` (each further model's largest distance from chance), ``s3_layer_table`` (every layer).
     """
     wide = layer_means(stats, models)
@@ -312,9 +314,10 @@ def findings(stats: pd.DataFrame, chance: pd.Series, models: Sequence[str]) -> d
     checks = [(leads, f"same-object attention is {'' if leads else 'not '}the largest of the three in layer 0 "
                       f"(it is the largest in {where} of {layers})")]
     for g in ("different", "background"):
-        grows, rising = _grows(curve[g])
-        checks.append((grows, f"{g} attention {'grows' if grows else 'does not grow'} with depth ({rising} of "
-                              f"{layers - 1} layer steps rise; L0 {curve[g][0]:.2f}, L{layers - 1} {curve[g][-1]:.2f})"))
+        grows, rising, slope = _grows(curve[g])
+        checks.append((grows, f"{g} attention {'grows' if grows else 'does not grow'} with depth (slope {slope:+.3f} "
+                              f"per layer, {rising} of {layers - 1} layer steps rise; L0 {curve[g][0]:.2f}, "
+                              f"L{layers - 1} {curve[g][-1]:.2f})"))
     same = wide[(first, "same")]
     return {
         "s3_model": first, "s3_layers": layers,
@@ -360,11 +363,15 @@ def variant_chart(means: pd.DataFrame, model: str) -> alt.FacetChart:
 def self_token_findings(means: pd.DataFrame) -> dict[str, object]:
     """Glue values on the query's own token from :func:`variant_means` (needs both peak-token variants):
     same-object attention in layer 0 with and without it, their difference (the self term), the range of the
-    self-removed curve over layers and the course of the kept and all-covered-token curves."""
+    self-removed curve over layers and the course of the kept and all-covered-token curves; the same three in the
+    layer where the self token adds most (``s3_self_layer``)."""
     removed = means[("same", VARIANT_NAMES[("peak", "removed")])]
     kept = means[("same", VARIANT_NAMES[("peak", "kept")])]
+    gap = kept - removed
+    most = int(gap.idxmax())
     found = {"s3_same_kept_l0": float(kept.iloc[0]), "s3_same_removed_l0": float(removed.iloc[0]),
-             "s3_self_part_l0": float(kept.iloc[0] - removed.iloc[0]),
+             "s3_self_part_l0": float(gap.iloc[0]), "s3_self_layer": most, "s3_self_part": float(gap[most]),
+             "s3_same_kept_self_layer": float(kept[most]), "s3_same_removed_self_layer": float(removed[most]),
              "s3_removed_low": float(removed.min()), "s3_removed_high": float(removed.max()),
              "s3_course_same_kept": course(kept.to_numpy())}
     name = VARIANT_NAMES[("all", "removed")]
