@@ -28,7 +28,7 @@ from .core.files import atomic_write
 from .core.images import ImageError, images_by_stem, load_folder, open_rgb, shipped_photos
 from .core.models import ModelError, check_name, load_model, random_control
 from .core.svd import QKSVD
-from .modes import parse_label
+from .modes import parse_label, rule_modes
 from .o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
 from .search import parse_indices
 
@@ -145,9 +145,12 @@ def labels(name, value) -> list[str]:
     return list(value)
 
 
-def mode_labels(name, value) -> list[tuple[int, int, int, int]]:
+def mode_labels(name, value) -> list[tuple[int, int, int, int]] | str:
     """Mode labels like ``"L10 H3 M0"`` (``"L10 H3 M0-"`` for the flipped feature) -> ``(layer, head, mode, sign)``;
-    checked against the model by :func:`fit_to_model`."""
+    checked against the model by :func:`fit_to_model`. ``"rule"`` stays ``"rule"``: :func:`fit_to_model` then
+    picks the modes by :func:`qklib.modes.rule_modes` (fixed before looking at any picture)."""
+    if value == "rule":
+        return "rule"
     parsed = []
     for label in labels(name, value):
         try:
@@ -234,7 +237,8 @@ def check(chapter: str, namespace: Mapping) -> SimpleNamespace:
 
 def fit_to_model(p: SimpleNamespace, svd: QKSVD) -> SimpleNamespace:
     """Check the parameters that depend on the model's size once it is loaded: ``layers`` and ``heads``
-    (``"all"``, an int or a list) become sorted lists of 0-based indices; ``featured`` modes and
+    (``"all"``, an int or a list) become sorted lists of 0-based indices; ``featured = "rule"`` becomes the
+    modes :func:`qklib.modes.rule_modes` picks; ``featured`` modes and
     ``explorer_modes`` must exist in the model. Returns a copy of ``p``; parameters ``p`` lacks are left alone."""
     fitted = SimpleNamespace(**vars(p))
     size = f"the model has {svd.num_layers} layers, {svd.num_heads} heads and {svd.rank} modes per head, all 0-based"
@@ -246,7 +250,9 @@ def fit_to_model(p: SimpleNamespace, svd: QKSVD) -> SimpleNamespace:
                 raise ParameterError(f"parameter {name!r}: {error}") from None
     if getattr(p, "explorer_modes", 0) > svd.rank:
         raise ParameterError(f"parameter 'explorer_modes' is {p.explorer_modes} but {size}")
-    for layer, head, mode, sign in getattr(p, "featured", []):
+    if getattr(p, "featured", None) == "rule":
+        fitted.featured = rule_modes(svd)
+    for layer, head, mode, sign in getattr(fitted, "featured", []):
         if not (layer < svd.num_layers and head < svd.num_heads and mode < svd.rank):
             label = f"L{layer} H{head} M{mode}" + ("-" if sign < 0 else "")
             raise ParameterError(f"parameter 'featured': {label!r} is outside the model: {size}")

@@ -22,6 +22,8 @@ import re
 
 import torch
 
+from .core.extract import record
+from .core.images import to_pixels
 from .core.svd import QKSVD
 
 def mode_label(layer: int, head: int, mode: int, sign: int = 1) -> str:
@@ -141,15 +143,23 @@ class RankedMode:
 
 
 def top_modes(svd: QKSVD, tokens: torch.Tensor, layer: int, head: int, count: int = 6,
-              prefix_tokens: int = 1) -> list[RankedMode]:
-    """One image's ``count`` modes of head ``(layer, head)`` with the largest contribution (by signed value:
-    the modes that raise the image's attention scores most). ``tokens``: ``[T, d]`` entering block ``layer``.
-    ``share`` is the contribution over the sum of the absolute contributions of all the head's modes.
-    Each mode carries the sign of the feature present in the image (:func:`present_sign`)."""
+              prefix_tokens: int = 1, probs: torch.Tensor | None = None) -> list[RankedMode]:
+    """One image's ``count`` modes of head ``(layer, head)`` with the largest contribution (by signed value).
+    ``tokens``: ``[T, d]`` entering block ``layer``.
+
+    Without ``probs``, the contribution is the paper's sum over token pairs (:func:`mode_contributions`: the
+    modes that raise the image's scores most, a key-mean the softmax discards); with the head's attention
+    ``probs [T, T]``, it is the key-centred, attention-weighted contribution (:func:`attention_contributions`:
+    the modes that make the head attend where it does). ``share`` is the contribution over the sum of the
+    absolute contributions of all the head's modes. Each mode carries the sign of the feature present in the
+    image (:func:`present_sign`)."""
     _check_index(svd, layer, head)
     if tokens.dim() != 2:
         raise ValueError(f"top_modes takes one image's tokens [T, d], got shape {tuple(tokens.shape)}")
-    contrib = mode_contributions(svd, tokens, layer, prefix_tokens)[head]  # [r]
+    if probs is None:
+        contrib = mode_contributions(svd, tokens, layer, prefix_tokens)[head]  # [r]
+    else:
+        contrib = attention_contributions(svd, tokens, probs, layer, head, prefix_tokens)
     # Modes can contribute with either sign, so a share of the signed total can exceed 1; use the absolute mass.
     total = float(contrib.abs().sum())
     order = torch.argsort(contrib, descending=True)[:count].tolist()
@@ -254,6 +264,15 @@ def ablation_rows(svd: QKSVD, tokens: torch.Tensor, probs: torch.Tensor, layer: 
     return rows
 
 
+def ablation(model, svd: QKSVD, images, layers, count: int = 6) -> list[dict]:
+    """:func:`ablation_rows` for every layer in ``layers`` over a few PIL ``images`` (one forward pass)."""
+    recorded = record(model, to_pixels(model, list(images)), tokens=True, attention=True, layers=list(layers))
+    rows = []
+    for i, layer in enumerate(layers):
+        rows += ablation_rows(svd, recorded.tokens[i], recorded.attention[i], layer, count, recorded.prefix_tokens)
+    return rows
+
+
 # --- modes chosen by a rule -------------------------------------------------------------------------------
 
 RULE_DEPTHS = (0.1, 0.5, 0.9)  # early, middle and late: fractions of the way from the first to the last layer
@@ -281,6 +300,26 @@ def map_correlation(svd: QKSVD, tokens: torch.Tensor, layer: int, head: int, mod
     x = tokens[..., prefix_tokens:, :].reshape(-1, tokens.shape[-1]).to(torch.float64)
     query, key = x @ svd.U[layer, head, :, mode], x @ svd.V[layer, head, :, mode]
     return float(torch.corrcoef(torch.stack([query, key]))[0, 1])
+
+
+def map_correlations(model, svd: QKSVD, batches, chosen) -> list[float]:
+    """:func:`map_correlation` of each ``(layer, head, mode, sign)`` in ``chosen`` pooled over all image tokens
+    of all images in ``batches`` (an iterable of lists of PIL images), accumulated batch by batch."""
+    chosen = list(chosen)
+    layers = sorted({c[0] for c in chosen})
+    sums = torch.zeros(len(chosen), 6, dtype=torch.float64)  # n, q, k, qq, kk, qk
+    for images in batches:
+        recorded = record(model, to_pixels(model, list(images)), layers=layers)
+        for c, (layer, head, mode, _sign) in enumerate(chosen):
+            x = recorded.tokens[layers.index(layer)][:, recorded.prefix_tokens:].reshape(-1, svd.dim).double()
+            q, k = x @ svd.U[layer, head, :, mode], x @ svd.V[layer, head, :, mode]
+            sums[c] += torch.stack([torch.tensor(float(len(q)), dtype=torch.float64), q.sum(), k.sum(),
+                                    (q * q).sum(), (k * k).sum(), (q * k).sum()])
+    n, q, k, qq, kk, qk = sums.unbind(1)
+    if (n < 2).any():
+        raise ValueError("map_correlations needs at least one image with two or more image tokens")
+    cov, var_q, var_k = qk - q * k / n, qq - q * q / n, kk - k * k / n
+    return (cov / (var_q * var_k).sqrt()).tolist()
 
 
 def parse_label(text: str) -> tuple[int, int, int, int]:

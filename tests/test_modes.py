@@ -188,3 +188,22 @@ def test_ablation_rows_agree_with_the_brute_force(tiny, tiny_attention):
     assert row["by_paper_sum"] == pytest.approx(modes.attention_change(p, terms, paper, svd.rank ** -0.5))
     assert row["overlap"] == len(set(ours) & set(paper)) and row["head"] == 1
     assert torch.allclose(modes.score_terms(svd, tokens[2][1], 2, 1, modes=[3, 0]), terms[[3, 0]])
+
+
+def test_top_modes_by_attention_and_the_image_level_helpers(tiny):
+    model, svd = tiny
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in range(3)]
+    recorded = record(model, to_pixels(model, images), tokens=True, attention=True, layers=[2])
+    x, p = recorded.tokens[0][0], recorded.attention[0][0, 1]
+    ranked = modes.top_modes(svd, x, 2, 1, count=4, probs=p)
+    ours = modes.attention_contributions(svd, x, p, 2, 1)
+    assert [r.mode for r in ranked] == ours.argsort(descending=True)[:4].tolist()
+    assert ranked[0].share == pytest.approx(float(ours.max() / ours.abs().sum()))
+    rows = modes.ablation(model, svd, images[:2], [0, 2], count=3)
+    assert len(rows) == 2 * 2 * svd.num_heads and {r["layer"] for r in rows} == {0, 2}
+    chosen = [(1, 0, 0, 1), (2, 2, 5, -1)]
+    pooled = modes.map_correlations(model, svd, [images[:2], images[2:]], chosen)
+    tokens = token_embeddings(model, to_pixels(model, images), layers=[1, 2])  # [2, 3, T, d]
+    assert pooled[0] == pytest.approx(modes.map_correlation(svd, tokens[0], 1, 0, 0), rel=1e-6)
+    assert pooled[1] == pytest.approx(modes.map_correlation(svd, tokens[1], 2, 2, 5), rel=1e-6)
