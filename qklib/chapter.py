@@ -337,6 +337,24 @@ def gallery_image(name_or_path: str, root: Path, names: list[str]) -> tuple[str,
                          "nor an image file")
 
 
+def gallery_batches(root: Path, names: list[str], batch_size: int, limit: int | None = None):
+    """Lists of up to ``batch_size`` readable gallery images (PIL), the first ``limit`` files of ``names``
+    (relative to ``root``) in listing order; unreadable files are passed over."""
+    if batch_size < 1:
+        raise ParameterError(f"parameter 'batch_size' must be >= 1, got {batch_size}")
+    batch = []
+    for name in names[:limit]:
+        try:
+            batch.append(open_rgb(Path(root) / name))
+        except ImageError:
+            continue
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def gallery_sample(root: Path, names: list[str], count: int, prefer: tuple[str, ...] = ()) -> dict[str, Image.Image]:
     """``count`` readable images of the gallery ``{stem: image}``: the stems in ``prefer`` that it holds,
     in that order, then the first others in listing order (unreadable files are passed over)."""

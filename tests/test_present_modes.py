@@ -256,6 +256,11 @@ def test_featured_table_and_rule(tiny):
     assert table["mode"].tolist() == [modes.mode_label(*c) for c in chosen]
     assert table["cos"].tolist() == [float(svd.cos[l, h, m]) for l, h, m, _ in chosen]
     assert table["map_corr"].tolist() == [0.5, -0.1, 0.2]
+    found = figures.featured_findings(table)
+    first = table.iloc[0]
+    assert found["featured_modes"].startswith(f"{first['mode']} (cos {first['cos']:+.2f}, map r +0.50); ")
+    signs = sum(np.sign(c) == np.sign(r) for c, r in zip(table["cos"], [0.5, -0.1, 0.2]))
+    assert found["featured_agree"] == f"{signs} of 3"
     with pytest.raises(ValueError, match="2 correlations for 3"):
         figures.featured_table(svd, chosen, [0.1, 0.2])
     assert chapter.mode_labels("featured", "rule") == "rule"
@@ -264,6 +269,18 @@ def test_featured_table_and_rule(tiny):
 
 
 # --- chapter helpers used by §5 -------------------------------------------------------------------------------
+
+def test_gallery_batches_skip_unreadable_files(tmp_path, photos):
+    for name, image in photos.items():
+        image.save(tmp_path / f"{name}.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    names = ["im0.png", "broken.png", "im1.png", "im2.png"]
+    batches = list(chapter.gallery_batches(tmp_path, names, 2))
+    assert [len(b) for b in batches] == [2, 1] and batches[0][1].size == photos["im1"].size
+    assert [len(b) for b in chapter.gallery_batches(tmp_path, names, 2, limit=2)] == [1]
+    with pytest.raises(chapter.ParameterError, match="batch_size"):
+        list(chapter.gallery_batches(tmp_path, names, 0))
+
 
 def test_featured_labels_are_parsed_and_fitted_to_the_model(tiny):
     _, svd = tiny  # 3 layers, 3 heads, 64 modes

@@ -108,6 +108,13 @@ def featured_table(svd: QKSVD, featured: Sequence[tuple[int, int, int, int]], co
                          for (l, h, m, sg), r in zip(featured, correlations)])
 
 
+def featured_findings(table: pd.DataFrame) -> dict:
+    """Glue values from :func:`featured_table`: the modes with cos and map correlation, and how often the two agree in sign."""
+    listing = "; ".join(f"{row.mode} (cos {row.cos:+.2f}, map r {row.map_corr:+.2f})" for row in table.itertuples())
+    agree = int((np.sign(table["cos"]) == np.sign(table["map_corr"])).sum())
+    return {"featured_modes": listing, "featured_agree": f"{agree} of {len(table)}"}
+
+
 def optimal_images(model, svd: QKSVD, found: SearchResult, featured: Sequence[tuple[int, int, int, int]],
                    size: int = 224, correlations: Sequence[float] | None = None) -> HTML:
     """Fig 4: for each featured ``(layer, head, mode, sign)``, a row of its top images with the mode drawn
