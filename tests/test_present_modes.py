@@ -209,6 +209,9 @@ def test_same_object_table_and_chart():
     mine = table[table["model"] == "my model"]
     assert mine["P(same object)"].tolist() == [0.5, 0.6, 0.3, 0.2] and mine["depth"].tolist() == [0, 1 / 3, 2 / 3, 1]
     assert table[table["model"] == "chance (1/K)"]["P(same object)"].tolist() == [0.1] * 4
+    both = figures.same_object_table(same, control, "my model", 4, background=(_same([0.7] * 4, [0.3] * 4), control))
+    assert len(both) == 6 * 4 and both[both["model"] == "my model, background an object"]["P(same object)"].tolist() == [0.7] * 4
+    assert both[both["model"] == "chance (1/K), background an object"]["P(same object)"].tolist() == [0.3] * 4
     chart = figures.same_object_chart(table)
     assert chart.to_dict()["encoding"]["x"]["field"] == "depth" and len(_chart_rows(chart)) == 12
 

@@ -213,10 +213,17 @@ def top_share_chart(table: pd.DataFrame) -> alt.Chart:
     ).properties(width=320, height=200)
 
 
-def same_object_table(same: SameObject, control: SameObject, model_label: str, num_layers: int) -> pd.DataFrame:
-    """Fig 6 as a tidy table: one row per layer and series (the model, its random-init control, chance 1/K)."""
+def same_object_table(same: SameObject, control: SameObject, model_label: str, num_layers: int,
+                      background: tuple[SameObject, SameObject] | None = None) -> pd.DataFrame:
+    """Fig 6 as a tidy table: one row per layer and series (the model, its random-init control, chance 1/K);
+    ``background``: the same pair computed with the background as one more object, three more series."""
     series = [(model_label, same.layers, same.per_layer), ("random-init control", control.layers, control.per_layer),
               ("chance (1/K)", same.layers, same.chance_layer)]
+    if background is not None:
+        with_bg, control_bg = background
+        series += [(f"{model_label}, background an object", with_bg.layers, with_bg.per_layer),
+                   ("random-init control, background an object", control_bg.layers, control_bg.per_layer),
+                   ("chance (1/K), background an object", with_bg.layers, with_bg.chance_layer)]
     frames = [pd.DataFrame({"model": name, "layer": layers, "P(same object)": values}) for name, layers, values in series]
     table = pd.concat(frames, ignore_index=True)
     table["depth"] = depth(table["layer"], num_layers)
