@@ -29,7 +29,7 @@ from .core.files import atomic_write
 from .core.images import ImageError, images_by_stem, load_folder, open_rgb, shipped_photos
 from .core.models import ModelError, check_name, load_model, random_control
 from .core.svd import QKSVD
-from .modes import parse_label
+from .modes import parse_label, rule_modes
 from .o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
 from .search import parse_indices
 
@@ -169,9 +169,12 @@ def labels(name, value) -> list[str]:
     return list(value)
 
 
-def mode_labels(name, value) -> list[tuple[int, int, int, int]]:
+def mode_labels(name, value) -> list[tuple[int, int, int, int]] | str:
     """Mode labels like ``"L10 H3 M0"`` (``"L10 H3 M0-"`` for the flipped feature) -> ``(layer, head, mode, sign)``;
-    checked against the model by :func:`fit_to_model`."""
+    checked against the model by :func:`fit_to_model`. ``"rule"`` stays ``"rule"``: :func:`fit_to_model` then
+    picks the modes by :func:`qklib.modes.rule_modes` (fixed before looking at any picture)."""
+    if value == "rule":
+        return "rule"
     parsed = []
     for label in labels(name, value):
         try:
@@ -258,7 +261,8 @@ def check(chapter: str, namespace: Mapping) -> SimpleNamespace:
 
 def fit_to_model(p: SimpleNamespace, svd: QKSVD) -> SimpleNamespace:
     """Check the parameters that depend on the model's size once it is loaded: ``layers`` and ``heads``
-    (``"all"``, an int or a list) become sorted lists of 0-based indices; ``featured`` modes and
+    (``"all"``, an int or a list) become sorted lists of 0-based indices; ``featured = "rule"`` becomes the
+    modes :func:`qklib.modes.rule_modes` picks; ``featured`` modes and
     ``explorer_modes`` must exist in the model. Returns a copy of ``p``; parameters ``p`` lacks are left alone."""
     fitted = SimpleNamespace(**vars(p))
     size = f"the model has {svd.num_layers} layers, {svd.num_heads} heads and {svd.rank} modes per head, all 0-based"
@@ -270,7 +274,9 @@ def fit_to_model(p: SimpleNamespace, svd: QKSVD) -> SimpleNamespace:
                 raise ParameterError(f"parameter {name!r}: {error}") from None
     if getattr(p, "explorer_modes", 0) > svd.rank:
         raise ParameterError(f"parameter 'explorer_modes' is {p.explorer_modes} but {size}")
-    for layer, head, mode, sign in getattr(p, "featured", []):
+    if getattr(p, "featured", None) == "rule":
+        fitted.featured = rule_modes(svd)
+    for layer, head, mode, sign in getattr(fitted, "featured", []):
         if not (layer < svd.num_layers and head < svd.num_heads and mode < svd.rank):
             label = f"L{layer} H{head} M{mode}" + ("-" if sign < 0 else "")
             raise ParameterError(f"parameter 'featured': {label!r} is outside the model: {size}")
@@ -353,6 +359,24 @@ def gallery_image(name_or_path: str, root: Path, names: list[str]) -> tuple[str,
     shown = ", ".join(sorted(by_stem)[:20]) + (" ..." if len(by_stem) > 20 else "")
     raise ParameterError(f"{name_or_path!r} is neither an image of the gallery under {str(root)!r} ({shown}) "
                          "nor an image file")
+
+
+def gallery_batches(root: Path, names: list[str], batch_size: int, limit: int | None = None):
+    """Lists of up to ``batch_size`` readable gallery images (PIL), the first ``limit`` files of ``names``
+    (relative to ``root``) in listing order; unreadable files are passed over."""
+    if batch_size < 1:
+        raise ParameterError(f"parameter 'batch_size' must be >= 1, got {batch_size}")
+    batch = []
+    for name in names[:limit]:
+        try:
+            batch.append(open_rgb(Path(root) / name))
+        except ImageError:
+            continue
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def gallery_sample(root: Path, names: list[str], count: int, prefer: tuple[str, ...] = ()) -> dict[str, Image.Image]:
