@@ -27,7 +27,7 @@ _CLI_SYNTAX = [
     (re.compile(r"\bcheckpoint=PATH"), "--checkpoint PATH"),
     (re.compile(r"\bshard='([^']*)'"), r"--shard \1"),
     (re.compile(r"\bweights='([^']*)'"), r"--weights \1"),
-    (re.compile(r"\bqklib\.random_control\(([^)]*)\)"), r"'python -m qklib cosine \1 --random-init'"),
+    (re.compile(r"\bqklib\.random_control\('([^']*)'\)"), r"'python -m qklib cosine \1 --random-init'"),
 ]
 
 
@@ -88,7 +88,7 @@ def _cli_search(args) -> int:
     if args.resume:
         if checkpoint_path.exists():
             progress = checkpoint.read()[0]["progress"]
-            print(f"resuming from {checkpoint_path}: {progress['done']} of {progress['total']} files done",
+            print(f"found checkpoint {checkpoint_path}: {progress['done']} of {progress['total']} files done",
                   file=sys.stderr)
         else:
             print(f"no checkpoint at {checkpoint_path}: starting from the first file", file=sys.stderr)
@@ -103,6 +103,9 @@ def _cli_search(args) -> int:
         print(f"\ninterrupted: {where}", file=sys.stderr)
         return 130
     print(result.summary())
+    if checkpoint.before.done:
+        print(f"resumed from the checkpoint at {checkpoint.before.done} of {checkpoint.before.total} files "
+              "(the checkpoint is removed)")
     print(f"saved {out}")
     if shard:
         print(f"when all {shard[1]} shards are done: python -m qklib search-merge {out.parent} --out {out.parent / 'search.npz'}")

@@ -59,6 +59,7 @@ def test_messages_use_cli_syntax(capsys, tmp_path):
     code, out, err = run(capsys, "cosine", "vit_tiny_patch16_224.augreg_in21k")
     assert code == 2 and out == "" and err.startswith("error: could not get pretrained weights")
     assert "--weights path/to/model.safetensors" in err and "weights='" not in err and "random_control" not in err
+    assert "'python -m qklib cosine vit_tiny_patch16_224.augreg_in21k --random-init'" in err
     Image.new("RGB", (16, 16)).save(tmp_path / "one.png")
     code, _, err = run(capsys, "search", tmp_path, "--layers", "99", "--no-progress", "--out", tmp_path / "x.npz")
     assert code == 2 and err.startswith("error: layers [99] out of range") and not (tmp_path / "x.npz").exists()

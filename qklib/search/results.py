@@ -49,14 +49,20 @@ def read_npz(path: Path, what: str, error: type[ValueError] = ResultError) -> tu
     Raises ``error`` naming the file when it is not a readable ``.npz`` with a JSON object under ``meta``.
     """
     try:
+        with open(path, "rb") as handle:
+            start = handle.read(4)
+        if start != b"PK\x03\x04":  # every .npz is a zip archive (np.load would try to unpickle anything else)
+            raise ValueError("empty file" if not start else "not a zip archive, which every .npz is")
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
         meta = json.loads(str(arrays.pop("meta")))
         if not isinstance(meta, dict):
             raise ValueError("its meta is not a JSON object")
     except READ_ERRORS as problem:
-        raise error(f"{what} {str(path)!r} is damaged or not a qklib file ({type(problem).__name__}: "
-                    f"{str(problem)[:160]}); delete it and run again what wrote it") from None
+        kind = type(problem).__name__
+        kind = f"{type(problem).__module__}.{kind}" if kind == "error" else kind  # zlib.error
+        raise error(f"{what} {str(path)!r} is damaged or not a qklib file ({kind}: {str(problem)[:160]}); "
+                    "delete it and run again what wrote it") from None
     return arrays, meta
 
 
@@ -257,9 +263,10 @@ def _check_mergeable(parts: list[SearchResult], labels: list[str], allow_partial
     missing = [i for i in range(n) if i not in seen]
     if missing:
         listed = ", ".join(f"{i}/{n} ({shard_filename((i, n))})" for i in missing)
+        runs = ", ".join(f"{i}/{n}" for i in missing)
         raise MergeError(f"cannot merge: expected shards 0..{n - 1} exactly once; {len(missing)} of {n} missing: {listed}",
-                         python_hint="search each with shard='I/N', or allow_partial=True merges the shards present",
-                         cli_hint="run 'python -m qklib search ... --shard I/N' for each, or pass --allow-partial "
+                         python_hint=f"search with shard= {runs}, or allow_partial=True merges the shards present",
+                         cli_hint=f"run 'python -m qklib search ... --shard I/N' for {runs}, or pass --allow-partial "
                                   "to merge the shards present")
 
 
