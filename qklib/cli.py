@@ -1,18 +1,43 @@
-"""The command line, declared here only: ``python -m qklib models | cosine | convert | search | search-merge``."""
+"""The command line, declared here only: ``python -m qklib COMMAND`` (``--help`` lists the commands).
+
+Every command that takes a model takes the same spellings (``NAME``, ``random:NAME``, ``hf:ORG/NAME``,
+``--weights FILE``) and defaults to the embedded offline model. Bad input and damaged files end with
+``error: ...`` on stderr and exit code 2, never a traceback; an interrupted search exits 130 and says how to
+resume it; a closed pipe (``... | head -1``) ends quietly.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
-from .core.images import ImageError
 from .core.models import DEFAULT_MODEL, RANDOM, ModelError, convert, load_model, model_name
 from .core.official import IJEPA_PARTS, PREDICTOR_ARCH
 from .core.paper_models import format_table
 from .core.svd import NULL_DRAWS, NULL_SEED, layer_null_band, null_band, qk_svd
-from .search import merge, parse_shard, search, shard_filename
+from .search import MergeError, merge, parse_shard, search, shard_filename
+from .search.checkpoint import DEFAULT_EVERY, DEFAULT_SECONDS, Checkpoint
+
+# Python spellings in library messages -> the command line's.
+_CLI_SYNTAX = [
+    (re.compile(r"\ballow_partial=True"), "--allow-partial"),
+    (re.compile(r"\bresume=True"), "--resume"),
+    (re.compile(r"\bcheckpoint=PATH"), "--checkpoint PATH"),
+    (re.compile(r"\bshard='([^']*)'"), r"--shard \1"),
+    (re.compile(r"\bweights='([^']*)'"), r"--weights \1"),
+    (re.compile(r"\bqklib\.random_control\('([^']*)'\)"), r"'python -m qklib cosine \1 --random-init'"),
+]
+
+
+def cli_syntax(message: str) -> str:
+    """A library message with its Python spellings (``allow_partial=True``...) in command-line syntax."""
+    for pattern, replacement in _CLI_SYNTAX:
+        message = pattern.sub(replacement, message)
+    return message
 
 
 MODEL_HELP = ("model: a timm 'arch.tag', 'random:NAME' (the seeded random-init control of NAME's architecture) or "
@@ -42,6 +67,9 @@ def _load(args: argparse.Namespace, device: str = "cpu"):
 
 
 def _cosine(args: argparse.Namespace) -> int:
+    if getattr(args, "model_option", None) and args.model and args.model_option != args.model:
+        raise ModelError(f"two models given: {args.model!r} and --model {args.model_option!r}; give one")
+    args.model = getattr(args, "model_option", None) or args.model
     model = _load(args)
     svd = qk_svd(model)
     layers = svd.layer_weighted_cosine()
@@ -99,18 +127,94 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search_paths(args) -> tuple[tuple[int, int] | None, Path, Path]:
+    shard = parse_shard(args.shard)
+    out = Path(args.out)
+    out = out if out.suffix == ".npz" else out / shard_filename(shard)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".checkpoint")
+    return shard, out, checkpoint
+
+
+def _cli_search(args) -> int:
+    shard, out, checkpoint_path = _search_paths(args)
+    if args.checkpoint_every < 0 or args.checkpoint_seconds < 0:
+        raise ValueError("--checkpoint-every and --checkpoint-seconds must be >= 0 (0 turns that trigger off)")
+    checkpoint = Checkpoint(checkpoint_path, every=args.checkpoint_every, seconds=args.checkpoint_seconds)
+    if args.resume:
+        if checkpoint_path.exists():
+            progress = checkpoint.read()[0]["progress"]
+            print(f"found checkpoint {checkpoint_path}: {progress['done']} of {progress['total']} files done",
+                  file=sys.stderr)
+        else:
+            print(f"no checkpoint at {checkpoint_path}: starting from the first file", file=sys.stderr)
+    model = _load(args, device=args.device)
+    try:
+        result = search(model, args.root, layers=args.layers, heads=args.heads, modes=args.modes, k=args.top_k,
+                        batch_size=args.batch_size, shard=shard, progress=not args.no_progress, limit=args.limit,
+                        checkpoint=checkpoint, resume=args.resume, out=out)
+    except KeyboardInterrupt:
+        where = (f"the last checkpoint is {checkpoint_path}; run the same command with --resume to continue"
+                 if checkpoint_path.exists() else "no checkpoint was saved yet")
+        print(f"\ninterrupted: {where}", file=sys.stderr)
+        return 130
+    print(result.summary())
+    if checkpoint.before.done:
+        print(f"resumed from the checkpoint at {checkpoint.before.done} of {checkpoint.before.total} files "
+              "(the checkpoint is removed)")
+    print(f"saved {out}")
+    if shard:
+        print(f"when all {shard[1]} shards are done: python -m qklib search-merge {out.parent} --out {out.parent / 'search.npz'}")
+    return 0
+
+
+def _cli_merge(args) -> int:
+    files: list[Path] = []
+    for item in args.shards:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(path.glob("shard-*-of-*.npz"))
+            if not found:
+                raise FileNotFoundError(f"no shard-I-of-N.npz files in the folder {str(path)!r}")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"shard {str(path)!r} does not exist (give shard .npz files or their folder)")
+    result = merge(files, allow_partial=args.allow_partial)
+    path = result.save(args.out)
+    print(result.summary())
+    print(f"merged {len(files)} shards into {path}")
+    return 0
+
+
+# One line per command for 'python -m qklib --help' (each command's --help has the details).
+COMMANDS = {
+    "models": "the paper's models and whether each loads offline now",
+    "cosine": "per-layer weighted cosine of left/right singular vectors (§4)",
+    "convert": "write any model qklib loads as one timm-format .safetensors",
+    "search": "top-k optimal images of every singular mode in a folder (§5)",
+    "search-merge": "merge 'search --shard i/n' results into the single-run result",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qklib", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    models = sub.add_parser("models", help="list the paper's models and whether each loads offline now")
+    listing = "\n".join(f"  {name:<14}{text}" for name, text in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m qklib", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="qklib: query-key interaction in vision transformers (Pan et al., NeurIPS 2024).\n\n"
+                    f"commands:\n{listing}\n\n'python -m qklib COMMAND --help' shows a command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands above")
+    models = sub.add_parser("models", description=COMMANDS["models"] + ".")
     models.set_defaults(run=_models)
-    cosine = sub.add_parser("cosine", help="per-layer weighted cosine between left and right singular vectors")
+    cosine = sub.add_parser("cosine", description="Per-layer weighted cosine between the left and right singular "
+                            f"vectors of W_q^T W_k (paper §4). The model defaults to {DEFAULT_MODEL}.")
     _model_arguments(cosine, positional=True)
-    cosine.add_argument("--random-init", action="store_true", help="same as random:NAME")
+    cosine.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as the positional MODEL")
+    cosine.add_argument("--random-init", action="store_true", help="the same as random:NAME (kept as an alias)")
     cosine.add_argument("--json", action="store_true", help="print one JSON object")
     cosine.set_defaults(run=_cosine)
     conv = sub.add_parser(
-        "convert", help="write any model qklib loads as one timm-format .safetensors (architecture in its metadata)",
+        "convert",
         description="SOURCE: a weights file (official I-JEPA .pth.tar, official SimMIM .pth, timm state dict), a Hugging "
                     "Face model folder, or a name (hf:ORG/NAME, random:NAME, a timm name). The output loads with "
                     "--weights alone.")
@@ -124,58 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cli_search(args) -> int:
-    try:
-        shard = parse_shard(args.shard)
-    except ValueError as error:
-        raise ImageError(str(error)) from None
-    model = load_model(args.model, weights=args.weights, device=args.device)
-    try:
-        result = search(model, args.root, layers=args.layers, heads=args.heads, modes=args.modes, k=args.top_k,
-                        batch_size=args.batch_size, shard=shard, progress=not args.no_progress, limit=args.limit)
-    except ValueError as error:
-        if isinstance(error, ImageError):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    path = result.save(out if out.suffix == ".npz" else out / shard_filename(shard))
-    print(result.summary())
-    print(f"saved {path}")
-    if shard:
-        print(f"when all {shard[1]} shards are done: python -m qklib search-merge {path.parent} --out {path.parent / 'search.npz'}")
-    return 0
-
-
-def _cli_merge(args) -> int:
-    files: list[Path] = []
-    for item in args.shards:
-        path = Path(item)
-        files.extend(sorted(path.glob("shard-*-of-*.npz")) if path.is_dir() else [path])
-    if not files:
-        print("error: no shard files found (expected shard-I-of-N.npz files or their folder)", file=sys.stderr)
-        return 2
-    try:
-        result = merge(files, allow_partial=args.allow_partial)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    path = result.save(args.out)
-    print(result.summary())
-    print(f"merged {len(files)} shards into {path}")
-    return 0
-
-
 def _add_search(subparsers) -> None:
     cmd = subparsers.add_parser(
-        "search", help="optimal images per singular mode over an image folder (top-k per layer, head, mode, sign)",
-        description="Score every image under ROOT for every chosen mode: max(0, max_i x_i.u) * max(0, max_j x_j.v) "
-                    "and the sign-flipped feature, and keep the top-k. Indices are 0-based.")
+        "search", description="Score every image under ROOT for every chosen mode: max(0, max_i x_i.u) * max(0, max_j x_j.v) "
+                    "and the sign-flipped feature, and keep the top-k. Indices are 0-based. The running state is "
+                    "checkpointed next to the output; after an interruption, run the same command with --resume.")
     cmd.add_argument("root", help="image folder (ImageNet's val/<class>/<file> layout or any tree of images)")
     cmd.add_argument("--out", default="search-results",
                      help="output .npz file, or a folder for search.npz / shard-I-of-N.npz (default: search-results)")
-    cmd.add_argument("--model", default=DEFAULT_MODEL, help=f"timm 'arch.tag' name (default: {DEFAULT_MODEL})")
-    cmd.add_argument("--weights", help="local .safetensors/.pt weights in timm's key format")
+    _model_arguments(cmd, positional=False)
     cmd.add_argument("--layers", default="all", help="layers to search, e.g. 'all', '0,5,11' or '3-6' (0-based)")
     cmd.add_argument("--heads", default="all", help="heads to search (0-based), default all")
     cmd.add_argument("--modes", default="all", help="modes to search (0-based, M0 = largest s_n), default all")
@@ -185,23 +246,51 @@ def _add_search(subparsers) -> None:
     cmd.add_argument("--limit", type=int, help="score only the first LIMIT files of the sorted list")
     cmd.add_argument("--device", default="cpu", help="torch device (default cpu)")
     cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cmd.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run from its checkpoint (same arguments; exactly the uninterrupted "
+                          "result); without a checkpoint, start from the first file")
+    cmd.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: the output file + '.checkpoint')")
+    cmd.add_argument("--checkpoint-every", type=int, default=DEFAULT_EVERY, metavar="N",
+                     help=f"save the running state every N images (default {DEFAULT_EVERY}; 0: off)")
+    cmd.add_argument("--checkpoint-seconds", type=float, default=DEFAULT_SECONDS, metavar="T",
+                     help=f"... and at least every T seconds (default {DEFAULT_SECONDS:g}; 0: off)")
     cmd.set_defaults(run=_cli_search)
 
-    merge_cmd = subparsers.add_parser("search-merge", help="merge 'search --shard i/n' results into the single-run result")
+    merge_cmd = subparsers.add_parser("search-merge", description="Merge the shard results of 'search --shard i/n' into exactly the "
+                                                  "single-run result. Every shard 0..n-1 must be present once.")
     merge_cmd.add_argument("shards", nargs="+", help="shard .npz files, or folders holding shard-I-of-N.npz")
     merge_cmd.add_argument("--out", required=True, help="merged result (.npz)")
     merge_cmd.add_argument("--allow-partial", action="store_true", help="merge even if some shards are missing")
     merge_cmd.set_defaults(run=_cli_merge)
 
 
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): send further output to /dev/null and end quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured)
+        pass
+    return 141  # 128 + SIGPIPE, as a tool killed by the closed pipe would exit
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
+    except MergeError as error:
+        print(f"error: {error.cli_message}", file=sys.stderr)
+        return 2
     except ModelError as error:
-        print(f"error: {error.cli}", file=sys.stderr)
+        print(f"error: {cli_syntax(error.cli)}", file=sys.stderr)
         return 2
-    except (ImageError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # ModelError, ImageError, ResultError, CheckpointError, FileNotFoundError
+        print(f"error: {cli_syntax(str(error))}", file=sys.stderr)
         return 2
-
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130

