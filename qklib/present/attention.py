@@ -255,10 +255,11 @@ def query_map_slider(model, sample, min_cover: float = 0.5, size: int = 224, qua
     pictures = query_map_pictures(model, sample, min_cover, size)
     width = pictures[0][0].shape[1]
     tiles = [[widgets.HTML(picture_html(jpeg_bytes(picture, quality), width=width,
-                                        caption=f"{sample.id}, layer {layer}, head {head}: target query (left), "
+                                        caption=f"{sample.id}, L{layer} H{head}: target query (left), "
                                                 "distractor query (right)"))
               for head, picture in enumerate(row)] for layer, row in enumerate(pictures)]
-    return nested_stack(tiles, ("layer", "head"))
+    labels = ([f"L{layer}" for layer in range(len(pictures))], [f"H{head}" for head in range(len(pictures[0]))])
+    return nested_stack(tiles, ("layer", "head"), values=labels)
 
 
 # ------------------------------------------------------------------------------------ what we found
