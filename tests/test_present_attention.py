@@ -196,7 +196,7 @@ def test_query_map_pictures_and_slider(embedded_model, scenes):
     assert (layer_slider.description, layer_slider.options[-1][0]) == ("layer", "L11")  # readouts are labels
     assert (head_slider.description, head_slider.options[-1][0]) == ("head", "H5")
     html = stack.children[4].children[3].value
-    assert "<img" in html and "layer 4, head 3" in html and sample.id in html and "onclick" in html
+    assert "<img" in html and "L4 H3" in html and sample.id in html and "onclick" in html
     assert re.search(r"width:(\d+)px", html).group(1) == str(2 * 160 + 6)
 
 
