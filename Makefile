@@ -1,8 +1,8 @@
-# Two entry points a newcomer needs: `make book` and `make test` (see README.md).
+# A newcomer's commands: `make book`, `make test` and `make lab` (see README.md).
 PY := .venv/bin/python
 STAMP := .venv/.qklib-installed
 
-.PHONY: env book test test-fast bench clean
+.PHONY: env book test test-fast lab bench clean
 
 env: $(STAMP)
 
@@ -23,6 +23,10 @@ test: env
 
 test-fast: env
 	$(PY) -m pytest -ra -m "not slow"
+
+# JupyterLab on 127.0.0.1 in notebooks/ with the project's kernel; prints the URL (tools/lab.py).
+lab: env
+	$(PY) tools/lab.py
 
 bench: env
 	$(PY) tools/bench.py
