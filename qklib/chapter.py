@@ -182,7 +182,7 @@ SPECS: dict[str, dict[str, Callable]] = {
         "n_scenes": count(1), "min_cover": number(0, 1), **COMMON,
     },
     "s4_cosine": {
-        "models": models(), "image_dir": folder(), "max_images": count(2), **COMMON,
+        "models": models(), "image_dir": folder(), "max_images": count(2), **COMMON, "live_explorer": flag,
     },
     "s5_modes": {
         "models": models(most=1), "image_dir": folder(), "max_images": count(0), "ade20k_dir": folder(),
