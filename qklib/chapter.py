@@ -28,6 +28,7 @@ from .core.files import atomic_write
 from .core.images import images_by_stem, load_folder, open_rgb, shipped_photos
 from .core.models import ModelError, check_name, load_model, random_control
 from .o3 import O3Error, O3Layout, O3Set, generate_scenes
+from .present.lab import use_served_vega
 
 
 class ParameterError(ValueError):
@@ -208,7 +209,9 @@ def declared_parameters(notebook: str | Path) -> list[str]:
 
 def check(chapter: str, namespace: Mapping) -> SimpleNamespace:
     """Check every declared parameter of ``chapter`` found in ``namespace`` (the notebook's ``globals()``)
-    and return the normalised values (folders resolved, models parsed into ``(name, weights, random)``)."""
+    and return the normalised values (folders resolved, models parsed into ``(name, weights, random)``).
+    In JupyterLab started by ``make lab``, charts are then drawn with the vega it serves (offline)."""
+    use_served_vega()
     if chapter not in SPECS:
         raise KeyError(f"unknown chapter {chapter!r}; chapters: {', '.join(SPECS)}")
     missing = [name for name in SPECS[chapter] if name not in namespace]
