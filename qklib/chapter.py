@@ -25,10 +25,13 @@ import torch
 from PIL import Image
 
 from .core.files import atomic_write
-from .core.images import images_by_stem, load_folder, open_rgb, shipped_photos
+from .core.images import ImageError, images_by_stem, load_folder, open_rgb, shipped_photos
 from .core.models import ModelError, check_name, load_model, random_control
-from .o3 import O3Error, O3Layout, O3Set, generate_scenes
+from .core.svd import QKSVD
+from .modes import parse_label
+from .o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
 from .present.lab import use_served_vega
+from .search import parse_indices
 
 
 class ParameterError(ValueError):
@@ -143,6 +146,18 @@ def labels(name, value) -> list[str]:
     return list(value)
 
 
+def mode_labels(name, value) -> list[tuple[int, int, int, int]]:
+    """Mode labels like ``"L10 H3 M0"`` (``"L10 H3 M0-"`` for the flipped feature) -> ``(layer, head, mode, sign)``;
+    checked against the model by :func:`fit_to_model`."""
+    parsed = []
+    for label in labels(name, value):
+        try:
+            parsed.append(parse_label(label))
+        except ValueError as error:
+            raise ParameterError(f"parameter {name!r}: {error}") from None
+    return parsed
+
+
 def indices(name, value):
     """``"all"``, an integer or a list of integers (0-based); checked against the model later."""
     ok = (value == "all" or (isinstance(value, int) and not isinstance(value, bool))
@@ -188,7 +203,7 @@ SPECS: dict[str, dict[str, Callable]] = {
     "s5_modes": {
         "models": models(most=1), "image_dir": folder(), "max_images": count(0), "ade20k_dir": folder(),
         "ade20k_limit": count(1), "n_scenes": count(6), "top_k": count(1), "layers": indices, "heads": indices,
-        "explorer_modes": count(1), "featured": labels, "walkthrough_image": text, "live_explorer": flag, **COMMON,
+        "explorer_modes": count(1), "featured": mode_labels, "walkthrough_image": text, "live_explorer": flag, **COMMON,
     },
 }
 
@@ -220,6 +235,27 @@ def check(chapter: str, namespace: Mapping) -> SimpleNamespace:
     return SimpleNamespace(**{name: checker(name, namespace[name]) for name, checker in SPECS[chapter].items()})
 
 
+def fit_to_model(p: SimpleNamespace, svd: QKSVD) -> SimpleNamespace:
+    """Check the parameters that depend on the model's size once it is loaded: ``layers`` and ``heads``
+    (``"all"``, an int or a list) become sorted lists of 0-based indices; ``featured`` modes and
+    ``explorer_modes`` must exist in the model. Returns a copy of ``p``; parameters ``p`` lacks are left alone."""
+    fitted = SimpleNamespace(**vars(p))
+    size = f"the model has {svd.num_layers} layers, {svd.num_heads} heads and {svd.rank} modes per head, all 0-based"
+    for name, total in (("layers", svd.num_layers), ("heads", svd.num_heads)):
+        if hasattr(p, name):
+            try:
+                setattr(fitted, name, parse_indices(getattr(p, name), total, name))
+            except ValueError as error:
+                raise ParameterError(f"parameter {name!r}: {error}") from None
+    if getattr(p, "explorer_modes", 0) > svd.rank:
+        raise ParameterError(f"parameter 'explorer_modes' is {p.explorer_modes} but {size}")
+    for layer, head, mode, sign in getattr(p, "featured", []):
+        if not (layer < svd.num_layers and head < svd.num_heads and mode < svd.rank):
+            label = f"L{layer} H{head} M{mode}" + ("-" if sign < 0 else "")
+            raise ParameterError(f"parameter 'featured': {label!r} is outside the model: {size}")
+    return fitted
+
+
 # --- loading, the gallery and scenes on disk -------------------------------------------------------------
 
 def load_models(specs, device: str = "cpu", seed: int = 0) -> dict:
@@ -246,6 +282,21 @@ def photos(image_dir: Path | None, max_images: int, minimum: int = 2) -> dict[st
 def scenes(results_dir: Path, n: int, seed: int = 0, size: int = 224) -> O3Set:
     """``n`` generated odd-one-out scenes, written once under ``results_dir/scenes-<size>px-seed<seed>``."""
     return generate_scenes(Path(results_dir) / f"scenes-{size}px-seed{seed}", n, seed=seed, size=size)
+
+
+def odd_one_out(o3_dir: Path | None, layout: O3Layout, max_images: int, n_scenes: int, seed: int,
+                results_dir: Path) -> tuple[O3Set, str]:
+    """§3's images and a description of them without machine paths: the O3 copy under ``o3_dir`` (at most
+    ``max_images``, a seeded choice; every mask checked now, so a wrong folder stops the run here) or, when
+    ``o3_dir`` is None, ``n_scenes`` generated scenes written under ``results_dir`` (:func:`scenes`)."""
+    if o3_dir is None:
+        generated = scenes(results_dir, n_scenes, seed=seed)
+        return generated, f"{len(generated)} generated scenes (seed {seed})"
+    try:
+        found = load_o3(o3_dir, layout, limit=max_images, seed=seed)
+    except O3Error as error:
+        raise ParameterError(f"parameter 'o3_dir': {error}") from None
+    return found, f"{len(found)} O3 images from the folder {Path(o3_dir).name!r} (seeded choice, seed {seed})"
 
 
 def gallery(results_dir: Path, scene_set: O3Set | None = None) -> Path:
@@ -281,6 +332,25 @@ def gallery_image(name_or_path: str, root: Path, names: list[str]) -> tuple[str,
     shown = ", ".join(sorted(by_stem)[:20]) + (" ..." if len(by_stem) > 20 else "")
     raise ParameterError(f"{name_or_path!r} is neither an image of the gallery under {str(root)!r} ({shown}) "
                          "nor an image file")
+
+
+def gallery_sample(root: Path, names: list[str], count: int, prefer: tuple[str, ...] = ()) -> dict[str, Image.Image]:
+    """``count`` readable images of the gallery ``{stem: image}``: the stems in ``prefer`` that it holds,
+    in that order, then the first others in listing order (unreadable files are passed over)."""
+    by_stem = {Path(n).stem: n for n in names}
+    order = [by_stem[stem] for stem in prefer if stem in by_stem]
+    order += [n for n in names if n not in order]
+    picked: dict[str, Image.Image] = {}
+    for name in order:
+        if len(picked) == count:
+            break
+        try:
+            picked[Path(name).stem] = open_rgb(Path(root) / name)
+        except ImageError:
+            continue
+    if not picked:
+        raise ParameterError(f"none of the {len(names)} gallery images could be read")
+    return picked
 
 
 # --- results cached by their inputs --------------------------------------------------------------------

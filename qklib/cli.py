@@ -10,7 +10,7 @@ from pathlib import Path
 from .core.images import ImageError
 from .core.models import DEFAULT_MODEL, ModelError, load_model, random_control
 from .core.paper_models import format_table
-from .core.svd import null_band, qk_svd
+from .core.svd import NULL_DRAWS, NULL_SEED, layer_null_band, null_band, qk_svd
 from .search import merge, parse_shard, search, shard_filename
 
 
@@ -18,7 +18,9 @@ def _cosine(args: argparse.Namespace) -> int:
     model = random_control(args.model, seed=args.seed) if args.random_init else load_model(args.model, weights=args.weights)
     svd = qk_svd(model)
     layers = svd.layer_weighted_cosine()
+    folded = qk_svd(model, fold_gamma=True).layer_weighted_cosine()
     band = null_band(svd.dim)
+    layer_band = layer_null_band(svd, draws=NULL_DRAWS, seed=NULL_SEED)
     if args.json:
         out = {
             "model": svd.model,
@@ -26,17 +28,24 @@ def _cosine(args: argparse.Namespace) -> int:
             "heads": svd.weighted_cosine().tolist(),
             "unweighted_layers": svd.layer_unweighted_cosine().tolist(),
             "null_band": band,
+            "layer_null_band": layer_band.tolist(),
+            "layer_null_band_draws": NULL_DRAWS,
+            "layer_null_band_seed": NULL_SEED,
+            "layers_gamma_folded": folded.tolist(),
         }
         json.dump(out, sys.stdout)
         sys.stdout.write("\n")
         return 0
     print(f"{svd.model}: weighted cosine between left and right singular vectors, mean over {svd.num_heads} heads")
-    print(f"null band (95%, random unit vectors in R^{svd.dim}): +-{band:.4f}")
+    print(f"null band of one cosine (95%, random unit vectors in R^{svd.dim}, S1's line): +-{band:.4f}")
+    print(f"null band of the layer mean (95%, Haar-random U, V with each head's own s_n, {NULL_DRAWS} draws, "
+          f"seed {NULL_SEED}): per layer below")
     for note in svd.notes:
         print(f"note: {note}")
     denom = max(svd.num_layers - 1, 1)
-    for index, value in enumerate(layers.tolist()):
-        print(f"layer {index:2d}  (depth {index / denom:.2f})  {value:+.4f}")
+    print("                            raw (paper)  gamma folded  null band")
+    for index, (value, fold, half) in enumerate(zip(layers.tolist(), folded.tolist(), layer_band.tolist())):
+        print(f"layer {index:2d}  (depth {index / denom:.2f})   {value:+.4f}      {fold:+.4f}     +-{half:.4f}")
     return 0
 
 

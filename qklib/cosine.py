@@ -20,7 +20,7 @@ from torch import nn
 from .core.extract import token_embeddings
 from .core.images import to_pixels
 from .core.models import depth, info
-from .core.svd import QKSVD, null_band
+from .core.svd import NULL_DRAWS, NULL_SEED, QKSVD, layer_null_band, layer_null_sd, null_band
 
 
 def centre_token_index(model: nn.Module) -> int:
@@ -151,4 +151,48 @@ def findings_table(relative: pd.DataFrame, band: float) -> pd.DataFrame:
                      "relative, layer 0": frame["relative_cosine"].iloc[0],
                      "relative, lowest layer": frame["relative_cosine"].iloc[low],
                      "relative, last layer": frame["relative_cosine"].iloc[last]})
+    return pd.DataFrame(rows)
+
+
+def null_band_table(svds: dict[str, QKSVD], level: float = 0.95, draws: int = NULL_DRAWS,
+                    seed: int = NULL_SEED) -> pd.DataFrame:
+    """One row per (model, layer): the simulated ``level`` null band of the plotted statistic (Fig 3's layer mean
+    of head weighted cosines) for that model's own singular values, as a half-width ``null_band`` (the null is
+    symmetric about 0: the band is [-null_band, +null_band]), the exact null standard deviation ``null_sd``, and
+    the single-cosine band ``single_cosine_band`` (:func:`null_band`, for comparison and the S1 histograms).
+
+    ``draws`` Haar draws per head with numpy's generator seeded by ``seed``
+    (:func:`qklib.core.svd.simulate_layer_null`): exactly reproducible.
+    """
+    frames = []
+    for label, svd in svds.items():
+        band = layer_null_band(svd, level=level, draws=draws, seed=seed).numpy()
+        sd = layer_null_sd(svd.S, svd.dim).numpy()
+        layers = np.arange(svd.num_layers)
+        frames.append(pd.DataFrame({"model": label, "layer": layers, "depth": depth(layers, svd.num_layers),
+                                    "null_band": band, "null_sd": sd, "single_cosine_band": null_band(svd.dim),
+                                    "draws": draws, "seed": seed}))
+    return pd.concat(frames, ignore_index=True)
+
+
+BASIS_LABELS = {"raw": "raw weights (the paper's): form on x = gamma * z + beta",
+                "gamma-folded": "LayerNorm gamma folded in: form on the standardised token z"}
+
+
+def basis_table(raw: dict[str, QKSVD], folded: dict[str, QKSVD]) -> pd.DataFrame:
+    """One row per (model, basis, layer): the layer weighted cosine in the raw basis (``qk_svd(model)``) and with
+    norm1's gamma folded into W_q and W_k (``qk_svd(model, fold_gamma=True)``); ``basis`` is ``"raw"`` or
+    ``"gamma-folded"``, ``basis_label`` says what the form acts on. The two dicts must hold the same models."""
+    if set(raw) != set(folded):
+        raise ValueError(f"raw and folded decompositions must cover the same models: {sorted(raw)} vs {sorted(folded)}")
+    rows = []
+    for label in raw:
+        for basis, svd in (("raw", raw[label]), ("gamma-folded", folded[label])):
+            if svd.basis != basis:
+                raise ValueError(f"{label!r}: expected a {basis!r} decomposition, got {svd.basis!r} "
+                                 "(use qk_svd(model) and qk_svd(model, fold_gamma=True))")
+            weighted = svd.layer_weighted_cosine().numpy()
+            for layer in range(svd.num_layers):
+                rows.append({"model": label, "basis": basis, "basis_label": BASIS_LABELS[basis], "layer": layer,
+                             "depth": depth(layer, svd.num_layers), "weighted_cosine": weighted[layer]})
     return pd.DataFrame(rows)

@@ -88,3 +88,30 @@ def run_chapter(tmp_path):
         return nbformat.read(out, 4), None
 
     return run
+
+
+def write_o3_folder(root: Path, names=("a", "b"), layout=None, skip_mask=None):
+    """A tiny O3-layout folder: 40 x 30 photos, a target and a distractor mask each (``skip_mask``: a name
+    whose target mask is left out)."""
+    import numpy as np
+    from PIL import Image
+
+    from qklib.o3 import O3Layout
+
+    layout = layout or O3Layout()
+    for folder in (layout.images, layout.targets, layout.distractors):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.new("RGB", (40, 30), (10, 200, 30)).save(root / layout.images / f"{name}.jpg")
+        target = np.zeros((30, 40), np.uint8)
+        target[2:10, 2:10] = 255
+        distractor = np.zeros((30, 40), np.uint8)
+        distractor[15:25, 20:30] = 255
+        if skip_mask != name:
+            Image.fromarray(target).save(root / layout.targets / f"{name}.png")
+        Image.fromarray(distractor).save(root / layout.distractors / f"{name}.jpg")  # JPEG masks are thresholded
+
+
+@pytest.fixture
+def write_o3():
+    return write_o3_folder

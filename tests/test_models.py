@@ -151,7 +151,8 @@ def test_cli_models_and_cosine_json():
     out = run_cli("cosine", qklib.DEFAULT_MODEL, "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert set(result) == {"model", "layers", "heads", "unweighted_layers", "null_band"}
+    assert {"model", "layers", "heads", "unweighted_layers", "null_band", "layer_null_band",
+            "layers_gamma_folded"} <= set(result)  # the new keys are checked in tests/test_svd_stats.py
     assert len(result["layers"]) == 12 and len(result["heads"]) == 12 and len(result["heads"][0]) == 6
     assert result["null_band"] == pytest.approx(qklib.null_band(384))
     assert result["layers"][0] == pytest.approx(sum(result["heads"][0]) / 6)

@@ -215,12 +215,19 @@ def test_save_load_round_trip(tiny, folder, tmp_path):
     assert "skipped 3" in back.summary()
 
 
-def test_search_images_in_memory(tiny):
+def test_search_images_in_memory_equals_the_search_of_the_same_files(tiny, tmp_path):
     model, svd = tiny
     rng = np.random.default_rng(3)
     images = {f"im{i}": _photo(rng, 64, 64) for i in range(5)}
-    result = search.search_images(model, images, layers=[0], k=2, svd=svd)
-    assert result.n_images == 5 and set(result.files) <= set(images)
+    for name, image in images.items():
+        image.save(tmp_path / f"{name}.png")  # lossless: the same pixels
+    in_memory = search.search_images(model, images, layers=[0], k=2, svd=svd)
+    on_disk = search.search(model, tmp_path, layers=[0], k=2, svd=svd, progress=False)
+    assert in_memory.n_images == 5
+    for head, mode, sign in ((0, 0, 1), (1, 5, -1), (2, 63, 1)):
+        memory_top = [(name, round(score, 4)) for name, score in in_memory.top(0, head, mode, sign)]
+        disk_top = [(name[: -len(".png")], round(score, 4)) for name, score in on_disk.top(0, head, mode, sign)]
+        assert memory_top == disk_top
 
 
 def test_cli_search_shards_and_merge(folder, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from scipy.stats import beta
 from torch import nn
@@ -23,7 +24,8 @@ from .models import attention_module, model_name, query_key_weights
 class QKWeights:
     """Per-head query and key projections, stacked.
 
-    ``wq``, ``wk``: ``[L, H, d_k, d]`` float64, so that ``q = wq[l, h] @ x``.
+    ``wq``, ``wk``: ``[L, H, d_k, d]`` float64, so that ``q = wq[l, h] @ x`` (``[L, H, d_k, d + 1]`` with
+    ``with_bias``: ``q = wq[l, h] @ [x; 1]``).
     ``qk_norm``: True where the model normalises q and k per head (q_norm/k_norm); ``rope``: True where it
     rotates q and k by position (rotary embeddings). Either way the score is no longer exactly the bilinear
     form ``x^T W_q^T W_k x``.
@@ -33,6 +35,13 @@ class QKWeights:
     wk: torch.Tensor
     qk_norm: bool = False
     rope: bool = False
+    fold_gamma: bool = False  # True: norm1's gamma folded in, W diag(gamma), acting on the standardised token z
+    with_bias: bool | str = False  # True / "query": the last of d+1 columns is the bias, on [x; 1] (``qk_weights``)
+
+    @property
+    def basis(self) -> str:
+        """What the bilinear form acts on: see :func:`basis_name`."""
+        return basis_name(self.fold_gamma, self.with_bias)
 
 
 @dataclass
@@ -51,6 +60,13 @@ class QKSVD:
     model: str = ""
     exact: bool = True  # False: the model's scores are not exactly bilinear in the tokens (see ``notes``)
     notes: list[str] = field(default_factory=list)
+    fold_gamma: bool = False  # see QKWeights; then U, V act on the standardised token z, not on x
+    with_bias: bool | str = False  # see QKWeights; then U, V are [L, H, d + 1, r] and act on [x; 1]
+
+    @property
+    def basis(self) -> str:
+        """What the modes act on: see :func:`basis_name`."""
+        return basis_name(self.fold_gamma, self.with_bias)
 
     @property
     def num_layers(self) -> int:
@@ -123,12 +139,104 @@ def qk_svd_from_weights(weights: QKWeights, model: str = "") -> QKSVD:
     return QKSVD(S=s, U=u, V=v, model=model, exact=not (weights.qk_norm or weights.rope), notes=notes)
 
 
-def qk_weights(model: nn.Module) -> QKWeights:
+BIAS_OPTIONS = (False, True, "query")
+
+
+def _check_bias_option(with_bias) -> None:
+    if with_bias not in BIAS_OPTIONS or isinstance(with_bias, int) and not isinstance(with_bias, bool):
+        raise ValueError(f"with_bias must be False, True (both biases) or 'query' (the query bias only), "
+                         f"got {with_bias!r}")
+
+
+def basis_name(fold_gamma: bool = False, with_bias: bool | str = False) -> str:
+    """``"raw"`` (the paper's: the form on the LayerNorm output x), ``"gamma-folded"`` (on the standardised
+    token z), each with ``"+bias"`` when it acts on ``[x; 1]`` (resp. ``[z; 1]``) with both biases included, or
+    ``"+query-bias"`` with the query bias only (``with_bias="query"``)."""
+    _check_bias_option(with_bias)
+    suffix = {False: "", True: "+bias", "query": "+query-bias"}[with_bias]
+    return ("gamma-folded" if fold_gamma else "raw") + suffix
+
+
+def basis_notes(fold_gamma: bool = False, with_bias: bool | str = False) -> list[str]:
+    """The sentences that say which basis a decomposition is in (none for the paper's raw basis)."""
+    notes = []
+    if fold_gamma:
+        notes.append(
+            "basis: LayerNorm gamma folded in (W_q diag(gamma), W_k diag(gamma)): the modes act on the "
+            "standardised token z = (h - mean) / std, not on the LayerNorm output x = gamma * z + beta that the "
+            "paper's raw weights act on; beta is left out of the bilinear form (it joins the biases: "
+            "W_q beta + b_q, W_k beta + b_k)"
+        )
+    if with_bias is True:
+        notes.append(
+            "bias-augmented: the modes act on [x; 1] (last coordinate the constant 1), so that "
+            "[x_i; 1]^T M [x_j; 1] = q_i . k_j with the query and key biases included (1/sqrt(d_k) dropped); "
+            "the top-left d x d block of M is the plain W_q^T W_k. The last column (x_i^T W_q^T b_k) and the corner "
+            "(b_q . b_k) are constant over keys and cancel in the softmax, yet they can carry the largest mode "
+            "(u_n, v_n close to the constant coordinate, cos_n near 1): with_bias='query' leaves them out"
+        )
+    elif with_bias == "query":
+        notes.append(
+            "query-bias-augmented: the modes act on [x; 1] (last coordinate the constant 1) with the query bias "
+            "only, so that [x_i; 1]^T M [x_j; 1] = q_i . W_k x_j = q_i . k_j - q_i . b_k: the score up to the "
+            "per-query constant that the softmax discards, i.e. exactly what sets the attention; the top-left "
+            "d x d block of M is the plain W_q^T W_k and its last row is b_q^T W_k"
+        )
+    return notes
+
+
+def _query_key_biases(attn: nn.Module, d_attn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(b_q, b_k)``, each ``[D_attn]`` float64 (zeros where the model has none): a fused ``qkv`` bias, separate
+    ``q``/``k`` (``q_proj``/``k_proj``) biases, or BEiT's ``q_bias`` (its key bias is zero)."""
+    zeros = torch.zeros(d_attn, dtype=torch.float64)
+
+    def as64(bias):
+        return zeros if bias is None else bias.detach().to("cpu", torch.float64)
+
+    qkv = getattr(attn, "qkv", None)
+    if isinstance(qkv, nn.Linear) and qkv.bias is not None:
+        bias = as64(qkv.bias)
+        return bias[:d_attn], bias[d_attn : 2 * d_attn]
+    for q_name, k_name in (("q", "k"), ("q_proj", "k_proj")):
+        q, k = getattr(attn, q_name, None), getattr(attn, k_name, None)
+        if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
+            return as64(q.bias), as64(k.bias)
+    q_bias = getattr(attn, "q_bias", None)
+    if isinstance(q_bias, torch.Tensor):  # BEiT: q_bias and v_bias learnt, the key bias fixed at zero
+        return as64(q_bias), as64(getattr(attn, "k_bias", None))
+    return zeros, zeros
+
+
+def _norm1_affine(block: nn.Module, index: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gamma, beta)`` ``[d]`` float64 of the block's ``norm1`` (the LayerNorm in front of qkv)."""
+    norm = getattr(block, "norm1", None)
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != (d,):
+        raise TypeError(
+            f"block {index}: fold_gamma needs a 'norm1' LayerNorm with a [{d}] weight in front of the attention, "
+            f"found {type(norm).__name__}; use fold_gamma=False (the raw weights) for this model"
+        )
+    bias = getattr(norm, "bias", None)
+    beta = torch.zeros(d, dtype=torch.float64) if bias is None else bias.detach().to("cpu", torch.float64)
+    return weight.detach().to("cpu", torch.float64), beta
+
+
+def qk_weights(model: nn.Module, fold_gamma: bool = False, with_bias: bool | str = False) -> QKWeights:
     """Stack every block's per-head W_q and W_k from a timm vision transformer.
 
     Handles timm's fused ``attn.qkv`` (rows [0:D) are W_q, [D:2D) W_k, head h owns rows
     h*d_k:(h+1)*d_k of each) and separate ``q``/``k`` (or ``q_proj``/``k_proj``) projections.
+
+    ``fold_gamma``: fold ``norm1``'s gamma into both projections, ``W_q diag(gamma)`` and ``W_k diag(gamma)``:
+    the form on the standardised token z, with ``x = gamma * z + beta`` (TransformerLens's default). Without
+    ``with_bias`` beta is left out: ``z_i^T (W_q diag g)^T (W_k diag g) z_j = (x_i - beta)^T W_q^T W_k (x_j - beta)``.
+    ``with_bias``: append each head's bias as a last column, ``[W_q | b_q]`` and ``[W_k | b_k]``, so the form
+    acts on ``[x; 1]`` and ``[x_i; 1]^T [W_q|b_q]^T [W_k|b_k] [x_j; 1] = q_i . k_j`` exactly, biases included.
+    Both together: biases ``W_q beta + b_q`` and ``W_k beta + b_k`` on ``[z; 1]``, again exactly ``q_i . k_j``.
+    ``with_bias="query"``: the key side's bias column is zero, ``[W_k | 0]``: the form is ``q_i . W_k x_j``, the
+    score less the per-query constant ``q_i . b_k`` (which the softmax over keys discards).
     """
+    _check_bias_option(with_bias)
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0:
         raise TypeError(
@@ -148,8 +256,20 @@ def qk_weights(model: nn.Module) -> QKWeights:
         if d_attn % heads:
             raise ValueError(f"block {index}: attention width {d_attn} is not divisible by {heads} heads")
         head_dim = d_attn // heads
-        wqs.append(wq.reshape(heads, head_dim, d))
-        wks.append(wk.reshape(heads, head_dim, d))
+        if with_bias:
+            bq, bk = _query_key_biases(attn, d_attn)
+            if with_bias == "query":
+                bk = torch.zeros_like(bk)
+        if fold_gamma:
+            gamma, beta = _norm1_affine(block, index, d)
+            if with_bias:  # beta moves into the biases before gamma is folded into the weights
+                bq = bq + wq @ beta
+                bk = bk + wk @ beta if with_bias is True else bk
+            wq, wk = wq * gamma, wk * gamma
+        if with_bias:
+            wq, wk = torch.cat([wq, bq[:, None]], dim=1), torch.cat([wk, bk[:, None]], dim=1)
+        wqs.append(wq.reshape(heads, head_dim, wq.shape[1]))
+        wks.append(wk.reshape(heads, head_dim, wk.shape[1]))
         for norm_name in ("q_norm", "k_norm"):
             norm = getattr(attn, norm_name, None)
             if norm is not None and not isinstance(norm, nn.Identity):
@@ -157,12 +277,28 @@ def qk_weights(model: nn.Module) -> QKWeights:
     if len({tuple(w.shape) for w in wqs}) != 1:
         raise ValueError("blocks differ in head count or width; stacked analysis needs a uniform transformer")
     return QKWeights(wq=torch.stack(wqs), wk=torch.stack(wks), qk_norm=qk_norm,
-                     rope=getattr(model, "rope", None) is not None)
+                     rope=getattr(model, "rope", None) is not None, fold_gamma=fold_gamma, with_bias=with_bias)
 
 
-def qk_svd(model: nn.Module) -> QKSVD:
-    """Exact SVD of every head's W_q^T W_k of a timm ViT: ``S [L,H,r]``, ``U``/``V [L,H,d,r]``, float64."""
-    return qk_svd_from_weights(qk_weights(model), model=model_name(model))
+def qk_svd(model: nn.Module, fold_gamma: bool = False, with_bias: bool | str = False) -> QKSVD:
+    """Exact SVD of every head's W_q^T W_k of a timm ViT: ``S [L,H,r]``, ``U``/``V [L,H,d,r]``, float64.
+
+    Default: the raw weights, the form on the LayerNorm output x (the paper's basis). ``fold_gamma`` and
+    ``with_bias`` change the basis as in :func:`qk_weights` (``with_bias=True`` or ``"query"``: ``U``/``V
+    [L,H,d+1,r]`` on ``[x; 1]``); the result's ``basis`` and ``notes`` say which. With both biases the corner
+    ``b_q . b_k`` and the column ``x_i^T W_q^T b_k``, constant over keys, can dominate the modes;
+    ``with_bias="query"`` decomposes exactly the part of the score that the softmax keeps.
+    """
+    weights = qk_weights(model, fold_gamma=fold_gamma, with_bias=with_bias)
+    svd = qk_svd_from_weights(weights, model=model_name(model))
+    svd.fold_gamma, svd.with_bias = fold_gamma, with_bias
+    svd.notes.extend(basis_notes(fold_gamma, with_bias))
+    return svd
+
+
+def append_one(x: torch.Tensor) -> torch.Tensor:
+    """``[..., d] -> [..., d + 1]``: ``[x; 1]``, the token as a bias-augmented decomposition reads it."""
+    return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
 
 
 def null_band(dim: int, level: float = 0.95) -> float:
@@ -172,6 +308,105 @@ def null_band(dim: int, level: float = 0.95) -> float:
         raise ValueError(f"dim must be >= 2, got {dim}")
     a = (dim - 1) / 2
     return float(2 * beta.ppf(0.5 + level / 2, a, a) - 1)
+
+
+# The null for what Fig 3 plots: a layer's mean over heads of each head's s-weighted mean of cos_n = u_n . v_n
+# when U and V are Haar-random (uniform orthonormal d x r frames, independent per head) and each head keeps its
+# own singular values. Because U^T V of independent Haar frames is distributed as the top r x r block of one Haar
+# d x r frame (rotate U onto the first r axes), cos_n has the law of that block's n-th diagonal entry.
+NULL_DRAWS = 2000  # draws of each head's r cosines (shared by all layers: the layers' bands are marginals); the 95%
+# half-width's Monte Carlo error is about 0.95 / sqrt(draws) of itself (~2% at 2000) for a near-normal statistic
+NULL_SEED = 0
+_NULL_MATRICES_PER_CHUNK = 1536  # memory bound only; part of what fixes the random stream (keep it fixed)
+
+
+def haar_diagonals(count: int, dim: int, rank: int, rng: np.random.Generator) -> np.ndarray:
+    """``[count, rank]``: the diagonal of the top ``rank x rank`` block of ``count`` independent Haar-random
+    ``dim x rank`` orthonormal frames, i.e. the ``rank`` cosines ``u_n . v_n`` of two independent Haar frames.
+
+    Exact, and O(rank^3) per frame instead of O(dim rank^2): the frame is Q = G R^{-1} for Gaussian G = [G1; G2]
+    and R the Cholesky factor of G^T G = G1^T G1 + G2^T G2 (the QR factor with positive diagonal, which makes Q
+    Haar). Only the top block G1 R^{-1} is needed, and it depends on G2 only through the Wishart_rank(dim - rank)
+    matrix G2^T G2, drawn by Bartlett's decomposition when dim - rank >= rank.
+    """
+    if not 1 <= rank <= dim:
+        raise ValueError(f"need 1 <= rank <= dim, got rank {rank}, dim {dim}")
+    g1 = rng.standard_normal((count, rank, rank))
+    rest = dim - rank
+    if rest >= rank:  # Bartlett: G2^T G2 = A A^T, A lower triangular, A_ii^2 ~ chi2(rest - i), A_ij ~ N(0, 1)
+        a = np.tril(rng.standard_normal((count, rank, rank)), -1)
+        chi = np.sqrt(rng.chisquare(rest - np.arange(rank), size=(count, rank)))
+        a[:, np.arange(rank), np.arange(rank)] = chi
+        stacked = np.concatenate([g1, a.transpose(0, 2, 1)], axis=1)  # [count, 2 rank, rank]
+    else:
+        stacked = np.concatenate([g1, rng.standard_normal((count, rest, rank))], axis=1)
+    gram = torch.from_numpy(stacked).transpose(-1, -2) @ torch.from_numpy(stacked)  # G^T G, [count, rank, rank]
+    lower = np.linalg.cholesky(gram.numpy())  # G^T G = L L^T, R = L^T
+    # diag(G1 R^{-1})_n = sum_m G1[n, m] (L^{-1})[n, m]
+    return np.einsum("cnm,cnm->cn", g1, np.linalg.inv(lower))
+
+
+def _head_weights(S: torch.Tensor) -> np.ndarray:
+    s = S.detach().to("cpu", torch.float64).numpy()
+    if s.ndim != 3:
+        raise ValueError(f"singular values must be [L, H, r], got shape {tuple(s.shape)}")
+    if (s < 0).any() or (s.sum(-1) <= 0).any():
+        raise ValueError("singular values must be >= 0 with a positive sum in every head")
+    return s / s.sum(-1, keepdims=True)
+
+
+def simulate_layer_null(S: torch.Tensor, dim: int, draws: int = NULL_DRAWS, seed: int = NULL_SEED) -> torch.Tensor:
+    """``[draws, L]``: draws of the layer statistic of Fig 3, ``mean_h sum_n (s_hn / sum_m s_hm) cos_hn``, with
+    each head's own singular values ``S [L, H, r]`` and Haar-random U and V in R^dim (independent per head).
+
+    Exactly reproducible for given (S's shape, dim, draws, seed): numpy's PCG64 generator seeded with ``seed``.
+    Each draw holds H independent heads' r cosines (:func:`haar_diagonals`), shared by the L layers (each layer
+    has its own weights): every layer's column is a correct sample of that layer's null, the layers' errors are
+    correlated.
+    """
+    weights = _head_weights(S)  # [L, H, r]
+    _layers, heads, rank = weights.shape
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    rng = np.random.default_rng(seed)
+    per_chunk = max(1, _NULL_MATRICES_PER_CHUNK // heads)
+    out = []
+    for start in range(0, draws, per_chunk):
+        count = min(per_chunk, draws - start)
+        cosines = haar_diagonals(count * heads, dim, rank, rng).reshape(count, heads, rank)
+        out.append(np.einsum("chr,lhr->cl", cosines, weights) / heads)
+    return torch.from_numpy(np.concatenate(out))
+
+
+def layer_null_sd(S: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[L]``: the exact standard deviation of the layer statistic under the Haar null (no simulation).
+
+    Each cos_n has mean 0 and variance 1/dim, and the r cosines of one head are uncorrelated (E[O_11 O_22] = 0
+    for a Haar orthogonal O), heads independent: Var = sum_h sum_n w_hn^2 / (dim H^2), w_hn = s_hn / sum_m s_hm.
+    """
+    weights = _head_weights(S)
+    heads = weights.shape[1]
+    return torch.from_numpy(np.sqrt((weights**2).sum((-1, -2)) / dim) / heads)
+
+
+def layer_null_band_from(S: torch.Tensor, dim: int, level: float = 0.95, draws: int = NULL_DRAWS,
+                         seed: int = NULL_SEED) -> torch.Tensor:
+    """``[L]``: half-width of the central ``level`` band of the layer statistic (see :func:`simulate_layer_null`).
+
+    The null is symmetric about 0 (V -> -V preserves the Haar law and flips the sign), so the band is
+    ``[-h, +h]`` with ``h`` the ``level`` quantile of the absolute statistic over the draws (which uses that symmetry).
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    samples = simulate_layer_null(S, dim, draws=draws, seed=seed)
+    return torch.quantile(samples.abs(), level, dim=0)
+
+
+def layer_null_band(svd: QKSVD, level: float = 0.95, draws: int = NULL_DRAWS, seed: int = NULL_SEED) -> torch.Tensor:
+    """``[L]``: per layer, the half-width of the simulated ``level`` null band of Fig 3's statistic (the head mean
+    of the s-weighted cosine) for this model's own singular values and width. :func:`null_band` is the band of
+    one cosine (the S1 histograms' line); this one is far narrower."""
+    return layer_null_band_from(svd.S, svd.dim, level=level, draws=draws, seed=seed)
 
 
 def mode_scores(svd: QKSVD, layer: int, head: int, x_query: torch.Tensor, x_key: torch.Tensor) -> torch.Tensor:

@@ -116,3 +116,38 @@ def model_summary(svds: dict[str, QKSVD]) -> Markdown:
                      for label, svd in svds.items())
     notes = "".join(f"\n\n**Note on `{label}`:** {note}." for label, svd in svds.items() for note in svd.notes)
     return Markdown("| model | layers | heads | d | modes per head |\n|---|---|---|---|---|\n" + rows + notes)
+
+
+def fig3_cosine_simulated_band(layers: pd.DataFrame, bands: pd.DataFrame,
+                               title: str = "Weighted cosine between u_n and v_n") -> alt.LayerChart:
+    """Fig 3 with each model's own per-layer null band (:func:`qklib.cosine.null_band_table`): a shaded
+    ``[-null_band, +null_band]`` strip per model, in the model's colour, instead of one flat single-cosine band.
+
+    ``layers``: :func:`qklib.cosine.layer_table` rows (model, layer, depth, weighted_cosine, ...);
+    ``bands``: rows with model, layer, depth and null_band.
+    """
+    strip = bands[["model", "layer", "depth", "null_band"]].copy()
+    strip["low"], strip["high"] = -strip["null_band"], strip["null_band"]
+    color = alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400))
+    x = alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1]))
+    shade = alt.Chart(inline(strip)).mark_area(opacity=0.2).encode(
+        x=x, y=alt.Y("low:Q"), y2="high:Q", color=color,
+        tooltip=["model:N", "layer:O", alt.Tooltip("null_band:Q", title="95% null half-width", format=".4f")])
+    lines = alt.Chart(inline(layers[["model", "layer", "depth", "weighted_cosine"]])).mark_line(point=True).encode(
+        x=x, y=alt.Y("weighted_cosine:Q", title="weighted cosine (mean over heads)"), color=color,
+        tooltip=["model:N", "layer:O", alt.Tooltip("weighted_cosine:Q", format="+.3f")])
+    return (shade + lines).properties(width=460, height=280, title=title)
+
+
+def basis_comparison(table: pd.DataFrame, title: str = "Weighted cosine in two bases") -> alt.FacetChart:
+    """Raw weights (the paper's basis) and LayerNorm gamma folded in, side by side on a shared y axis: one
+    panel per basis, one line per model. ``table``: :func:`qklib.cosine.basis_table` rows."""
+    frame = table[["model", "basis", "basis_label", "layer", "depth", "weighted_cosine"]]
+    order = [label for label in ("raw", "gamma-folded") if label in set(frame["basis"])]
+    return alt.Chart(inline(frame)).mark_line(point=True).encode(
+        x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("weighted_cosine:Q", title="weighted cosine (mean over heads)"),
+        color=alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400)),
+        tooltip=["model:N", "basis_label:N", "layer:O", alt.Tooltip("weighted_cosine:Q", format="+.3f")],
+    ).properties(width=220, height=240).facet(
+        column=alt.Column("basis:N", sort=order, title=None)).resolve_scale(y="shared").properties(title=title)

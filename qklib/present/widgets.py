@@ -5,7 +5,8 @@ ipywidgets driven by Python callbacks freeze once the kernel is gone. Here every
 so the saved widget state alone makes the sliders work in the built book.
 
 ``nested_stack`` takes a nested list of widgets, one nesting level per slider (e.g. layer -> head ->
-mode), and links the level-k slider to every Stack at depth k.
+mode), and links the level-k slider to every Stack at depth k. Given ``values``, a level's slider reads the
+value it selects (``L7``), not its position (``2``).
 """
 
 from __future__ import annotations
@@ -47,16 +48,22 @@ def _depth(tree) -> int:
     return depth
 
 
-def nested_stack(tree, names: Sequence[str]) -> widgets.VBox:
+def nested_stack(tree, names: Sequence[str], values: Sequence[Sequence | None] | None = None) -> widgets.VBox:
     """A VBox of one slider per level above a nested ``Stack`` of ``tree``'s leaves.
 
     ``tree``: nested lists of widgets, ``len(names)`` levels deep (``tree[layer][head]`` for names
-    ``("layer", "head")``). Every inner level must have the same length. Slider values are 0-based
-    indices, like the labels in the book (L0 H0 M0 is the first layer, head and mode).
+    ``("layer", "head")``). Every inner level must have the same length.
+    ``values``: per level, what each position stands for (``[["L1", "L4", "L7"], ["H0", "H1"]]``); that
+    level's slider is then a ``SelectionSlider`` whose readout is the selected value, linked by its
+    ``index``. A level without values (``None``, or no ``values`` at all) gets an ``IntSlider`` of
+    0-based positions.
     """
     depth = _depth(tree)
     if depth != len(names):
         raise ValueError(f"tree is {depth} levels deep but {len(names)} slider names were given")
+    values = list(values) if values is not None else [None] * depth
+    if len(values) != depth:
+        raise ValueError(f"tree is {depth} levels deep but values were given for {len(values)} levels")
     stacks_by_level: list[list[widgets.Stack]] = [[] for _ in range(depth)]
     sizes = [0] * depth
 
@@ -73,11 +80,25 @@ def nested_stack(tree, names: Sequence[str]) -> widgets.VBox:
     root = build(tree, 0)
     sliders = []
     for level, name in enumerate(names):
-        slider = widgets.IntSlider(value=0, min=0, max=sizes[level] - 1, description=name, continuous_update=True)
+        slider, linked = _slider(name, sizes[level], values[level])
         for stack in stacks_by_level[level]:
-            widgets.jslink((slider, "value"), (stack, "selected_index"))
+            widgets.jslink((slider, linked), (stack, "selected_index"))
         sliders.append(slider)
     return widgets.VBox([*sliders, root])
+
+
+def _slider(name: str, size: int, values: Sequence | None) -> tuple[widgets.Widget, str]:
+    """A slider over ``size`` positions and the trait that holds its position."""
+    if values is None:
+        return widgets.IntSlider(value=0, min=0, max=size - 1, description=name, continuous_update=True), "value"
+    labels = [str(v) for v in values]
+    if len(labels) != size:
+        raise ValueError(f"level {name!r} has {size} children but {len(labels)} values: {labels}")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"level {name!r}: values must differ from each other, got {labels}")
+    slider = widgets.SelectionSlider(options=[(label, i) for i, label in enumerate(labels)], index=0,
+                                     description=name, continuous_update=True)
+    return slider, "index"
 
 
 def picture_html(data: bytes, width: int = 160, caption: str = "", format: str = "jpeg") -> str:
@@ -90,7 +111,7 @@ def picture_html(data: bytes, width: int = 160, caption: str = "", format: str =
     toggle = "this.style.width = this.style.width === '100%' ? '{w}px' : '100%'".format(w=width)
     image = (f'<img src="{source}" style="width:{width}px;max-width:100%;cursor:zoom-in" '
              f'title="click to enlarge / shrink" onclick="{toggle}">')
-    return f"<figure style='margin:0'>{image}<figcaption>{caption}</figcaption></figure>" if caption else image
+    return f"<figure style='margin:0;padding:0'>{image}<figcaption>{caption}</figcaption></figure>" if caption else image
 
 
 def download_link(frame: pd.DataFrame, filename: str, label: str | None = None) -> HTML:
