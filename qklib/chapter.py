@@ -195,7 +195,7 @@ COMMON = {"batch_size": count(1), "device": check_device, "seed": count(0), "res
 SPECS: dict[str, dict[str, Callable]] = {
     "s3_attention": {
         "models": models(), "o3_dir": folder(), "o3_layout": o3_layout, "max_images": count(1),
-        "n_scenes": count(1), "min_cover": number(0, 1), **COMMON,
+        "n_scenes": count(1), "min_cover": number(0, 1), **COMMON, "live_explorer": flag,
     },
     "s4_cosine": {
         "models": models(), "image_dir": folder(), "max_images": count(2), **COMMON, "live_explorer": flag,

@@ -3,8 +3,8 @@
 where :mod:`qklib.present.widgets` serves precomputed pictures instead.
 
 * :func:`explore_attention` (§3): one query token's attention map over a scene or image, in any layer and
-  head, the query token picked by its row and column (or put on the target or a distractor), with the
-  target (red) and distractor (white) outlines;
+  head, the query token picked by its row and column (or put on the target or a distractor), drawn as the
+  chapter's static maps are (:func:`qklib.present.attention.overlay`: target outlined red, distractors white);
 * :func:`explore_spectrum` (§4): one head's singular spectrum and its cos_n = u_n . v_n, and one mode's
   cosine against its head, its layer and the null band;
 * :func:`explore` (§5): one mode's query (red) and key (cyan) maps, either sign, on a gallery image or an
@@ -28,11 +28,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import ipywidgets as widgets
-import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import nn
 
 from ..core.extract import record, token_embeddings
@@ -42,10 +41,8 @@ from ..core.svd import QKSVD, null_band
 from ..modes import mode_label, mode_maps
 from ..preference import query_tokens, token_masks
 from ..search import SearchResult
+from .attention import outline, overlay, view_mask
 from .render import jpeg_bytes, mosaic, render_mode, thumbnail
-
-TARGET_RGB, DISTRACTOR_RGB, QUERY_RGB = (255, 40, 40), (255, 255, 255), (80, 220, 255)
-_MAGMA = (matplotlib.colormaps["magma"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 
 
 class Live(widgets.VBox):
@@ -141,48 +138,6 @@ def _models(models) -> dict[str, nn.Module]:
 
 
 # ------------------------------------------------------------------------------------------------- §3
-def view_mask(model: nn.Module, mask: np.ndarray, size: int) -> np.ndarray:
-    """A pixel mask (``[H, W]`` bool) taken into the model's view (resize + centre crop), ``[size, size]`` bool."""
-    view = display_crop(model, Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).convert("RGB"))[..., 0]
-    return np.asarray(Image.fromarray(view).resize((size, size), Image.Resampling.NEAREST)) > 127
-
-
-def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
-    """The pixels of ``mask`` (``[H, W]`` bool) within ``width`` px of its edge."""
-    inner = np.asarray(mask, dtype=bool).copy()
-    for _ in range(width):
-        shrunk = inner.copy()
-        shrunk[1:-1, 1:-1] &= inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
-        inner = shrunk
-    return mask & ~inner
-
-
-def attention_overlay(view: np.ndarray, level: np.ndarray, query: tuple[int, int], edges: Sequence[np.ndarray] = (),
-                      colours: Sequence[tuple[int, int, int]] = (), dim: float = 0.6, opacity: float = 0.9) -> np.ndarray:
-    """One query's attention map over the image, ``[S, S, 3]`` uint8.
-
-    ``view``: ``[S, S, 3]`` uint8, the model's view. ``level``: ``[gh, gw]`` attention over the image tokens;
-    scaled to its maximum, drawn as token blocks in magma colours over the dimmed view with opacity
-    ``opacity * sqrt(level)``. ``edges``: ``[S, S]`` bool outlines drawn in ``colours``; ``query`` (row, col)
-    is boxed in light blue.
-    """
-    size = view.shape[0]
-    level = np.asarray(level, dtype=np.float64)
-    level = level / level.max() if level.max() > 0 else level
-    grid_h, grid_w = level.shape
-    codes = np.asarray(Image.fromarray((level * 255).round().astype(np.uint8)).resize((size, size), Image.Resampling.NEAREST))
-    alpha = np.sqrt(codes[..., None] / 255.0) * opacity
-    out = (view.astype(np.float64) * dim * (1 - alpha) + _MAGMA[codes] * alpha).round().clip(0, 255).astype(np.uint8)
-    for edge, colour in zip(edges, colours, strict=True):
-        out[edge] = colour
-    canvas = Image.fromarray(out)
-    row, col = query
-    cell_w, cell_h = size / grid_w, size / grid_h
-    ImageDraw.Draw(canvas).rectangle([round(col * cell_w), round(row * cell_h), round((col + 1) * cell_w) - 1,
-                                      round((row + 1) * cell_h) - 1], outline=QUERY_RGB, width=2)
-    return np.asarray(canvas)
-
-
 def explore_attention(models, scenes: Sequence = (), images: Mapping[str, Image.Image] | None = None, size: int = 320,
                       quality: int = 85) -> Live:
     """§3 live: any scene or image, model, layer and head; the query token by its row and column.
@@ -209,13 +164,15 @@ def explore_attention(models, scenes: Sequence = (), images: Mapping[str, Image.
     caption, message, picture = widgets.HTML(), _message(), _picture("qk-live-picture", size)
 
     def view(label: str, name: str):
+        """The model's view at ``size`` px, the target and distractor outlines, token masks and query tokens."""
         model, (image, target, distractor) = models[label], entries[name]
         shown = np.asarray(Image.fromarray(display_crop(model, image)).resize((size, size), Image.Resampling.BILINEAR))
         if target is None:
-            return shown, [], None, None
+            none = np.zeros((size, size), dtype=bool)
+            return shown, (none, none), None, None
         masks = token_masks(model, [target], [distractor])
         queries, _ = query_tokens(masks, 0.0)
-        edges = [outline(view_mask(model, distractor, size)), outline(view_mask(model, target, size))]
+        edges = (outline(view_mask(model, target, size)), outline(view_mask(model, distractor, size)))
         return shown, edges, masks, queries[0].tolist()
 
     def draw():
@@ -227,8 +184,7 @@ def explore_attention(models, scenes: Sequence = (), images: Mapping[str, Image.
         query = row.value * meta.grid[1] + col.value
         rows = probs[layer.value, head.value, meta.prefix_tokens + query, meta.prefix_tokens:].double()
         rows = rows / rows.sum()
-        picture.value = jpeg_bytes(attention_overlay(shown, rows.reshape(meta.grid).numpy(), (row.value, col.value),
-                                                     edges, (DISTRACTOR_RGB, TARGET_RGB)[:len(edges)]), quality)
+        picture.value = jpeg_bytes(overlay(shown, rows.reshape(meta.grid).numpy(), query, *edges), quality)
         where = f"<b>{html.escape(name)}</b>, {html.escape(label)}: layer {layer.value}, head {head.value}, " \
                 f"query token row {row.value}, col {col.value}"
         if masks is not None:
@@ -367,7 +323,9 @@ def explore(model, svd: QKSVD, images: Mapping[str, Image.Image | str | Path], f
 
     searched = found.layers if found is not None else []
     pick = widgets.Dropdown(options=list(images), description="image")
-    upload = widgets.FileUpload(accept="image/*", multiple=False, description="upload an image")
+    upload = widgets.FileUpload(accept="image/*", multiple=False, description="your image",
+                                tooltip="draw the mode on an image of yours (PNG, JPEG, ...)")
+    upload.layout.width = "auto"
     layer = _slider("layer", svd.num_layers - 1, searched[0] if searched else 0)
     head, mode = _slider("head", svd.num_heads - 1), _slider("mode", svd.rank - 1)
     sign = widgets.ToggleButtons(options=[("+", 1), ("-", -1)], description="sign")
