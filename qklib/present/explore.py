@@ -223,14 +223,17 @@ def explore_attention(models, scenes: Sequence = (), images: Mapping[str, Image.
 
 
 # ------------------------------------------------------------------------------------------------- §4
-def spectrum_figure(svd: QKSVD, layer: int, head: int, mode: int, band: float | None = None, dpi: int = 80) -> Figure:
+def spectrum_figure(svd: QKSVD, layer: int, head: int, mode: int, band: float | None = None, dpi: int = 80,
+                    cos: np.ndarray | None = None) -> Figure:
     """One head's singular spectrum (weights s_n / sum s), its cos_n = u_n . v_n with the null band, and the
     cosines of every mode of the layer (histogram), mode ``mode`` marked in red in each panel. Few artists
-    (steps and lines, no bar per mode), so it draws in a fraction of a second."""
+    (steps and lines, no bar per mode), so it draws in a fraction of a second. ``cos``: ``svd.cos`` as an
+    ``[L, H, r]`` array when the caller keeps it (it is recomputed otherwise)."""
     band = null_band(svd.dim) if band is None else band
     weights = (svd.S[layer, head] / svd.S[layer, head].sum()).numpy()
-    cos, layer_cos = svd.cos[layer, head].numpy(), svd.cos[layer].flatten().numpy()
-    mean = float(svd.weighted_cosine()[layer, head])
+    all_cos = svd.cos.numpy() if cos is None else cos
+    cos, layer_cos = all_cos[layer, head], all_cos[layer].flatten()
+    mean = float((weights * cos).sum())
     n = np.arange(len(cos))
     figure = Figure(figsize=(10.5, 2.8), dpi=dpi)
     figure.subplots_adjust(left=0.06, right=0.99, bottom=0.17, top=0.89, wspace=0.28)
@@ -262,6 +265,7 @@ def explore_spectrum(svds, band: float | None = None) -> Live:
     """§4 live: any model, layer, head and mode of ``svds`` (a :class:`QKSVD` or ``{label: QKSVD}``): the head's
     spectrum and cos_n (:func:`spectrum_figure`) and the mode's cosine in words."""
     svds = {svds.model or "model": svds} if isinstance(svds, QKSVD) else dict(svds)
+    cosines = {label: svd.cos.numpy() for label, svd in svds.items()}  # [L, H, r] each, computed once
     first = next(iter(svds.values()))
     pick_model = widgets.Dropdown(options=list(svds), description="model")
     layer, head, mode = (_slider("layer", first.num_layers - 1), _slider("head", first.num_heads - 1),
@@ -270,19 +274,20 @@ def explore_spectrum(svds, band: float | None = None) -> Live:
     picture.format = "png"
 
     def draw():
-        svd, (l, h, n) = svds[pick_model.value], (layer.value, head.value, mode.value)
+        svd, all_cos, (l, h, n) = svds[pick_model.value], cosines[pick_model.value], (layer.value, head.value, mode.value)
         width = null_band(svd.dim) if band is None else band
-        picture.value = figure_png(spectrum_figure(svd, l, h, n, width))
-        cos = float(svd.cos[l, h, n])
-        rank = int((svd.cos[l, h] > cos).sum()) + 1
-        share = float((svd.cos[l].flatten() < cos).double().mean())
+        picture.value = figure_png(spectrum_figure(svd, l, h, n, width, cos=all_cos))
+        weights = (svd.S[l, h] / svd.S[l, h].sum()).numpy()
+        cos = float(all_cos[l, h, n])
+        rank = int((all_cos[l, h] > cos).sum()) + 1
+        share = float((all_cos[l] < cos).mean())
         verdict = ("inside the null band: no preference" if abs(cos) <= width else
                    "above the band: the mode groups tokens like each other" if cos > 0 else
                    "below the band: the mode links tokens with opposite features")
         caption.value = (f"<b>{html.escape(pick_model.value)}</b>, {mode_label(l, h, n)}: s = {float(svd.S[l, h, n]):.3g} "
                          f"({float(svd.S[l, h, n] / svd.S[l, h].sum()):.1%} of the head's sum), u<sub>n</sub> · v<sub>n</sub> = "
                          f"{cos:+.3f}, {verdict} (±{width:.3f}); rank {rank} of {svd.rank} in its head, above {share:.0%} "
-                         f"of the layer's modes; head's weighted cosine {float(svd.weighted_cosine()[l, h]):+.3f}")
+                         f"of the layer's modes; head's weighted cosine {float((weights * all_cos[l, h]).sum()):+.3f}")
 
     def fit_sliders(_change=None):
         svd = svds[pick_model.value]
@@ -320,6 +325,8 @@ def explore(model, svd: QKSVD, images: Mapping[str, Image.Image | str | Path], f
     meta = info(model)
     opened = _Cache(64)  # name or search path -> PIL image
     tokens = _Cache(512)  # (image key, layer) -> [T, d]; ~0.4 MB each for ViT-S/14
+    crops = _Cache(64)  # image key -> the model's view, [S, S, 3] uint8
+    cosines = svd.cos  # [L, H, r], computed once
 
     searched = found.layers if found is not None else []
     pick = widgets.Dropdown(options=list(images), description="image")
@@ -348,7 +355,8 @@ def explore(model, svd: QKSVD, images: Mapping[str, Image.Image | str | Path], f
 
     def pictures(keys: list[str], l: int, h: int, n: int, s: int) -> list[np.ndarray]:
         query, key = mode_maps(svd, layer_tokens(keys, l), l, h, n, meta.prefix_tokens, s, meta.grid)
-        return [render_mode(display_crop(model, image(k)), q, kk) for k, q, kk in zip(keys, query, key)]
+        views = [crops.get(k, lambda k=k: display_crop(model, image(k))) for k in keys]
+        return [render_mode(view, q, kk) for view, q, kk in zip(views, query, key)]
 
     def draw():
         l, h, n, s = layer.value, head.value, mode.value, sign.value
@@ -356,7 +364,7 @@ def explore(model, svd: QKSVD, images: Mapping[str, Image.Image | str | Path], f
         picture.value = jpeg_bytes(np.asarray(Image.fromarray(main).resize((size, size), Image.Resampling.LANCZOS)), quality)
         label = mode_label(l, h, n, s)
         caption.value = (f"<b>{html.escape(pick.value)}</b>, {label}: query map red, key map cyan; "
-                         f"s = {float(svd.S[l, h, n]):.3g}, cos = {float(svd.cos[l, h, n]):+.3f}")
+                         f"s = {float(svd.S[l, h, n]):.3g}, cos = {float(cosines[l, h, n]):+.3f}")
         if found is None:
             best, why = [], "no saved search given"
         elif l in found.layers and h in found.heads and n in found.modes:
@@ -389,6 +397,7 @@ def explore(model, svd: QKSVD, images: Mapping[str, Image.Image | str | Path], f
             images[key] = uploaded
             for stale in [k for k in tokens if k[0] == key]:
                 del tokens[stale]
+            crops.pop(key, None)
             with box.hold():
                 pick.options = list(images)
                 pick.value = key
