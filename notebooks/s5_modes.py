@@ -46,7 +46,7 @@ top_k = 4  # optimal images kept and shown per feature
 layers = [1, 4, 7, 10]  # layers in the explorer and the walkthrough (0-based)
 heads = "all"  # heads in the explorer and the walkthrough: "all" or a list (0-based)
 explorer_modes = 4  # the explorer shows modes M0..M{explorer_modes-1} of each head
-featured = ["L10 H3 M0", "L10 H2 M2", "L7 H1 M2"]  # modes whose optimal images are shown
+featured = "rule"  # modes whose optimal images are shown: "rule" (see Fig 4) or labels like ["L10 H3 M0"]
 walkthrough_image = "chelsea"  # a gallery image (file name or stem; of image_dir when set), or an image path
 live_explorer = False  # True in a live kernel (JupyterLab): any layer/head/mode/sign, any gallery or uploaded image
 batch_size = 16  # images per forward pass
@@ -61,7 +61,7 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 import qklib
-from qklib import ade20k, chapter, same_object, search
+from qklib import ade20k, chapter, modes, same_object, search
 from qklib.present import mode_figures as figures
 from qklib.present.explore import explore
 from qklib.present.widgets import download_link
@@ -137,11 +137,26 @@ else:
 display(Markdown(figures.search_summary(found)))
 
 # %% [markdown]
-# The featured modes, each with its top images (file name and score under each picture):
+# **Which modes are shown** is fixed by a rule chosen before looking at any picture (`featured = "rule"`): in an
+# early, a middle and a late layer (the layers nearest to 0.1, 0.5 and 0.9 of the way from the first to the
+# last), the mode with the largest singular value of all the layer's heads. Next to each mode's cosine
+# $\cos_n = u_n \cdot v_n$ we report the **query/key map correlation** $r$: the Pearson correlation, over every
+# image token of the gallery (its first 200 images), between the query map $x \cdot u_n$ and the key map
+# $x \cdot v_n$. The cosine compares the two directions; $r$ says whether the tokens that have the query feature
+# are the ones that offer the key feature, which is what "attends to its own object" means on images.
+
+# %%
+corr = modes.map_correlations(net, svd, chapter.gallery_batches(gallery_root, files, p.batch_size, 200), p.featured)
+chosen = figures.featured_table(svd, p.featured, corr)
+display(chosen.round(3), download_link(chosen, "s5_featured_modes.csv"))
+
+# %% [markdown]
+# Each featured mode with its top images (file name and score under each picture):
 
 # %%
 optimal = figures.optimal_table(svd, found, p.featured)
-display(figures.optimal_images(net, svd, found, p.featured), download_link(optimal, "s5_optimal_images.csv"))
+display(figures.optimal_images(net, svd, found, p.featured, correlations=corr),
+        download_link(optimal, "s5_optimal_images.csv"))
 
 # %% [markdown]
 # In a live kernel, with `live_explorer = True`, this explorer draws any layer, head, mode and sign on any
@@ -154,21 +169,35 @@ if p.live_explorer:
 # %% [markdown]
 # ## Fig 5: one image through many modes
 #
-# Which modes make up an image's attention scores? Mode $n$ of head $h$ contributes
-# $c_n = \sum_{i,j} (x_i \cdot u_n)\, s_n\, (v_n \cdot x_j) = s_n (\sum_i x_i \cdot u_n)(\sum_j x_j \cdot v_n)$, with
-# $i$ and $j$ over the image tokens (prefix tokens left out). Summed over the modes this is the head's total
-# bias-free score $\sum_{i,j} (W_q x_i) \cdot (W_k x_j)$. For each head in `layers` x `heads`, the six modes
-# with the largest $c_n$ (by signed value: the modes that raise this image's scores most) are drawn left to
-# right, each with the sign of the feature the image holds on average, so the red and cyan regions are where
-# the feature is present. "share" is $c_n / \sum_m |c_m|$: modes contribute with both signs, so a share of
-# the signed total could exceed 1. The image is `walkthrough_image`:
+# Which modes shape an image's attention? The paper orders modes "by the contribution to the attention score",
+# read literally the sum over token pairs of the mode's term $a^n_{ij} = (x_i \cdot u_n)\, s_n\, (v_n \cdot x_j)$:
+# $\sum_{i,j} a^n_{ij} = s_n (\sum_i x_i \cdot u_n)(\sum_j x_j \cdot v_n)$. For each query $i$ that sum holds
+# $N$ times the key-mean $\bar a^n_i = \frac1N \sum_j a^n_{ij}$, a per-query constant that the softmax throws away:
+# a mode can top this ranking and not move the attention at all. We rank instead by the mode's
+# **key-centred contribution weighted by the head's own attention** $p_{ij}$ (over the image tokens,
+# renormalised): $c_n = \sum_i \sum_j p_{ij} (a^n_{ij} - \bar a^n_i)$. It is positive when the mode raises the
+# scores of the keys the head attends to, and adding any per-query constant to $a^n_{ij}$ leaves it unchanged.
+# For each head in `layers` x `heads`, the six modes with the largest $c_n$ are drawn left to right, each with
+# the sign of the feature the image holds on average; below them, the six the paper's sum would pick.
+# "share" is $c_n / \sum_m |c_m|$. The image is `walkthrough_image`:
 
 # %%
 walk_table, walk_sliders = figures.walkthrough(net, svd, walk_image, p.layers, p.heads, count=6)
 display(Markdown(f"Image: `{walk_name}`"), walk_sliders, download_link(walk_table, "s5_walkthrough.csv"))
 
 # %% [markdown]
-# How concentrated is the image's score? The share (of $\sum_m |c_m|$) that each head's single largest mode
+# **Does the ranking match attention?** We remove a head's top six modes from its score (the model's logits
+# minus $\sum_{n \text{ removed}} a^n_{ij} / \sqrt{d_k}$; biases and everything else kept) and measure how much
+# each attention row changes (total-variation distance, mean over query tokens), for the six modes of each
+# ranking, in every head of `layers`, on the six explorer images:
+
+# %%
+ablated = modes.ablation(net, svd, shown.values(), p.layers, count=6)
+display(download_link(figures.ablation_table(ablated), "s5_ablation.csv"))
+figures.ablation_chart(figures.ablation_table(ablated))
+
+# %% [markdown]
+# How concentrated is the image's attention-weighted contribution? The share (of $\sum_m |c_m|$) that each head's single largest mode
 # carries, per layer (mean over the heads shown):
 
 # %%
@@ -184,14 +213,18 @@ figures.top_share_chart(walk_table)
 # Chance is $1/K$ for an image with $K$ objects, weighted the same way. A random-init model of the same
 # architecture is the control. Objects smaller than half a token are left out; images with fewer than two
 # objects are skipped. The images are ADE20K's when `ade20k_dir` is set, else the generated scenes (objects:
-# the target and each distractor).
+# the target and each distractor). The paper's ADE20K segments everything, sky, wall and floor included, so a
+# mode from an object to its surroundings can count there; we therefore also count the **background (label 0)
+# as one more object** (the second set of lines).
 
 # %%
 masked = ade20k.load_ade20k(p.ade20k_dir, limit=p.ade20k_limit) if p.ade20k_dir else scene_set
-same = same_object.same_object_probability(net, svd, masked, k=5, batch_size=p.batch_size)
 control_net = qklib.random_control(p.models[0][0], seed=p.seed, device=p.device)
-control = same_object.same_object_probability(control_net, qklib.qk_svd(control_net), masked, k=5, batch_size=p.batch_size)
-fig6 = figures.same_object_table(same, control, meta.name, svd.num_layers)
+pairs = ((net, svd), (control_net, qklib.qk_svd(control_net)))
+same, control, same_bg, control_bg = (
+    same_object.same_object_probability(m, s, masked, k=5, batch_size=p.batch_size, background=bg)
+    for bg in (False, True) for m, s in pairs)
+fig6 = figures.same_object_table(same, control, meta.name, svd.num_layers, background=(same_bg, control_bg))
 display(download_link(fig6, "s5_same_object.csv"))
 figures.same_object_chart(fig6)
 
@@ -199,7 +232,9 @@ figures.same_object_chart(fig6)
 glue("s5_masked", f"{len(masked)} {'ADE20K images' if p.ade20k_dir else 'generated scenes'}", display=False)
 for name, value in {"used": same.images_used, "skipped": same.images_skipped, "n_images": found.n_images,
                     "search_s": found.seconds, "n_skipped": len(found.skipped), "walk_name": walk_name,
-                    **figures.walkthrough_findings(walk_table), **figures.same_object_findings(same, control)}.items():
+                    **figures.walkthrough_findings(walk_table), **figures.same_object_findings(same, control),
+                    **figures.ablation_findings(ablated), **figures.featured_findings(chosen),
+                    **{f"bg_{k}": v for k, v in figures.same_object_findings(same_bg, control_bg).items()}}.items():
     glue(f"s5_{name}", value, display=False)
 glue("s5_seconds", time.perf_counter() - started, display=False)
 
@@ -209,8 +244,19 @@ glue("s5_seconds", time.perf_counter() - started, display=False)
 # - **Optimal images.** {glue:text}`s5_n_images` gallery images were scored for every mode and sign in
 #   {glue:text}`s5_search_s:.1f` s ({glue:text}`s5_n_skipped` files skipped); the featured modes' top images
 #   are in Fig 4 above, with their table as CSV.
+# - **Featured modes** (chosen by the rule, not by eye): {glue:text}`s5_featured_modes`; cosine and map
+#   correlation agree in sign for {glue:text}`s5_featured_agree`. The cosine of two directions in $d$ dimensions
+#   need not say where on an image the two features sit; the map correlation does.
+# - **Ranking by effect on attention.** Removing each head's top {glue:text}`s5_abl_count` modes by the
+#   attention-weighted contribution changes the attention rows by {glue:text}`s5_abl_ours:.3f` (mean
+#   total-variation distance over {glue:text}`s5_abl_cases` image-head cases), removing the paper's sum's top
+#   {glue:text}`s5_abl_count` by {glue:text}`s5_abl_paper:.3f`: the first {glue:text}`s5_abl_verdict`
+#   (larger in {glue:text}`s5_abl_larger:.0%` of the cases). The two top sets share
+#   {glue:text}`s5_abl_overlap:.2f` modes on average.
 # - **One image.** In **{glue:text}`s5_walk_name`**, a head's single largest mode carries on average
-#   {glue:text}`s5_top_share:.2f` of that head's summed |contributions| (layers {glue:text}`s5_walk_layers`);
+#   {glue:text}`s5_top_share:.2f` of that head's summed |attention-weighted contributions| (layers
+#   {glue:text}`s5_walk_layers`; the paper's sum shares {glue:text}`s5_walk_shared:.1f` of each head's top
+#   {glue:text}`s5_walk_count`);
 #   the most concentrated head is {glue:text}`s5_top_head`, where {glue:text}`s5_top_label` carries
 #   {glue:text}`s5_top_head_share:.2f`.
 # - **Same object.** On {glue:text}`s5_masked` ({glue:text}`s5_used` used, {glue:text}`s5_skipped` skipped for
@@ -218,17 +264,12 @@ glue("s5_seconds", time.perf_counter() - started, display=False)
 #   {glue:text}`s5_early_layers` and {glue:text}`s5_late:.2f` in layers {glue:text}`s5_late_layers`: it is
 #   {glue:text}`s5_trend`. It peaks at {glue:text}`s5_peak:.2f` in layer {glue:text}`s5_peak_layer`; chance is
 #   {glue:text}`s5_chance:.2f` and the random-init control {glue:text}`s5_control:.2f`. The model is
-#   {glue:text}`s5_above_chance`, and {glue:text}`s5_above_control`.
+#   {glue:text}`s5_above_chance`, and {glue:text}`s5_above_control`. With the background as one more object,
+#   P(same object) averages {glue:text}`s5_bg_early:.2f` in layers {glue:text}`s5_bg_early_layers` and
+#   {glue:text}`s5_bg_late:.2f` in layers {glue:text}`s5_bg_late_layers` ({glue:text}`s5_bg_trend`; chance
+#   {glue:text}`s5_bg_chance:.2f`, control {glue:text}`s5_bg_control:.2f`). The generated scenes' distractors are
+#   identical copies of one shape, so "same instance" and "same kind" cannot be told apart here.
 #
 # The paper reports the same kinds of modes (same-object early, object-to-context and part-to-part later).
 # Ours come from a gallery of a few dozen images, not ImageNet, and from a backbone that may have been
 # fine-tuned for saliency. This chapter ran in {glue:text}`s5_seconds:.0f` s.
-#
-# ### Three modes, read by eye
-#
-# What the featured modes' optimal images show was written down by a person looking at the pictures of the
-# default build (embedded model, default gallery): these descriptions are not computed, and they are shown
-# only when this run is that default run.
-
-# %%
-display(Markdown(figures.readings(svd, p)))

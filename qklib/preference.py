@@ -11,6 +11,16 @@ same = mean(T->T, D->D), different = mean(T->D, D->T), background = mean(T->B, D
 
 An image is skipped, and counted, when no token is covered at least ``min_cover`` by the target or by a
 distractor (the object vanishes at token resolution, or the centre crop cuts it off).
+
+Two robustness variants (issue 9), both computed from the same forward pass by :func:`measure`:
+- the query's own token: its map either keeps it (``self_token == "kept"``, the paper's definition) or drops
+  it from the key set and renormalises over the remaining image tokens (``"removed"``). A query token lies on
+  its own object, so keeping it adds p_ii (the query's attention to itself) to the same-object ratio; in
+  early layers that self term is a large part of "same object".
+- the query token: the object's most-covered token (``queries="peak"``, the paper's choice) or the average
+  of the ratios over every token the object covers at least ``all_cover`` (``queries="all"``; by default
+  ``min_cover``, the bar the peak token must clear; ``all_cover=1`` keeps fully covered tokens only, which
+  on small generated objects drops most scenes).
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ from .core.extract import record
 from .core.images import to_pixels, view_steps
 from .core.models import depth, model_name
 
+QUERY_CHOICES = ("peak", "all")
+SELF_TOKEN = ("kept", "removed")
 PAIRS = ("t_t", "t_d", "t_b", "d_t", "d_d", "d_b")  # query -> key region, in the order of ratios()'s last two axes
 GROUPS = {"same": ("t_t", "d_d"), "different": ("t_d", "d_t"), "background": ("t_b", "d_b")}
 
@@ -81,6 +93,52 @@ def query_tokens(masks: TokenMasks, min_cover: float = 0.5) -> tuple[torch.Tenso
     return index, keep
 
 
+def query_weights(masks: TokenMasks, queries: str = "peak", min_cover: float = 0.5,
+                  all_cover: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights [B, 2, N], keep [B])``: how much each image token counts as the target query (row 0) and the
+    distractor query (row 1); each row sums to 1.
+
+    ``queries="peak"``: one-hot at the most-covered token (:func:`query_tokens`); ``"all"``: uniform over the
+    tokens the object covers at least ``all_cover`` (None: ``min_cover``; 0.999 for "fully covered").
+    ``keep`` is False where the peak token is covered less than ``min_cover`` or (for "all") no token
+    reaches ``all_cover``.
+    """
+    if queries not in QUERY_CHOICES:
+        raise ValueError(f"queries must be one of {QUERY_CHOICES}, got {queries!r}")
+    index, keep = query_tokens(masks, min_cover)
+    regions = torch.stack([masks.target, masks.distractor], dim=1)  # [B, 2, N]
+    if queries == "peak":
+        return F.one_hot(index, regions.shape[-1]).to(torch.float64), keep
+    full = (regions >= (min_cover if all_cover is None else all_cover) - 1e-9).to(torch.float64)
+    count = full.sum(-1, keepdim=True)
+    keep = keep & (count[..., 0] > 0).all(dim=1)
+    return full / count.clamp_min(1), keep
+
+
+def token_ratios(attention: torch.Tensor, prefix_tokens: int, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept, removed)``, each ``[L, B, H, N, 3]``: for every image token as the query, its attention map over
+    the image tokens (prefix tokens dropped, renormalised to 1) times the target, distractor and background
+    masks; ``kept`` with the query's own token in the key set, ``removed`` without it (its probability taken
+    out, the rest renormalised). ``attention``: ``[L, B, H, T, T]``; ``masks``: ``[B, 3, N]``.
+    """
+    image = attention[..., prefix_tokens:, prefix_tokens:].double()  # [L, B, H, N, N]
+    masks = masks.double()
+    total = image.sum(-1)  # [L, B, H, N]
+    hits = torch.einsum("lbhqn,bkn->lbhqk", image, masks)
+    own = image.diagonal(dim1=-2, dim2=-1)  # [L, B, H, N]: p_ii
+    rest = (total - own).clamp_min(torch.finfo(torch.float64).tiny)
+    removed = (hits - own[..., None] * masks.transpose(1, 2)[None, :, None]) / rest[..., None]
+    return hits / total[..., None], removed
+
+
+def weighted_ratios(attention: torch.Tensor, prefix_tokens: int, masks: torch.Tensor,
+                    weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept, removed)``, each ``[L, B, H, 2, 3]``: :func:`token_ratios` averaged over query tokens with
+    ``weights`` ``[B, 2, N]`` (:func:`query_weights`): query (target, distractor) x key region."""
+    return tuple(torch.einsum("lbhqk,brq->lbhrk", r, weights.double())
+                 for r in token_ratios(attention, prefix_tokens, masks))
+
+
 def ratios(attention: torch.Tensor, prefix_tokens: int, masks: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """The six inner products, all layers and heads at once.
 
@@ -125,16 +183,32 @@ class Preference:
 
 
 def measure(model: nn.Module, samples: Iterable, batch_size: int = 8, min_cover: float = 0.5,
-            label: str | None = None) -> Preference:
-    """Attention preference of ``model`` on O3-style ``samples`` (``image``, ``target``, ``distractor``, ``id``)."""
+            label: str | None = None, queries: str | Sequence[str] = "peak", all_cover: float | None = None,
+            self_token: str | Sequence[str] = "kept") -> Preference:
+    """Attention preference of ``model`` on O3-style ``samples`` (``image``, ``target``, ``distractor``, ``id``).
+
+    ``queries``: "peak" (the most-covered token, the paper's choice), "all" (average over the tokens covered
+    at least ``all_cover``, by default ``min_cover``: see :func:`query_weights`) or a sequence of both; every choice comes from one forward pass, and an
+    image skipped under one choice is skipped under all, so they share their images. The table has one row per
+    model, image, layer, head, ``queries`` and ``self_token`` ("kept": the paper's map; "removed": the query's
+    own token taken out of the key set and the map renormalised over the other image tokens); ``self_token``
+    names one variant or a sequence of both. The defaults give the paper's measurement alone.
+    """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    choices = (queries,) if isinstance(queries, str) else tuple(queries)
+    if not choices or any(q not in QUERY_CHOICES for q in choices):
+        raise ValueError(f"queries must be one of {QUERY_CHOICES} or a sequence of them, got {queries!r}")
+    variants = (self_token,) if isinstance(self_token, str) else tuple(self_token)
+    if not variants or any(v not in SELF_TOKEN for v in variants):
+        raise ValueError(f"self_token must be one of {SELF_TOKEN} or a sequence of them, got {self_token!r}")
     label = label or model_name(model)
     frames, chances, skipped, measured = [], [], {}, []
     stream = iter(samples)  # batch by batch: an O3Set reads its photos lazily, never all at once
     while batch := list(itertools.islice(stream, batch_size)):
         masks = token_masks(model, [s.target for s in batch], [s.distractor for s in batch])
-        queries, keep = query_tokens(masks, min_cover)
+        weights = {q: query_weights(masks, q, min_cover, all_cover) for q in choices}
+        keep = torch.stack([k for _, k in weights.values()]).all(dim=0)
         for sample, kept, cover_t, cover_d in zip(batch, keep.tolist(), masks.target.max(1).values.tolist(),
                                                    masks.distractor.max(1).values.tolist()):
             if not kept:
@@ -144,11 +218,17 @@ def measure(model: nn.Module, samples: Iterable, batch_size: int = 8, min_cover:
         if not chosen:
             continue
         index = keep.nonzero().flatten()
+        ids = [s.id for s in chosen]
         rec = record(model, to_pixels(model, [s.image for s in chosen]), tokens=False, attention=True)
-        values = ratios(rec.attention, rec.prefix_tokens, masks.stacked()[index], queries[index])
-        frames.append(_frame(values, [s.id for s in chosen], label))
-        chances.append(chance(masks.stacked()[index], [s.id for s in chosen]))
-        measured += [s.id for s in chosen]
+        per_token = token_ratios(rec.attention, rec.prefix_tokens, masks.stacked()[index])
+        for q, (w, _) in weights.items():
+            for variant, values in zip(SELF_TOKEN, per_token):
+                if variant not in variants:
+                    continue
+                picked = torch.einsum("lbhqk,brq->lbhrk", values, w[index])
+                frames.append(_frame(picked.float(), ids, label).assign(queries=q, self_token=variant))
+        chances.append(chance(masks.stacked()[index], ids))
+        measured += ids
     if not frames:
         raise ValueError(f"every image was skipped ({len(skipped)}): no target or distractor token is covered "
                          f"at least {min_cover}; lower min_cover or check the masks")
@@ -181,12 +261,27 @@ def _frame(values: torch.Tensor, ids: list[str], label: str) -> pd.DataFrame:
     return frame
 
 
+def select(table: pd.DataFrame, queries: str = "peak", self_token: str = "removed") -> pd.DataFrame:
+    """The rows of one variant of a :func:`measure` table (the chapter's headline: peak token, self removed)."""
+    if queries not in QUERY_CHOICES or self_token not in SELF_TOKEN:
+        raise ValueError(f"queries must be one of {QUERY_CHOICES} and self_token one of {SELF_TOKEN}, "
+                         f"got {queries!r}, {self_token!r}")
+    rows = table[(table["queries"] == queries) & (table["self_token"] == self_token)]
+    if rows.empty:
+        raise ValueError(f"the table holds no rows for queries={queries!r}, self_token={self_token!r}: "
+                         "measure with that choice of queries")
+    return rows.reset_index(drop=True)
+
+
 def per_layer(table: pd.DataFrame) -> pd.DataFrame:
     """Mean over images and heads per model and layer, with a 95% interval over images
-    (each image first averaged over heads): columns model, layer, depth, group, mean, low, high."""
-    by_image = table.groupby(["model", "layer", "depth", "image"], sort=False)[list(GROUPS)].mean().reset_index()
-    long = by_image.melt(["model", "layer", "depth", "image"], list(GROUPS), var_name="group", value_name="ratio")
-    stats = long.groupby(["model", "layer", "depth", "group"], sort=False)["ratio"].agg(["mean", "std", "count"]).reset_index()
+    (each image first averaged over heads): columns model, layer, depth, group, mean, low, high, and
+    ``queries`` / ``self_token`` when the table has them (each variant kept apart)."""
+    variants = [c for c in ("queries", "self_token") if c in table.columns]
+    keys = ["model", *variants, "layer", "depth"]
+    by_image = table.groupby([*keys, "image"], sort=False)[list(GROUPS)].mean().reset_index()
+    long = by_image.melt([*keys, "image"], list(GROUPS), var_name="group", value_name="ratio")
+    stats = long.groupby([*keys, "group"], sort=False)["ratio"].agg(["mean", "std", "count"]).reset_index()
     half = 1.96 * stats["std"].fillna(0) / np.sqrt(stats["count"])
     stats["low"], stats["high"] = stats["mean"] - half, stats["mean"] + half
     return stats.drop(columns=["std"]).rename(columns={"count": "images"})

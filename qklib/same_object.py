@@ -48,10 +48,12 @@ def crop_labels(model, labels: np.ndarray) -> np.ndarray:
     return np.asarray(mask).astype(np.int32)
 
 
-def token_coverage(model, labels: np.ndarray, min_tokens: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def token_coverage(model, labels: np.ndarray, min_tokens: float = 0.5,
+                   background: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(coverage [K, T_img], ids [K])``: fraction of each image token's patch covered by each object.
 
-    Background (0) is left out, and so are objects covering less than ``min_tokens`` tokens in total.
+    Background (0) is left out unless ``background`` (then it is one more object, as ADE20K's sky or wall would
+    be), and so are objects covering less than ``min_tokens`` tokens in total.
     """
     meta = info(model)
     cropped = crop_labels(model, labels)
@@ -59,7 +61,7 @@ def token_coverage(model, labels: np.ndarray, min_tokens: float = 0.5) -> tuple[
     patch_h, patch_w = cropped.shape[0] // rows, cropped.shape[1] // cols
     cropped = cropped[: rows * patch_h, : cols * patch_w]
     ids = np.unique(cropped)
-    ids = ids[ids > 0]
+    ids = ids[ids >= 0] if background else ids[ids > 0]
     if len(ids) == 0:
         return np.zeros((0, rows * cols), np.float32), ids
     onehot = cropped[None] == ids[:, None, None]  # [K, H, W]
@@ -104,11 +106,12 @@ def _weighted(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def same_object_probability(model, svd: QKSVD, dataset: Sequence, k: int = 5, layers=None, batch_size: int = 16,
-                            min_tokens: float = 0.5) -> SameObject:
+                            min_tokens: float = 0.5, background: bool = False) -> SameObject:
     """P(query and key features pick the same object) per layer; see the module docstring.
 
     ``dataset``: a sequence of items with ``.image`` (PIL) and ``.objects`` (instance label map, 0 = background),
     e.g. generated scenes (``qklib.o3.generate_scenes``) or ``qklib.ade20k.load_ade20k(root)``. Streams: memory does not grow with its length.
+    ``background=True`` counts label 0 as an object too (:func:`token_coverage`).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -159,7 +162,7 @@ def same_object_probability(model, svd: QKSVD, dataset: Sequence, k: int = 5, la
         if labels is None:
             raise ImageError(f"image {getattr(item, 'id', '?')!r} has no object label map; same-object "
                              "probability needs instance masks (generated scenes or ADE20K)")
-        coverage, ids = token_coverage(model, labels, min_tokens)
+        coverage, ids = token_coverage(model, labels, min_tokens, background)
         if len(ids) < 2:
             skipped += 1
             continue

@@ -19,9 +19,14 @@ def test_declared_parameters_reads_only_the_parameters_cell(tmp_path):
 
 
 def test_model_specs():
-    assert chapter.model_spec("random:vit_tiny_patch16_224") == ("vit_tiny_patch16_224", None, True)
+    assert chapter.model_spec("random:vit_tiny_patch16_224") == ("vit_tiny_patch16_224", None, True, None)
     assert chapter.model_spec({"name": "vit_tiny_patch16_224", "weights": "w.safetensors"}) == \
-        ("vit_tiny_patch16_224", "w.safetensors", False)
+        ("vit_tiny_patch16_224", "w.safetensors", False, None)
+    assert chapter.model_spec({"weights": "IN1K-vit.h.14-300e.pth.tar", "part": "predictor"}) == \
+        (None, "IN1K-vit.h.14-300e.pth.tar", False, "predictor")
+    assert chapter.model_spec("hf:facebook/dino-vitb16").name == "hf:facebook/dino-vitb16"
+    with pytest.raises(chapter.ParameterError, match="name or weights"):
+        chapter.model_spec({"part": "encoder"})
     with pytest.raises(chapter.ParameterError, match="most 1"):
         chapter.check_models(["vit_tiny_patch16_224", "vit_small_patch16_224"], most=1)
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 import qklib
 from qklib import modes
-from qklib.core.extract import token_embeddings
+from qklib.core.extract import record, token_embeddings
 from qklib.core.images import to_pixels
 
 
@@ -86,3 +86,124 @@ def test_labels():
     assert modes.parse_label("L1H2M3-") == (1, 2, 3, -1)
     with pytest.raises(ValueError, match="write it as"):
         modes.parse_label("layer 3 head 2")
+
+
+# --- ranking by effect on attention, ablation, the rule ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_attention(tiny):
+    model, _ = tiny
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray((rng.random((64, 80, 3)) * 255).astype(np.uint8)) for _ in range(2)]
+    recorded = record(model, to_pixels(model, images), tokens=True, attention=True)
+    return recorded.tokens, recorded.attention  # [L, B, T, d], [L, B, H, T, T]
+
+
+def test_attention_ranking_ignores_per_query_constants(tiny, tiny_attention):
+    _, svd = tiny
+    tokens, probs = tiny_attention
+    x, p = tokens[1][0], modes.image_attention(probs[1][0, 2])
+    terms = modes.score_terms(svd, x, 1, 2)  # [r, N, N]
+    ours = modes.attention_contributions_of_terms(terms, p)
+    # the closed form agrees with the brute force over token pairs
+    assert torch.allclose(modes.attention_contributions(svd, x, probs[1][0, 2], 1, 2), ours, atol=1e-9)
+    shift = torch.from_numpy(np.random.default_rng(2).normal(size=terms.shape[:2]) * 50)[..., None]  # [r, N, 1]
+    assert torch.allclose(modes.attention_contributions_of_terms(terms + shift, p), ours, atol=1e-8)
+    # the paper's sum moves with the constant, and it is N x the key-means summed over queries
+    paper = modes.mode_contributions(svd, x, 1)[2]
+    assert torch.allclose(terms.sum((1, 2)), paper)
+    assert torch.allclose(paper, terms.shape[1] * terms.mean(-1).sum(-1))
+    assert not torch.allclose((terms + shift).sum((1, 2)), paper)
+
+
+def test_attention_contributions_sum_to_the_attention_weighted_centred_score(tiny, tiny_attention):
+    model, svd = tiny
+    tokens, probs = tiny_attention
+    layer, head = 2, 1
+    x = tokens[layer][0, 1:].double()
+    w = model.blocks[layer].attn.qkv.weight.detach().double()
+    d_attn, dk = w.shape[0] // 3, svd.rank
+    q = x @ w[head * dk:(head + 1) * dk].T
+    k = x @ w[d_attn + head * dk: d_attn + (head + 1) * dk].T
+    score = q @ k.T  # bias-free [N, N]
+    p = modes.image_attention(probs[layer][0, head])
+    total = (p * (score - score.mean(-1, keepdim=True))).sum()
+    ours = modes.attention_contributions(svd, tokens[layer][0], probs[layer][0, head], layer, head)
+    assert float(ours.sum()) == pytest.approx(float(total), rel=1e-6)
+    assert torch.allclose(p.sum(-1), torch.ones(p.shape[0], dtype=torch.float64))
+
+
+def test_ablation_on_a_tiny_case():
+    # two keys, one query; mode 0 favours key 0 by 2, mode 1 is a per-query constant
+    attention = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    terms = torch.tensor([[[2.0, 0.0]], [[3.0, 3.0]]], dtype=torch.float64)  # [r=2, 1, 2]
+    assert modes.attention_change(attention, terms, [], 1.0) == 0.0
+    assert modes.attention_change(attention, terms, [1], 1.0) == pytest.approx(0.0, abs=1e-12)
+    removed = modes.ablated_attention(attention, terms, [0], 1.0)
+    expected = torch.softmax(torch.tensor([-2.0, 0.0], dtype=torch.float64), 0)
+    assert torch.allclose(removed[0], expected)
+    assert modes.attention_change(attention, terms, [0], 1.0) == pytest.approx(float(expected[1] - 0.5))
+
+
+def test_ablation_rows_remove_the_model_scores(tiny, tiny_attention):
+    model, svd = tiny
+    tokens, probs = tiny_attention
+    layer = 1
+    rows = modes.ablation_rows(svd, tokens[layer], probs[layer], layer, count=3)
+    assert len(rows) == 2 * svd.num_heads
+    assert all(0 <= r["by_attention"] <= 1 and 0 <= r["by_paper_sum"] <= 1 and 0 <= r["overlap"] <= 3 for r in rows)
+    # removing every mode leaves softmax(log p - scale * bias-free score): check against the weights
+    x = tokens[layer][0, 1:].double()
+    w = model.blocks[layer].attn.qkv.weight.detach().double()
+    d_attn, dk = w.shape[0] // 3, svd.rank
+    score = (x @ w[:dk].T) @ (x @ w[d_attn:d_attn + dk].T).T
+    p = modes.image_attention(probs[layer][0, 0])
+    terms = modes.score_terms(svd, tokens[layer][0], layer, 0)
+    everything = modes.ablated_attention(p, terms, range(svd.rank), dk ** -0.5)
+    assert torch.allclose(everything, torch.softmax(p.log() - score * dk ** -0.5, -1), atol=1e-8)
+
+
+def test_rule_modes_and_map_correlation(tiny, tiny_tokens):
+    _, svd = tiny
+    assert modes.rule_layers(12) == [1, 6, 10] and modes.rule_layers(3) == [0, 1, 2] and modes.rule_layers(1) == [0]
+    chosen = modes.rule_modes(svd)
+    assert [c[0] for c in chosen] == modes.rule_layers(svd.num_layers)
+    for layer, head, mode, sign in chosen:
+        assert mode == 0 and sign == 1 and float(svd.S[layer, head, 0]) == float(svd.S[layer, :, 0].max())
+    x = tiny_tokens[1]
+    query, key = modes.mode_maps(svd, x, 1, 2, 3)
+    expected = np.corrcoef(query.flatten().numpy(), key.flatten().numpy())[0, 1]
+    assert modes.map_correlation(svd, x, 1, 2, 3) == pytest.approx(expected)
+
+
+def test_ablation_rows_agree_with_the_brute_force(tiny, tiny_attention):
+    _, svd = tiny
+    tokens, probs = tiny_attention
+    row = modes.ablation_rows(svd, tokens[2][1:], probs[2][1:], 2, count=2)[1]  # image 1, head 1
+    p = modes.image_attention(probs[2][1, 1])
+    terms = modes.score_terms(svd, tokens[2][1], 2, 1)
+    ours = modes.attention_contributions_of_terms(terms, p).argsort(descending=True)[:2].tolist()
+    paper = terms.sum((1, 2)).argsort(descending=True)[:2].tolist()
+    assert row["by_attention"] == pytest.approx(modes.attention_change(p, terms, ours, svd.rank ** -0.5))
+    assert row["by_paper_sum"] == pytest.approx(modes.attention_change(p, terms, paper, svd.rank ** -0.5))
+    assert row["overlap"] == len(set(ours) & set(paper)) and row["head"] == 1
+    assert torch.allclose(modes.score_terms(svd, tokens[2][1], 2, 1, modes=[3, 0]), terms[[3, 0]])
+
+
+def test_top_modes_by_attention_and_the_image_level_helpers(tiny):
+    model, svd = tiny
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in range(3)]
+    recorded = record(model, to_pixels(model, images), tokens=True, attention=True, layers=[2])
+    x, p = recorded.tokens[0][0], recorded.attention[0][0, 1]
+    ranked = modes.top_modes(svd, x, 2, 1, count=4, probs=p)
+    ours = modes.attention_contributions(svd, x, p, 2, 1)
+    assert [r.mode for r in ranked] == ours.argsort(descending=True)[:4].tolist()
+    assert ranked[0].share == pytest.approx(float(ours.max() / ours.abs().sum()))
+    rows = modes.ablation(model, svd, images[:2], [0, 2], count=3)
+    assert len(rows) == 2 * 2 * svd.num_heads and {r["layer"] for r in rows} == {0, 2}
+    chosen = [(1, 0, 0, 1), (2, 2, 5, -1)]
+    pooled = modes.map_correlations(model, svd, [images[:2], images[2:]], chosen)
+    tokens = token_embeddings(model, to_pixels(model, images), layers=[1, 2])  # [2, 3, T, d]
+    assert pooled[0] == pytest.approx(modes.map_correlation(svd, tokens[0], 1, 0, 0), rel=1e-6)
+    assert pooled[1] == pytest.approx(modes.map_correlation(svd, tokens[1], 2, 2, 5), rel=1e-6)

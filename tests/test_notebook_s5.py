@@ -24,10 +24,11 @@ def test_chapter_runs_with_small_parameters(tmp_path, run_chapter):
     page = "\n".join(str(o.get("data", {}).get("text/html", "")) for o in outputs)
     assert "Scored 5 of 6 images" in markdown and "skipped 1" in markdown and "broken.jpg" in markdown
     assert "L11 H2 M1-" in page and "What we found" not in markdown  # the heading is markdown, not output
-    assert "Read by eye" not in markdown and "Readings by eye exist only" in markdown  # default run only
+    assert "Read by eye" not in markdown  # readings by eye were dropped: the modes are chosen by a rule
     assert str(tmp_path) not in markdown + page  # no machine path in the page
     glued = {o["metadata"]["scrapbook"]["name"] for o in outputs if "scrapbook" in o.get("metadata", {})}
-    assert {"s5_early", "s5_trend", "s5_top_share", "s5_seconds", "s5_walk_name"} <= glued
+    assert {"s5_early", "s5_trend", "s5_top_share", "s5_seconds", "s5_walk_name", "s5_abl_ours", "s5_abl_paper",
+            "s5_featured_modes", "s5_bg_early"} <= glued
     state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     sliders = [w["state"] for w in state.values() if w["model_name"] == "SelectionSliderModel"]
     assert len(sliders) == 5  # explorer: layer, head, mode; walkthrough: layer, head

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from qklib.o3 import generate_scenes, load_o3
-from qklib.preference import GROUPS, PAIRS, TokenMasks, chance, measure, query_tokens, ratios, token_masks
+from qklib.preference import (GROUPS, PAIRS, TokenMasks, chance, measure, per_layer, query_tokens, query_weights, ratios, select,
+                              token_masks, token_ratios, weighted_ratios)
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +138,92 @@ def test_measure_runs_on_an_o3_folder_of_non_square_photos(model, tmp_path, writ
     assert result.measured == ["a", "b", "c"] and not result.skipped
     assert len(result.table) == 3 * 12 * 6
     np.testing.assert_allclose(result.table[list(GROUPS)].sum(axis=1), 1, atol=1e-5)
+
+
+def _brute_ratios(attention, prefix, masks, b, layer, head, query, drop_self):
+    """One query token's three ratios by hand: cut to image tokens, optionally delete the query's own key."""
+    row = attention[layer, b, head, prefix + query, prefix:].double().clone()
+    keys = [k for k in range(row.shape[0]) if not (drop_self and k == query)]
+    row = row[keys] / row[keys].sum()
+    return torch.stack([row @ masks[b, region, keys].double() for region in range(3)])
+
+
+def test_removing_the_self_token_matches_brute_force_and_touches_only_the_self_mass():
+    attention, masks = _random_attention(layers=2, batch=2, heads=3, tokens=1 + 9, seed=4), _random_masks(2, 9, seed=5)
+    kept, removed = token_ratios(attention, 1, masks)
+    assert kept.shape == removed.shape == (2, 2, 3, 9, 3)
+    for b in range(2):
+        for layer in range(2):
+            for head in range(3):
+                for query in range(9):
+                    for drop, got in ((False, kept), (True, removed)):
+                        expected = _brute_ratios(attention, 1, masks, b, layer, head, query, drop)
+                        torch.testing.assert_close(got[layer, b, head, query], expected, atol=1e-10, rtol=0)
+    # kept equals the paper's ratios() at the peak tokens
+    queries = torch.tensor([[0, 4], [8, 2]])
+    picked = kept[:, torch.arange(2)[:, None], :, queries].permute(2, 0, 3, 1, 4)  # [L, B, H, 2, 3]
+    torch.testing.assert_close(picked, ratios(attention, 1, masks, queries).double(), atol=1e-6, rtol=0)
+
+
+def test_self_token_changes_only_the_same_object_ratio_of_a_fully_covered_query():
+    # 3x3 grid: tokens 0, 1 fully target, token 8 fully distractor, the rest background
+    target = torch.tensor([[1.0, 1, 0, 0, 0, 0, 0, 0, 0]])
+    distractor = torch.tensor([[0.0, 0, 0, 0, 0, 0, 0, 0, 1]])
+    masks = TokenMasks(target, distractor, (3, 3))
+    attention = _random_attention(layers=3, batch=1, heads=2, tokens=1 + 9, seed=7)
+    weights, keep = query_weights(masks, "peak")
+    assert keep.tolist() == [True]
+    kept, removed = weighted_ratios(attention, 1, masks.stacked(), weights)  # [L, 1, H, 2, 3]
+    image = attention[..., 1:, 1:].double()
+    image = image / image.sum(-1, keepdim=True)
+    for row, query, same in ((0, 0, 0), (1, 8, 1)):
+        own = image[:, 0, :, query, query]  # p_ii of the renormalised map
+        before = removed[:, 0, :, row] * (1 - own)[..., None]  # undo the renormalisation
+        other = [k for k in range(3) if k != same]
+        torch.testing.assert_close(before[..., other], kept[:, 0, :, row][..., other], atol=1e-12, rtol=0)
+        torch.testing.assert_close(before[..., same], kept[:, 0, :, row, same] - own, atol=1e-12, rtol=0)
+        assert (removed[:, 0, :, row, same] < kept[:, 0, :, row, same]).all()
+
+
+def test_all_covered_tokens_is_the_brute_force_average():
+    target = torch.tensor([[1.0, 1, 0.6, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0.9995, 0.3, 0, 0]])
+    distractor = torch.tensor([[0.0, 0, 0, 0, 0, 0, 1, 1, 1], [0.7, 0, 0, 0, 0, 0, 0, 1, 0]])
+    masks = TokenMasks(target, distractor, (3, 3))
+    weights, keep = query_weights(masks, "all", all_cover=0.999)
+    assert keep.tolist() == [True, True]
+    covered = [[[0, 1], [6, 7, 8]], [[4, 5], [7]]]  # cover >= 0.999, per image and object
+    default, _ = query_weights(masks, "all")  # all_cover defaults to min_cover = 0.5
+    assert [[w.nonzero().flatten().tolist() for w in image] for image in default] == [[[0, 1, 2], [6, 7, 8]], [[4, 5], [0, 7]]]
+    attention = _random_attention(layers=2, batch=2, heads=3, tokens=2 + 9, seed=9)
+    for drop, got in zip((False, True), weighted_ratios(attention, 2, masks.stacked(), weights)):
+        for b in range(2):
+            for layer in range(2):
+                for head in range(3):
+                    for row in range(2):
+                        expected = torch.stack([_brute_ratios(attention, 2, masks.stacked(), b, layer, head, q, drop)
+                                                for q in covered[b][row]]).mean(0)
+                        torch.testing.assert_close(got[layer, b, head, row], expected, atol=1e-10, rtol=0)
+    partial = TokenMasks(torch.tensor([[0.8, 0, 0, 0]]), torch.tensor([[0, 0, 0, 1.0]]), (2, 2))
+    assert query_weights(partial, "peak")[1].tolist() == [True]
+    assert query_weights(partial, "all", all_cover=0.999)[1].tolist() == [False]  # no fully covered target token
+    assert query_weights(partial, "all")[1].tolist() == [True]
+    with pytest.raises(ValueError, match="queries must be one of"):
+        query_weights(partial, "centre")
+
+
+def test_measure_variants_share_one_pass_and_the_default_is_the_paper(model, scenes):
+    default = measure(model, scenes[:3], batch_size=2).table
+    assert set(default["queries"]) == {"peak"} and set(default["self_token"]) == {"kept"}
+    both = measure(model, scenes[:3], batch_size=2, queries=("peak", "all"), self_token=("kept", "removed"))
+    table = both.table
+    assert len(table) == 4 * len(default)
+    paper = select(table, "peak", "kept")
+    np.testing.assert_allclose(paper[list(PAIRS)].to_numpy(), default[list(PAIRS)].to_numpy(), atol=1e-6)
+    for variant in (("peak", "removed"), ("all", "kept"), ("all", "removed")):
+        np.testing.assert_allclose(select(table, *variant)[list(GROUPS)].sum(axis=1), 1, atol=1e-5)
+    no_self = select(table, "peak", "removed")
+    assert (no_self["same"] < paper["same"] + 1e-9).all()  # the self term only ever adds to "same"
+    stats = per_layer(table)
+    assert len(stats) == 2 * 2 * 12 * 3 and set(stats["self_token"]) == {"kept", "removed"}
+    with pytest.raises(ValueError, match="no rows"):
+        select(default, "all", "kept")

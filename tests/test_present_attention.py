@@ -206,21 +206,51 @@ def test_findings_phrases_follow_the_numbers():
               "background": [0.3, 0.4, 0.4, 0.5, 0.4, 0.5]}
     flat = {g: [CHANCE[g] + 0.01 * (i % 2) for i in range(6)] for g in GROUPS}
     found = attention.findings(_stats({"model a": rising, "model b": flat}), CHANCE, MODELS)
-    assert found["s3_third"] == 2 and found["s3_layers"] == 6
-    assert found["s3_same_early"] == pytest.approx(0.55) and found["s3_background_late"] == pytest.approx(0.45)
-    assert found["s3_trend"] == "same attention falls, different attention rises, background attention rises"
-    assert found["s3_verdict"].startswith("3 of the 3 hold: same-object attention is the largest")
+    assert found["s3_layers"] == 6 and "s3_thirds" not in found
+    assert found["s3_course_same"] == "falls L0→L3 (0.60→0.30), stays level L3→L4 (0.30→0.30), falls L4→L5 (0.30→0.20)"
+    assert found["s3_course_background"].startswith("rises L0→L1 (0.30→0.40), stays level L1→L2")
+    assert found["s3_verdict"].startswith("3 of the 3 hold: same-object attention is the largest of the three in "
+                                          "layer 0 (it is the largest in L0, L1, L2 of 6)")
+    assert "background attention grows with depth (slope +0.031 per layer, 3 of 5 layer steps rise; L0 0.30, L5 0.50)" in found["s3_verdict"]
     assert found["s3_peak_layer"] == 0 and found["s3_peak"] == pytest.approx(0.6)
     assert found["s3_peak_x_chance"] == pytest.approx(6.0) and found["s3_same_last_layer"] == pytest.approx(0.2)
     assert found["s3_controls"] == "model b stays within 0.010 of chance in every layer"
-    assert found["s3_thirds"].loc[("model a", "different"), "last third"] == pytest.approx(0.3)
     assert found["s3_layer_table"].shape == (6, 6)
 
     # The reverse pattern gives the reverse phrases; one model: no control sentence.
     falling = {g: values[::-1] for g, values in rising.items()}
     found = attention.findings(_stats({"model a": falling}), CHANCE, ["model a"])
-    assert found["s3_trend"] == "same attention rises, different attention falls, background attention falls"
+    assert found["s3_course_same"].startswith("rises L0→L1 (0.20→0.30), stays level")
     assert found["s3_verdict"].startswith("0 of the 3 hold: same-object attention is not the largest")
-    assert "(background is)" in found["s3_verdict"] and "different attention does not grow" in found["s3_verdict"]
+    assert "different attention does not grow" in found["s3_verdict"]
     assert found["s3_controls"] == "no second model was run"
     assert not [k for k, v in found.items() if isinstance(v, np.generic)]  # glue needs plain Python numbers
+
+
+def test_course_shows_a_reversal_that_an_average_would_hide():
+    assert attention.course([0.3, 0.25, 0.2, 0.3, 0.4]) == "falls L0→L2 (0.30→0.20), rises L2→L4 (0.20→0.40)"
+    assert attention.course([0.5, 0.502, 0.5]) == "stays level L0→L2 (0.50→0.50)"
+
+
+def test_variant_means_chart_and_self_token_findings():
+    rows = []
+    for queries, self_token, offset in (("peak", "kept", 0.3), ("peak", "removed", 0.0), ("all", "removed", 0.1)):
+        for image, extra in (("a", 0.0), ("b", 0.1)):
+            for layer, same in enumerate([0.2, 0.3, 0.4]):
+                value = same + offset + extra
+                rows.append({"model": "m", "image": image, "layer": layer, "head": 0, "depth": layer / 2,
+                             "queries": queries, "self_token": self_token, "same": value, "different": 0.1,
+                             "background": 0.9 - value})
+    means = attention.variant_means(pd.DataFrame(rows), "m")
+    assert means.shape == (3, 9)
+    assert means.loc[1, ("same", "peak token, self kept")] == pytest.approx(0.65)
+    assert means.loc[1, ("same", "peak token, self removed")] == pytest.approx(0.35)
+    found = attention.self_token_findings(means)
+    assert found["s3_self_part_l0"] == pytest.approx(0.3) and found["s3_same_removed_l0"] == pytest.approx(0.25)
+    assert found["s3_self_layer"] in (0, 1, 2) and found["s3_self_part"] == pytest.approx(0.3)
+    assert (found["s3_removed_low"], found["s3_removed_high"]) == pytest.approx((0.25, 0.45))
+    assert found["s3_course_same_all"] == "rises L0→L2 (0.35→0.55)"
+    spec = attention.variant_chart(means, "m").to_dict()
+    values = next(iter(spec["datasets"].values())) if "datasets" in spec else spec["data"]["values"]
+    assert len(values) == 27 and {v["variant"] for v in values} == {"peak token, self kept", "peak token, self removed",
+                                                                   "all covered tokens, self removed"}

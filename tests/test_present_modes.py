@@ -14,9 +14,8 @@ from ipywidgets.widgets.widget import _instances
 from ipywidgets.widgets.widget_link import Link
 from PIL import Image
 
-import qklib
 from qklib import chapter, modes, search
-from qklib.core.extract import token_embeddings
+from qklib.core.extract import record
 from qklib.core.images import to_pixels
 from qklib.present import mode_figures as figures
 from qklib.present.widgets import nested_stack
@@ -159,16 +158,24 @@ def test_walkthrough_ranks_modes_by_contribution(tiny, photos):
     model, svd = tiny
     image = photos["im1"]
     table, box = figures.walkthrough(model, svd, image, layers=[1, 2], heads=[0, 2], count=4, size=160)
-    assert len(table) == 2 * 2 * 4
-    tokens = token_embeddings(model, to_pixels(model, image), layers=[2])[0][0]
+    assert len(table) == 2 * 2 * 4 * 2 and set(table["ranking"]) == {"attention", "paper sum"}
+    recorded = record(model, to_pixels(model, image), tokens=True, attention=True, layers=[2])
+    tokens = recorded.tokens[0][0]
     contrib = modes.mode_contributions(svd, tokens, 2)[2]
-    rows = table[(table["layer"] == 2) & (table["head"] == 2)].sort_values("rank")
-    assert rows["mode"].tolist() == contrib.argsort(descending=True)[:4].tolist()
-    assert np.allclose(rows["share"], contrib[rows["mode"].tolist()].numpy() / float(contrib.abs().sum()))
+    paper_rows = table[(table["layer"] == 2) & (table["head"] == 2) & (table["ranking"] == "paper sum")].sort_values("rank")
+    assert paper_rows["mode"].tolist() == contrib.argsort(descending=True)[:4].tolist()
+    ours = modes.attention_contributions(svd, tokens, recorded.attention[0][0, 2], 2, 2)
+    rows = table[(table["layer"] == 2) & (table["head"] == 2) & (table["ranking"] == "attention")].sort_values("rank")
+    assert rows["mode"].tolist() == ours.argsort(descending=True)[:4].tolist()
+    assert np.allclose(rows["share"], ours[rows["mode"].tolist()].numpy() / float(ours.abs().sum()))
+    full, table = table, table[table["ranking"] == "attention"].drop(columns="ranking")
     assert [_labels(s) for s in box.children[:2]] == [("L1", "L2"), ("H0", "H2")]
     leaves = _leaves(box)
     assert len(leaves) == 4 and len(_images(leaves[-1].value)) == 4
     assert rows["label"].iloc[0] in leaves[-1].value
+    shared = len(set(rows["mode"]) & set(paper_rows["mode"]))
+    assert f"The paper's sum ranks first: M{paper_rows['mode'].iloc[0]}" in leaves[-1].value
+    assert f"({shared} of 4 shared)" in leaves[-1].value
 
     bars = {row["layer"]: row["share"] for row in _chart_rows(figures.top_share_chart(table))}
     expected = table[table["rank"] == 0].groupby("layer")["share"].mean()
@@ -178,6 +185,11 @@ def test_walkthrough_ranks_modes_by_contribution(tiny, photos):
     best = table[table["rank"] == 0].sort_values("share").iloc[-1]
     assert found["top_head"] == f"L{best['layer']} H{best['head']}" and found["top_label"] == best["label"]
     assert found["top_share"] == pytest.approx(expected.mean()) and found["walk_layers"] == "L1, L2"
+    both = figures.walkthrough_findings(full)
+    assert both["top_label"] == found["top_label"] and both["walk_count"] == 4
+    overlaps = [len(set(g[g["ranking"] == "attention"]["mode"]) & set(g[g["ranking"] == "paper sum"]["mode"]))
+                for _, g in full.groupby(["layer", "head"])]
+    assert both["walk_shared"] == pytest.approx(np.mean(overlaps)) and shared in overlaps
 
 
 # --- Fig 6 ---------------------------------------------------------------------------------------------------
@@ -197,6 +209,9 @@ def test_same_object_table_and_chart():
     mine = table[table["model"] == "my model"]
     assert mine["P(same object)"].tolist() == [0.5, 0.6, 0.3, 0.2] and mine["depth"].tolist() == [0, 1 / 3, 2 / 3, 1]
     assert table[table["model"] == "chance (1/K)"]["P(same object)"].tolist() == [0.1] * 4
+    both = figures.same_object_table(same, control, "my model", 4, background=(_same([0.7] * 4, [0.3] * 4), control))
+    assert len(both) == 6 * 4 and both[both["model"] == "my model, background an object"]["P(same object)"].tolist() == [0.7] * 4
+    assert both[both["model"] == "chance (1/K), background an object"]["P(same object)"].tolist() == [0.3] * 4
     chart = figures.same_object_chart(table)
     assert chart.to_dict()["encoding"]["x"]["field"] == "depth" and len(_chart_rows(chart)) == 12
 
@@ -216,22 +231,59 @@ def test_same_object_findings_compute_their_phrases():
     assert flat["above_control"] == "in none of the 4 layers above the random-init control"
 
 
-# --- modes read by eye ----------------------------------------------------------------------------------------
+# --- the ablation and the rule-chosen modes ------------------------------------------------------------------
 
-def test_readings_only_for_the_run_they_were_read_from(embedded_svd):
-    svd = embedded_svd
-    default = SimpleNamespace(models=[(qklib.DEFAULT_MODEL, None, False)], image_dir=None, n_scenes=24, seed=0,
-                              featured=[modes.parse_label(label) for label in figures.READ_BY_EYE])
-    text = figures.readings(svd, default)
-    assert "Read by eye" in text and "nothing below is computed" in text
-    assert f"**L10 H3 M0** (cos {float(svd.cos[10, 3, 0]):+.2f})" in text
-    assert f"**L7 H1 M2** (cos {float(svd.cos[7, 1, 2]):+.2f})" in text
-    for change in ({"seed": 1}, {"image_dir": "x"}, {"featured": default.featured[:2]},
-                   {"models": [("vit_tiny_patch16_224", None, True)]}):
-        assert "Read by eye" not in figures.readings(svd, SimpleNamespace(**{**vars(default), **change}))
+def test_ablation_table_findings_and_chart():
+    rows = [{"image": i, "layer": l, "head": h, "count": 2, "by_attention": a, "by_paper_sum": b, "overlap": o}
+            for i, l, h, a, b, o in [(0, 1, 0, 0.4, 0.1, 0), (0, 1, 1, 0.2, 0.3, 1), (1, 5, 0, 0.5, 0.2, 2)]]
+    table = figures.ablation_table(rows)
+    one = table[table["layer"] == 1].iloc[0]
+    assert one["by_attention"] == pytest.approx(0.3) and one["by_paper_sum"] == pytest.approx(0.2)
+    assert one["attention_larger"] == pytest.approx(0.5) and one["overlap"] == 0.5 and one["cases"] == 2
+    found = figures.ablation_findings(rows)
+    assert found["abl_ours"] == pytest.approx(1.1 / 3) and found["abl_paper"] == pytest.approx(0.2)
+    assert found["abl_larger"] == pytest.approx(2 / 3) and found["abl_verdict"].startswith("changes the attention more")
+    assert found["abl_count"] == 2 and found["abl_cases"] == 3 and found["abl_overlap"] == pytest.approx(1.0)
+    worse = figures.ablation_findings([{**r, "by_attention": 0.0} for r in rows])
+    assert "fails its check" in worse["abl_verdict"]
+    bars = _chart_rows(figures.ablation_chart(table))
+    assert len(bars) == 4 and {b["layer"] for b in bars} == {1, 5}
+    with pytest.raises(ValueError, match="no ablation rows"):
+        figures.ablation_table([])
+
+
+def test_featured_table_and_rule(tiny):
+    _, svd = tiny
+    chosen = modes.rule_modes(svd)
+    table = figures.featured_table(svd, chosen, [0.5, -0.1, 0.2])
+    assert table["mode"].tolist() == [modes.mode_label(*c) for c in chosen]
+    assert table["cos"].tolist() == [float(svd.cos[l, h, m]) for l, h, m, _ in chosen]
+    assert table["map_corr"].tolist() == [0.5, -0.1, 0.2]
+    found = figures.featured_findings(table)
+    first = table.iloc[0]
+    assert found["featured_modes"].startswith(f"{first['mode']} (cos {first['cos']:+.2f}, map r +0.50); ")
+    signs = sum(np.sign(c) == np.sign(r) for c, r in zip(table["cos"], [0.5, -0.1, 0.2]))
+    assert found["featured_agree"] == f"{signs} of 3"
+    with pytest.raises(ValueError, match="2 correlations for 3"):
+        figures.featured_table(svd, chosen, [0.1, 0.2])
+    assert chapter.mode_labels("featured", "rule") == "rule"
+    fitted = chapter.fit_to_model(SimpleNamespace(featured="rule"), svd)
+    assert fitted.featured == chosen
 
 
 # --- chapter helpers used by §5 -------------------------------------------------------------------------------
+
+def test_gallery_batches_skip_unreadable_files(tmp_path, photos):
+    for name, image in photos.items():
+        image.save(tmp_path / f"{name}.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    names = ["im0.png", "broken.png", "im1.png", "im2.png"]
+    batches = list(chapter.gallery_batches(tmp_path, names, 2))
+    assert [len(b) for b in batches] == [2, 1] and batches[0][1].size == photos["im1"].size
+    assert [len(b) for b in chapter.gallery_batches(tmp_path, names, 2, limit=2)] == [1]
+    with pytest.raises(chapter.ParameterError, match="batch_size"):
+        list(chapter.gallery_batches(tmp_path, names, 0))
+
 
 def test_featured_labels_are_parsed_and_fitted_to_the_model(tiny):
     _, svd = tiny  # 3 layers, 3 heads, 64 modes

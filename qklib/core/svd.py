@@ -27,7 +27,8 @@ class QKWeights:
     ``wq``, ``wk``: ``[L, H, d_k, d]`` float64, so that ``q = wq[l, h] @ x`` (``[L, H, d_k, d + 1]`` with
     ``with_bias``: ``q = wq[l, h] @ [x; 1]``).
     ``qk_norm``: True where the model normalises q and k per head (q_norm/k_norm); ``rope``: True where it
-    rotates q and k by position (rotary embeddings). Either way the score is no longer exactly the bilinear
+    rotates q and k by position (rotary embeddings); ``rel_pos_bias``: True where it adds a learned relative
+    position bias to every score (BEiT, SimMIM). Either way the score is no longer exactly the bilinear
     form ``x^T W_q^T W_k x``.
     """
 
@@ -35,12 +36,13 @@ class QKWeights:
     wk: torch.Tensor
     qk_norm: bool = False
     rope: bool = False
+    rel_pos_bias: bool = False
     fold_gamma: bool = False  # True: norm1's gamma folded in, W diag(gamma), acting on the standardised token z
     with_bias: bool | str = False  # True / "query": the last of d+1 columns is the bias, on [x; 1] (``qk_weights``)
 
     @property
     def basis(self) -> str:
-        """What the bilinear form acts on: see :func:`basis_name`."""
+        """What the bilinear form acts on (``basis_name``): raw, gamma-folded, with biases."""
         return basis_name(self.fold_gamma, self.with_bias)
 
 
@@ -65,7 +67,7 @@ class QKSVD:
 
     @property
     def basis(self) -> str:
-        """What the modes act on: see :func:`basis_name`."""
+        """What the modes act on (``basis_name``): raw, gamma-folded, with biases."""
         return basis_name(self.fold_gamma, self.with_bias)
 
     @property
@@ -136,7 +138,14 @@ def qk_svd_from_weights(weights: QKWeights, model: str = "") -> QKSVD:
             "this model rotates q and k by token position (rotary embeddings): the score between two tokens "
             "depends on their positions, so W_q^T W_k is exact only for tokens at the same position"
         )
-    return QKSVD(S=s, U=u, V=v, model=model, exact=not (weights.qk_norm or weights.rope), notes=notes)
+    if weights.rel_pos_bias:
+        notes.append(
+            "this model adds a learned relative position bias to every attention score (BEiT/SimMIM): the score is "
+            "x_i^T W_q^T W_k x_j plus a term that depends only on where the two tokens are, so the modes describe "
+            "the content part of the score only"
+        )
+    exact = not (weights.qk_norm or weights.rope or weights.rel_pos_bias)
+    return QKSVD(S=s, U=u, V=v, model=model, exact=exact, notes=notes)
 
 
 BIAS_OPTIONS = (False, True, "query")
@@ -276,15 +285,18 @@ def qk_weights(model: nn.Module, fold_gamma: bool = False, with_bias: bool | str
                 qk_norm = True
     if len({tuple(w.shape) for w in wqs}) != 1:
         raise ValueError("blocks differ in head count or width; stacked analysis needs a uniform transformer")
+    rel_pos_bias = getattr(model, "rel_pos_bias", None) is not None or any(
+        getattr(block.attn, "relative_position_bias_table", None) is not None for block in blocks)
     return QKWeights(wq=torch.stack(wqs), wk=torch.stack(wks), qk_norm=qk_norm,
-                     rope=getattr(model, "rope", None) is not None, fold_gamma=fold_gamma, with_bias=with_bias)
+                     rope=getattr(model, "rope", None) is not None, rel_pos_bias=rel_pos_bias,
+                     fold_gamma=fold_gamma, with_bias=with_bias)
 
 
 def qk_svd(model: nn.Module, fold_gamma: bool = False, with_bias: bool | str = False) -> QKSVD:
     """Exact SVD of every head's W_q^T W_k of a timm ViT: ``S [L,H,r]``, ``U``/``V [L,H,d,r]``, float64.
 
     Default: the raw weights, the form on the LayerNorm output x (the paper's basis). ``fold_gamma`` and
-    ``with_bias`` change the basis as in :func:`qk_weights` (``with_bias=True`` or ``"query"``: ``U``/``V
+    ``with_bias`` change the basis as in ``qk_weights`` (``with_bias=True`` or ``"query"``: ``U``/``V
     [L,H,d+1,r]`` on ``[x; 1]``); the result's ``basis`` and ``notes`` say which. With both biases the corner
     ``b_q . b_k`` and the column ``x_i^T W_q^T b_k``, constant over keys, can dominate the modes;
     ``with_bias="query"`` decomposes exactly the part of the score that the softmax keeps.
@@ -391,7 +403,7 @@ def layer_null_sd(S: torch.Tensor, dim: int) -> torch.Tensor:
 
 def layer_null_band_from(S: torch.Tensor, dim: int, level: float = 0.95, draws: int = NULL_DRAWS,
                          seed: int = NULL_SEED) -> torch.Tensor:
-    """``[L]``: half-width of the central ``level`` band of the layer statistic (see :func:`simulate_layer_null`).
+    """``[L]``: half-width of the central ``level`` band of the layer statistic (see ``simulate_layer_null``).
 
     The null is symmetric about 0 (V -> -V preserves the Haar law and flips the sign), so the band is
     ``[-h, +h]`` with ``h`` the ``level`` quantile of the absolute statistic over the draws (which uses that symmetry).
@@ -404,7 +416,7 @@ def layer_null_band_from(S: torch.Tensor, dim: int, level: float = 0.95, draws: 
 
 def layer_null_band(svd: QKSVD, level: float = 0.95, draws: int = NULL_DRAWS, seed: int = NULL_SEED) -> torch.Tensor:
     """``[L]``: per layer, the half-width of the simulated ``level`` null band of Fig 3's statistic (the head mean
-    of the s-weighted cosine) for this model's own singular values and width. :func:`null_band` is the band of
+    of the s-weighted cosine) for this model's own singular values and width. ``null_band`` is the band of
     one cosine (the S1 histograms' line); this one is far narrower."""
     return layer_null_band_from(svd.S, svd.dim, level=level, draws=draws, seed=seed)
 

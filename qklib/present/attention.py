@@ -268,47 +268,113 @@ def layer_means(stats: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
     return wide[[(label, group) for label in models for group in GROUP_ORDER]]
 
 
-def _change(early: float, late: float) -> str:
-    return "rises" if late > early else "falls" if late < early else "stays level"
+def course(values: Sequence[float], tolerance: float = 0.005) -> str:
+    """Layer by layer, how a per-layer curve moves: runs of rising, falling or level steps (a step within
+    ``tolerance`` counts as level), each with its first and last layer and values, e.g.
+    "rises L0→L3 (0.22→0.30), falls L3→L11 (0.30→0.24)". No reversal is hidden by an average."""
+    values = [float(v) for v in values]
+    if len(values) < 2:
+        return f"one layer only ({values[0]:.2f})" if values else "no layers"
+    signs = ["rises" if b - a > tolerance else "falls" if a - b > tolerance else "stays level"
+             for a, b in zip(values, values[1:])]
+    runs, start = [], 0
+    for step in range(1, len(signs) + 1):
+        if step == len(signs) or signs[step] != signs[start]:
+            runs.append(f"{signs[start]} L{start}→L{step} ({values[start]:.2f}→{values[step]:.2f})")
+            start = step
+    return ", ".join(runs)
+
+
+def _grows(values: Sequence[float], tolerance: float = 0.005) -> tuple[bool, int, float]:
+    """(grows: the least-squares slope over layers is positive and the last layer lies above the first,
+    the number of rising layer steps, the slope per layer)."""
+    values = np.asarray(values, dtype=float)
+    slope = float(np.polyfit(np.arange(len(values)), values, 1)[0])
+    rising = int((np.diff(values) > tolerance).sum())
+    return bool(slope > 0 and values[-1] > values[0]), rising, slope
 
 
 def findings(stats: pd.DataFrame, chance: pd.Series, models: Sequence[str]) -> dict[str, object]:
     """The numbers and computed phrases of "What we found", keyed by glue name (``s3_...``).
 
-    Early / late: mean over the first / last third of the layers (at least one layer). Phrases are computed
-    from the numbers, so they hold for any model: ``s3_trend`` (how each group changes, first model),
-    ``s3_verdict`` (which of the paper's three Fig 2 observations hold for the first model), ``s3_controls``
-    (each further model's largest distance from chance). ``s3_thirds`` and ``s3_layer_table`` are tables.
+    ``stats``: :func:`layer_stats` of one variant (the chapter's headline). Everything is stated layer by layer:
+    ``s3_course_<group>`` (:func:`course` of the first model's curve), ``s3_verdict`` (which of the paper's three
+    Fig 2 observations hold for the first model: same-object attention is the largest group in layer 0; a group
+    "grows with depth" when its least-squares slope over layers is positive and its last layer lies above its first),
+    ``s3_controls`` (each further model's largest distance from chance), ``s3_layer_table`` (every layer).
     """
     wide = layer_means(stats, models)
     layers = len(wide)
-    third = max(layers // 3, 1)
-    early = {(m, g): float(wide[(m, g)].iloc[:third].mean()) for m in models for g in GROUP_ORDER}
-    late = {(m, g): float(wide[(m, g)].iloc[-third:].mean()) for m in models for g in GROUP_ORDER}
     distance = {(m, g): float((wide[(m, g)] - float(chance[g])).abs().max()) for m in models for g in GROUP_ORDER}
     first = models[0]
-    same = wide[(first, "same")]
-    rivals = {g: early[(first, g)] for g in ("different", "background")}
-    leads = early[(first, "same")] > max(rivals.values())
-    checks = [(leads, "same-object attention is the largest of the three in the first third of the layers" if leads
-               else f"same-object attention is not the largest in the first third ({max(rivals, key=rivals.get)} is)")]
+    curve = {g: wide[(first, g)].to_numpy() for g in GROUP_ORDER}
+    largest = [layer for layer in range(layers) if curve["same"][layer] >= max(curve[g][layer] for g in GROUP_ORDER)]
+    leads = 0 in largest
+    where = ", ".join(f"L{layer}" for layer in largest) or "no layer"
+    checks = [(leads, f"same-object attention is {'' if leads else 'not '}the largest of the three in layer 0 "
+                      f"(it is the largest in {where} of {layers})")]
     for g in ("different", "background"):
-        grows = late[(first, g)] > early[(first, g)]
-        checks.append((grows, f"{g} attention {'grows' if grows else 'does not grow'} from the first to the last third "
-                              f"({early[(first, g)]:.2f} → {late[(first, g)]:.2f})"))
-    thirds = pd.DataFrame([{"model": m, "group": g, "first third": early[(m, g)], "last third": late[(m, g)],
-                            "largest |ratio − chance|": distance[(m, g)]}
-                           for m in models for g in GROUP_ORDER]).set_index(["model", "group"])
+        grows, rising, slope = _grows(curve[g])
+        checks.append((grows, f"{g} attention {'grows' if grows else 'does not grow'} with depth (slope {slope:+.3f} "
+                              f"per layer, {rising} of {layers - 1} layer steps rise; L0 {curve[g][0]:.2f}, "
+                              f"L{layers - 1} {curve[g][-1]:.2f})"))
+    same = wide[(first, "same")]
     return {
-        "s3_model": first, "s3_layers": layers, "s3_third": third,
-        **{f"s3_{g}_early": early[(first, g)] for g in GROUP_ORDER},
-        **{f"s3_{g}_late": late[(first, g)] for g in GROUP_ORDER},
-        "s3_trend": ", ".join(f"{g} attention {_change(early[(first, g)], late[(first, g)])}" for g in GROUP_ORDER),
+        "s3_model": first, "s3_layers": layers,
+        **{f"s3_course_{g}": course(curve[g]) for g in GROUP_ORDER},
         "s3_verdict": f"{sum(ok for ok, _ in checks)} of the 3 hold: " + "; ".join(text for _, text in checks),
         "s3_peak_layer": int(same.idxmax()), "s3_peak": float(same.max()),
         "s3_peak_x_chance": float(same.max() / float(chance["same"])), "s3_same_last_layer": float(same.iloc[-1]),
         "s3_chance_same": float(chance["same"]), "s3_chance_background": float(chance["background"]),
         "s3_controls": "; ".join(f"{m} stays within {max(distance[(m, g)] for g in GROUP_ORDER):.3f} of chance "
                                  "in every layer" for m in models[1:]) or "no second model was run",
-        "s3_thirds": thirds.round(3), "s3_layer_table": wide.round(3),
+        "s3_layer_table": wide.round(3),
     }
+
+
+VARIANT_NAMES = {("peak", "removed"): "peak token, self removed", ("peak", "kept"): "peak token, self kept",
+                 ("all", "removed"): "all covered tokens, self removed", ("all", "kept"): "all covered tokens, self kept"}
+
+
+def variant_means(table: pd.DataFrame, model: str) -> pd.DataFrame:
+    """One model's mean ratio per layer (over images and heads) in every variant of a ``measure`` table with
+    ``queries`` and ``self_token`` columns: index layer, columns (group, variant name)."""
+    stats = per_layer(table[table["model"] == model])
+    stats["variant"] = [VARIANT_NAMES[(q, v)] for q, v in zip(stats["queries"], stats["self_token"])]
+    wide = stats.pivot_table(index="layer", columns=["group", "variant"], values="mean")
+    order = [name for name in VARIANT_NAMES.values() if name in set(stats["variant"])]
+    return wide[[(g, name) for g in GROUP_ORDER for name in order]]
+
+
+def variant_chart(means: pd.DataFrame, model: str) -> alt.FacetChart:
+    """Same, different and background attention per layer for each variant (:func:`variant_means`)."""
+    long = means.stack(["group", "variant"], future_stack=True).rename("mean").reset_index()
+    return alt.Chart(inline(long)).mark_line(point=True).encode(
+        x=alt.X("layer:O", title="layer"),
+        y=alt.Y("mean:Q", title="attention ratio", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("variant:N", sort=list(VARIANT_NAMES.values()),
+                        legend=alt.Legend(orient="bottom", direction="vertical", title=None, labelLimit=400)),
+        strokeDash=alt.StrokeDash("variant:N", sort=list(VARIANT_NAMES.values()), legend=None),
+        tooltip=["variant:N", "layer:O", alt.Tooltip("mean:Q", format=".3f")],
+    ).properties(width=165, height=200).facet(column=alt.Column("group:N", sort=GROUP_ORDER, title=None)).properties(
+        title=f"{model}: the query's own token and the choice of query token")
+
+
+def self_token_findings(means: pd.DataFrame) -> dict[str, object]:
+    """Glue values on the query's own token from :func:`variant_means` (needs both peak-token variants):
+    same-object attention in layer 0 with and without it, their difference (the self term), the range of the
+    self-removed curve over layers and the course of the kept and all-covered-token curves; the same three in the
+    layer where the self token adds most (``s3_self_layer``)."""
+    removed = means[("same", VARIANT_NAMES[("peak", "removed")])]
+    kept = means[("same", VARIANT_NAMES[("peak", "kept")])]
+    gap = kept - removed
+    most = int(gap.idxmax())
+    found = {"s3_same_kept_l0": float(kept.iloc[0]), "s3_same_removed_l0": float(removed.iloc[0]),
+             "s3_self_part_l0": float(gap.iloc[0]), "s3_self_layer": most, "s3_self_part": float(gap[most]),
+             "s3_same_kept_self_layer": float(kept[most]), "s3_same_removed_self_layer": float(removed[most]),
+             "s3_removed_low": float(removed.min()), "s3_removed_high": float(removed.max()),
+             "s3_course_same_kept": course(kept.to_numpy())}
+    name = VARIANT_NAMES[("all", "removed")]
+    found["s3_course_same_all"] = course(means[("same", name)].to_numpy()) if ("same", name) in means else "not measured"
+    found["s3_variants"] = means.round(3)
+    return found

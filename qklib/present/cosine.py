@@ -12,6 +12,7 @@ import pandas as pd
 from IPython.display import Markdown
 
 from ..core.svd import QKSVD
+from ..cosine import layer_table, null_band_table
 
 # Facetted charts wrap after this many panels, so that they fit the book's text column.
 PANELS_PER_ROW = 2
@@ -94,20 +95,30 @@ def s2_spectrum(modes: pd.DataFrame, num_layers: int, num_heads: int) -> alt.HCo
     return alt.hconcat(spectrum, cosines)
 
 
-def s4_relative(frame: pd.DataFrame) -> alt.Chart:
-    """S4: weighted cosine, the anisotropy baseline, and their difference (relative cosine) per layer."""
-    long = frame.melt(id_vars=["model", "layer", "depth"],
-                      value_vars=["weighted_cosine", "anisotropy_baseline", "relative_cosine"],
-                      var_name="quantity", value_name="value")
-    return alt.Chart(inline(long)).mark_line(point=True).encode(
-        x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)"),
+S4_QUANTITIES = {"weighted_cosine": "weighted cosine (u.v)",
+                 "anisotropy_baseline": "baseline: tokens of different photos",
+                 "centre_token_baseline": "baseline: centre tokens (the paper's)",
+                 "relative_cosine": "relative cosine = weighted - baseline"}
+
+
+def s4_relative(frame: pd.DataFrame) -> alt.FacetChart:
+    """S4: weighted cosine, the many-token anisotropy baseline with its bootstrap interval (shaded), the paper's
+    centre-token baseline and the relative cosine per layer (:func:`qklib.cosine.relative_table` rows)."""
+    long = frame.melt(id_vars=["model", "layer", "depth", "baseline_low", "baseline_high"],
+                      value_vars=list(S4_QUANTITIES), var_name="quantity", value_name="value")
+    long["quantity"] = long["quantity"].map(S4_QUANTITIES)
+    base = alt.Chart().encode(x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)"))
+    band = base.mark_area(opacity=0.25, color="gray").encode(y="baseline_low:Q", y2="baseline_high:Q")
+    lines = base.mark_line(point=True).encode(
         y=alt.Y("value:Q", title="cosine"),
-        color=alt.Color("quantity:N", legend=alt.Legend(orient="bottom")),
-        tooltip=["model:N", "layer:O", "quantity:N", alt.Tooltip("value:Q", format="+.3f")],
-    ).properties(width=260, height=240).facet(facet=alt.Facet("model:N", title=None), columns=PANELS_PER_ROW).properties(
-        title="relative cosine = weighted cosine - anisotropy baseline")
-
-
+        color=alt.Color("quantity:N", sort=list(S4_QUANTITIES.values()),
+                        legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400)),
+        tooltip=["model:N", "layer:O", "quantity:N", alt.Tooltip("value:Q", format="+.3f"),
+                 alt.Tooltip("baseline_low:Q", format="+.3f"), alt.Tooltip("baseline_high:Q", format="+.3f")],
+    )
+    return alt.layer(band, lines, data=inline(long)).properties(width=260, height=240).facet(
+        facet=alt.Facet("model:N", title=None), columns=PANELS_PER_ROW).properties(
+        title="relative cosine = weighted cosine - anisotropy baseline (grey: the baseline's 95% interval)")
 
 
 def model_summary(svds: dict[str, QKSVD]) -> Markdown:
@@ -151,3 +162,18 @@ def basis_comparison(table: pd.DataFrame, title: str = "Weighted cosine in two b
         tooltip=["model:N", "basis_label:N", "layer:O", alt.Tooltip("weighted_cosine:Q", format="+.3f")],
     ).properties(width=220, height=240).facet(
         column=alt.Column("basis:N", sort=order, title=None)).resolve_scale(y="shared").properties(title=title)
+
+
+def fig_s3_encoder_predictor(svds: dict[str, QKSVD]) -> alt.HConcatChart:
+    """Fig S3: weighted cosine across depth for I-JEPA's encoder and predictor side by side, one panel each,
+    each with the simulated 95% null band of its own plotted statistic (the predictor is narrower: d = 384
+    against the encoder's 1280).
+
+    ``svds``: ``{label: QKSVD}``, e.g. from ``qklib.core.paper_models.ijepa_encoder_predictor(checkpoint)``.
+    """
+    panels = []
+    for label, svd in svds.items():
+        title = alt.TitleParams([label, f"{svd.num_layers} layers x {svd.num_heads} heads, d = {svd.dim}"], fontSize=12)
+        chart = fig3_cosine_simulated_band(layer_table({label: svd}), null_band_table({label: svd}))
+        panels.append(chart.properties(width=220, height=240, title=title))
+    return alt.hconcat(*panels).resolve_scale(y="shared")

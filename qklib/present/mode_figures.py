@@ -20,11 +20,11 @@ import torch
 from IPython.display import HTML
 from PIL import Image
 
-from ..core.extract import token_embeddings
+from ..core.extract import record, token_embeddings
 from ..core.images import display_crop, open_rgb, to_pixels
-from ..core.models import DEFAULT_MODEL, depth, info
+from ..core.models import depth, info
 from ..core.svd import QKSVD
-from ..modes import mode_label, mode_maps, parse_label, top_modes
+from ..modes import mode_label, mode_maps, top_modes
 from ..same_object import SameObject
 from ..search import SearchResult
 from .cosine import inline
@@ -98,14 +98,35 @@ def optimal_table(svd: QKSVD, found: SearchResult, featured: Sequence[tuple[int,
     return pd.DataFrame(rows, columns=["mode", "rank", "image", "score", "s", "cos"])
 
 
+def featured_table(svd: QKSVD, featured: Sequence[tuple[int, int, int, int]], correlations: Sequence[float]) -> pd.DataFrame:
+    """One row per featured mode: ``mode`` label, ``layer``, ``s``, ``cos`` (u_n . v_n) and ``map_corr`` (the
+    token-level correlation of its query and key maps over the gallery, :func:`qklib.modes.map_correlations`)."""
+    if len(correlations) != len(featured):
+        raise ValueError(f"{len(correlations)} correlations for {len(featured)} featured modes")
+    return pd.DataFrame([{"mode": mode_label(l, h, m, sg), "layer": l, "s": float(svd.S[l, h, m]),
+                          "cos": float(svd.cos[l, h, m]), "map_corr": float(r)}
+                         for (l, h, m, sg), r in zip(featured, correlations)])
+
+
+def featured_findings(table: pd.DataFrame) -> dict:
+    """Glue values from :func:`featured_table`: the modes with cos and map correlation, and how often the two agree in sign."""
+    listing = "; ".join(f"{row.mode} (cos {row.cos:+.2f}, map r {row.map_corr:+.2f})" for row in table.itertuples())
+    agree = int((np.sign(table["cos"]) == np.sign(table["map_corr"])).sum())
+    return {"featured_modes": listing, "featured_agree": f"{agree} of {len(table)}"}
+
+
 def optimal_images(model, svd: QKSVD, found: SearchResult, featured: Sequence[tuple[int, int, int, int]],
-                   size: int = 224) -> HTML:
+                   size: int = 224, correlations: Sequence[float] | None = None) -> HTML:
     """Fig 4: for each featured ``(layer, head, mode, sign)``, a row of its top images with the mode drawn
-    over them (``size`` px pictures shown :data:`PICTURE_PX` wide), captioned with file name and score."""
+    over them (``size`` px pictures shown :data:`PICTURE_PX` wide), captioned with file name and score;
+    ``correlations`` (one per featured mode: query/key map correlation over the gallery) go into the titles."""
+    if correlations is not None and len(correlations) != len(featured):
+        raise ValueError(f"{len(correlations)} correlations for {len(featured)} featured modes")
     blocks = []
-    for layer, head, mode, sign in featured:
+    for i, (layer, head, mode, sign) in enumerate(featured):
         top = found.top(layer, head, mode, sign)
-        title = mode_caption(svd, layer, head, mode, sign) + f" (0-based); top {len(top)}"
+        corr = "" if correlations is None else f", query/key map r = {correlations[i]:+.2f}"
+        title = mode_caption(svd, layer, head, mode, sign) + f"{corr} (0-based); top {len(top)}"
         if not top:
             blocks.append(f"<p>{title}: no image scored above 0.</p>")
             continue
@@ -118,36 +139,73 @@ def optimal_images(model, svd: QKSVD, found: SearchResult, featured: Sequence[tu
 
 def walkthrough(model, svd: QKSVD, image: Image.Image, layers: Sequence[int], heads: Sequence[int], count: int = 6,
                 size: int = PICTURE_PX) -> tuple[pd.DataFrame, widgets.VBox]:
-    """Fig 5: one image through the ``count`` modes that raise its attention scores most, per head.
+    """Fig 5: one image through the ``count`` modes that shape each head's attention most.
 
-    Returns the tidy table (one row per layer, head and rank: ``label``, ``mode``, ``sign``,
-    ``contribution``, ``share`` of the head's sum of |contributions|, ``cos``) and layer/head sliders over
-    rows of pictures, modes left to right by contribution, each with the sign of the feature the image holds.
+    Modes are ranked by their key-centred, attention-weighted contribution (:func:`qklib.modes.top_modes` with
+    the head's attention); the paper's sum over token pairs ranks them too, and both are kept. Returns the tidy
+    table (one row per layer, head, ranking and rank: ``ranking`` ``"attention"`` or ``"paper sum"``,
+    ``label``, ``mode``, ``sign``, ``contribution``, ``share`` of the head's sum of |contributions|, ``cos``)
+    and layer/head sliders over rows of pictures of the attention ranking, modes left to right, each with the
+    sign of the feature the image holds, and the paper's top modes named below them.
     """
     meta = info(model)
     crop = display_crop(model, image)
-    tokens = _layer_tokens(model, [image], layers)[:, 0]  # [L', T, d]
+    recorded = record(model, to_pixels(model, [image]), tokens=True, attention=True, layers=list(layers))
     rows, panels = [], []
     for i, layer in enumerate(layers):
         per_head = []
         for head in heads:
-            ranked = top_modes(svd, tokens[i], layer, head, count=count, prefix_tokens=meta.prefix_tokens)
+            tokens = recorded.tokens[i, 0]
+            ranked = top_modes(svd, tokens, layer, head, count, meta.prefix_tokens, probs=recorded.attention[i, 0, head])
+            paper = top_modes(svd, tokens, layer, head, count, meta.prefix_tokens)
             pictures = []
-            for rank, r in enumerate(ranked):
-                query, key = mode_maps(svd, tokens[i], layer, head, r.mode, meta.prefix_tokens, r.sign, meta.grid)
+            for r in ranked:
+                query, key = mode_maps(svd, tokens, layer, head, r.mode, meta.prefix_tokens, r.sign, meta.grid)
                 pictures.append(thumbnail(render_mode(crop, query, key), size))
-                rows.append({"layer": layer, "head": head, "rank": rank, "label": r.label, "mode": r.mode,
-                             "sign": r.sign, "contribution": r.contribution, "share": r.share, "cos": r.cos})
+            for name, ranking in (("attention", ranked), ("paper sum", paper)):
+                rows += [{"layer": layer, "head": head, "ranking": name, "rank": rank, "label": r.label, "mode": r.mode,
+                          "sign": r.sign, "contribution": r.contribution, "share": r.share, "cos": r.cos}
+                         for rank, r in enumerate(ranking)]
             captions = [f"<b>{r.label}</b><br>share {r.share:.2f}, cos {r.cos:+.2f}" for r in ranked]
-            per_head.append(_html(picture_row(pictures, captions)))
+            shared = len({r.mode for r in ranked} & {r.mode for r in paper})
+            note = (f"<div style='font-size:0.85em'>The paper's sum ranks first: "
+                    f"{', '.join(f'M{r.mode}' for r in paper)} ({shared} of {count} shared)</div>")
+            per_head.append(_html(picture_row(pictures, captions) + note))
         panels.append(per_head)
     sliders = nested_stack(panels, ("layer", "head"), values=([f"L{l}" for l in layers], [f"H{h}" for h in heads]))
     return pd.DataFrame(rows), sliders
 
 
+def ablation_table(rows: Sequence[dict]) -> pd.DataFrame:
+    """The ablation (:func:`qklib.modes.ablation`) per layer: mean attention change (total variation) when the top
+    modes of each ranking are removed, the share of (image, head) cases where the attention ranking's removal
+    changes more, and the mean overlap of the two top sets."""
+    frame = pd.DataFrame(list(rows))
+    if frame.empty:
+        raise ValueError("no ablation rows: pass the rows of qklib.modes.ablation for at least one image and layer")
+    frame["attention_larger"] = frame["by_attention"] > frame["by_paper_sum"]
+    return frame.groupby("layer").agg(by_attention=("by_attention", "mean"), by_paper_sum=("by_paper_sum", "mean"),
+                                      attention_larger=("attention_larger", "mean"), overlap=("overlap", "mean"),
+                                      cases=("head", "size")).reset_index()
+
+
+def ablation_findings(rows: Sequence[dict]) -> dict:
+    """Numbers and a computed verdict for the ablation summary (keys become glue names with the chapter's prefix)."""
+    frame = pd.DataFrame(list(rows))
+    ours, paper = float(frame["by_attention"].mean()), float(frame["by_paper_sum"].mean())
+    larger = float((frame["by_attention"] > frame["by_paper_sum"]).mean())
+    verdict = ("changes the attention more than removing the paper's top modes, as a ranking by effect on attention "
+               "should" if ours > paper else "does not change the attention more than removing the paper's top modes: "
+               "the attention-weighted ranking fails its check here")
+    return {"abl_ours": ours, "abl_paper": paper, "abl_larger": larger, "abl_verdict": verdict,
+            "abl_overlap": float(frame["overlap"].mean()), "abl_count": int(frame["count"].iloc[0]),
+            "abl_cases": len(frame)}
+
+
 def top_share_chart(table: pd.DataFrame) -> alt.Chart:
     """Bars: per layer, the mean over heads of the share carried by each head's largest mode (rank 0)."""
-    top = table[table["rank"] == 0].groupby("layer")["share"].mean().reset_index()
+    top = _ours(table)
+    top = top[top["rank"] == 0].groupby("layer")["share"].mean().reset_index()
     return alt.Chart(inline(top)).mark_bar().encode(
         x=alt.X("layer:O", title="layer (0-based)"),
         y=alt.Y("share:Q", title="top mode's share of sum |c_m|"),
@@ -155,10 +213,17 @@ def top_share_chart(table: pd.DataFrame) -> alt.Chart:
     ).properties(width=320, height=200)
 
 
-def same_object_table(same: SameObject, control: SameObject, model_label: str, num_layers: int) -> pd.DataFrame:
-    """Fig 6 as a tidy table: one row per layer and series (the model, its random-init control, chance 1/K)."""
+def same_object_table(same: SameObject, control: SameObject, model_label: str, num_layers: int,
+                      background: tuple[SameObject, SameObject] | None = None) -> pd.DataFrame:
+    """Fig 6 as a tidy table: one row per layer and series (the model, its random-init control, chance 1/K);
+    ``background``: the same pair computed with the background as one more object, three more series."""
     series = [(model_label, same.layers, same.per_layer), ("random-init control", control.layers, control.per_layer),
               ("chance (1/K)", same.layers, same.chance_layer)]
+    if background is not None:
+        with_bg, control_bg = background
+        series += [(f"{model_label}, background an object", with_bg.layers, with_bg.per_layer),
+                   ("random-init control, background an object", control_bg.layers, control_bg.per_layer),
+                   ("chance (1/K), background an object", with_bg.layers, with_bg.chance_layer)]
     frames = [pd.DataFrame({"model": name, "layer": layers, "P(same object)": values}) for name, layers, values in series]
     table = pd.concat(frames, ignore_index=True)
     table["depth"] = depth(table["layer"], num_layers)
@@ -210,42 +275,23 @@ def same_object_findings(same: SameObject, control: SameObject) -> dict:
 
 
 def walkthrough_findings(table: pd.DataFrame) -> dict:
-    """Numbers for the Fig 5 summary: the mean share of each head's largest mode and the most concentrated head."""
-    top = table[table["rank"] == 0]
+    """Numbers for the Fig 5 summary (attention ranking): the mean share of each head's largest mode, the most
+    concentrated head, and how many of the top modes the paper's sum also ranks on top."""
+    ours = _ours(table)
+    top = ours[ours["rank"] == 0]
+    paper = table[table["ranking"] == "paper sum"] if "ranking" in table else ours.iloc[:0]
+    sets = {key: set(g["mode"]) for key, g in paper.groupby(["layer", "head"])}
+    shared = [len(set(g["mode"]) & sets.get(key, set())) for key, g in ours.groupby(["layer", "head"])]
     strongest = top.loc[top["share"].idxmax()]
     return {"top_share": float(top["share"].mean()), "top_head": f"L{int(strongest['layer'])} H{int(strongest['head'])}",
             "top_label": str(strongest["label"]), "top_head_share": float(strongest["share"]),
-            "walk_layers": ", ".join(f"L{l}" for l in sorted(top["layer"].unique()))}
+            "walk_layers": ", ".join(f"L{l}" for l in sorted(top["layer"].unique())),
+            "walk_shared": float(np.mean(shared)), "walk_count": int(ours["rank"].max()) + 1}
 
 
-# --- modes read by eye ------------------------------------------------------------------------------------
-
-# What the optimal images of the default gallery show for three modes of the embedded model, written by a
-# person looking at the pictures of the default build (not computed): valid only for that run.
-READ_BY_EYE = {
-    "L10 H3 M0": "query on the background and surroundings, key on the main object (face, body, cat's head): "
-                 "context tokens look for the object -- contextualising, as its negative cosine says",
-    "L10 H2 M2": "query and key together (white) on the one salient object -- the pagoda, the flower, the "
-                 "scenes' shapes -- with the query stronger at its rim: a grouping mode, foreground tokens attend to "
-                 "their own object",
-    "L7 H1 M2": "query on the left part of the image, key on the right: a positional mode that looks sideways, "
-                "whatever the content",
-}
-READ_BY_EYE_RUN = {"models": [(DEFAULT_MODEL, None, False)], "image_dir": None, "n_scenes": 24, "seed": 0}
-
-
-def readings(svd: QKSVD, p) -> str:
-    """Markdown with the modes read by eye when ``p`` (the chapter's checked parameters) is the run they were
-    read from (embedded model, default gallery, the three modes featured); otherwise a sentence saying so."""
-    default = all(getattr(p, name) == value for name, value in READ_BY_EYE_RUN.items())
-    featured = [mode_label(l, h, m, s) for l, h, m, s in p.featured]
-    if not (default and featured == list(READ_BY_EYE)):
-        return ("*Readings by eye exist only for the default run (embedded model, default gallery and featured "
-                "modes); this run differs, so read the pictures above yourself.*")
-    items = "\n".join(f"- **{label}** (cos {float(svd.cos[parse_label(label)[:3]]):+.2f}): {text}."
-                      for label, text in READ_BY_EYE.items())
-    return ("**Read by eye** (a person looked at the optimal images of the default build; nothing below is computed; "
-            "red = query, cyan = key, 0-based labels):\n\n" + items)
+def _ours(table: pd.DataFrame) -> pd.DataFrame:
+    """The attention ranking's rows of a :func:`walkthrough` table (all rows of a table without ``ranking``)."""
+    return table[table["ranking"] == "attention"] if "ranking" in table else table
 
 
 # --- one-line reports under the steps --------------------------------------------------------------------
@@ -264,3 +310,17 @@ def search_summary(found: SearchResult) -> str:
     root = str(found.root).rstrip("/") + "/"
     return (f"Scored {found.n_images} of {found.n_files} images in {found.seconds:.1f} s; skipped {len(found.skipped)}"
             + "".join(f"\n- `{name}`: {why.replace(root, '')}" for name, why in found.skipped[:5]))
+
+
+def ablation_chart(table: pd.DataFrame) -> alt.Chart:
+    """Bars per layer: mean attention change when each ranking's top modes are removed (:func:`ablation_table`)."""
+    long = table.melt(id_vars=["layer"], value_vars=["by_attention", "by_paper_sum"], var_name="removed", value_name="change")
+    long["removed"] = long["removed"].map({"by_attention": "top by attention-weighted contribution",
+                                           "by_paper_sum": "top by the paper's sum"})
+    return alt.Chart(inline(long)).mark_bar().encode(
+        x=alt.X("removed:N", title=None, axis=None),
+        y=alt.Y("change:Q", title="mean TV change of attention rows"),
+        color=alt.Color("removed:N", title=None, legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400)),
+        column=alt.Column("layer:O", title="layer (0-based)"),
+        tooltip=["layer:O", "removed:N", alt.Tooltip("change:Q", format=".3f")],
+    ).properties(width=60, height=180)

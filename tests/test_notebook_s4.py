@@ -1,0 +1,39 @@
+"""The §4 chapter run end to end on other models and images, and with an I-JEPA checkpoint (slow: papermill)."""
+
+import pytest
+
+from official_layouts import write_ijepa
+
+
+@pytest.mark.slow
+def test_s4_runs_with_other_models_and_images(tmp_path, run_chapter):
+    images = tmp_path / "images"
+    images.mkdir()
+    from qklib.core.images import shipped_photos
+
+    for name, photo in list(shipped_photos().items())[:3]:
+        photo.save(images / f"{name}.png")
+    nb, error = run_chapter("s4_cosine", models=["random:vit_tiny_patch16_224", "random:deit_tiny_distilled_patch16_224"],
+                            image_dir=str(images), seed=3)
+    assert error is None, error
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"], "a cell displayed an error"
+    text = "\n".join(str(o.get("data", {})) for o in outputs)
+    assert "deit_tiny_distilled_patch16_224 (random init, seed 3)" in text
+    assert "chelsea.png, coffee.png, astronaut.png" in text  # the baseline used the folder's images
+    assert sum("vegaEmbed" in o.get("data", {}).get("text/html", "") for o in outputs) == 5
+
+
+@pytest.mark.slow
+def test_s4_draws_fig_s3_from_an_ijepa_checkpoint(tmp_path, run_chapter):
+    checkpoint = tmp_path / "IN1K-vit.h.14-300e.pth.tar"
+    write_ijepa(checkpoint)
+    nb, error = run_chapter("s4_cosine", models=["random:vit_tiny_patch16_224"], ijepa_checkpoint=str(checkpoint))
+    assert error is None, error
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = "\n".join(str(o.get("data", {})) for o in outputs)
+    assert "I-JEPA predictor" in text and "Not run" not in text
+    nb, error = run_chapter("s4_cosine", models=["random:vit_tiny_patch16_224"])
+    assert error is None, error
+    assert "Not run:* Fig S3 needs" in "\n".join(str(o.get("data", {})) for c in nb.cells if c.cell_type == "code"
+                                                  for o in c.outputs)
