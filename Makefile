@@ -1,4 +1,4 @@
-# Two entry points a newcomer needs: `make book` and `make test` (see README.md).
+# A newcomer's commands: `make book`, `make test` and `make lab` (see README.md).
 # PYTHON is the interpreter that creates the venv (default: python3); VENV is the venv's folder.
 #   make test PYTHON=/usr/bin/python3.13                      # a new .venv on Python 3.13
 #   make test-fast PYTHON=python3.12 VENV=.venv-py3.12        # a second venv beside .venv
@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qklib-installed
 PYVERSION := import sys; print(*sys.version_info[:2], sep=".")
 
-.PHONY: env book test test-fast bench clean clean-env check-python
+.PHONY: env book test test-fast lab bench clean clean-env check-python
 
 env: $(STAMP)
 
@@ -41,6 +41,10 @@ test: env
 
 test-fast: env
 	$(PY) -m pytest -ra -m "not slow"
+
+# JupyterLab on 127.0.0.1 in notebooks/ with the project's kernel; prints the URL (tools/lab.py).
+lab: env
+	$(PY) tools/lab.py
 
 bench: env
 	$(PY) tools/bench.py

@@ -1,11 +1,14 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -49,6 +52,7 @@ batch_size = 8  # images per forward pass
 device = "cpu"  # "cpu" or "cuda"
 seed = 0  # scene generator, O3 sample and random-init weights
 results_dir = "results"  # scenes and the tidy per-image table (CSV) are written here
+live_explorer = False  # True in a live kernel (JupyterLab): any scene, layer, head and query token on demand
 
 # %%
 import time
@@ -59,6 +63,7 @@ from myst_nb import glue
 from qklib import chapter
 from qklib.preference import GROUPS, measure, select
 from qklib.present import attention
+from qklib.present.explore import explore_attention
 from qklib.present.widgets import download_link
 
 started = time.perf_counter()
@@ -163,6 +168,14 @@ attention.pair_chart(table, list(loaded))
 # %%
 example = attention.first_measured(shown, scenes, first.measured)
 attention.query_map_slider(reference, example, p.min_cover)
+
+# %% [markdown]
+# In a live kernel, with `live_explorer = True`, this explorer computes the map of any query token (pick
+# its row and column, or put it on the target or a distractor) in any scene, model, layer and head.
+
+# %%
+if p.live_explorer:
+    display(explore_attention(loaded, scenes))
 
 # %%
 found = attention.findings(layer_stats, chance, list(loaded)) | attention.self_token_findings(variants)

@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -37,6 +39,7 @@ batch_size = 16
 device = "cpu"
 seed = 0  # seed of the random-init controls
 results_dir = "results"
+live_explorer = False  # True in a live kernel (JupyterLab): explore any layer, head and mode on demand
 
 # %%
 from myst_nb import glue
@@ -47,6 +50,7 @@ from IPython.display import Markdown, display
 from qklib import chapter, cosine
 from qklib.core.paper_models import IJEPA_NEEDS, ijepa_encoder_predictor
 from qklib.present import cosine as figures
+from qklib.present.explore import explore_spectrum
 from qklib.present.widgets import download_link
 
 p = chapter.check("s4_cosine", globals())
@@ -128,6 +132,14 @@ figures.s1_histograms(cosine.cosine_histograms(modes))
 first = next(iter(svds.values()))
 same_shape = all(svd.S.shape == first.S.shape for svd in svds.values())
 figures.s2_spectrum(modes if same_shape else modes[modes["model"] == first.model], first.num_layers, first.num_heads)
+
+# %% [markdown]
+# In a live kernel, with `live_explorer = True`, this explorer draws any model's head on demand, and places
+# one mode's $u_n \cdot v_n$ among its head's modes, the layer's modes and the band of a single random cosine.
+
+# %%
+if p.live_explorer:
+    display(explore_spectrum(svds))
 
 # %% [markdown]
 # ## Fig S3: I-JEPA's encoder and its predictor

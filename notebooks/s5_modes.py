@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -46,7 +48,7 @@ heads = "all"  # heads in the explorer and the walkthrough: "all" or a list (0-b
 explorer_modes = 4  # the explorer shows modes M0..M{explorer_modes-1} of each head
 featured = "rule"  # modes whose optimal images are shown: "rule" (see Fig 4) or labels like ["L10 H3 M0"]
 walkthrough_image = "chelsea"  # a gallery image (file name or stem; of image_dir when set), or an image path
-live_explorer = False  # True in a live kernel: any layer/head/mode/sign for the explorer's images
+live_explorer = False  # True in a live kernel (JupyterLab): any layer/head/mode/sign, any gallery or uploaded image
 batch_size = 16  # images per forward pass
 device = "cpu"  # "cpu" or "cuda"
 seed = 0  # seed of the generated scenes and of the random-init control
@@ -99,7 +101,7 @@ display(Markdown(f"Gallery: {len(files)} image files ({'`image_dir`' if p.image_
 # The explorer shows six gallery images through every head of the layers in `layers` and the first
 # `explorer_modes` modes of each head (those with the largest singular values); each slider reads the
 # layer, head or mode it selects. A static page cannot hold all 12 x 6 x 64 modes, so it holds this subset
-# as precomputed pictures; in a live kernel, `live_explorer = True` draws any layer, head, mode and sign.
+# as precomputed pictures; in a live kernel, `live_explorer = True` adds a live explorer after Fig 4.
 # Red: where the mode's query feature is ($x_i \cdot u_n$ high); cyan: where its key feature is
 # ($x_j \cdot v_n$ high); white: both.
 
@@ -107,10 +109,6 @@ display(Markdown(f"Gallery: {len(files)} image files ({'`image_dir`' if p.image_
 shown = chapter.gallery_sample(gallery_root, files, 6, prefer=(
     "chelsea", "astronaut", "coffee", "china", "grace_hopper", scene_set[0].id))
 figures.explorer(net, svd, shown, p.layers, p.heads, p.explorer_modes)
-
-# %%
-if p.live_explorer:
-    display(explore(net, svd, shown))
 
 # %% [markdown]
 # ## Fig 4: optimal images
@@ -159,6 +157,14 @@ display(chosen.round(3), download_link(chosen, "s5_featured_modes.csv"))
 optimal = figures.optimal_table(svd, found, p.featured)
 display(figures.optimal_images(net, svd, found, p.featured, correlations=corr),
         download_link(optimal, "s5_optimal_images.csv"))
+
+# %% [markdown]
+# In a live kernel, with `live_explorer = True`, this explorer draws any layer, head, mode and sign on any
+# gallery image or on an image you upload, next to the mode's optimal images from this search.
+
+# %%
+if p.live_explorer:
+    display(explore(net, svd, {name: gallery_root / name for name in files}, found, top=p.top_k))
 
 # %% [markdown]
 # ## Fig 5: one image through many modes

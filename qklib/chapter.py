@@ -31,6 +31,7 @@ from .core.models import ModelError, check_name, load_model, random_control
 from .core.svd import QKSVD
 from .modes import parse_label, rule_modes
 from .o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
+from .present.lab import use_served_vega
 from .search import parse_indices
 
 
@@ -221,10 +222,11 @@ COMMON = {"batch_size": count(1), "device": check_device, "seed": count(0), "res
 SPECS: dict[str, dict[str, Callable]] = {
     "s3_attention": {
         "models": models(), "o3_dir": folder(), "o3_layout": o3_layout, "max_images": count(1),
-        "n_scenes": count(1), "min_cover": number(0, 1), **COMMON,
+        "n_scenes": count(1), "min_cover": number(0, 1), **COMMON, "live_explorer": flag,
     },
     "s4_cosine": {
         "models": models(), "image_dir": folder(), "max_images": count(2), "ijepa_checkpoint": existing_file, **COMMON,
+        "live_explorer": flag,
     },
     "s5_modes": {
         "models": models(most=1), "image_dir": folder(), "max_images": count(0), "ade20k_dir": folder(),
@@ -250,7 +252,9 @@ def declared_parameters(notebook: str | Path) -> list[str]:
 
 def check(chapter: str, namespace: Mapping) -> SimpleNamespace:
     """Check every declared parameter of ``chapter`` found in ``namespace`` (the notebook's ``globals()``)
-    and return the normalised values (folders resolved, models parsed into ``(name, weights, random)``)."""
+    and return the normalised values (folders resolved, models parsed into ``(name, weights, random)``).
+    In JupyterLab started by ``make lab``, charts are then drawn with the vega it serves (offline)."""
+    use_served_vega()
     if chapter not in SPECS:
         raise KeyError(f"unknown chapter {chapter!r}; chapters: {', '.join(SPECS)}")
     missing = [name for name in SPECS[chapter] if name not in namespace]

@@ -6,8 +6,31 @@ import torch
 
 # Tests never touch the network: make any hub access fail at once instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Set in JupyterLab's terminals by `make lab`; chapters run by the tests draw charts as the book does.
+os.environ.pop("QKLIB_VEGA_SCRIPT", None)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium driven by Playwright (never a browser Playwright downloads). Missing: the test is
+    skipped with the reason printed, except under CI (``$CI`` set), where that is a failure."""
+    if not CHROMIUM.exists():
+        reason = f"{CHROMIUM} is missing: apt-get install -y chromium (the browser tests need Debian's chromium)"
+        print(reason)
+        if os.environ.get("CI"):
+            pytest.fail(reason + " [CI is set, so this is a failure]")
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
 
 
 @pytest.fixture(scope="session")

@@ -26,9 +26,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 HTML = ROOT / "_build" / "html"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 MAX_PAGE_BYTES = 5 * 1024 * 1024
 
 
@@ -114,22 +111,7 @@ def test_committed_notebooks_have_no_outputs_or_injected_parameters():
 
 
 # ------------------------------------------------------------------------------------- browser
-@pytest.fixture(scope="module")
-def chromium():
-    if not CHROMIUM.exists():
-        reason = f"{CHROMIUM} is missing: apt-get install -y chromium (the browser test needs Debian's chromium)"
-        print(reason)
-        if os.environ.get("CI"):
-            pytest.fail(reason + " [CI is set, so this is a failure]")
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
+# `chromium` (Debian's, driven by Playwright) comes from conftest.py.
 @pytest.fixture(scope="module")
 def book(chromium):
     """The built book's folder: built now, or reused when QKLIB_REUSE_BOOK=1 and one exists."""

@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                              "VALUE is YAML; a name the chapter does not declare is an error")
     parser.add_argument("--no-execute", action="store_true", help="reuse executed/*.ipynb, only rebuild the HTML")
     args = parser.parse_args(argv)
+    os.environ.pop("QKLIB_VEGA_SCRIPT", None)  # set in JupyterLab's terminals by `make lab`; pages load their own vega
     os.chdir(ROOT)
     try:
         files = toc_files()

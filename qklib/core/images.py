@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,21 +49,30 @@ def open_rgb(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image {str(path)!r} does not exist")
+    return _decode(path, f"image {str(path)!r}", "remove or replace the file")
+
+
+def image_from_bytes(data: bytes, name: str = "upload") -> Image.Image:
+    """An image file's bytes (e.g. an upload) as RGB, converted like :func:`open_rgb`; ImageError names ``name``."""
+    return _decode(io.BytesIO(bytes(data)), f"{name!r}", "give a PNG, JPEG or another image file")
+
+
+def _decode(source, what: str, todo: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as raw:
+            with Image.open(source) as raw:
                 raw.load()
                 image = _to_8bit(raw)
                 if image.mode in ("RGBA", "LA", "P", "PA"):
                     image = _composite(image)
                 image = image.convert("RGB")
     except Exception as error:  # corrupt, truncated, empty, decompression bomb, unsupported codec
-        raise ImageError(f"image {str(path)!r} cannot be read ({type(error).__name__}: {error}); "
-                         "remove or replace the file") from None
+        reason = "not an image file" if type(error).__name__ == "UnidentifiedImageError" else f"{type(error).__name__}: {error}"
+        raise ImageError(f"{what} cannot be read as an image ({reason}); {todo}") from None
     width, height = image.size
     if min(width, height) < 1:
-        raise ImageError(f"image {str(path)!r} is empty ({width} x {height})")
+        raise ImageError(f"{what} is empty ({width} x {height})")
     if max(width, height) > MAX_ASPECT * min(width, height):
         long_side = int(MAX_ASPECT * min(width, height))
         left, top = (width - long_side) // 2 if width > height else 0, (height - long_side) // 2 if height > width else 0

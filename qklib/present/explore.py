@@ -1,49 +1,412 @@
-"""Live-kernel explorers: widgets that compute on demand through Python callbacks (they freeze in a static
-page, where :mod:`qklib.present.widgets` serves precomputed pictures instead)."""
+"""Live-kernel explorers, one per chapter, shown when a chapter runs with ``live_explorer = True`` in a kernel
+(JupyterLab, ``make lab``). They compute on demand through Python callbacks, so they freeze in a static page,
+where :mod:`qklib.present.widgets` serves precomputed pictures instead.
+
+* :func:`explore_attention` (§3): one query token's attention map over a scene or image, in any layer and
+  head, the query token picked by its row and column (or put on the target or a distractor), drawn as the
+  chapter's static maps are (:func:`qklib.present.attention.overlay`: target outlined red, distractors white);
+* :func:`explore_spectrum` (§4): one head's singular spectrum and its cos_n = u_n . v_n, and one mode's
+  cosine against its head, its layer and the null band;
+* :func:`explore` (§5): one mode's query (red) and key (cyan) maps, either sign, on a gallery image or an
+  uploaded one, with the mode's optimal images from a saved search.
+
+Each returns a :class:`Live` box: ``controls`` (the input widgets by name), ``pictures`` (the Image widgets it
+redraws), ``message`` (what went wrong, e.g. an upload that is not an image; empty when all is well) and
+``seconds`` (how long the last redraw took). What a redraw needs from the model (an image's attention, its
+token embeddings at a layer) is computed once and cached, so after the first visit to an image a redraw
+only slices, projects and draws.
+"""
 
 from __future__ import annotations
 
+import html
+import io
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
 import ipywidgets as widgets
+import numpy as np
 import torch
-from IPython.display import display
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import nn
 
-from ..core.extract import token_embeddings
-from ..core.images import to_pixels
-from ..core.svd import QKSVD
-from ..modes import mode_label
-from .render import mode_pictures
-from .widgets import png_widget
+from ..core.extract import record, token_embeddings
+from ..core.images import ImageError, display_crop, image_from_bytes, open_rgb, to_pixels
+from ..core.models import info
+from ..core.svd import QKSVD, null_band
+from ..modes import mode_label, mode_maps
+from ..preference import query_tokens, token_masks
+from ..search import SearchResult
+from .attention import outline, overlay, view_mask
+from .render import jpeg_bytes, mosaic, render_mode, thumbnail
 
 
-def explore(model, svd: QKSVD, images: dict, size: int = 224):
-    """A live-kernel explorer: any layer, head, mode and sign for any of ``images`` ({name: PIL image}).
+class Live(widgets.VBox):
+    """A live explorer: a VBox of controls, captions and pictures redrawn by Python callbacks.
 
-    Uses Python callbacks, so it only works with a running kernel (the static book uses
-    ``qklib.present.widgets.nested_stack`` over precomputed pictures instead).
+    ``controls``: input widgets by name (set their ``value`` to drive the explorer from code, as a click
+    does); ``pictures``: the ``widgets.Image`` outputs by name; ``captions``: the HTML texts by name;
+    ``message``: an HTML widget that shows what went wrong (empty when nothing did); ``seconds``: how long
+    the last redraw took.
     """
-    names = list(images)
-    cache: dict[tuple[str, int], torch.Tensor] = {}
-    pick = widgets.Dropdown(options=names, description="image")
-    layer = widgets.IntSlider(0, 0, svd.num_layers - 1, description="layer")
-    head = widgets.IntSlider(0, 0, svd.num_heads - 1, description="head")
-    mode = widgets.IntSlider(0, 0, svd.rank - 1, description="mode")
+
+    def __init__(self, children, controls: dict[str, widgets.Widget], pictures: dict[str, widgets.Image],
+                 captions: dict[str, widgets.HTML], message: widgets.HTML, draw: Callable[[], None]):
+        super().__init__(children)
+        self.add_class("qk-live-explorer")
+        self.controls, self.pictures, self.captions, self.message = controls, pictures, captions, message
+        self.seconds = 0.0
+        self._draw, self._held = draw, 0
+
+    def redraw(self, _change=None) -> None:
+        """Redraw from the controls' values; an error is shown in ``message`` (a callback's traceback would
+        only reach the kernel's log, where nobody reads it)."""
+        if self._held:
+            return
+        start = time.perf_counter()
+        try:
+            self._draw()
+        except Exception as error:  # shown to the reader instead of vanishing into the log
+            self.show_error(f"could not draw this view ({type(error).__name__}: {error})")
+        else:
+            self.message.value = ""
+        self.seconds = time.perf_counter() - start
+
+    def show_error(self, text: str) -> None:
+        self.message.value = f'<span class="qk-live-error" style="color:#b00020">{html.escape(text)}</span>'
+
+    @contextmanager
+    def hold(self):
+        """Set several controls at once with one redraw at the end."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+        self.redraw()
+
+    def watch(self, *controls: widgets.Widget) -> None:
+        for control in controls:
+            control.observe(self.redraw, names="value")
+
+
+class _Cache(OrderedDict):
+    """At most ``size`` computed values, least recently used dropped first."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get(self, key, make: Callable):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = make()
+        if len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+def _picture(class_name: str, width: int | None = None) -> widgets.Image:
+    picture = widgets.Image(format="jpeg")
+    picture.add_class(class_name)
+    if width:
+        picture.layout.width = f"{width}px"
+    return picture
+
+
+def _slider(name: str, high: int, value: int = 0) -> widgets.IntSlider:
+    return widgets.IntSlider(value=min(value, high), min=0, max=high, description=name, continuous_update=False)
+
+
+def _message() -> widgets.HTML:
+    message = widgets.HTML("")
+    message.add_class("qk-live-message")
+    return message
+
+
+def _models(models) -> dict[str, nn.Module]:
+    if isinstance(models, nn.Module):
+        return {info(models).name: models}
+    if not models:
+        raise ValueError("give a model or a {label: model} dict")
+    return dict(models)
+
+
+# ------------------------------------------------------------------------------------------------- §3
+def explore_attention(models, scenes: Sequence = (), images: Mapping[str, Image.Image] | None = None, size: int = 320,
+                      quality: int = 85) -> Live:
+    """§3 live: any scene or image, model, layer and head; the query token by its row and column.
+
+    ``models``: a model or ``{label: model}``; ``scenes``: O3-style samples (``id``, ``image``, ``target``,
+    ``distractor`` masks), whose target is outlined red and distractors white; ``images``: more images
+    ``{name: PIL image}``, without outlines. The picture is the query's attention over the image tokens
+    (prefix tokens dropped, renormalised), with the share on target, distractors and background.
+    """
+    models = _models(models)
+    entries = {sample.id: (sample.image, sample.target, sample.distractor) for sample in scenes}
+    entries.update({name: (image, None, None) for name, image in (images or {}).items()})
+    if not entries:
+        raise ValueError("explore_attention needs at least one scene or image")
+    first = info(next(iter(models.values())))
+    attention = _Cache(6)  # (model, image) -> [L, H, T, T]; ~19 MB each for ViT-S/14
+    views = _Cache(32)  # (model, image) -> view, outlines, masks, query tokens
+
+    pick_model = widgets.Dropdown(options=list(models), description="model")
+    pick_image = widgets.Dropdown(options=list(entries), description="image")
+    layer, head = _slider("layer", first.num_layers - 1), _slider("head", first.num_heads - 1)
+    row, col = _slider("query row", first.grid[0] - 1), _slider("query col", first.grid[1] - 1)
+    to_target, to_distractor = widgets.Button(description="query on target"), widgets.Button(description="query on distractor")
+    caption, message, picture = widgets.HTML(), _message(), _picture("qk-live-picture", size)
+
+    def view(label: str, name: str):
+        """The model's view at ``size`` px, the target and distractor outlines, token masks and query tokens."""
+        model, (image, target, distractor) = models[label], entries[name]
+        shown = np.asarray(Image.fromarray(display_crop(model, image)).resize((size, size), Image.Resampling.BILINEAR))
+        if target is None:
+            none = np.zeros((size, size), dtype=bool)
+            return shown, (none, none), None, None
+        masks = token_masks(model, [target], [distractor])
+        queries, _ = query_tokens(masks, 0.0)
+        edges = (outline(view_mask(model, target, size)), outline(view_mask(model, distractor, size)))
+        return shown, edges, masks, queries[0].tolist()
+
+    def draw():
+        label, name = pick_model.value, pick_image.value
+        model, meta = models[label], info(models[label])
+        probs = attention.get((label, name), lambda: record(model, to_pixels(model, entries[name][0]), tokens=False,
+                                                            attention=True).attention[:, 0])
+        shown, edges, masks, _ = views.get((label, name), lambda: view(label, name))
+        query = row.value * meta.grid[1] + col.value
+        rows = probs[layer.value, head.value, meta.prefix_tokens + query, meta.prefix_tokens:].double()
+        rows = rows / rows.sum()
+        picture.value = jpeg_bytes(overlay(shown, rows.reshape(meta.grid).numpy(), query, *edges), quality)
+        where = f"<b>{html.escape(name)}</b>, {html.escape(label)}: layer {layer.value}, head {head.value}, " \
+                f"query token row {row.value}, col {col.value}"
+        if masks is not None:
+            shares = (masks.stacked()[0].double() @ rows).tolist()
+            where += " ({:.0%} on the target, {:.0%} on distractors, {:.0%} on background)".format(*shares)
+        caption.value = where
+
+    def fit_sliders(_change=None):
+        meta = info(models[pick_model.value])
+        with box.hold():
+            layer.max, head.max = meta.num_layers - 1, meta.num_heads - 1
+            row.max, col.max = meta.grid[0] - 1, meta.grid[1] - 1
+            move_query(0)
+
+    def move_query(which: int):
+        _, _, _, queries = views.get((pick_model.value, pick_image.value), lambda: view(pick_model.value, pick_image.value))
+        if queries is None:
+            return
+        grid_w = info(models[pick_model.value]).grid[1]
+        with box.hold():
+            row.value, col.value = divmod(queries[which], grid_w)
+
+    box = Live([pick_model, pick_image, layer, head, row, col, widgets.HBox([to_target, to_distractor]), caption,
+                message, picture], {"model": pick_model, "image": pick_image, "layer": layer, "head": head,
+                                    "row": row, "col": col, "target": to_target, "distractor": to_distractor},
+               {"attention": picture}, {"caption": caption}, message, draw)
+    box.watch(layer, head, row, col)
+    pick_model.observe(fit_sliders, names="value")
+    pick_image.observe(lambda _change: move_query(0) if entries[pick_image.value][1] is not None else box.redraw(), names="value")
+    to_target.on_click(lambda _button: move_query(0))
+    to_distractor.on_click(lambda _button: move_query(1))
+    if len(models) == 1:
+        pick_model.layout.display = "none"
+    fit_sliders()
+    return box
+
+
+# ------------------------------------------------------------------------------------------------- §4
+def spectrum_figure(svd: QKSVD, layer: int, head: int, mode: int, band: float | None = None, dpi: int = 80,
+                    cos: np.ndarray | None = None) -> Figure:
+    """One head's singular spectrum (weights s_n / sum s), its cos_n = u_n . v_n with the null band, and the
+    cosines of every mode of the layer (histogram), mode ``mode`` marked in red in each panel. Few artists
+    (steps and lines, no bar per mode), so it draws in a fraction of a second. ``cos``: ``svd.cos`` as an
+    ``[L, H, r]`` array when the caller keeps it (it is recomputed otherwise)."""
+    band = null_band(svd.dim) if band is None else band
+    weights = (svd.S[layer, head] / svd.S[layer, head].sum()).numpy()
+    all_cos = svd.cos.numpy() if cos is None else cos
+    cos, layer_cos = all_cos[layer, head], all_cos[layer].flatten()
+    mean = float((weights * cos).sum())
+    n = np.arange(len(cos))
+    figure = Figure(figsize=(10.5, 2.8), dpi=dpi)
+    figure.subplots_adjust(left=0.06, right=0.99, bottom=0.17, top=0.89, wspace=0.28)
+    spectrum, cosine, context = figure.subplots(1, 3)
+    spectrum.stairs(weights, np.arange(len(weights) + 1) - 0.5, fill=True, color="#9aa7b8")
+    spectrum.stairs([weights[mode]], [mode - 0.5, mode + 0.5], fill=True, color="#d62728")
+    spectrum.set(title=f"L{layer} H{head}: spectrum", xlabel="mode n", ylabel="s_n / sum s")
+    cosine.axhspan(-band, band, color="0.85", label=f"null band ±{band:.3f}")
+    cosine.plot(n, cos, ".", color="#4c72b0", markersize=4)
+    cosine.plot([mode], [cos[mode]], "o", color="#d62728", markersize=7, label=f"M{mode}: {cos[mode]:+.3f}")
+    cosine.axhline(mean, color="#4c72b0", linestyle="--", linewidth=1, label=f"weighted mean {mean:+.3f}")
+    cosine.set(title="cos_n = u_n · v_n", xlabel="mode n", ylim=(-1, 1))
+    cosine.legend(fontsize=7, loc="lower right")
+    counts, edges = np.histogram(layer_cos, bins=40, range=(-1, 1))
+    context.axvspan(-band, band, color="0.85")
+    context.stairs(counts, edges, fill=True, color="#9aa7b8")
+    context.axvline(cos[mode], color="#d62728", linewidth=2)
+    context.set(title=f"every mode of layer {layer}", xlabel="cos_n", ylabel="modes")
+    return figure
+
+
+def figure_png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def explore_spectrum(svds, band: float | None = None) -> Live:
+    """§4 live: any model, layer, head and mode of ``svds`` (a :class:`QKSVD` or ``{label: QKSVD}``): the head's
+    spectrum and cos_n (:func:`spectrum_figure`) and the mode's cosine in words."""
+    svds = {svds.model or "model": svds} if isinstance(svds, QKSVD) else dict(svds)
+    cosines = {label: svd.cos.numpy() for label, svd in svds.items()}  # [L, H, r] each, computed once
+    first = next(iter(svds.values()))
+    pick_model = widgets.Dropdown(options=list(svds), description="model")
+    layer, head, mode = (_slider("layer", first.num_layers - 1), _slider("head", first.num_heads - 1),
+                         _slider("mode", first.rank - 1))
+    caption, message, picture = widgets.HTML(), _message(), _picture("qk-live-picture")
+    picture.format = "png"
+
+    def draw():
+        svd, all_cos, (l, h, n) = svds[pick_model.value], cosines[pick_model.value], (layer.value, head.value, mode.value)
+        width = null_band(svd.dim) if band is None else band
+        picture.value = figure_png(spectrum_figure(svd, l, h, n, width, cos=all_cos))
+        weights = (svd.S[l, h] / svd.S[l, h].sum()).numpy()
+        cos = float(all_cos[l, h, n])
+        rank = int((all_cos[l, h] > cos).sum()) + 1
+        share = float((all_cos[l] < cos).mean())
+        verdict = ("inside the null band: no preference" if abs(cos) <= width else
+                   "above the band: the mode groups tokens like each other" if cos > 0 else
+                   "below the band: the mode links tokens with opposite features")
+        caption.value = (f"<b>{html.escape(pick_model.value)}</b>, {mode_label(l, h, n)}: s = {float(svd.S[l, h, n]):.3g} "
+                         f"({float(svd.S[l, h, n] / svd.S[l, h].sum()):.1%} of the head's sum), u<sub>n</sub> · v<sub>n</sub> = "
+                         f"{cos:+.3f}, {verdict} (±{width:.3f}); rank {rank} of {svd.rank} in its head, above {share:.0%} "
+                         f"of the layer's modes; head's weighted cosine {float((weights * all_cos[l, h]).sum()):+.3f}")
+
+    def fit_sliders(_change=None):
+        svd = svds[pick_model.value]
+        with box.hold():
+            layer.max, head.max, mode.max = svd.num_layers - 1, svd.num_heads - 1, svd.rank - 1
+
+    box = Live([pick_model, layer, head, mode, caption, message, picture],
+               {"model": pick_model, "layer": layer, "head": head, "mode": mode}, {"spectrum": picture},
+               {"caption": caption}, message, draw)
+    box.watch(layer, head, mode)
+    pick_model.observe(fit_sliders, names="value")
+    if len(svds) == 1:
+        pick_model.layout.display = "none"
+    box.redraw()
+    return box
+
+
+# ------------------------------------------------------------------------------------------------- §5
+def _upload_files(value) -> list[tuple[str, bytes]]:
+    """``[(name, bytes)]`` from a FileUpload value (ipywidgets 8: a tuple of dicts with ``name``, ``content``)."""
+    return [(str(item.get("name", "upload")), bytes(item.get("content", b""))) for item in value or ()]
+
+
+def explore(model, svd: QKSVD, images: Mapping[str, Image.Image | str | Path], found: SearchResult | None = None,
+            top: int = 4, size: int = 320, thumb: int = 160, quality: int = 85) -> Live:
+    """§5 live: any layer, head, mode and sign on any of ``images`` ({name: PIL image or image file, opened when
+    first shown}) or on an image the reader uploads; with ``found`` (a saved search of the same model), the
+    mode's ``top`` optimal images drawn the same way.
+
+    An upload that is not an image shows its reason in ``message``; the explorer keeps its last picture.
+    """
+    images = dict(images)
+    if not images:
+        raise ValueError("explore needs at least one image")
+    meta = info(model)
+    opened = _Cache(64)  # name or search path -> PIL image
+    tokens = _Cache(512)  # (image key, layer) -> [T, d]; ~0.4 MB each for ViT-S/14
+    crops = _Cache(64)  # image key -> the model's view, [S, S, 3] uint8
+    cosines = svd.cos  # [L, H, r], computed once
+
+    searched = found.layers if found is not None else []
+    pick = widgets.Dropdown(options=list(images), description="image")
+    upload = widgets.FileUpload(accept="image/*", multiple=False, description="your image",
+                                tooltip="draw the mode on an image of yours (PNG, JPEG, ...)")
+    upload.layout.width = "auto"
+    layer = _slider("layer", svd.num_layers - 1, searched[0] if searched else 0)
+    head, mode = _slider("head", svd.num_heads - 1), _slider("mode", svd.rank - 1)
     sign = widgets.ToggleButtons(options=[("+", 1), ("-", -1)], description="sign")
-    out = widgets.Output()
+    caption, optimal_caption, message = widgets.HTML(), widgets.HTML(), _message()
+    picture, optimal = _picture("qk-live-picture", size), _picture("qk-live-optimal")
 
-    def draw(_change=None):
-        key = (pick.value, layer.value)
-        if key not in cache:
-            cache[key] = token_embeddings(model, to_pixels(model, images[pick.value]), layers=[layer.value])[0]
-        picture = mode_pictures(model, svd, [images[pick.value]], layer.value, head.value, mode.value, sign.value,
-                                size=size, tokens=cache[key])[0]
-        n = mode.value
-        caption = (f"{mode_label(layer.value, head.value, n, sign.value)} (0-based): "
-                   f"s = {float(svd.S[layer.value, head.value, n]):.3g}, cos = {float(svd.cos[layer.value, head.value, n]):+.3f}")
-        out.clear_output(wait=True)
-        with out:
-            display(widgets.VBox([widgets.HTML(caption), png_widget(picture)]))
+    def image(key: str) -> Image.Image:
+        value = images[key] if key in images else key
+        return value if isinstance(value, Image.Image) else opened.get(key, lambda: open_rgb(value))
 
-    for control in (pick, layer, head, mode, sign):
-        control.observe(draw, names="value")
-    draw()
-    return widgets.VBox([pick, layer, head, mode, sign, out])
+    def layer_tokens(keys: list[str], l: int) -> torch.Tensor:
+        """``[B, T, d]`` for images ``keys`` (names of ``images`` or search paths) at layer ``l``, the missing ones
+        computed in one batch."""
+        missing = [key for key in keys if (key, l) not in tokens]
+        if missing:
+            computed = token_embeddings(model, to_pixels(model, [image(key) for key in missing]), layers=[l])[0]
+            for key, x in zip(missing, computed):
+                tokens.get((key, l), lambda x=x: x)
+        return torch.stack([tokens.get((key, l), None) for key in keys])
+
+    def pictures(keys: list[str], l: int, h: int, n: int, s: int) -> list[np.ndarray]:
+        query, key = mode_maps(svd, layer_tokens(keys, l), l, h, n, meta.prefix_tokens, s, meta.grid)
+        views = [crops.get(k, lambda k=k: display_crop(model, image(k))) for k in keys]
+        return [render_mode(view, q, kk) for view, q, kk in zip(views, query, key)]
+
+    def draw():
+        l, h, n, s = layer.value, head.value, mode.value, sign.value
+        main = pictures([pick.value], l, h, n, s)[0]
+        picture.value = jpeg_bytes(np.asarray(Image.fromarray(main).resize((size, size), Image.Resampling.LANCZOS)), quality)
+        label = mode_label(l, h, n, s)
+        caption.value = (f"<b>{html.escape(pick.value)}</b>, {label}: query map red, key map cyan; "
+                         f"s = {float(svd.S[l, h, n]):.3g}, cos = {float(cosines[l, h, n]):+.3f}")
+        if found is None:
+            best, why = [], "no saved search given"
+        elif l in found.layers and h in found.heads and n in found.modes:
+            best, why = found.top(l, h, n, s)[:top], "no gallery image scored above 0"
+        else:
+            best, why = [], (f"{label} was not searched (searched layers {found.layers}, heads {found.heads}, "
+                             f"modes {found.modes[0]}..{found.modes[-1]})")
+        if not best:
+            optimal.layout.display = "none"
+            optimal_caption.value = f"Optimal images: {html.escape(why)}."
+            return
+        keys = [str(found.path(name)) for name, _ in best]
+        thumbs = [thumbnail(p, thumb) for p in pictures(keys, l, h, n, s)]
+        optimal.value = jpeg_bytes(mosaic(thumbs, columns=len(thumbs)), quality)
+        optimal.layout.display = ""
+        optimal_caption.value = (f"Optimal images of {label} in the saved search ({found.n_images} images), best first: "
+                                 + ", ".join(f"{html.escape(Path(name).stem)} ({score:.3g})" for name, score in best))
+
+    def on_upload(change):
+        files = _upload_files(change["new"])
+        if not files:
+            return
+        name, data = files[-1]
+        try:
+            uploaded = image_from_bytes(data, name)
+        except ImageError as error:
+            box.show_error(f"Upload {error}")
+        else:
+            key = f"upload: {name}"
+            images[key] = uploaded
+            for stale in [k for k in tokens if k[0] == key]:
+                del tokens[stale]
+            crops.pop(key, None)
+            with box.hold():
+                pick.options = list(images)
+                pick.value = key
+        upload.value = ()  # the same file can be uploaded again
+
+    box = Live([widgets.HBox([pick, upload]), layer, head, mode, sign, caption, message, picture, optimal_caption,
+                optimal], {"image": pick, "upload": upload, "layer": layer, "head": head, "mode": mode, "sign": sign},
+               {"image": picture, "optimal": optimal}, {"caption": caption, "optimal": optimal_caption}, message, draw)
+    box.watch(pick, layer, head, mode, sign)
+    upload.observe(on_upload, names="value")
+    box.redraw()
+    return box
