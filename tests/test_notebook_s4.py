@@ -20,7 +20,7 @@ def test_s4_runs_with_other_models_and_images(tmp_path, run_chapter):
     assert not [o for o in outputs if o.output_type == "error"], "a cell displayed an error"
     text = "\n".join(str(o.get("data", {})) for o in outputs)
     assert "deit_tiny_distilled_patch16_224 (random init, seed 3)" in text
-    assert "chelsea.png, coffee.png, astronaut.png" in text  # the baseline used the folder's images
+    assert "astronaut.png, chelsea.png, coffee.png" in text  # the baseline used the folder's images (sorted)
     assert sum("vegaEmbed" in o.get("data", {}).get("text/html", "") for o in outputs) == 5
 
 
