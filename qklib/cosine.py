@@ -66,7 +66,7 @@ CROPS = ((0.0, 0.0, 0.6, 0.6), (0.4, 0.0, 1.0, 0.6), (0.0, 0.4, 0.6, 1.0), (0.4,
 
 def pairwise_cosine_from_sum(total: torch.Tensor, count: int) -> torch.Tensor:
     """``[..., d] -> [...]``: mean cosine over the N(N-1) ordered pairs of N distinct unit vectors whose sum is
-    ``total``: (|sum|^2 - N) / (N (N - 1)), exact (each vector's cosine with itself is 1)."""
+    ``total``: ``(|sum|^2 - N) / (N (N - 1))``, exact (each vector's cosine with itself is 1)."""
     if count < 2:
         raise ValueError(f"a mean over pairs needs at least two vectors, got {count}")
     return ((total.double() ** 2).sum(-1) - count) / (count * (count - 1))
@@ -78,7 +78,7 @@ def between_group_cosine(sums: torch.Tensor, counts: torch.Tensor, weights: torc
 
     ``weights`` ``[G]`` (integers, default 1) repeats groups, as a bootstrap draw does; pairs between two
     copies of one group are same-group pairs and left out:
-    (|sum_g w_g S_g|^2 - sum_g w_g^2 |S_g|^2) / (N^2 - sum_g w_g^2 n_g^2), N = sum_g w_g n_g.
+    ``(|sum_g w_g S_g|^2 - sum_g w_g^2 |S_g|^2) / (N^2 - sum_g w_g^2 n_g^2)``, ``N = sum_g w_g n_g``.
     """
     sums, counts = sums.double(), counts.double()
     weights = torch.ones_like(counts) if weights is None else weights.double()

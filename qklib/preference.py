@@ -12,7 +12,8 @@ same = mean(T->T, D->D), different = mean(T->D, D->T), background = mean(T->B, D
 An image is skipped, and counted, when no token is covered at least ``min_cover`` by the target or by a
 distractor (the object vanishes at token resolution, or the centre crop cuts it off).
 
-Two robustness variants (issue 9), both computed from the same forward pass by :func:`measure`:
+Two robustness variants, both computed from the same forward pass by :func:`measure`:
+
 - the query's own token: its map either keeps it (``self_token == "kept"``, the paper's definition) or drops
   it from the key set and renormalises over the remaining image tokens (``"removed"``). A query token lies on
   its own object, so keeping it adds p_ii (the query's attention to itself) to the same-object ratio; in

@@ -21,7 +21,7 @@ CLI: ``python -m qklib search ROOT`` and ``python -m qklib search-merge SHARDS..
 
 Long runs survive interruption: results are written atomically, and ``search(..., checkpoint=PATH,
 resume=True)`` (CLI: ``--resume``) continues a killed run from its last checkpoint with exactly the
-uninterrupted result (:mod:`qklib.search.checkpoint`). Damaged files raise :class:`ResultError` (or
+uninterrupted result (``qklib.search.checkpoint``). Damaged files raise :class:`ResultError` (or
 :class:`CheckpointError`), shards that do not fit together :class:`MergeError`, each naming the file or input.
 """
 

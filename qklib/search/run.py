@@ -81,7 +81,7 @@ def search(model: nn.Module, root: str | Path, layers=None, heads=None, modes=No
     ``limit``: score only the first ``limit`` files of the sorted list (before sharding), for quick looks.
     The result's ``root`` is ``root`` resolved to an absolute path.
 
-    Interruption (see :mod:`qklib.search.checkpoint`): ``checkpoint`` is a file where the running state is
+    Interruption (see ``qklib.search.checkpoint``): ``checkpoint`` is a file where the running state is
     saved atomically every 10,000 images or 120 s (a :class:`~qklib.search.checkpoint.Checkpoint` sets other
     intervals). ``resume=True`` continues from it and gives exactly the uninterrupted run's result (same
     batch size and device); a checkpoint of other inputs (model, weights, folder or its files, limit, shard,
