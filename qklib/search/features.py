@@ -1,42 +1,113 @@
-"""The (layer, head, mode, sign) features a search scores, and the optimal-image score of each."""
+"""The (layer, head, mode, sign) features a search scores, how their projections are read from the model, and the
+optimal-image score of each.
+
+A layer's projections ``x_i . u_n`` and ``x_i . v_n`` (``x_i``: normed tokens entering the block) are computed
+one of two ways, with the same result up to float32 rounding:
+
+* **direct** (the oracle, and the fallback): ``x @ [u columns | v columns]``, ``2 d`` multiply-adds per token
+  and column;
+* **from the model's own q and k** (default where the layer allows it): with ``W_q,h^T = Q_1 R_1`` (thin QR) and
+  ``u_n = Q_1 a_n``, ``x . u_n = (W_q,h x)^T C_n`` with ``C_n = R_1^{-1} a_n``, the exact least-squares solution
+  of ``W_q,h^T C_n = u_n`` (``u_n`` lies in the row space of ``W_q,h``); likewise for keys with ``W_k,h`` and
+  ``v_n``. ``W_q,h x`` is the query the model computes anyway, read (bias removed) from the output of the
+  block's fused ``qkv`` Linear: ``2 r`` multiply-adds per token and column instead of ``2 d``.
+
+Rounding: the model's float32 query carries an error ~ eps (|W_q,h| |x| + |b_q,h|) that ``C_n`` multiplies by
+``|C_n|``; relative to the direct projection's ~ eps |x| that is a factor
+``gamma_n = |C_n| (sigma_max(W_q,h) + |b_q,h| / |x|)``. Columns with ``gamma_n > GAMMA_MAX`` (a few percent of a
+trained model's modes, those in directions the query barely carries) and columns the weights cannot reproduce
+(an SVD of another model) are projected directly; so are layers whose q and k cannot be read (no fused ``qkv``
+Linear, or one the attention module does not call).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
-from ..core.svd import QKSVD
+from ..core.models import attention_module, prefix_tokens
+from ..core.svd import QKSVD, one_thread
 from .indices import parse_indices
+
+GAMMA_MAX = 10.0  # read a column from q/k only if its rounding is at most ~10x the direct projection's
+RESIDUAL_MAX = 1e-8  # |W^T C - u| / |u| (float64) above which u is not in the weights' row space
+PRECISIONS = ("fp32", "bf16", "tf32")
+
+
+@dataclass
+class QKReader:
+    """How one layer's projections are read from the output of its fused ``qkv`` Linear (``[B, T, 3 D]``).
+
+    ``coeff``: ``[2 H', r, M']`` float32, ``C`` per chosen head, queries then keys; ``offset``: ``[2 H', 1, M']``
+    the bias term ``b^T C`` to subtract. ``direct_index``: ``[n]`` columns of the ``2F`` layout (u columns then v
+    columns, head-major) computed directly with ``direct [d, n]`` instead (None when there are none).
+    """
+
+    module: nn.Linear
+    num_heads: int
+    head_dim: int
+    heads: torch.Tensor | None  # [H'] chosen heads, None for all
+    coeff: torch.Tensor
+    offset: torch.Tensor
+    direct_index: torch.Tensor | None = None
+    direct: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def project(self, out: torch.Tensor, prefix: int) -> torch.Tensor:
+        """``out [B, T_all, 3D]`` -> ``[2H', B, T, M']`` projections of the image tokens (in ``coeff``'s dtype)."""
+        batch, tokens = out.shape[0], out.shape[1] - prefix
+        qk = out[:, prefix:, : 2 * self.width].unflatten(-1, (2, self.num_heads, self.head_dim))  # [B, T, 2, H, r]
+        if self.heads is not None:
+            qk = qk.index_select(3, self.heads)
+        qk = qk.permute(2, 3, 0, 1, 4).reshape(-1, batch * tokens, self.head_dim).to(self.coeff.dtype)  # [2H', B T, r]
+        return torch.baddbmm(self.offset, qk, self.coeff).view(qk.shape[0], batch, tokens, -1)
 
 
 @dataclass
 class Features:
-    """The (layer, head, mode, sign) features scored, and their projection matrices.
+    """The (layer, head, mode, sign) features scored, and how to project on them.
 
     Features are laid out ``[layers, heads, modes, 2]`` (last axis: sign +1, -1) and flattened in that order.
-    ``projection[l]``: ``[d, 2 * H' * M']`` float32 = columns u then v of the chosen heads and modes of layer l.
+    ``projection[l]``: ``[d, 2 * H' * M']`` float32 = columns u then v of the chosen heads and modes of layer l
+    (the direct projection). ``readers[l]``: how layer l's projections are read from the model's q and k
+    (layers without one are projected directly); empty unless :meth:`select` was given the model.
     """
 
     layers: list[int]
     heads: list[int]
     modes: list[int]
     projection: dict[int, torch.Tensor]
+    readers: dict[int, QKReader] = field(default_factory=dict)
 
     @classmethod
-    def select(cls, svd: QKSVD, layers=None, heads=None, modes=None, device="cpu") -> "Features":
+    def select(cls, svd: QKSVD, layers=None, heads=None, modes=None, device="cpu", model: nn.Module | None = None,
+               read_qk: bool = True, dtype: torch.dtype = torch.float32) -> "Features":
+        """Choose features; with ``model`` (and ``read_qk``), read projections from its q and k where possible.
+        ``dtype``: of the projections (float32; float64 for checks on a float64 model)."""
         layers = parse_indices(layers, svd.num_layers, "layers")
         heads = parse_indices(heads, svd.num_heads, "heads")
         modes = parse_indices(modes, svd.rank, "modes")
         h, m = torch.tensor(heads), torch.tensor(modes)
-        projection = {}
-        for layer in layers:
-            u = svd.U[layer][h][:, :, m]  # [H', d, M']
-            v = svd.V[layer][h][:, :, m]
-            both = torch.cat([u.permute(1, 0, 2).reshape(svd.dim, -1), v.permute(1, 0, 2).reshape(svd.dim, -1)], 1)
-            projection[layer] = both.to(device=device, dtype=torch.float32).contiguous()
-        return cls(layers, heads, modes, projection)
+        projection, readers = {}, {}
+        with one_thread():  # small tensors, once per search
+            for layer in layers:
+                u = svd.U[layer][h][:, :, m]  # [H', d, M']
+                v = svd.V[layer][h][:, :, m]
+                both = torch.cat([u.permute(1, 0, 2).reshape(svd.dim, -1), v.permute(1, 0, 2).reshape(svd.dim, -1)], 1)
+                projection[layer] = both.to(device=device, dtype=dtype).contiguous()
+                if model is not None and read_qk:
+                    reader = qk_reader(model, layer, heads, u, v, device, dtype)
+                    if reader is not None:
+                        readers[layer] = reader
+        return cls(layers, heads, modes, projection, readers)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -50,11 +121,195 @@ class Features:
     def per_layer(self) -> int:
         return len(self.heads) * len(self.modes)
 
+    # --- the forward pass -------------------------------------------------------------------------------
 
-def feature_scores(projected: torch.Tensor) -> torch.Tensor:
-    """``projected [B, T, 2F]`` (image tokens on u columns then v columns) -> ``[B, F, 2]`` clipped scores."""
-    low, high = torch.aminmax(projected, dim=1)  # [B, 2F] each
-    f = projected.shape[-1] // 2
+    def run(self, model: nn.Module, pixels: torch.Tensor,
+            on_layer: Callable[[int, torch.Tensor, torch.Tensor | None], None], layers: list[int] | None = None) -> None:
+        """One forward pass of ``pixels [B, 3, S, S]``, calling ``on_layer(layer, x [B, T, d], qkv [B, T, 3D] or
+        None)`` for every chosen layer (``qkv`` where the layer has a reader), and stopping right after the last
+        one: the rest of the network is not computed. A reader whose ``qkv`` Linear was not called (an attention
+        module that uses its weight otherwise) is dropped and that layer read directly."""
+        layers = self.layers if layers is None else layers
+        last, done, hooks = max(layers), set(), []
+
+        def call(layer, x, out):
+            on_layer(layer, x.detach(), None if out is None else out.detach())
+            done.add(layer)
+            if layer == last:
+                raise _Enough
+
+        for layer in layers:
+            if layer in self.readers:
+                hooks.append(self.readers[layer].module.register_forward_hook(
+                    lambda _m, args, out, layer=layer: call(layer, args[0], out)))
+            else:
+                hooks.append(model.blocks[layer].norm1.register_forward_hook(
+                    lambda _m, _args, out, layer=layer: call(layer, out, None)))
+        try:
+            with torch.no_grad():
+                model.forward_features(pixels)
+        except _Enough:
+            pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+        missing = [layer for layer in layers if layer not in done]
+        if missing:
+            if any(layer not in self.readers for layer in missing):
+                raise RuntimeError(f"layers {missing}: the forward pass never ran their norm1; is this a timm ViT?")
+            for layer in missing:
+                del self.readers[layer]
+            self.run(model, pixels, on_layer, missing)
+
+    def extremes(self, layer: int, x: torch.Tensor, qkv: torch.Tensor | None, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(low, high)``, each ``[B, 2F]``: min and max over image tokens of every u and v column of ``layer``."""
+        with exact_float32(x.device):
+            reader = self.readers.get(layer) if qkv is not None else None
+            if reader is None:
+                return torch.aminmax(x[:, prefix:].to(self.projection[layer].dtype) @ self.projection[layer], dim=1)
+            low, high = torch.aminmax(reader.project(qkv, prefix), dim=2)  # [2H', B, M'] each
+            low, high = (t.permute(1, 0, 2).reshape(t.shape[1], -1) for t in (low, high))  # [B, 2F]
+            if reader.direct_index is not None:
+                d_low, d_high = torch.aminmax(x[:, prefix:].to(reader.direct.dtype) @ reader.direct, dim=1)
+                low, high = low.index_copy(1, reader.direct_index, d_low), high.index_copy(1, reader.direct_index, d_high)
+            return low, high
+
+    def projected(self, layer: int, x: torch.Tensor, qkv: torch.Tensor | None, prefix: int) -> torch.Tensor:
+        """``[B, T, 2F]``: every image token's projection on the u and v columns of ``layer``."""
+        with exact_float32(x.device):
+            reader = self.readers.get(layer) if qkv is not None else None
+            if reader is None:
+                return x[:, prefix:].to(self.projection[layer].dtype) @ self.projection[layer]
+            p = reader.project(qkv, prefix)  # [2H', B, T, M']
+            p = p.permute(1, 2, 0, 3).reshape(p.shape[1], p.shape[2], -1)
+            if reader.direct_index is not None:
+                p[..., reader.direct_index] = x[:, prefix:].to(reader.direct.dtype) @ reader.direct
+            return p
+
+    def project(self, model: nn.Module, pixels: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """``{layer: (query [B, T, H', M'], key [B, T, H', M'])}``: ``x_i . u_n`` and ``x_j . v_n`` of every image
+        token for the chosen heads and modes, from one forward pass (for mode maps of many images at once)."""
+        prefix = prefix_tokens(model)
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def on_layer(layer, x, qkv):
+            p = self.projected(layer, x, qkv, prefix).unflatten(-1, (2, len(self.heads), len(self.modes)))
+            out[layer] = (p[..., 0, :, :], p[..., 1, :, :])
+
+        self.run(model, pixels, on_layer)
+        return out
+
+    def scores(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, count]`` optimal-image scores of every feature (layout ``[L', H', M', 2]`` flattened)."""
+        prefix = prefix_tokens(model)
+        per_layer: dict[int, torch.Tensor] = {}
+
+        def on_layer(layer, x, qkv):
+            per_layer[layer] = extreme_scores(*self.extremes(layer, x, qkv, prefix))  # [B, F, 2]
+
+        self.run(model, pixels, on_layer)
+        return torch.cat([per_layer[layer] for layer in self.layers], 1).flatten(1)
+
+
+class _Enough(Exception):
+    """Raised by the hook of the last layer needed: the rest of the forward pass is not."""
+
+
+def qk_reader(model: nn.Module, layer: int, heads: list[int], u: torch.Tensor, v: torch.Tensor,
+              device, dtype: torch.dtype = torch.float32) -> QKReader | None:
+    """The reader of ``layer``'s projections on ``u``, ``v`` (``[H', d, M']`` float64, the chosen heads) from its
+    fused qkv output, or None where the layer has no fused qkv Linear or no column can be read from it."""
+    with one_thread():  # small float64 linear algebra, once per search
+        return _reader(model, layer, heads, u, v, device, dtype)
+
+
+def _reader(model: nn.Module, layer: int, heads: list[int], u: torch.Tensor, v: torch.Tensor,
+            device, dtype: torch.dtype) -> QKReader | None:
+    blocks = getattr(model, "blocks", None)
+    attn = attention_module(blocks[layer]) if blocks is not None and layer < len(blocks) else None
+    module = getattr(attn, "qkv", None)
+    if not isinstance(module, nn.Linear) or not hasattr(blocks[layer], "norm1"):
+        return None
+    num_heads, dim = int(attn.num_heads), module.in_features
+    width = module.out_features // 3
+    if module.out_features != 3 * width or width % num_heads or dim != u.shape[1]:
+        return None
+    head_dim = width // num_heads
+    chosen = torch.tensor(heads)
+    weight = module.weight.detach().to("cpu", torch.float64)
+    bias = module.bias.detach().to("cpu", torch.float64) if module.bias is not None else torch.zeros(3 * width, dtype=torch.float64)
+    # |x| of a LayerNorm output w * z + beta (z: zero mean, unit variance over d) is about sqrt(|w|^2 + |beta|^2).
+    params = [p.detach().to("cpu", torch.float64).flatten() for p in blocks[layer].norm1.parameters()]
+    scale = float(torch.linalg.vector_norm(torch.cat(params))) if params else dim**0.5
+    coeffs, offsets, direct = [], [], []
+    for part, target in enumerate((u, v)):  # 0: queries (W_q rows [0, D)), 1: keys ([D, 2D))
+        w = weight[part * width : (part + 1) * width].reshape(num_heads, head_dim, dim)[chosen]  # [H', r, d]
+        b = bias[part * width : (part + 1) * width].reshape(num_heads, head_dim)[chosen]  # [H', r]
+        c = torch.linalg.lstsq(w.mT, target.to(torch.float64)).solution  # [H', r, M'] (QR based)
+        sigma = torch.linalg.eigvalsh(w @ w.mT)[:, -1].clamp_min(0).sqrt()  # [H'] largest singular value
+        residual = torch.linalg.vector_norm(w.mT @ c - target, dim=1) / torch.linalg.vector_norm(target, dim=1)
+        gamma = torch.linalg.vector_norm(c, dim=1) * (sigma + torch.linalg.vector_norm(b, dim=1) / scale)[:, None]
+        direct.append((residual > RESIDUAL_MAX) | ~(gamma <= GAMMA_MAX))  # [H', M']
+        coeffs.append(c)
+        offsets.append(-(b[:, None, :] @ c))  # [H', 1, M']
+    direct_mask = torch.cat(direct)  # [2H', M'] in the 2F layout order
+    if bool(direct_mask.all()):
+        return None
+    reader = QKReader(module=module, num_heads=num_heads, head_dim=head_dim,
+                      heads=None if heads == list(range(num_heads)) else chosen.to(device),
+                      coeff=torch.cat(coeffs).to(device, dtype), offset=torch.cat(offsets).to(device, dtype))
+    if bool(direct_mask.any()):
+        index = direct_mask.flatten().nonzero().flatten()
+        columns = torch.cat([u.permute(1, 0, 2).reshape(dim, -1), v.permute(1, 0, 2).reshape(dim, -1)], 1)[:, index]
+        reader.direct_index = index.to(device)
+        reader.direct = columns.to(device, dtype).contiguous()
+    return reader
+
+
+@contextmanager
+def exact_float32(device: torch.device):
+    """Projections in true float32 whatever the forward pass uses: autocast off, no TF32 matmuls on CUDA."""
+    device = torch.device(device)
+    autocast = torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else nullcontext()
+    with autocast:
+        if device.type != "cuda":
+            yield
+            return
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@contextmanager
+def forward_precision(precision: str, device):
+    """The forward pass in ``"fp32"`` (true float32, TF32 off), ``"tf32"`` (TF32 matmuls and convolutions on
+    CUDA; on the CPU the same as fp32) or ``"bf16"`` (autocast to bfloat16). Projections stay float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = torch.device(device)
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        if precision == "bf16":
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def extreme_scores(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``(low, high)`` ``[B, 2F]`` (min and max over tokens, u columns then v columns) -> ``[B, F, 2]`` scores."""
+    f = high.shape[-1] // 2
     positive = high[:, :f].clamp_min(0) * high[:, f:].clamp_min(0)
     negative = (-low[:, :f]).clamp_min(0) * (-low[:, f:]).clamp_min(0)
     return torch.stack([positive, negative], -1)
+
+
+def feature_scores(projected: torch.Tensor) -> torch.Tensor:
+    """``projected [B, T, 2F]`` (image tokens on u columns then v columns) -> ``[B, F, 2]`` clipped scores."""
+    return extreme_scores(*torch.aminmax(projected, dim=1))
