@@ -119,9 +119,10 @@ def one_thread(device: torch.device | str = "cpu"):
         torch.set_num_threads(before)
 
 
-# Pass 1 of Cholesky-QR loses orthogonality ~ eps * cond^2 (rounding of the Gram matrix): below this bound on
-# cond (estimated from above by ||R||_F ||R^-1||_F) that is ~1e-14 and the second pass is skipped.
-ONE_PASS_COND = 10.0
+# Pass 1 of Cholesky-QR loses orthogonality ~ eps * cond^2 (rounding of the Gram matrix). Where the bound
+# cond_2 <= ||R||_F ||R^-1||_F (itself >= r) is at most this, the loss is ~1e-12 and the second pass is skipped:
+# random-init ViT factors (cond ~2, bound ~70) take one pass, trained ones (cond up to ~1e4) two.
+ONE_PASS_COND = 100.0
 
 
 def _thin_qr_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
