@@ -35,7 +35,7 @@ from ..core.svd import QKSVD, one_thread
 from .indices import parse_indices
 
 GAMMA_MAX = 10.0  # read a column from q/k only if its rounding is at most ~10x the direct projection's
-RESIDUAL_MAX = 1e-8  # |W^T C - u| / |u| (float64) above which u is not in the weights' row space
+RESIDUAL_MAX = 1e-6  # |W^T C - u| / |u| (float64, on a random probe) above which u is not in W's row space
 PRECISIONS = ("fp32", "bf16", "tf32")
 
 
@@ -95,18 +95,19 @@ class Features:
         layers = parse_indices(layers, svd.num_layers, "layers")
         heads = parse_indices(heads, svd.num_heads, "heads")
         modes = parse_indices(modes, svd.rank, "modes")
-        h, m = torch.tensor(heads), torch.tensor(modes)
-        projection, readers = {}, {}
-        with one_thread():  # small tensors, once per search
-            for layer in layers:
-                u = svd.U[layer][h][:, :, m]  # [H', d, M']
-                v = svd.V[layer][h][:, :, m]
-                both = torch.cat([u.permute(1, 0, 2).reshape(svd.dim, -1), v.permute(1, 0, 2).reshape(svd.dim, -1)], 1)
-                projection[layer] = both.to(device=device, dtype=dtype).contiguous()
-                if model is not None and read_qk:
-                    reader = qk_reader(model, layer, heads, u, v, device, dtype)
-                    if reader is not None:
-                        readers[layer] = reader
+        u, v = svd.U, svd.V  # [L, H, d, r] -> [L', H', d, M'], copied only where a subset is chosen
+        for axis, chosen, total in ((0, layers, svd.num_layers), (1, heads, svd.num_heads), (3, modes, svd.rank)):
+            if chosen != list(range(total)):
+                u, v = u.index_select(axis, torch.tensor(chosen)), v.index_select(axis, torch.tensor(chosen))
+        projection = {}
+        with one_thread():  # small copies, once per search
+            for index, layer in enumerate(layers):  # columns u then v, head-major: [d, 2 H' M']
+                both = torch.cat([u[index].permute(1, 0, 2).reshape(svd.dim, -1),
+                                  v[index].permute(1, 0, 2).reshape(svd.dim, -1)], 1)
+                projection[layer] = both.to(device=device, dtype=dtype)
+        readers = {}
+        if model is not None and read_qk:
+            readers = qk_readers(model, layers, heads, u, v, projection, device, dtype)
         return cls(layers, heads, modes, projection, readers)
 
     @property
@@ -215,55 +216,85 @@ class _Enough(Exception):
     """Raised by the hook of the last layer needed: the rest of the forward pass is not."""
 
 
-def qk_reader(model: nn.Module, layer: int, heads: list[int], u: torch.Tensor, v: torch.Tensor,
-              device, dtype: torch.dtype = torch.float32) -> QKReader | None:
-    """The reader of ``layer``'s projections on ``u``, ``v`` (``[H', d, M']`` float64, the chosen heads) from its
-    fused qkv output, or None where the layer has no fused qkv Linear or no column can be read from it."""
-    with one_thread():  # small float64 linear algebra, once per search
-        return _reader(model, layer, heads, u, v, device, dtype)
+def qk_readers(model: nn.Module, layers: list[int], heads: list[int], u: torch.Tensor, v: torch.Tensor,
+               projection: dict[int, torch.Tensor], device, dtype: torch.dtype = torch.float32) -> dict[int, QKReader]:
+    """Readers of the chosen layers' projections on ``u``, ``v`` (``[L', H', d, M']`` float64: the chosen layers,
+    heads and modes) from their fused qkv outputs, for the layers that have one (all at once, in float64).
+    ``projection``: the direct projection matrices (:class:`Features`), whose columns the fallback uses.
 
-
-def _reader(model: nn.Module, layer: int, heads: list[int], u: torch.Tensor, v: torch.Tensor,
-            device, dtype: torch.dtype) -> QKReader | None:
+    ``C`` solves ``W W^T C = W u`` (Cholesky; its rounding, ~eps cond(W)^2 in ``W^T C``, is far below float32's).
+    A head whose Cholesky fails, or whose ``W^T C`` misses ``u`` on a random probe (an SVD of another model),
+    has all its columns projected directly; so have columns with ``gamma > GAMMA_MAX`` (module docstring).
+    """
     blocks = getattr(model, "blocks", None)
-    attn = attention_module(blocks[layer]) if blocks is not None and layer < len(blocks) else None
-    module = getattr(attn, "qkv", None)
-    if not isinstance(module, nn.Linear) or not hasattr(blocks[layer], "norm1"):
-        return None
-    num_heads, dim = int(attn.num_heads), module.in_features
-    width = module.out_features // 3
-    if module.out_features != 3 * width or width % num_heads or dim != u.shape[1]:
-        return None
+    found = []  # (index into layers, layer, qkv Linear, heads)
+    for index, layer in enumerate(layers):
+        attn = attention_module(blocks[layer]) if blocks is not None and layer < len(blocks) else None
+        module = getattr(attn, "qkv", None)
+        if isinstance(module, nn.Linear) and hasattr(blocks[layer], "norm1") and module.in_features == u.shape[2]:
+            found.append((index, layer, module, int(attn.num_heads)))
+    shapes = {(module.out_features, count) for _, _, module, count in found}
+    if len(shapes) != 1:  # no fused qkv anywhere, or layers that differ: read those layers directly
+        return {}
+    out_features, num_heads = shapes.pop()
+    width, dim = out_features // 3, u.shape[2]
+    if out_features != 3 * width or width % num_heads:
+        return {}
     head_dim = width // num_heads
     chosen = torch.tensor(heads)
-    weight = module.weight.detach().to("cpu", torch.float64)
-    bias = module.bias.detach().to("cpu", torch.float64) if module.bias is not None else torch.zeros(3 * width, dtype=torch.float64)
-    # |x| of a LayerNorm output w * z + beta (z: zero mean, unit variance over d) is about sqrt(|w|^2 + |beta|^2).
-    params = [p.detach().to("cpu", torch.float64).flatten() for p in blocks[layer].norm1.parameters()]
-    scale = float(torch.linalg.vector_norm(torch.cat(params))) if params else dim**0.5
-    coeffs, offsets, direct = [], [], []
-    for part, target in enumerate((u, v)):  # 0: queries (W_q rows [0, D)), 1: keys ([D, 2D))
-        w = weight[part * width : (part + 1) * width].reshape(num_heads, head_dim, dim)[chosen]  # [H', r, d]
-        b = bias[part * width : (part + 1) * width].reshape(num_heads, head_dim)[chosen]  # [H', r]
-        c = torch.linalg.lstsq(w.mT, target.to(torch.float64)).solution  # [H', r, M'] (QR based)
-        sigma = torch.linalg.eigvalsh(w @ w.mT)[:, -1].clamp_min(0).sqrt()  # [H'] largest singular value
-        residual = torch.linalg.vector_norm(w.mT @ c - target, dim=1) / torch.linalg.vector_norm(target, dim=1)
-        gamma = torch.linalg.vector_norm(c, dim=1) * (sigma + torch.linalg.vector_norm(b, dim=1) / scale)[:, None]
-        direct.append((residual > RESIDUAL_MAX) | ~(gamma <= GAMMA_MAX))  # [H', M']
-        coeffs.append(c)
-        offsets.append(-(b[:, None, :] @ c))  # [H', 1, M']
-    direct_mask = torch.cat(direct)  # [2H', M'] in the 2F layout order
-    if bool(direct_mask.all()):
-        return None
-    reader = QKReader(module=module, num_heads=num_heads, head_dim=head_dim,
-                      heads=None if heads == list(range(num_heads)) else chosen.to(device),
-                      coeff=torch.cat(coeffs).to(device, dtype), offset=torch.cat(offsets).to(device, dtype))
-    if bool(direct_mask.any()):
-        index = direct_mask.flatten().nonzero().flatten()
-        columns = torch.cat([u.permute(1, 0, 2).reshape(dim, -1), v.permute(1, 0, 2).reshape(dim, -1)], 1)[:, index]
-        reader.direct_index = index.to(device)
-        reader.direct = columns.to(device, dtype).contiguous()
-    return reader
+    all_heads = heads == list(range(num_heads))
+    rows = [index for index, *_ in found]
+    with one_thread():  # small float64 linear algebra, once per search
+        # W_q and W_k (rows [0, 2D) of each qkv weight), per head: [E, 2, H', r, d]
+        weight = torch.stack([module.weight.detach()[: 2 * width] for _, _, module, _ in found]).to("cpu", torch.float64)
+        weight = weight.unflatten(1, (2, num_heads, head_dim))
+        bias = torch.stack([module.bias.detach()[: 2 * width] if module.bias is not None
+                            else torch.zeros(2 * width, device=module.weight.device) for _, _, module, _ in found])
+        bias = bias.to("cpu", torch.float64).unflatten(1, (2, num_heads, head_dim))
+        if not all_heads:
+            weight, bias = weight[:, :, chosen], bias[:, :, chosen]
+        if rows != list(range(len(layers))):
+            u, v = u[rows], v[rows]
+        scale = torch.tensor([_norm_scale(blocks[layer].norm1, dim) for _, layer, _, _ in found], dtype=torch.float64)
+        probe = torch.randn(u.shape[-1], 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        coeffs, offsets, direct = [], [], []
+        for part, target in enumerate((u, v)):  # 0: queries, 1: keys
+            w, b = weight[:, part], bias[:, part]  # [E, H', r, d], [E, H', r]
+            gram = w @ w.mT
+            factor, info = torch.linalg.cholesky_ex(gram)
+            c = torch.cholesky_solve(w @ target, factor)  # [E, H', r, M']
+            expected = target @ probe
+            missed = torch.linalg.vector_norm(w.mT @ (c @ probe) - expected, dim=(-2, -1))
+            failed = (info != 0) | ~(missed <= RESIDUAL_MAX * torch.linalg.vector_norm(expected, dim=(-2, -1)))
+            sigma = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()  # [E, H'] largest singular value of W
+            gamma = torch.linalg.vector_norm(c, dim=-2) * (sigma + torch.linalg.vector_norm(b, dim=-1) / scale[:, None])[..., None]
+            bad = failed[..., None] | ~(gamma <= GAMMA_MAX)  # [E, H', M']
+            c = c.masked_fill(bad[..., None, :], 0.0)
+            coeffs.append(c)
+            offsets.append(-(b.unsqueeze(-2) @ c))  # [E, H', 1, M']
+            direct.append(bad)
+        coeff, offset, direct = torch.cat(coeffs, 1), torch.cat(offsets, 1), torch.cat(direct, 1)  # [E, 2H', ...]
+    readers = {}
+    for row, (_, layer, module, _) in enumerate(found):
+        mask = direct[row].flatten()  # [2H' M'] in the 2F layout order
+        if bool(mask.all()):
+            continue
+        reader = QKReader(module=module, num_heads=num_heads, head_dim=head_dim,
+                          heads=None if all_heads else chosen.to(device),
+                          coeff=coeff[row].to(device, dtype), offset=offset[row].to(device, dtype))
+        if bool(mask.any()):
+            where = mask.nonzero().flatten().to(device)
+            reader.direct_index = where
+            reader.direct = projection[layer][:, where].contiguous()
+        readers[layer] = reader
+    return readers
+
+
+def _norm_scale(norm: nn.Module, dim: int) -> float:
+    """About |x| for the output x = w * z + beta of a LayerNorm (z: zero mean, unit variance over d):
+    sqrt(|w|^2 + |beta|^2); sqrt(d) for a norm without parameters."""
+    params = [p.detach().to("cpu", torch.float64).flatten() for p in norm.parameters()]
+    return float(torch.linalg.vector_norm(torch.cat(params))) if params else dim**0.5
 
 
 @contextmanager
