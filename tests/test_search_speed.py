@@ -2,6 +2,10 @@
 the Cholesky-QR QK SVD against a dense SVD, the worker-process loader against the background thread, bf16
 against fp32 up to near-ties, and a search loop that never waits on the host."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
@@ -19,6 +23,8 @@ from qklib.search import features as features_module
 from qklib.search.features import Features
 from qklib.search.run import run
 from qklib.search.topk import near_tie_gap
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _photo(rng, width, height):
@@ -300,3 +306,30 @@ def test_bf16_top_k_agrees_with_fp32_up_to_near_ties(embedded_model, folder):
     assert not np.array_equal(fp32.scores, bf16.scores), "bf16 must really change the forward pass"
     tf32 = search.search(model, folder, layers="0", k=4, batch_size=6, svd=svd, progress=False, precision="tf32")
     assert np.array_equal(tf32.index, fp32.index[:1])  # on the CPU tf32 is plain fp32
+
+
+def test_cli_precision_flag(folder, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "qklib", *args], capture_output=True, text=True, cwd=ROOT)
+
+    common = ["--layers", "0", "--modes", "0-3", "-k", "2", "--no-progress", "--out", str(tmp_path / "r.npz")]
+    done = cli("search", str(folder), "--precision", "bf16", *common)
+    assert done.returncode == 0, done.stderr
+    assert search.load_result(tmp_path / "r.npz").n_images == 12
+    bad = cli("search", str(folder), "--precision", "fp16", *common)
+    assert bad.returncode == 2 and "--precision" in bad.stderr
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_code_path_runs_on_cpu():
+    """tools/bench_search.py's CUDA table, run on the CPU with a tiny folder: the code path works end to end."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import bench_search
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    rows = bench_search.bench_gpu(images=6, batch_size=3, repeats=1, archs=(("ViT-Ti/16", "vit_tiny_patch16_224"),),
+                                  device="cpu", workers=1, quiet=True)
+    (row,) = rows
+    assert row["images"] == 6 and all(row[f"{key}_images_per_s"] > 0 for key in ("bare_decoded", "loader", "bare_disk", "search"))
+    assert 0 <= row["bf16_max_gap"] <= bench_search.NEAR_TIE and 0 < row["bf16_identical_features"] <= 1

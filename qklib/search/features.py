@@ -43,16 +43,16 @@ PRECISIONS = ("fp32", "bf16", "tf32")
 class QKReader:
     """How one layer's projections are read from the output of its fused ``qkv`` Linear (``[B, T, 3 D]``).
 
-    ``coeff``: ``[2 H', r, M']`` float32, ``C`` per chosen head, queries then keys; ``offset``: ``[2 H', 1, M']``
-    the bias term ``b^T C`` to subtract. ``direct_index``: ``[n]`` columns of the ``2F`` layout (u columns then v
-    columns, head-major) computed directly with ``direct [d, n]`` instead (None when there are none).
+    ``coeff_t``: ``[2 H', M', r]`` (the features' dtype), ``C^T`` per chosen head, queries then keys;
+    ``offset``: ``[2 H', M', 1]``, the bias term ``-C^T b``. ``direct_index``: ``[n]`` columns of the ``2F`` layout
+    (u columns then v columns, head-major) computed directly with ``direct [d, n]`` instead (None when none).
     """
 
     module: nn.Linear
     num_heads: int
     head_dim: int
-    heads: torch.Tensor | None  # [H'] chosen heads, None for all
-    coeff: torch.Tensor
+    heads: torch.Tensor | None  # [2H'] rows of the [2H] (query heads, key heads) axis to keep, None for all
+    coeff_t: torch.Tensor
     offset: torch.Tensor
     direct_index: torch.Tensor | None = None
     direct: torch.Tensor | None = None
@@ -62,13 +62,16 @@ class QKReader:
         return self.num_heads * self.head_dim
 
     def project(self, out: torch.Tensor, prefix: int) -> torch.Tensor:
-        """``out [B, T_all, 3D]`` -> ``[2H', B, T, M']`` projections of the image tokens (in ``coeff``'s dtype)."""
-        batch, tokens = out.shape[0], out.shape[1] - prefix
-        qk = out[:, prefix:, : 2 * self.width].unflatten(-1, (2, self.num_heads, self.head_dim))  # [B, T, 2, H, r]
-        if self.heads is not None:
-            qk = qk.index_select(3, self.heads)
-        qk = qk.permute(2, 3, 0, 1, 4).reshape(-1, batch * tokens, self.head_dim).to(self.coeff.dtype)  # [2H', B T, r]
-        return torch.baddbmm(self.offset, qk, self.coeff).view(qk.shape[0], batch, tokens, -1)
+        """``out [B, T_all, 3D]`` -> ``[2H', M', B, T]`` projections of the image tokens (``coeff_t``'s dtype):
+        one batched product over heads, reading q and k in place (a strided view of ``out``), tokens last so
+        that the maxima over tokens are contiguous reductions."""
+        batch, tokens = out.shape[0], out.shape[1]
+        qk = out.reshape(batch * tokens, -1)[:, : 2 * self.width].unflatten(-1, (-1, self.head_dim)).transpose(0, 1)
+        if self.heads is not None:  # qk: [2H, B T_all, r], query heads then key heads
+            qk = qk.index_select(0, self.heads)
+        qk = qk.to(self.coeff_t.dtype)
+        p = torch.baddbmm(self.offset, self.coeff_t, qk.mT)  # [2H', M', B T_all]
+        return p.view(p.shape[0], p.shape[1], batch, tokens)[..., prefix:]
 
 
 @dataclass
@@ -167,11 +170,11 @@ class Features:
         with exact_float32(x.device):
             reader = self.readers.get(layer) if qkv is not None else None
             if reader is None:
-                return torch.aminmax(x[:, prefix:].to(self.projection[layer].dtype) @ self.projection[layer], dim=1)
-            low, high = torch.aminmax(reader.project(qkv, prefix), dim=2)  # [2H', B, M'] each
-            low, high = (t.permute(1, 0, 2).reshape(t.shape[1], -1) for t in (low, high))  # [B, 2F]
+                return _token_extremes(x, self.projection[layer], prefix)
+            p = reader.project(qkv, prefix)  # [2H', M', B, T]
+            low, high = (t.permute(2, 0, 1).reshape(t.shape[2], -1) for t in (p.amin(-1), p.amax(-1)))  # [B, 2F]
             if reader.direct_index is not None:
-                d_low, d_high = torch.aminmax(x[:, prefix:].to(reader.direct.dtype) @ reader.direct, dim=1)
+                d_low, d_high = _token_extremes(x, reader.direct, prefix)
                 low, high = low.index_copy(1, reader.direct_index, d_low), high.index_copy(1, reader.direct_index, d_high)
             return low, high
 
@@ -181,8 +184,8 @@ class Features:
             reader = self.readers.get(layer) if qkv is not None else None
             if reader is None:
                 return x[:, prefix:].to(self.projection[layer].dtype) @ self.projection[layer]
-            p = reader.project(qkv, prefix)  # [2H', B, T, M']
-            p = p.permute(1, 2, 0, 3).reshape(p.shape[1], p.shape[2], -1)
+            p = reader.project(qkv, prefix)  # [2H', M', B, T]
+            p = p.permute(2, 3, 0, 1).reshape(p.shape[2], p.shape[3], -1)
             if reader.direct_index is not None:
                 p[..., reader.direct_index] = x[:, prefix:].to(reader.direct.dtype) @ reader.direct
             return p
@@ -270,8 +273,8 @@ def qk_readers(model: nn.Module, layers: list[int], heads: list[int], u: torch.T
             gamma = torch.linalg.vector_norm(c, dim=-2) * (sigma + torch.linalg.vector_norm(b, dim=-1) / scale[:, None])[..., None]
             bad = failed[..., None] | ~(gamma <= GAMMA_MAX)  # [E, H', M']
             c = c.masked_fill(bad[..., None, :], 0.0)
-            coeffs.append(c)
-            offsets.append(-(b.unsqueeze(-2) @ c))  # [E, H', 1, M']
+            coeffs.append(c.mT)  # [E, H', M', r]
+            offsets.append(-(c.mT @ b.unsqueeze(-1)))  # [E, H', M', 1]
             direct.append(bad)
         coeff, offset, direct = torch.cat(coeffs, 1), torch.cat(offsets, 1), torch.cat(direct, 1)  # [E, 2H', ...]
     readers = {}
@@ -280,8 +283,8 @@ def qk_readers(model: nn.Module, layers: list[int], heads: list[int], u: torch.T
         if bool(mask.all()):
             continue
         reader = QKReader(module=module, num_heads=num_heads, head_dim=head_dim,
-                          heads=None if all_heads else chosen.to(device),
-                          coeff=coeff[row].to(device, dtype), offset=offset[row].to(device, dtype))
+                          heads=None if all_heads else torch.cat([chosen, chosen + num_heads]).to(device),
+                          coeff_t=coeff[row].to(device, dtype), offset=offset[row].to(device, dtype))
         if bool(mask.any()):
             where = mask.nonzero().flatten().to(device)
             reader.direct_index = where
@@ -295,6 +298,13 @@ def _norm_scale(norm: nn.Module, dim: int) -> float:
     sqrt(|w|^2 + |beta|^2); sqrt(d) for a norm without parameters."""
     params = [p.detach().to("cpu", torch.float64).flatten() for p in norm.parameters()]
     return float(torch.linalg.vector_norm(torch.cat(params))) if params else dim**0.5
+
+
+def _token_extremes(x: torch.Tensor, columns: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min, max)`` over the image tokens of ``x [B, T_all, d]`` projected on ``columns [d, n]``: each ``[B, n]``.
+    (amin and amax on the last axis: torch's aminmax, and reductions over a middle axis, are far slower on the CPU.)"""
+    p = (columns.mT @ x.to(columns.dtype).mT)[..., prefix:]  # [B, n, T]
+    return p.amin(-1), p.amax(-1)
 
 
 @contextmanager
@@ -343,4 +353,4 @@ def extreme_scores(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
 
 def feature_scores(projected: torch.Tensor) -> torch.Tensor:
     """``projected [B, T, 2F]`` (image tokens on u columns then v columns) -> ``[B, F, 2]`` clipped scores."""
-    return extreme_scores(*torch.aminmax(projected, dim=1))
+    return extreme_scores(projected.amin(1), projected.amax(1))
