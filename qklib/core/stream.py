@@ -117,7 +117,7 @@ class Stream:
         source = self._threaded(batches, pin) if workers == 0 else self._processes(batches, workers, pin)
         try:
             for kept, pixels, consumed, skipped in source:
-                self.skipped.extend(skipped)
+                self.skipped.extend((str(name), str(reason)) for name, reason in skipped)
                 if pixels is not None:
                     kept = kept.to(device, non_blocking=True)
                     pixels = pixels.to(device, non_blocking=True)
