@@ -151,7 +151,7 @@ def _cli_search(args) -> int:
     try:
         result = search(model, args.root, layers=args.layers, heads=args.heads, modes=args.modes, k=args.top_k,
                         batch_size=args.batch_size, shard=shard, progress=not args.no_progress, limit=args.limit,
-                        checkpoint=checkpoint, resume=args.resume, out=out)
+                        checkpoint=checkpoint, resume=args.resume, out=out, precision=args.precision)
     except KeyboardInterrupt:
         where = (f"the last checkpoint is {checkpoint_path}; run the same command with --resume to continue"
                  if checkpoint_path.exists() else "no checkpoint was saved yet")
@@ -245,6 +245,8 @@ def _add_search(subparsers) -> None:
     cmd.add_argument("--shard", help="'i/n': score files i::n of the sorted list (0-based i); merge with search-merge")
     cmd.add_argument("--limit", type=int, help="score only the first LIMIT files of the sorted list")
     cmd.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    cmd.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "tf32"],
+                     help="forward pass precision (default fp32; tf32 acts on CUDA only; projections stay float32)")
     cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
     cmd.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from its checkpoint (same arguments; exactly the uninterrupted "

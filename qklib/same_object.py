@@ -31,7 +31,6 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from .core.extract import stream_layers
 from .core.images import ImageError, model_transform, view_steps
 from .core.models import info
 from .core.svd import QKSVD
@@ -117,9 +116,9 @@ def same_object_probability(model, svd: QKSVD, dataset: Sequence, k: int = 5, la
         raise ValueError(f"k must be >= 1, got {k}")
     meta = info(model)
     device = next(model.parameters()).device
-    features = Features.select(svd, layers, None, None, device=device)
+    features = Features.select(svd, layers, None, None, device=device, model=model)  # projections read from q, k
     transform = model_transform(model)
-    top = RunningTopK(features.count, k, payload_dtype=torch.float32, payload_width=2)
+    top = RunningTopK(features.count, k, payload_dtype=torch.float32, payload_width=2, device=device)
     used = skipped = 0
     start = time.perf_counter()
     batch: list[tuple[torch.Tensor, np.ndarray]] = []
@@ -138,8 +137,8 @@ def same_object_probability(model, svd: QKSVD, dataset: Sequence, k: int = 5, la
         objects = (present[..., 0] > 0).sum(1).float()  # [B]
         out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def on_tokens(layer, x):
-            projected = x[:, meta.prefix_tokens :] @ features.projection[layer]  # [B, T, 2F]
+        def on_layer(layer, x, qkv):
+            projected = features.projected(layer, x, qkv, meta.prefix_tokens)  # [B, T, 2F]
             means = (coverage @ projected) / present.clamp_min(1e-9)  # [B, K, 2F]
             f = projected.shape[-1] // 2
             hi = means.masked_fill(present == 0, float("-inf"))
@@ -148,12 +147,12 @@ def same_object_probability(model, svd: QKSVD, dataset: Sequence, k: int = 5, la
             same_neg = lo[..., :f].argmin(1) == lo[..., f:].argmin(1)
             out[layer] = (feature_scores(projected), torch.stack([same_pos, same_neg], -1).float())
 
-        stream_layers(model, pixels, features.layers, on_tokens=on_tokens)
+        features.run(model, pixels, on_layer)
         scores = torch.cat([out[layer][0] for layer in features.layers], 1).reshape(len(batch), -1)  # [B, F]
         same = torch.cat([out[layer][1] for layer in features.layers], 1).reshape(len(batch), -1)
         chance = (1.0 / objects)[:, None].expand_as(same)
         payload = torch.stack([same, chance], -1).transpose(0, 1)  # [F, B, 2]
-        top.update(scores.T, torch.arange(used, used + len(batch)), payload)
+        top.update(scores.T, torch.arange(used, used + len(batch), device=device), payload)
         used += len(batch)
         batch.clear()
 
@@ -173,6 +172,7 @@ def same_object_probability(model, svd: QKSVD, dataset: Sequence, k: int = 5, la
     if used == 0:
         raise ImageError("no image had two or more objects large enough to compare; check the masks")
     shape = (*features.shape, k)
+    top = top.cpu()
     valid = (top.position >= 0).reshape(shape)
     payload = top.payload.reshape(*shape, 2).numpy()
     count = valid.sum(-1).numpy()

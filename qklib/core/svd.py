@@ -3,13 +3,16 @@
 Per head, the attention score between tokens i and j (biases left out, 1/sqrt(d_k) dropped) is
 ``x_i^T (W_q^T W_k) x_j``. ``W_q^T W_k`` is d x d but has rank <= d_k, and is the product of two thin
 d x d_k factors, so its SVD is computed from the factors (thin QR of each, then the SVD of the small
-d_k x d_k core) in O(d d_k^2) per head -- never a dense d x d SVD.
+d_k x d_k core) in O(d d_k^2) per head -- never a dense d x d SVD. The thin QR is Cholesky-QR with a
+second pass (CholeskyQR2: four batched matrix products per factor, orthonormal to float64 rounding for
+factors with condition number up to ~1e7), with Householder QR as the fallback beyond that.
 
 Shapes used throughout: L layers, H heads, d model width, r = d_k head dim (= number of modes).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,16 +120,83 @@ class QKSVD:
         return (u * s) @ v.T
 
 
+@contextmanager
+def one_thread(device: torch.device | str = "cpu"):
+    """For batched LAPACK calls on small matrices (r x r Cholesky, inverse, SVD, least squares): they run one
+    matrix at a time, so extra threads only cost synchronisation (10x slower measured on a shared 2-core
+    machine). On the CPU, torch uses one thread inside this block; elsewhere it does nothing."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# Pass 1 of Cholesky-QR loses orthogonality ~ eps * cond^2 (rounding of the Gram matrix). Where the bound
+# cond_2 <= ||R||_F ||R^-1||_F (itself >= r) is at most this, the loss is ~1e-12 and the second pass is skipped:
+# random-init ViT factors (cond ~2, bound ~70) take one pass, trained ones (cond up to ~1e4) two.
+ONE_PASS_COND = 100.0
+
+
+def _thin_qr_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Cholesky-QR of the rows of ``w [N, r, d]`` (float64, r <= d), with a second pass where needed.
+
+    Returns ``(basis [N, r, d], fix [N, r, r], tri [N, r, r])`` with ``w^T = Q tri`` (thin QR, ``tri`` upper
+    triangular) and ``Q = basis^T fix`` (orthonormal columns), so that ``Q A = (fix A)^T``-times-``basis`` costs
+    one product on ``[r, d]``. Pass 1: ``w w^T = R1^T R1`` (Cholesky), ``Q1^T = R1^{-T} w``. If every factor's
+    condition number is below :data:`ONE_PASS_COND` that is orthonormal to ~1e-14 and ``basis = w``,
+    ``fix = R1^{-1}``; otherwise pass 2 repeats it on ``Q1`` (CholeskyQR2; orthonormal to ~eps for condition
+    numbers up to ~1e7). None when a Cholesky fails or pass 1 lost too much: use Householder QR then.
+    """
+    eye = torch.eye(w.shape[-2], dtype=w.dtype, device=w.device)
+    with one_thread(w.device):
+        r1, info = torch.linalg.cholesky_ex(w @ w.mT, upper=True)  # w w^T = r1^T r1
+        if bool(info.any()):
+            return None
+        r1_inv = torch.linalg.solve_triangular(r1, eye, upper=True)
+    cond = torch.linalg.matrix_norm(r1) * torch.linalg.matrix_norm(r1_inv)  # >= cond_2(w)
+    if float(cond.amax()) <= ONE_PASS_COND:
+        return w, r1_inv, r1
+    q1t = r1_inv.mT @ w  # [N, r, d], rows orthonormal up to ~eps * cond(w)^2
+    gram = q1t @ q1t.mT
+    if float((gram - eye).abs().amax()) > 0.5:
+        return None
+    with one_thread(w.device):
+        r2, info = torch.linalg.cholesky_ex(gram, upper=True)
+        if bool(info.any()):
+            return None
+        r2_inv = torch.linalg.solve_triangular(r2, eye, upper=True)
+    return q1t, r2_inv, r2 @ r1
+
+
 def qk_svd_from_weights(weights: QKWeights, model: str = "") -> QKSVD:
-    """Exact SVD of ``wq[l,h]^T wk[l,h]`` for all heads in one batched call."""
-    wq_t = weights.wq.transpose(-1, -2).to(torch.float64)  # [L, H, d, r]
-    wk_t = weights.wk.transpose(-1, -2).to(torch.float64)
-    q1, r1 = torch.linalg.qr(wq_t)  # [L, H, d, r], [L, H, r, r]
-    q2, r2 = torch.linalg.qr(wk_t)
-    core = r1 @ r2.transpose(-1, -2)  # [L, H, r, r]; W_q^T W_k = Q1 core Q2^T
-    a, s, b_t = torch.linalg.svd(core)
-    u = q1 @ a
-    v = q2 @ b_t.transpose(-1, -2)
+    """Exact SVD of ``wq[l,h]^T wk[l,h]`` for all heads in one batched call.
+
+    With ``W_q^T = Q_1 R_1`` and ``W_k^T = Q_2 R_2`` (thin QR) and the SVD ``R_1 R_2^T = A S B^T`` of the
+    r x r core, ``U = Q_1 A`` and ``V = Q_2 B``.
+    """
+    layers, heads, r, d = weights.wq.shape
+    wq, wk = (w.to(torch.float64).reshape(layers * heads, r, d) for w in (weights.wq, weights.wk))
+    qr_q = _thin_qr_rows(wq) if r <= d else None
+    qr_k = _thin_qr_rows(wk) if qr_q is not None else None
+    if qr_q is not None and qr_k is not None:
+        with one_thread(wq.device):
+            a, s, b_t = torch.linalg.svd(qr_q[2] @ qr_k[2].mT)  # [N, r, r] core; W_q^T W_k = Q1 core Q2^T
+            fix_q, fix_k = qr_q[1] @ a, qr_k[1] @ b_t.mT
+        u = (fix_q.mT @ qr_q[0]).mT.reshape(layers, heads, d, r)  # U = Q1 A, computed as (fix A)^T basis
+        v = (fix_k.mT @ qr_k[0]).mT.reshape(layers, heads, d, r)
+        s = s.reshape(layers, heads, r)
+    else:
+        q1, r1 = torch.linalg.qr(weights.wq.transpose(-1, -2).to(torch.float64))  # [L, H, d, r], [L, H, r, r]
+        q2, r2 = torch.linalg.qr(weights.wk.transpose(-1, -2).to(torch.float64))
+        a, s, b_t = torch.linalg.svd(r1 @ r2.transpose(-1, -2))
+        u = q1 @ a
+        v = q2 @ b_t.transpose(-1, -2)
     notes = []
     if weights.qk_norm:
         notes.append(

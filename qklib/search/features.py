@@ -1,42 +1,117 @@
-"""The (layer, head, mode, sign) features a search scores, and the optimal-image score of each."""
+"""The (layer, head, mode, sign) features a search scores, how their projections are read from the model, and the
+optimal-image score of each.
+
+A layer's projections ``x_i . u_n`` and ``x_i . v_n`` (``x_i``: normed tokens entering the block) are computed
+one of two ways, with the same result up to float32 rounding:
+
+* **direct** (the oracle, and the fallback): ``x @ [u columns | v columns]``, ``2 d`` multiply-adds per token
+  and column;
+* **from the model's own q and k** (default where the layer allows it): with ``W_q,h^T = Q_1 R_1`` (thin QR) and
+  ``u_n = Q_1 a_n``, ``x . u_n = (W_q,h x)^T C_n`` with ``C_n = R_1^{-1} a_n``, the exact least-squares solution
+  of ``W_q,h^T C_n = u_n`` (``u_n`` lies in the row space of ``W_q,h``); likewise for keys with ``W_k,h`` and
+  ``v_n``. ``W_q,h x`` is the query the model computes anyway, read (bias removed) from the output of the
+  block's fused ``qkv`` Linear: ``2 r`` multiply-adds per token and column instead of ``2 d``.
+
+Rounding: the model's float32 query carries an error ~ eps (|W_q,h| |x| + |b_q,h|) that ``C_n`` multiplies by
+``|C_n|``; relative to the direct projection's ~ eps |x| that is a factor
+``gamma_n = |C_n| (sigma_max(W_q,h) + |b_q,h| / |x|)``. Columns with ``gamma_n > GAMMA_MAX`` (a few percent of a
+trained model's modes, those in directions the query barely carries) and columns the weights cannot reproduce
+(an SVD of another model) are projected directly; so are layers whose q and k cannot be read (no fused ``qkv``
+Linear, or one the attention module does not call).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
-from ..core.svd import QKSVD
+from ..core.models import attention_module, prefix_tokens
+from ..core.svd import QKSVD, one_thread
 from .indices import parse_indices
+
+GAMMA_MAX = 10.0  # read a column from q/k only if its rounding is at most ~10x the direct projection's
+RESIDUAL_MAX = 1e-6  # |W^T C - u| / |u| (float64, on a random probe) above which u is not in W's row space
+PRECISIONS = ("fp32", "bf16", "tf32")
+
+
+@dataclass
+class QKReader:
+    """How one layer's projections are read from the output of its fused ``qkv`` Linear (``[B, T, 3 D]``).
+
+    ``coeff_t``: ``[2 H', M', r]`` (the features' dtype), ``C^T`` per chosen head, queries then keys;
+    ``offset``: ``[2 H', M', 1]``, the bias term ``-C^T b``. ``direct_index``: ``[n]`` columns of the ``2F`` layout
+    (u columns then v columns, head-major) computed directly with ``direct [d, n]`` instead (None when none).
+    """
+
+    module: nn.Linear
+    num_heads: int
+    head_dim: int
+    heads: torch.Tensor | None  # [2H'] rows of the [2H] (query heads, key heads) axis to keep, None for all
+    coeff_t: torch.Tensor
+    offset: torch.Tensor
+    direct_index: torch.Tensor | None = None
+    direct: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def project(self, out: torch.Tensor, prefix: int) -> torch.Tensor:
+        """``out [B, T_all, 3D]`` -> ``[2H', M', B, T]`` projections of the image tokens (``coeff_t``'s dtype):
+        one batched product over heads, reading q and k in place (a strided view of ``out``), tokens last so
+        that the maxima over tokens are contiguous reductions."""
+        batch, tokens = out.shape[0], out.shape[1]
+        qk = out.reshape(batch * tokens, -1)[:, : 2 * self.width].unflatten(-1, (-1, self.head_dim)).transpose(0, 1)
+        if self.heads is not None:  # qk: [2H, B T_all, r], query heads then key heads
+            qk = qk.index_select(0, self.heads)
+        qk = qk.to(self.coeff_t.dtype)
+        p = torch.baddbmm(self.offset, self.coeff_t, qk.mT)  # [2H', M', B T_all]
+        return p.view(p.shape[0], p.shape[1], batch, tokens)[..., prefix:]
 
 
 @dataclass
 class Features:
-    """The (layer, head, mode, sign) features scored, and their projection matrices.
+    """The (layer, head, mode, sign) features scored, and how to project on them.
 
     Features are laid out ``[layers, heads, modes, 2]`` (last axis: sign +1, -1) and flattened in that order.
-    ``projection[l]``: ``[d, 2 * H' * M']`` float32 = columns u then v of the chosen heads and modes of layer l.
+    ``projection[l]``: ``[d, 2 * H' * M']`` float32 = columns u then v of the chosen heads and modes of layer l
+    (the direct projection). ``readers[l]``: how layer l's projections are read from the model's q and k
+    (layers without one are projected directly); empty unless :meth:`select` was given the model.
     """
 
     layers: list[int]
     heads: list[int]
     modes: list[int]
     projection: dict[int, torch.Tensor]
+    readers: dict[int, QKReader] = field(default_factory=dict)
 
     @classmethod
-    def select(cls, svd: QKSVD, layers=None, heads=None, modes=None, device="cpu") -> "Features":
+    def select(cls, svd: QKSVD, layers=None, heads=None, modes=None, device="cpu", model: nn.Module | None = None,
+               read_qk: bool = True, dtype: torch.dtype = torch.float32) -> "Features":
+        """Choose features; with ``model`` (and ``read_qk``), read projections from its q and k where possible.
+        ``dtype``: of the projections (float32; float64 for checks on a float64 model)."""
         layers = parse_indices(layers, svd.num_layers, "layers")
         heads = parse_indices(heads, svd.num_heads, "heads")
         modes = parse_indices(modes, svd.rank, "modes")
-        h, m = torch.tensor(heads), torch.tensor(modes)
+        u, v = svd.U, svd.V  # [L, H, d, r] -> [L', H', d, M'], copied only where a subset is chosen
+        for axis, chosen, total in ((0, layers, svd.num_layers), (1, heads, svd.num_heads), (3, modes, svd.rank)):
+            if chosen != list(range(total)):
+                u, v = u.index_select(axis, torch.tensor(chosen)), v.index_select(axis, torch.tensor(chosen))
         projection = {}
-        for layer in layers:
-            u = svd.U[layer][h][:, :, m]  # [H', d, M']
-            v = svd.V[layer][h][:, :, m]
-            both = torch.cat([u.permute(1, 0, 2).reshape(svd.dim, -1), v.permute(1, 0, 2).reshape(svd.dim, -1)], 1)
-            projection[layer] = both.to(device=device, dtype=torch.float32).contiguous()
-        return cls(layers, heads, modes, projection)
+        with one_thread():  # small copies, once per search
+            for index, layer in enumerate(layers):  # columns u then v, head-major: [d, 2 H' M']
+                both = torch.cat([u[index].permute(1, 0, 2).reshape(svd.dim, -1),
+                                  v[index].permute(1, 0, 2).reshape(svd.dim, -1)], 1)
+                projection[layer] = both.to(device=device, dtype=dtype)
+        readers = {}
+        if model is not None and read_qk:
+            readers = qk_readers(model, layers, heads, u, v, projection, device, dtype)
+        return cls(layers, heads, modes, projection, readers)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -50,11 +125,232 @@ class Features:
     def per_layer(self) -> int:
         return len(self.heads) * len(self.modes)
 
+    # --- the forward pass -------------------------------------------------------------------------------
 
-def feature_scores(projected: torch.Tensor) -> torch.Tensor:
-    """``projected [B, T, 2F]`` (image tokens on u columns then v columns) -> ``[B, F, 2]`` clipped scores."""
-    low, high = torch.aminmax(projected, dim=1)  # [B, 2F] each
-    f = projected.shape[-1] // 2
+    def run(self, model: nn.Module, pixels: torch.Tensor,
+            on_layer: Callable[[int, torch.Tensor, torch.Tensor | None], None], layers: list[int] | None = None) -> None:
+        """One forward pass of ``pixels [B, 3, S, S]``, calling ``on_layer(layer, x [B, T, d], qkv [B, T, 3D] or
+        None)`` for every chosen layer (``qkv`` where the layer has a reader), and stopping right after the last
+        one: the rest of the network is not computed. A reader whose ``qkv`` Linear was not called (an attention
+        module that uses its weight otherwise) is dropped and that layer read directly."""
+        layers = self.layers if layers is None else layers
+        last, done, hooks = max(layers), set(), []
+
+        def call(layer, x, out):
+            on_layer(layer, x.detach(), None if out is None else out.detach())
+            done.add(layer)
+            if layer == last:
+                raise _Enough
+
+        for layer in layers:
+            if layer in self.readers:
+                hooks.append(self.readers[layer].module.register_forward_hook(
+                    lambda _m, args, out, layer=layer: call(layer, args[0], out)))
+            else:
+                hooks.append(model.blocks[layer].norm1.register_forward_hook(
+                    lambda _m, _args, out, layer=layer: call(layer, out, None)))
+        try:
+            with torch.no_grad():
+                model.forward_features(pixels)
+        except _Enough:
+            pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+        missing = [layer for layer in layers if layer not in done]
+        if missing:
+            if any(layer not in self.readers for layer in missing):
+                raise RuntimeError(f"layers {missing}: the forward pass never ran their norm1; is this a timm ViT?")
+            for layer in missing:
+                del self.readers[layer]
+            self.run(model, pixels, on_layer, missing)
+
+    def extremes(self, layer: int, x: torch.Tensor, qkv: torch.Tensor | None, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(low, high)``, each ``[B, 2F]``: min and max over image tokens of every u and v column of ``layer``."""
+        with exact_float32(x.device):
+            reader = self.readers.get(layer) if qkv is not None else None
+            if reader is None:
+                return _token_extremes(x, self.projection[layer], prefix)
+            p = reader.project(qkv, prefix)  # [2H', M', B, T]
+            low, high = (t.permute(2, 0, 1).reshape(t.shape[2], -1) for t in (p.amin(-1), p.amax(-1)))  # [B, 2F]
+            if reader.direct_index is not None:
+                d_low, d_high = _token_extremes(x, reader.direct, prefix)
+                low, high = low.index_copy(1, reader.direct_index, d_low), high.index_copy(1, reader.direct_index, d_high)
+            return low, high
+
+    def projected(self, layer: int, x: torch.Tensor, qkv: torch.Tensor | None, prefix: int) -> torch.Tensor:
+        """``[B, T, 2F]``: every image token's projection on the u and v columns of ``layer``."""
+        with exact_float32(x.device):
+            reader = self.readers.get(layer) if qkv is not None else None
+            if reader is None:
+                return x[:, prefix:].to(self.projection[layer].dtype) @ self.projection[layer]
+            p = reader.project(qkv, prefix)  # [2H', M', B, T]
+            p = p.permute(2, 3, 0, 1).reshape(p.shape[2], p.shape[3], -1)
+            if reader.direct_index is not None:
+                p[..., reader.direct_index] = x[:, prefix:].to(reader.direct.dtype) @ reader.direct
+            return p
+
+    def project(self, model: nn.Module, pixels: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """``{layer: (query [B, T, H', M'], key [B, T, H', M'])}``: ``x_i . u_n`` and ``x_j . v_n`` of every image
+        token for the chosen heads and modes, from one forward pass (for mode maps of many images at once)."""
+        prefix = prefix_tokens(model)
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def on_layer(layer, x, qkv):
+            p = self.projected(layer, x, qkv, prefix).unflatten(-1, (2, len(self.heads), len(self.modes)))
+            out[layer] = (p[..., 0, :, :], p[..., 1, :, :])
+
+        self.run(model, pixels, on_layer)
+        return out
+
+    def scores(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, count]`` optimal-image scores of every feature (layout ``[L', H', M', 2]`` flattened)."""
+        prefix = prefix_tokens(model)
+        per_layer: dict[int, torch.Tensor] = {}
+
+        def on_layer(layer, x, qkv):
+            per_layer[layer] = extreme_scores(*self.extremes(layer, x, qkv, prefix))  # [B, F, 2]
+
+        self.run(model, pixels, on_layer)
+        return torch.cat([per_layer[layer] for layer in self.layers], 1).flatten(1)
+
+
+class _Enough(Exception):
+    """Raised by the hook of the last layer needed: the rest of the forward pass is not."""
+
+
+def qk_readers(model: nn.Module, layers: list[int], heads: list[int], u: torch.Tensor, v: torch.Tensor,
+               projection: dict[int, torch.Tensor], device, dtype: torch.dtype = torch.float32) -> dict[int, QKReader]:
+    """Readers of the chosen layers' projections on ``u``, ``v`` (``[L', H', d, M']`` float64: the chosen layers,
+    heads and modes) from their fused qkv outputs, for the layers that have one (all at once, in float64).
+    ``projection``: the direct projection matrices (:class:`Features`), whose columns the fallback uses.
+
+    ``C`` solves ``W W^T C = W u`` (Cholesky; its rounding, ~eps cond(W)^2 in ``W^T C``, is far below float32's).
+    A head whose Cholesky fails, or whose ``W^T C`` misses ``u`` on a random probe (an SVD of another model),
+    has all its columns projected directly; so have columns with ``gamma > GAMMA_MAX`` (module docstring).
+    """
+    blocks = getattr(model, "blocks", None)
+    found = []  # (index into layers, layer, qkv Linear, heads)
+    for index, layer in enumerate(layers):
+        attn = attention_module(blocks[layer]) if blocks is not None and layer < len(blocks) else None
+        module = getattr(attn, "qkv", None)
+        if isinstance(module, nn.Linear) and hasattr(blocks[layer], "norm1") and module.in_features == u.shape[2]:
+            found.append((index, layer, module, int(attn.num_heads)))
+    shapes = {(module.out_features, count) for _, _, module, count in found}
+    if len(shapes) != 1:  # no fused qkv anywhere, or layers that differ: read those layers directly
+        return {}
+    out_features, num_heads = shapes.pop()
+    width, dim = out_features // 3, u.shape[2]
+    if out_features != 3 * width or width % num_heads:
+        return {}
+    head_dim = width // num_heads
+    chosen = torch.tensor(heads)
+    all_heads = heads == list(range(num_heads))
+    rows = [index for index, *_ in found]
+    with one_thread():  # small float64 linear algebra, once per search
+        # W_q and W_k (rows [0, 2D) of each qkv weight), per head: [E, 2, H', r, d]
+        weight = torch.stack([module.weight.detach()[: 2 * width] for _, _, module, _ in found]).to("cpu", torch.float64)
+        weight = weight.unflatten(1, (2, num_heads, head_dim))
+        bias = torch.stack([module.bias.detach()[: 2 * width] if module.bias is not None
+                            else torch.zeros(2 * width, device=module.weight.device) for _, _, module, _ in found])
+        bias = bias.to("cpu", torch.float64).unflatten(1, (2, num_heads, head_dim))
+        if not all_heads:
+            weight, bias = weight[:, :, chosen], bias[:, :, chosen]
+        if rows != list(range(len(layers))):
+            u, v = u[rows], v[rows]
+        scale = torch.tensor([_norm_scale(blocks[layer].norm1, dim) for _, layer, _, _ in found], dtype=torch.float64)
+        probe = torch.randn(u.shape[-1], 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        coeffs, offsets, direct = [], [], []
+        for part, target in enumerate((u, v)):  # 0: queries, 1: keys
+            w, b = weight[:, part], bias[:, part]  # [E, H', r, d], [E, H', r]
+            gram = w @ w.mT
+            factor, info = torch.linalg.cholesky_ex(gram)
+            c = torch.cholesky_solve(w @ target, factor)  # [E, H', r, M']
+            expected = target @ probe
+            missed = torch.linalg.vector_norm(w.mT @ (c @ probe) - expected, dim=(-2, -1))
+            failed = (info != 0) | ~(missed <= RESIDUAL_MAX * torch.linalg.vector_norm(expected, dim=(-2, -1)))
+            sigma = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()  # [E, H'] largest singular value of W
+            gamma = torch.linalg.vector_norm(c, dim=-2) * (sigma + torch.linalg.vector_norm(b, dim=-1) / scale[:, None])[..., None]
+            bad = failed[..., None] | ~(gamma <= GAMMA_MAX)  # [E, H', M']
+            c = c.masked_fill(bad[..., None, :], 0.0)
+            coeffs.append(c.mT)  # [E, H', M', r]
+            offsets.append(-(c.mT @ b.unsqueeze(-1)))  # [E, H', M', 1]
+            direct.append(bad)
+        coeff, offset, direct = torch.cat(coeffs, 1), torch.cat(offsets, 1), torch.cat(direct, 1)  # [E, 2H', ...]
+    readers = {}
+    for row, (_, layer, module, _) in enumerate(found):
+        mask = direct[row].flatten()  # [2H' M'] in the 2F layout order
+        if bool(mask.all()):
+            continue
+        reader = QKReader(module=module, num_heads=num_heads, head_dim=head_dim,
+                          heads=None if all_heads else torch.cat([chosen, chosen + num_heads]).to(device),
+                          coeff_t=coeff[row].to(device, dtype), offset=offset[row].to(device, dtype))
+        if bool(mask.any()):
+            where = mask.nonzero().flatten().to(device)
+            reader.direct_index = where
+            reader.direct = projection[layer][:, where].contiguous()
+        readers[layer] = reader
+    return readers
+
+
+def _norm_scale(norm: nn.Module, dim: int) -> float:
+    """About |x| for the output x = w * z + beta of a LayerNorm (z: zero mean, unit variance over d):
+    sqrt(|w|^2 + |beta|^2); sqrt(d) for a norm without parameters."""
+    params = [p.detach().to("cpu", torch.float64).flatten() for p in norm.parameters()]
+    return float(torch.linalg.vector_norm(torch.cat(params))) if params else dim**0.5
+
+
+def _token_extremes(x: torch.Tensor, columns: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min, max)`` over the image tokens of ``x [B, T_all, d]`` projected on ``columns [d, n]``: each ``[B, n]``.
+    (amin and amax on the last axis: torch's aminmax, and reductions over a middle axis, are far slower on the CPU.)"""
+    p = (columns.mT @ x.to(columns.dtype).mT)[..., prefix:]  # [B, n, T]
+    return p.amin(-1), p.amax(-1)
+
+
+@contextmanager
+def exact_float32(device: torch.device):
+    """Projections in true float32 whatever the forward pass uses: autocast off, no TF32 matmuls on CUDA."""
+    device = torch.device(device)
+    autocast = torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else nullcontext()
+    with autocast:
+        if device.type != "cuda":
+            yield
+            return
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@contextmanager
+def forward_precision(precision: str, device):
+    """The forward pass in ``"fp32"`` (true float32, TF32 off), ``"tf32"`` (TF32 matmuls and convolutions on
+    CUDA; on the CPU the same as fp32) or ``"bf16"`` (autocast to bfloat16). Projections stay float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = torch.device(device)
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        if precision == "bf16":
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def extreme_scores(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``(low, high)`` ``[B, 2F]`` (min and max over tokens, u columns then v columns) -> ``[B, F, 2]`` scores."""
+    f = high.shape[-1] // 2
     positive = high[:, :f].clamp_min(0) * high[:, f:].clamp_min(0)
     negative = (-low[:, :f]).clamp_min(0) * (-low[:, f:]).clamp_min(0)
     return torch.stack([positive, negative], -1)
+
+
+def feature_scores(projected: torch.Tensor) -> torch.Tensor:
+    """``projected [B, T, 2F]`` (image tokens on u columns then v columns) -> ``[B, F, 2]`` clipped scores."""
+    return extreme_scores(projected.amin(1), projected.amax(1))

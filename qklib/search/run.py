@@ -1,59 +1,56 @@
-"""The streaming optimal-image search: one forward pass per batch, every chosen feature scored at once."""
+"""The streaming optimal-image search: one forward pass per batch, every chosen feature scored at once.
+
+Per batch: decode (in worker processes, :class:`qklib.core.stream.Stream`), run the model up to the last chosen
+layer's qkv, read every feature's projections from the model's own q and k (:mod:`.features`), update the running
+top-k on the model's device. Nothing comes back to the host until the end.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..core.extract import stream_layers
-from ..core.images import ImageError, image_files, model_transform, open_rgb
-from ..core.models import model_name, prefix_tokens
-from ..core.stream import Stream
+from ..core.images import ImageError, image_files, model_transform
+from ..core.models import model_name
+from ..core.stream import Batch, FileLoader, Stream
 from ..core.svd import QKSVD, qk_svd
 from .checkpoint import Checkpoint, Progress, listing_digest, run_key, tensor_digest, weights_digest
-from .features import Features, feature_scores
+from .features import Features, forward_precision
 from .indices import parse_shard
 from .results import SearchResult, compact
 from .topk import RunningTopK
 
 
-def _run(model: nn.Module, svd: QKSVD, stream: Stream, features: Features, k: int, progress: bool,
-         total: int, desc: str, checkpoint: Checkpoint | None = None) -> tuple[RunningTopK, int]:
-    prefix = prefix_tokens(model)
+def run(model: nn.Module, batches: Iterable[Batch], features: Features, k: int, precision: str = "fp32",
+        progress: bool = False, total: int | None = None, desc: str = "search",
+        checkpoint: Checkpoint | None = None) -> tuple[RunningTopK, int]:
+    """Score ``batches`` of ``(positions [b], pixels [b, 3, S, S] or None, files consumed)``: the running top-k
+    (on the model's device) and the number of images scored. With ``checkpoint``, start from its saved top-k
+    and save the state every N images or T seconds (it comes to the host only then)."""
     device = next(model.parameters()).device
-    top = RunningTopK(features.count, k)
+    top = RunningTopK(features.count, k, device=device)
     if checkpoint is not None:  # checkpoint/resume: the saved running top-k, if any
         checkpoint.restore(top)
     done = 0
-    per_layer: dict[int, torch.Tensor] = {}
-
-    def on_tokens(layer: int, x: torch.Tensor) -> None:
-        projected = x[:, prefix:] @ features.projection[layer]  # [B, T, 2F]
-        per_layer[layer] = feature_scores(projected)  # [B, H'M', 2]
-
-    bar = None
-    if progress:
-        bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False)
     scored = 0
+    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False) if progress else None
     try:
-        for position, pixels, consumed in stream:
-            if pixels is not None:
-                per_layer.clear()
-                stream_layers(model, pixels.to(device), features.layers, on_tokens=on_tokens)
-                scores = torch.cat([per_layer[layer] for layer in features.layers], 1)  # [B, F/2, 2]
-                top.update(scores.reshape(scores.shape[0], -1).T, position)
-                scored += len(position)
-            if bar is not None:
-                bar.update(consumed)
-            if checkpoint is not None:  # checkpoint/resume: save every N images or T seconds
-                done += consumed
-                checkpoint.maybe_save(top, done, stream.skipped)
+        with forward_precision(precision, device):
+            for position, pixels, consumed in batches:
+                if pixels is not None:
+                    top.update(features.scores(model, pixels).T, position)  # [count, b]
+                    scored += len(position)
+                if bar is not None:
+                    bar.update(consumed)
+                # Here, between batches, (top, scored) is the complete state of the files consumed so far.
+                if checkpoint is not None:  # checkpoint/resume: save every N images or T seconds
+                    done += consumed
+                    checkpoint.maybe_save(top, done, batches.skipped)
     finally:
         if bar is not None:
             bar.close()
@@ -64,7 +61,8 @@ def _finish(top: RunningTopK, names: list[str], features: Features, k: int, mode
             n_files: int, scored: int, skipped, shard, seconds: float, weights: str = "",
             listing: str = "") -> SearchResult:
     shape = (*features.shape, k)
-    scores, index, files = compact(top.scores.cpu().reshape(shape), top.position.cpu().reshape(shape), names)
+    host = top.cpu()
+    scores, index, files = compact(host.scores.reshape(shape), host.position.reshape(shape), names)
     return SearchResult(scores=scores, index=index, files=files, layers=features.layers, heads=features.heads,
                         modes=features.modes, k=k, model=model, root=root, n_files=n_files, n_images=scored,
                         skipped=sorted(skipped), shard=shard, seconds=seconds, weights=weights, listing=listing)
@@ -73,12 +71,17 @@ def _finish(top: RunningTopK, names: list[str], features: Features, k: int, mode
 def search(model: nn.Module, root: str | Path, layers=None, heads=None, modes=None, k: int = 8,
            batch_size: int = 32, shard=None, svd: QKSVD | None = None, progress: bool = True,
            limit: int | None = None, checkpoint: Checkpoint | str | Path | None = None, resume: bool = False,
-           out: str | Path | None = None) -> SearchResult:
+           out: str | Path | None = None, precision: str = "fp32", workers: int | None = None,
+           read_qk: bool = True) -> SearchResult:
     """Top-``k`` images under ``root`` for every chosen (layer, head, mode, sign); see the module docstring.
 
     ``layers``/``heads``/``modes``: ``None``/``"all"``, a list or a string like ``"0,3-5"`` (0-based).
     ``shard``: ``"i/n"`` to score files ``i::n`` of the sorted list only (merge the n results with :func:`merge`).
     ``limit``: score only the first ``limit`` files of the sorted list (before sharding), for quick looks.
+    ``precision``: the forward pass in ``"fp32"`` (default), ``"bf16"`` or ``"tf32"`` (projections stay float32).
+    ``workers``: decoding processes (None: from the CPU count; 0: a background thread).
+    ``read_qk``: read projections from the model's q and k (False: project the tokens directly, the oracle).
+
     The result's ``root`` is ``root`` resolved to an absolute path.
 
     Interruption (see ``qklib.search.checkpoint``): ``checkpoint`` is a file where the running state is
@@ -105,7 +108,9 @@ def search(model: nn.Module, root: str | Path, layers=None, heads=None, modes=No
     svd_digest = tensor_digest(svd.U, svd.S, svd.V) if svd is not None and checkpoint is not None else ""
     svd = svd if svd is not None else qk_svd(model)
     device = next(model.parameters()).device
-    features = Features.select(svd, layers, heads, modes, device=device)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    features = Features.select(svd, layers, heads, modes, device=device, model=model, read_qk=read_qk)
     weights = weights_digest(model)
     # checkpoint/resume: check the checkpoint against this run's inputs and start after what it holds
     saved = Checkpoint.of(checkpoint) if checkpoint is not None else None
@@ -116,10 +121,10 @@ def search(model: nn.Module, root: str | Path, layers=None, heads=None, modes=No
         before = saved.begin(key, names, positions, resume)
     elif resume:
         raise ValueError("resume=True needs checkpoint=PATH: the file the interrupted run saved its state to")
-    stream = Stream(lambda p: open_rgb(root / names[p]), names, positions[before.done :], model_transform(model),
-                    batch_size)
+    stream = Stream(FileLoader(root, names), names, positions[before.done :], model_transform(model), batch_size,
+                    workers=workers, device=device)
     start = time.perf_counter()
-    top, scored = _run(model, svd, stream, features, k, progress, len(positions) - before.done, "search", saved)
+    top, scored = run(model, stream, features, k, precision, progress, len(positions) - before.done, "search", saved)
     result = _finish(top, names, features, k, model_name(model), str(root), len(names), before.scored + scored,
                      before.skipped + stream.skipped, part, before.seconds + time.perf_counter() - start, weights,
                      listing_digest(None, names))
@@ -131,16 +136,18 @@ def search(model: nn.Module, root: str | Path, layers=None, heads=None, modes=No
 
 
 def search_images(model: nn.Module, images: Mapping[str, object], layers=None, heads=None, modes=None, k: int = 8,
-                  batch_size: int = 32, svd: QKSVD | None = None, progress: bool = False) -> SearchResult:
+                  batch_size: int = 32, svd: QKSVD | None = None, progress: bool = False, precision: str = "fp32",
+                  read_qk: bool = True) -> SearchResult:
     """Like :func:`search` over in-memory PIL images ``{name: image}`` (names play the role of paths)."""
     names = sorted(images)
     if not names:
         raise ImageError("search_images needs at least one image")
     svd = svd if svd is not None else qk_svd(model)
-    features = Features.select(svd, layers, heads, modes, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    features = Features.select(svd, layers, heads, modes, device=device, model=model, read_qk=read_qk)
     stream = Stream(lambda p: images[names[p]].convert("RGB"), names, list(range(len(names))),
-                    model_transform(model), batch_size)
+                    model_transform(model), batch_size, workers=0, device=device)  # in memory: no processes
     start = time.perf_counter()
-    top, scored = _run(model, svd, stream, features, k, progress, len(names), "search")
+    top, scored = run(model, stream, features, k, precision, progress, len(names))
     return _finish(top, names, features, k, model_name(model), "", len(names), scored, stream.skipped, None,
                    time.perf_counter() - start)
