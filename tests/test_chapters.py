@@ -1,5 +1,6 @@
 """Every chapter: declared parameters, how much of it is code, and wrong parameters stopping it early."""
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -124,3 +125,17 @@ def test_every_parameter_the_docs_show_is_declared():
             assert any(name in chapter.SPECS[c] for c in CHAPTERS), f"{doc}: --param all {name}"
         else:
             assert name in chapter.SPECS[target], f"{doc}: --param {target} {name}: not a parameter of {target}"
+
+
+def test_only_keeps_every_chapter_executed_before_in_the_site(tmp_path):
+    """`--only NAME` re-executes NAME; the site is built from every executed chapter present (issue 15 item 2)."""
+    spec = importlib.util.spec_from_file_location("build_book", ROOT / "tools" / "build_book.py")
+    build_book = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_book)
+    for name in ("s3_attention", "s5_modes"):
+        (tmp_path / f"{name}.ipynb").write_text("{}")
+    present, absent = build_book.site_chapters(CHAPTERS, tmp_path)
+    assert present == ["s3_attention", "s5_modes"] and absent == ["s4_cosine"]
+    toc = build_book.restricted_toc(present, tmp_path / "toc.yml").read_text()
+    assert "executed/s3_attention" in toc and "executed/s5_modes" in toc and "executed/s4_cosine" not in toc
+    assert "book/intro" in toc and "book/api" in toc  # the pages that are not chapters always stay

@@ -323,6 +323,13 @@ def report(files: list[str]) -> None:
         raise BuildError(f"pages over 5 MB: {', '.join(too_big)}; show fewer images/modes or lower their resolution")
 
 
+def site_chapters(chapters: list[str], executed: Path = EXECUTED) -> tuple[list[str], list[str]]:
+    """``(in the site, left out)``: the site holds every chapter executed so far (``executed/<name>.ipynb``),
+    so ``--only`` updates its chapters and keeps the others."""
+    present = [name for name in chapters if (executed / f"{name}.ipynb").is_file()]
+    return present, [name for name in chapters if name not in present]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
@@ -357,9 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name in selected:
                     timings[name] = execute(name, parameters[name], Path(workdir))
                     print(f"execute: {name} took {timings[name]:.1f} s", flush=True)
-        # The site holds every chapter executed so far: --only updates its chapters and keeps the others.
-        present = [name for name in chapters if (EXECUTED / f"{name}.ipynb").is_file()]
-        absent = [name for name in chapters if name not in present]
+        present, absent = site_chapters(chapters)
         if absent:
             print(f"build: not executed yet, left out of the site: {', '.join(absent)} "
                   f"(run tools/build_book.py --only {absent[0]} to add it)")
