@@ -2,12 +2,13 @@
 
 The package has three floors; each imports only from the floors below it (``tests/test_layout.py``):
 
-* ``qklib.core``: load a ViT (``models``, ``imgfocus``, the paper's table ``paper_models``), images in
-  (``images``, ``stream``), what meets W_q and W_k (``extract``), and the exact QK SVD with its statistics (``svd``).
-* analyses, one per paper section: §3 ``o3`` (data) and ``preference``; §4 ``anisotropy``; §5 ``modes``,
-  ``search`` (optimal images), ``ade20k`` (data) and ``same_object``.
-* ``qklib.present``: every chart, picture and widget (``cosine``, ``attention``, ``mode_figures``, ``render``,
-  ``widgets``, ``explore``).
+* ``qklib.core``: load a ViT (``models``; converters ``weights``, ``hf``, ``official``, ``imgfocus``; the paper's
+  table ``paper_models``), images in (``images``, ``stream``), what meets W_q and W_k (``extract``), the exact QK
+  SVD with its statistics (``svd``) and atomic writes (``files``).
+* analyses, one per paper section: §3 ``o3`` (data) and ``preference``; §4 ``cosine`` and ``biases``; §5
+  ``modes``, ``search`` (optimal images), ``ade20k`` (data) and ``same_object``.
+* ``qklib.present``: every chart, picture and widget (``attention``, ``cosine``, ``mode_figures``, ``render``,
+  ``widgets``, ``explore``, ``lab``).
 
 ``qklib.chapter`` serves the book's chapters (parameter checks, the gallery, cached results), and
 ``qklib.cli`` is the command line (``python -m qklib``).
