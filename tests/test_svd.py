@@ -8,6 +8,7 @@ import torch
 import qklib
 from qklib.core.extract import token_embeddings
 from qklib.core.images import to_pixels
+from qklib.core import svd as svd_module
 from qklib.core.svd import QKWeights, qk_svd_from_weights
 
 
@@ -165,3 +166,63 @@ def test_head_dim_80_and_qk_norm_flag():
     normed = timm.create_model("vit_tiny_patch16_224", pretrained=False, qk_norm=True).eval()
     svd = qklib.qk_svd(normed)
     assert not svd.exact and any("q_norm" in note for note in svd.notes)
+
+
+def _conditioned_stack(conds: list[float], r: int = 16, d: int = 96, seed: int = 5) -> torch.Tensor:
+    """``[1, len(conds), r, d]`` factors with the given condition numbers (random singular vectors)."""
+    generator = torch.Generator().manual_seed(seed)
+    factors = []
+    for cond in conds:
+        left = torch.linalg.qr(torch.randn(r, r, dtype=torch.float64, generator=generator))[0]
+        right = torch.linalg.qr(torch.randn(d, r, dtype=torch.float64, generator=generator))[0]
+        factors.append(left @ torch.diag(torch.logspace(0, -np.log10(cond), r, dtype=torch.float64)) @ right.T)
+    return torch.stack(factors)[None]
+
+
+def _dense_error(svd, wq: torch.Tensor, wk: torch.Tensor) -> tuple[float, float]:
+    """Worst head's relative reconstruction error of W_q^T W_k and worst loss of orthonormality of U and V."""
+    dense = wq.transpose(-1, -2) @ wk
+    rebuilt = (svd.U * svd.S.unsqueeze(-2)) @ svd.V.transpose(-1, -2)
+    error = ((rebuilt - dense).flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1)).max()
+    eye = torch.eye(svd.rank, dtype=torch.float64)
+    ortho = max(float((m.transpose(-1, -2) @ m - eye).abs().max()) for m in (svd.U, svd.V))
+    return float(error), ortho
+
+
+def test_ill_conditioned_heads_take_the_second_pass_and_stay_exact(monkeypatch):
+    """Heads of condition number 1 to 1e6 side by side: each is exact to float64 rounding against a dense SVD, and
+    the per-head choice of passes matches running the second pass on every head. Without a second pass (the
+    threshold set to infinity) the cond-1e6 head loses orthonormality: the check can fail."""
+    conds = [1.0, 3.0, 50.0, 1e3, 1e6]
+    wq, wk = _conditioned_stack(conds), _conditioned_stack(conds[::-1], seed=6)
+    mixed = qk_svd_from_weights(QKWeights(wq, wk))
+    error, ortho = _dense_error(mixed, wq, wk)
+    assert error < 1e-10 and ortho < 1e-12, (error, ortho)
+    dense_s = torch.linalg.svdvals(wq.transpose(-1, -2) @ wk)[..., : mixed.rank]
+    assert torch.allclose(mixed.S, dense_s, rtol=1e-10, atol=1e-14 * float(dense_s.max()))
+    monkeypatch.setattr(svd_module, "ONE_PASS_COND", 0.0)  # second pass everywhere
+    everywhere = qk_svd_from_weights(QKWeights(wq, wk))
+    assert torch.allclose(mixed.matrix(0, 2), everywhere.matrix(0, 2), atol=1e-12)
+    assert torch.allclose(mixed.S, everywhere.S, rtol=1e-12)
+    monkeypatch.setattr(svd_module, "ONE_PASS_COND", float("inf"))  # never a second pass
+    _error, ortho_one_pass = _dense_error(qk_svd_from_weights(QKWeights(wq, wk)), wq, wk)
+    assert ortho_one_pass > 1e-6
+
+
+def test_chunks_and_rank_deficient_heads(monkeypatch):
+    """The result does not depend on how heads are chunked; a head whose factor has deficient rank (Cholesky fails)
+    falls back to Householder QR and is still an exact decomposition."""
+    torch.manual_seed(7)
+    wq = torch.randn(3, 4, 8, 40, dtype=torch.float64)
+    wk = torch.randn(3, 4, 8, 40, dtype=torch.float64)
+    whole = qk_svd_from_weights(QKWeights(wq, wk))
+    monkeypatch.setattr(svd_module, "_CHUNK_BYTES", 1)  # one head per chunk
+    single = qk_svd_from_weights(QKWeights(wq, wk))
+    assert torch.allclose(whole.S, single.S, rtol=1e-13)
+    assert torch.allclose(whole.U.abs(), single.U.abs(), atol=1e-12)
+    deficient = wq.clone()
+    deficient[1, 2, -1] = deficient[1, 2, 0]  # two equal rows: W_q of this head has rank r - 1
+    svd = qk_svd_from_weights(QKWeights(deficient, wk))
+    error, ortho = _dense_error(svd, deficient, wk)
+    assert error < 1e-12 and ortho < 1e-12
+    assert float(svd.S[1, 2, -1]) < 1e-12 * float(svd.S[1, 2, 0])  # the lost direction shows as a zero mode

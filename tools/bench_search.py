@@ -436,12 +436,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-images", type=int, default=2048, help="images for the CUDA table")
     parser.add_argument("--gpu-only", action="store_true")
     parser.add_argument("--cpu-only", action="store_true")
+    parser.add_argument("--model", default=None, help="model of the CPU table (default: the embedded model)")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args(argv)
     figures = {}
     if not args.gpu_only:
         sizes = tuple(int(s) for s in args.sizes.split(",") if s)
-        figures["cpu"] = bench_search(images=args.images, sizes=sizes, batch_size=args.batch_size, repeats=args.repeats)
+        figures["cpu"] = bench_search(images=args.images, sizes=sizes, batch_size=args.batch_size, repeats=args.repeats,
+                                      model_name=args.model)
     if torch.cuda.is_available() and not args.cpu_only:
         figures["cuda"] = bench_gpu(images=args.gpu_images)
     elif not args.cpu_only:

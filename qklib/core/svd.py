@@ -3,9 +3,10 @@
 Per head, the attention score between tokens i and j (biases left out, 1/sqrt(d_k) dropped) is
 ``x_i^T (W_q^T W_k) x_j``. ``W_q^T W_k`` is d x d but has rank <= d_k, and is the product of two thin
 d x d_k factors, so its SVD is computed from the factors (thin QR of each, then the SVD of the small
-d_k x d_k core) in O(d d_k^2) per head -- never a dense d x d SVD. The thin QR is Cholesky-QR with a
-second pass (CholeskyQR2: four batched matrix products per factor, orthonormal to float64 rounding for
-factors with condition number up to ~1e7), with Householder QR as the fallback beyond that.
+d_k x d_k core) in O(d d_k^2) per head -- never a dense d x d SVD. The thin QR is Cholesky-QR: one pass
+(two batched matrix products per factor) for heads whose factor has condition number <= 100, a second pass
+(CholeskyQR2, orthonormal to float64 rounding up to condition numbers ~1e7) for the others, and Householder
+QR as the fallback beyond that. Heads run in chunks of a few MB, so the intermediates stay in cache.
 
 Shapes used throughout: L layers, H heads, d model width, r = d_k head dim (= number of modes).
 """
@@ -137,66 +138,117 @@ def one_thread(device: torch.device | str = "cpu"):
         torch.set_num_threads(before)
 
 
-# Pass 1 of Cholesky-QR loses orthogonality ~ eps * cond^2 (rounding of the Gram matrix). Where the bound
-# cond_2 <= ||R||_F ||R^-1||_F (itself >= r) is at most this, the loss is ~1e-12 and the second pass is skipped:
-# random-init ViT factors (cond ~2, bound ~70) take one pass, trained ones (cond up to ~1e4) two.
+# Pass 1 of Cholesky-QR loses orthogonality ~ eps * cond^2 (rounding of the Gram matrix). Heads whose factor has
+# condition number at most this keep pass 1 (loss ~1e-12); the others take a second pass (CholeskyQR2). Random-init
+# ViT factors (cond ~2) and most heads of trained ones (the embedded DINOv2 ViT-S/14: median ~4) take one pass;
+# near-degenerate trained heads (cond up to ~2e4 there) take two.
 ONE_PASS_COND = 100.0
+
+# Heads go through the SVD in chunks of about this many bytes of float64 factor: the chunk's intermediates stay in
+# cache and are reused by the allocator, instead of page-faulting in fresh [L*H, d_k, d] buffers on every call.
+_CHUNK_BYTES = 1 << 22
+
+
+def _condition_numbers(gram: torch.Tensor) -> torch.Tensor:
+    """cond_2 of each factor ``w`` from its Gram matrix ``w w^T`` (eigenvalues are squared singular values;
+    inf where the smallest is not positive). Accurate enough to compare with :data:`ONE_PASS_COND`: the Gram's
+    rounding moves its smallest eigenvalue by ~eps * the largest, far below largest / ONE_PASS_COND^2."""
+    with one_thread(gram.device):
+        eig = torch.linalg.eigvalsh(gram)
+    return torch.where(eig[..., 0] > 0, (eig[..., -1] / eig[..., 0].clamp_min(1e-300)).sqrt(), torch.inf)
 
 
 def _thin_qr_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Cholesky-QR of the rows of ``w [N, r, d]`` (float64, r <= d), with a second pass where needed.
+    """Cholesky-QR of the rows of ``w [N, r, d]`` (float64, r <= d), with a second pass for the heads that need it.
 
     Returns ``(basis [N, r, d], fix [N, r, r], tri [N, r, r])`` with ``w^T = Q tri`` (thin QR, ``tri`` upper
-    triangular) and ``Q = basis^T fix`` (orthonormal columns), so that ``Q A = (fix A)^T``-times-``basis`` costs
-    one product on ``[r, d]``. Pass 1: ``w w^T = R1^T R1`` (Cholesky), ``Q1^T = R1^{-T} w``. If every factor's
-    condition number is below :data:`ONE_PASS_COND` that is orthonormal to ~1e-14 and ``basis = w``,
-    ``fix = R1^{-1}``; otherwise pass 2 repeats it on ``Q1`` (CholeskyQR2; orthonormal to ~eps for condition
-    numbers up to ~1e7). None when a Cholesky fails or pass 1 lost too much: use Householder QR then.
+    triangular) and ``Q = basis^T fix`` (orthonormal columns), so that ``Q A`` costs one product on ``[r, d]``.
+    Pass 1: ``w w^T = R1^T R1`` (Cholesky), ``Q1^T = R1^{-T} w``; for a head whose factor has condition number
+    at most :data:`ONE_PASS_COND` that is orthonormal to ~1e-12 and its ``basis = w``, ``fix = R1^{-1}``. The
+    condition number is bounded first by ``||R1||_F ||R1^-1||_F`` (between cond_2 and r cond_2, free) and
+    computed exactly (eigenvalues of the Gram) only where the bound cannot decide. The other heads repeat it on
+    ``Q1`` (pass 2, CholeskyQR2: orthonormal to ~eps for condition numbers up to ~1e7). None when a Cholesky
+    fails or pass 1 lost too much: use Householder QR then.
     """
-    eye = torch.eye(w.shape[-2], dtype=w.dtype, device=w.device)
+    r = w.shape[-2]
+    eye = torch.eye(r, dtype=w.dtype, device=w.device)
+    gram = w @ w.mT
     with one_thread(w.device):
-        r1, info = torch.linalg.cholesky_ex(w @ w.mT, upper=True)  # w w^T = r1^T r1
+        r1, info = torch.linalg.cholesky_ex(gram, upper=True)  # w w^T = r1^T r1
         if bool(info.any()):
             return None
         r1_inv = torch.linalg.solve_triangular(r1, eye, upper=True)
-    cond = torch.linalg.matrix_norm(r1) * torch.linalg.matrix_norm(r1_inv)  # >= cond_2(w)
-    if float(cond.amax()) <= ONE_PASS_COND:
+    bound = torch.linalg.matrix_norm(r1) * torch.linalg.matrix_norm(r1_inv)  # cond_2 <= bound <= r cond_2
+    second = bound > ONE_PASS_COND
+    undecided = second & (bound <= ONE_PASS_COND * r)
+    if bool(undecided.any()):
+        second[undecided] = _condition_numbers(gram[undecided]) > ONE_PASS_COND
+    if not bool(second.any()):
         return w, r1_inv, r1
-    q1t = r1_inv.mT @ w  # [N, r, d], rows orthonormal up to ~eps * cond(w)^2
-    gram = q1t @ q1t.mT
-    if float((gram - eye).abs().amax()) > 0.5:
+    index = second.nonzero().squeeze(1)
+    q1t = r1_inv[index].mT @ w[index]  # rows orthonormal up to ~eps * cond(w)^2
+    gram2 = q1t @ q1t.mT
+    if float((gram2 - eye).abs().amax()) > 0.5:
         return None
     with one_thread(w.device):
-        r2, info = torch.linalg.cholesky_ex(gram, upper=True)
+        r2, info = torch.linalg.cholesky_ex(gram2, upper=True)
         if bool(info.any()):
             return None
         r2_inv = torch.linalg.solve_triangular(r2, eye, upper=True)
-    return q1t, r2_inv, r2 @ r1
+    basis = w.clone()
+    basis[index] = q1t
+    r1_inv[index] = r2_inv
+    r1[index] = r2 @ r1[index]
+    return basis, r1_inv, r1
+
+
+def _svd_chunk(wq: torch.Tensor, wk: torch.Tensor, s: torch.Tensor, ut: torch.Tensor, vt: torch.Tensor) -> None:
+    """SVD of ``wq[n]^T wk[n]`` for a chunk of heads (``[N, r, d]`` each, r <= d), written into ``s [N, r]`` and
+    the transposed singular vectors ``ut``, ``vt`` (``[N, r, d]``)."""
+    wq, wk = wq.to(torch.float64), wk.to(torch.float64)
+    qr_q = _thin_qr_rows(wq)
+    qr_k = _thin_qr_rows(wk) if qr_q is not None else None
+    if qr_q is not None and qr_k is not None:
+        with one_thread(wq.device):
+            a, s_chunk, b_t = torch.linalg.svd(qr_q[2] @ qr_k[2].mT)  # [N, r, r] core; W_q^T W_k = Q1 core Q2^T
+            fix_q, fix_k = qr_q[1] @ a, qr_k[1] @ b_t.mT
+        torch.matmul(fix_q.mT, qr_q[0], out=ut)  # U^T = (Q1 A)^T, computed as (fix A)^T basis
+        torch.matmul(fix_k.mT, qr_k[0], out=vt)
+    else:  # a factor of (nearly) deficient rank: Householder QR
+        q1, r1 = torch.linalg.qr(wq.mT)  # [N, d, r], [N, r, r]
+        q2, r2 = torch.linalg.qr(wk.mT)
+        a, s_chunk, b_t = torch.linalg.svd(r1 @ r2.mT)
+        torch.matmul(a.mT, q1.mT, out=ut)
+        torch.matmul(b_t, q2.mT, out=vt)
+    s.copy_(s_chunk)
 
 
 def qk_svd_from_weights(weights: QKWeights, model: str = "") -> QKSVD:
-    """Exact SVD of ``wq[l,h]^T wk[l,h]`` for all heads in one batched call.
+    """Exact SVD of ``wq[l,h]^T wk[l,h]`` for all heads, in batched chunks of heads.
 
     With ``W_q^T = Q_1 R_1`` and ``W_k^T = Q_2 R_2`` (thin QR) and the SVD ``R_1 R_2^T = A S B^T`` of the
     r x r core, ``U = Q_1 A`` and ``V = Q_2 B``.
     """
     layers, heads, r, d = weights.wq.shape
-    wq, wk = (w.to(torch.float64).reshape(layers * heads, r, d) for w in (weights.wq, weights.wk))
-    qr_q = _thin_qr_rows(wq) if r <= d else None
-    qr_k = _thin_qr_rows(wk) if qr_q is not None else None
-    if qr_q is not None and qr_k is not None:
-        with one_thread(wq.device):
-            a, s, b_t = torch.linalg.svd(qr_q[2] @ qr_k[2].mT)  # [N, r, r] core; W_q^T W_k = Q1 core Q2^T
-            fix_q, fix_k = qr_q[1] @ a, qr_k[1] @ b_t.mT
-        u = (fix_q.mT @ qr_q[0]).mT.reshape(layers, heads, d, r)  # U = Q1 A, computed as (fix A)^T basis
-        v = (fix_k.mT @ qr_k[0]).mT.reshape(layers, heads, d, r)
-        s = s.reshape(layers, heads, r)
+    count = layers * heads
+    wq, wk = (w.reshape(count, r, d) for w in (weights.wq, weights.wk))
+    device = wq.device
+    if r > d:  # more modes than dimensions (never in a ViT): plain Householder QR on the whole stack
+        q1, r1 = torch.linalg.qr(wq.to(torch.float64).mT)
+        q2, r2 = torch.linalg.qr(wk.to(torch.float64).mT)
+        a, s, b_t = torch.linalg.svd(r1 @ r2.mT)
+        u, v = (q1 @ a).reshape(layers, heads, d, -1), (q2 @ b_t.mT).reshape(layers, heads, d, -1)
+        s = s.reshape(layers, heads, -1)
     else:
-        q1, r1 = torch.linalg.qr(weights.wq.transpose(-1, -2).to(torch.float64))  # [L, H, d, r], [L, H, r, r]
-        q2, r2 = torch.linalg.qr(weights.wk.transpose(-1, -2).to(torch.float64))
-        a, s, b_t = torch.linalg.svd(r1 @ r2.transpose(-1, -2))
-        u = q1 @ a
-        v = q2 @ b_t.transpose(-1, -2)
+        s = torch.empty(count, r, dtype=torch.float64, device=device)
+        ut = torch.empty(count, r, d, dtype=torch.float64, device=device)
+        vt = torch.empty_like(ut)
+        step = max(1, _CHUNK_BYTES // (8 * r * d)) if device.type == "cpu" else count
+        for start in range(0, count, step):
+            part = slice(start, start + step)
+            _svd_chunk(wq[part], wk[part], s[part], ut[part], vt[part])
+        u, v = ut.mT.reshape(layers, heads, d, r), vt.mT.reshape(layers, heads, d, r)
+        s = s.reshape(layers, heads, r)
     notes = []
     if weights.qk_norm:
         notes.append(
