@@ -1,5 +1,6 @@
 """Optimal-image search: equals brute force, shards + merge equal one run, signs, bad files, CLI."""
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import qklib
 from qklib import search
 from qklib.core.extract import token_embeddings
 from qklib.core.images import MAX_ASPECT, ImageError, open_rgb, to_pixels
+from qklib.search.checkpoint import weights_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -252,3 +254,19 @@ def test_cli_search_shards_and_merge(folder, tmp_path):
     assert bad.returncode == 2 and "does not exist" in bad.stderr
     bad = cli("search-merge", str(tmp_path / "one" / "search.npz"), "--out", str(tmp_path / "y.npz"))
     assert bad.returncode == 2 and "not a shard" in bad.stderr
+
+
+def test_the_result_records_the_weights_digest_with_and_without_a_checkpoint(tiny, folder, tmp_path):
+    """The digest is hashed beside the search (no checkpoint) or before it (checkpoint): the same sha256 either way,
+    and it tells the weights apart."""
+    model, svd = tiny
+    expected = weights_digest(model)
+    plain = search.search(model, folder, svd=svd, layers=[0], k=2, batch_size=4, progress=False, workers=0)
+    assert plain.weights == expected
+    saved = search.search(model, folder, svd=svd, layers=[0], k=2, batch_size=4, progress=False, workers=0,
+                          checkpoint=tmp_path / "run.ckpt")
+    assert saved.weights == expected
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.blocks[0].attn.qkv.weight[0, 0] += 1e-6  # one weight, slightly: another digest
+    assert weights_digest(other) != expected

@@ -116,7 +116,8 @@ def main() -> None:
     for arch in ("vit_base_patch16_224", "vit_large_patch16_224"):
         bench_svd(arch, random_cases(arch), args.dense_heads or None, threads)
     trained = args.model or qklib.DEFAULT_MODEL
-    bench_svd(f"{trained} (its own weights)", [("trained weights", qk_weights(qklib.load_model(trained)))],
+    kind = "random-init weights" if trained.startswith("random:") else "trained weights"
+    bench_svd(f"{trained} (its own weights)", [(kind, qk_weights(qklib.load_model(trained)))],
               args.dense_heads or None, threads)
     if not args.skip_search:
         sys.path.insert(0, str(Path(__file__).parent))

@@ -246,51 +246,55 @@ def qk_readers(model: nn.Module, layers: list[int], heads: list[int], u: torch.T
     head_dim = width // num_heads
     chosen = torch.tensor(heads)
     all_heads = heads == list(range(num_heads))
-    rows = [index for index, *_ in found]
-    with one_thread():  # small float64 linear algebra, once per search
-        # W_q and W_k (rows [0, 2D) of each qkv weight), per head: [E, 2, H', r, d]
-        weight = torch.stack([module.weight.detach()[: 2 * width] for _, _, module, _ in found]).to("cpu", torch.float64)
-        weight = weight.unflatten(1, (2, num_heads, head_dim))
-        bias = torch.stack([module.bias.detach()[: 2 * width] if module.bias is not None
-                            else torch.zeros(2 * width, device=module.weight.device) for _, _, module, _ in found])
-        bias = bias.to("cpu", torch.float64).unflatten(1, (2, num_heads, head_dim))
-        if not all_heads:
-            weight, bias = weight[:, :, chosen], bias[:, :, chosen]
-        if rows != list(range(len(layers))):
-            u, v = u[rows], v[rows]
-        scale = torch.tensor([_norm_scale(blocks[layer].norm1, dim) for _, layer, _, _ in found], dtype=torch.float64)
-        probe = torch.randn(u.shape[-1], 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-        coeffs, offsets, direct = [], [], []
-        for part, target in enumerate((u, v)):  # 0: queries, 1: keys
-            w, b = weight[:, part], bias[:, part]  # [E, H', r, d], [E, H', r]
-            gram = w @ w.mT
-            factor, info = torch.linalg.cholesky_ex(gram)
-            c = torch.cholesky_solve(w @ target, factor)  # [E, H', r, M']
-            expected = target @ probe
-            missed = torch.linalg.vector_norm(w.mT @ (c @ probe) - expected, dim=(-2, -1))
-            failed = (info != 0) | ~(missed <= RESIDUAL_MAX * torch.linalg.vector_norm(expected, dim=(-2, -1)))
-            sigma = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()  # [E, H'] largest singular value of W
-            gamma = torch.linalg.vector_norm(c, dim=-2) * (sigma + torch.linalg.vector_norm(b, dim=-1) / scale[:, None])[..., None]
-            bad = failed[..., None] | ~(gamma <= GAMMA_MAX)  # [E, H', M']
-            c = c.masked_fill(bad[..., None, :], 0.0)
-            coeffs.append(c.mT)  # [E, H', M', r]
-            offsets.append(-(c.mT @ b.unsqueeze(-1)))  # [E, H', M', 1]
-            direct.append(bad)
-        coeff, offset, direct = torch.cat(coeffs, 1), torch.cat(offsets, 1), torch.cat(direct, 1)  # [E, 2H', ...]
+    probe = torch.randn(u.shape[-1], 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    coeffs, offsets, directs = [], [], []
+    with one_thread():  # small float64 linear algebra, once per search, one layer at a time (contiguous, in cache)
+        for index, layer, module, _ in found:
+            # W_q and W_k (rows [0, 2D) of the qkv weight), per head: [2H', r, d], query heads then key heads
+            w = module.weight.detach()[: 2 * width].to("cpu", torch.float64).unflatten(0, (2 * num_heads, head_dim))
+            b = (module.bias.detach()[: 2 * width].to("cpu", torch.float64) if module.bias is not None
+                 else torch.zeros(2 * width, dtype=torch.float64)).unflatten(0, (2 * num_heads, head_dim))
+            if not all_heads:
+                keep = torch.cat([chosen, chosen + num_heads])
+                w, b = w[keep], b[keep]
+            scale = _norm_scale(blocks[layer].norm1, dim)
+            parts = [_reader_coefficients(w[: len(heads)], b[: len(heads)], u[index], probe, scale),
+                     _reader_coefficients(w[len(heads) :], b[len(heads) :], v[index], probe, scale)]
+            coeffs.append(torch.cat([c for c, _, _ in parts]))  # [2H', M', r]
+            offsets.append(torch.cat([o for _, o, _ in parts]))  # [2H', M', 1]
+            directs.append(torch.cat([bad for _, _, bad in parts]))  # [2H', M']
     readers = {}
-    for row, (_, layer, module, _) in enumerate(found):
-        mask = direct[row].flatten()  # [2H' M'] in the 2F layout order
+    for (_, layer, module, _), coeff, offset, direct in zip(found, coeffs, offsets, directs):
+        mask = direct.flatten()  # [2H' M'] in the 2F layout order
         if bool(mask.all()):
             continue
         reader = QKReader(module=module, num_heads=num_heads, head_dim=head_dim,
                           heads=None if all_heads else torch.cat([chosen, chosen + num_heads]).to(device),
-                          coeff_t=coeff[row].to(device, dtype), offset=offset[row].to(device, dtype))
+                          coeff_t=coeff.to(device, dtype), offset=offset.to(device, dtype))
         if bool(mask.any()):
             where = mask.nonzero().flatten().to(device)
             reader.direct_index = where
             reader.direct = projection[layer][:, where].contiguous()
         readers[layer] = reader
     return readers
+
+
+def _reader_coefficients(w: torch.Tensor, b: torch.Tensor, target: torch.Tensor, probe: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For one layer's query (or key) heads, ``w [H', r, d]``, ``b [H', r]`` and the columns ``target [H', d, M']``
+    (u or v, float64): ``(C^T [H', M', r], -C^T b [H', M', 1], bad [H', M'])`` with ``C`` solving
+    ``W W^T C = W target``, zeroed where ``bad`` (the column is projected directly; see :func:`qk_readers`)."""
+    gram = w @ w.mT
+    factor, info = torch.linalg.cholesky_ex(gram)
+    c = torch.cholesky_solve(w @ target, factor)  # [H', r, M']
+    expected = target @ probe
+    missed = torch.linalg.vector_norm(w.mT @ (c @ probe) - expected, dim=(-2, -1))
+    failed = (info != 0) | ~(missed <= RESIDUAL_MAX * torch.linalg.vector_norm(expected, dim=(-2, -1)))
+    sigma = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()  # [H'] largest singular value of W
+    gamma = torch.linalg.vector_norm(c, dim=-2) * (sigma + torch.linalg.vector_norm(b, dim=-1) / scale)[..., None]
+    bad = failed[..., None] | ~(gamma <= GAMMA_MAX)  # [H', M']
+    c = c.masked_fill(bad[..., None, :], 0.0)
+    return c.mT, -(c.mT @ b.unsqueeze(-1)), bad
 
 
 def _norm_scale(norm: nn.Module, dim: int) -> float:

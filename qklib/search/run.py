@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from torch import nn
@@ -55,6 +56,24 @@ def run(model: nn.Module, batches: Iterable[Batch], features: Features, k: int, 
         if bar is not None:
             bar.close()
     return top, scored
+
+
+class _OnFirst:
+    """``batches`` (a :class:`Stream`), calling ``hook()`` when the first batch arrives; ``skipped`` passes through
+    (the checkpoint reads it between batches)."""
+
+    def __init__(self, batches: Stream, hook):
+        self.batches, self.hook = batches, hook
+
+    @property
+    def skipped(self):
+        return self.batches.skipped
+
+    def __iter__(self):
+        for index, batch in enumerate(self.batches):
+            if index == 0:
+                self.hook()
+            yield batch
 
 
 def _finish(top: RunningTopK, names: list[str], features: Features, k: int, model: str, root: str,
@@ -111,23 +130,35 @@ def search(model: nn.Module, root: str | Path, layers=None, heads=None, modes=No
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     features = Features.select(svd, layers, heads, modes, device=device, model=model, read_qk=read_qk)
-    weights = weights_digest(model)
     # checkpoint/resume: check the checkpoint against this run's inputs and start after what it holds
     saved = Checkpoint.of(checkpoint) if checkpoint is not None else None
     before = Progress(total=len(positions))
-    if saved is not None:
-        key = run_key(model_name(model), weights, root, names, limit, part, features.layers, features.heads,
-                      features.modes, k, batch_size, svd_digest)
-        before = saved.begin(key, names, positions, resume)
-    elif resume:
-        raise ValueError("resume=True needs checkpoint=PATH: the file the interrupted run saved its state to")
-    stream = Stream(FileLoader(root, names), names, positions[before.done :], model_transform(model), batch_size,
-                    workers=workers, device=device)
-    start = time.perf_counter()
-    top, scored = run(model, stream, features, k, precision, progress, len(positions) - before.done, "search", saved)
-    result = _finish(top, names, features, k, model_name(model), str(root), len(names), before.scored + scored,
-                     before.skipped + stream.skipped, part, before.seconds + time.perf_counter() - start, weights,
-                     listing_digest(None, names))
+    with ThreadPoolExecutor(1, thread_name_prefix="qklib-weights-digest") as pool:
+        digest = []  # the weights' sha256 (provenance in the result, part of a checkpoint's key), once started
+
+        def start_digest():
+            if not digest:
+                digest.append(pool.submit(weights_digest, model))
+
+        if saved is not None:  # the checkpoint's key needs the digest now
+            start_digest()
+            key = run_key(model_name(model), digest[0].result(), root, names, limit, part, features.layers,
+                          features.heads, features.modes, k, batch_size, svd_digest)
+            before = saved.begin(key, names, positions, resume)
+        elif resume:
+            raise ValueError("resume=True needs checkpoint=PATH: the file the interrupted run saved its state to")
+        stream = Stream(FileLoader(root, names), names, positions[before.done :], model_transform(model), batch_size,
+                        workers=workers, device=device)
+        # Otherwise the digest is hashed while the search runs, from the first batch on (the decoding processes are
+        # forked by then, never beside a running thread): hashlib releases the GIL, so it costs no wall time where
+        # a core is free (~1 s for ViT-L when it ran before the search).
+        start = time.perf_counter()
+        top, scored = run(model, _OnFirst(stream, start_digest), features, k, precision, progress,
+                          len(positions) - before.done, "search", saved)
+        start_digest()  # no batch at all
+        result = _finish(top, names, features, k, model_name(model), str(root), len(names), before.scored + scored,
+                         before.skipped + stream.skipped, part, before.seconds + time.perf_counter() - start,
+                         digest[0].result(), listing_digest(None, names))
     if out is not None:
         result.save(out)
     if saved is not None:
