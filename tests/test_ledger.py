@@ -1,7 +1,8 @@
 """The claims ledger (qklib.ledger): the claim list, the chapters' records, their verdicts, reading them back from
-executed notebooks."""
+executed notebooks, and the page the book builder writes from them (tools/build_book.py)."""
 
 import dataclasses
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -12,9 +13,13 @@ import pytest
 
 from qklib import ledger
 from qklib.core.paper_models import EMBEDDED, IJEPA_FILE, PAPER_MODELS, SIMMIM_PRETRAIN_FILE
+from qklib.present.ledger import ledger_markdown
 
 from ledger_records import (CONCAVE, EMBEDDED_NAME, FALLING, LAYERS, background_first, default_records,
                             grouping_then_context, s3_record, s4_record, s5_record)
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def rows_by_key(records) -> dict[str, ledger.Row]:
     return {row.claim.key: row for row in ledger.assemble(records)}
@@ -206,3 +211,39 @@ def test_a_missing_chapter_or_record_is_a_clear_error(tmp_path):
     stale = dict(default_records()["s3_attention"], format=0)
     with pytest.raises(ledger.LedgerError, match="format 0"):
         ledger.assemble(default_records(s3_attention=stale))
+
+
+# --- the page the book builder writes ---------------------------------------------------------------------------
+
+def build_book_module():
+    spec = importlib.util.spec_from_file_location("build_book", ROOT / "tools" / "build_book.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_builder_writes_a_row_per_claim_and_leaves_the_page_out_without_every_chapter(tmp_path, capsys):
+    build_book = build_book_module()
+    executed = write_executed(tmp_path / "executed", default_records())
+    target = executed / "ledger.md"
+    assert build_book.write_ledger(list(ledger.CHAPTERS), executed, target)
+    text = target.read_text()
+    assert len(re.findall(r"^\* - \d+$", text, flags=re.M)) == len(ledger.CLAIMS)
+    assert text == ("<!-- written by tools/build_book.py from the chapters' glued records; do not edit -->\n"
+                    + ledger_markdown(ledger.assemble(ledger.read_records(executed)), ledger.read_records(executed)))
+    assert not build_book.write_ledger(["s3_attention", "s5_modes"], executed, target)
+    assert not target.exists()  # no stale ledger from an earlier build
+    assert "not executed yet: s4_cosine" in capsys.readouterr().out
+    write_executed(executed, {"s4_cosine": default_records()["s4_cosine"]}, without=("s4_cosine",))
+    with pytest.raises(build_book.BuildError, match="claims ledger: .*holds no glued 's4_ledger' record"):
+        build_book.write_ledger(list(ledger.CHAPTERS), executed, target)
+
+
+def test_the_ledger_page_is_in_the_toc_and_left_out_with_its_chapters(tmp_path):
+    build_book = build_book_module()
+    files = build_book.toc_files()
+    assert build_book.LEDGER_PAGE in files and (ROOT / f"{build_book.LEDGER_PAGE}.md").is_file()
+    assert files.index(build_book.LEDGER_PAGE) > max(files.index(f"executed/{c}") for c in ledger.CHAPTERS)
+    assert "../executed/ledger.md" in (ROOT / f"{build_book.LEDGER_PAGE}.md").read_text()
+    toc = build_book.restricted_toc(["s4_cosine"], tmp_path / "toc.yml", (build_book.LEDGER_PAGE,)).read_text()
+    assert "book/claims" not in toc and "executed/s4_cosine" in toc and "book/api" in toc
