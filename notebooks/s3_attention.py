@@ -60,7 +60,7 @@ import time
 import pandas as pd
 from myst_nb import glue
 
-from qklib import chapter
+from qklib import chapter, ledger
 from qklib.preference import GROUPS, measure, select
 from qklib.present import attention
 from qklib.present.explore import explore_attention
@@ -182,6 +182,8 @@ found = attention.findings(layer_stats, chance, list(loaded)) | attention.self_t
 found.update(s3_source=source, s3_measured=len(first.measured), s3_skipped=len(first.skipped),
              s3_min_cover=p.min_cover, s3_device=p.device, s3_measure_seconds=measure_seconds,
              s3_seconds=time.perf_counter() - started)
+found["s3_ledger"] = ledger.attention_record(attention.layer_means(layer_stats, list(loaded)),
+                                           f"{len(first.measured)} of {source}")  # for the claims ledger
 for name, value in found.items():
     glue(name, value, display=False)
 

@@ -47,7 +47,7 @@ from myst_nb import glue
 import qklib
 from IPython.display import Markdown, display
 
-from qklib import chapter, cosine
+from qklib import chapter, cosine, ledger
 from qklib.core.paper_models import IJEPA_NEEDS, ijepa_encoder_predictor
 from qklib.present import cosine as figures
 from qklib.present.explore import explore_spectrum
@@ -149,10 +149,8 @@ if p.live_explorer:
 # cosine stays high in every layer. The predictor exists only in the official training checkpoint.
 
 # %%
-if p.ijepa_checkpoint:
-    display(figures.fig_s3_encoder_predictor(ijepa_encoder_predictor(p.ijepa_checkpoint, device=p.device)))
-else:
-    display(Markdown(f"*Not run:* {IJEPA_NEEDS}"))
+ijepa = ijepa_encoder_predictor(p.ijepa_checkpoint, device=p.device) if p.ijepa_checkpoint else {}
+display(figures.fig_s3_encoder_predictor(ijepa) if ijepa else Markdown(f"*Not run:* {IJEPA_NEEDS}"))
 
 # %% [markdown]
 # ## Fig S4: is a high cosine just anisotropy?
@@ -187,6 +185,8 @@ figures.s4_relative(relative)
 # %%
 findings = cosine.findings_table(relative, bands, effect=single_band)
 glue("s4_findings", findings.style.format(precision=3).hide(axis="index"), display=False)
+images = "images of image_dir" if p.image_dir else "photos shipped in installed packages"
+glue("s4_ledger", ledger.cosine_record(relative, bands, single_band, ijepa, images), display=False)  # claims ledger
 baseline = relative[["model", "layer", "weighted_cosine", "anisotropy_baseline", "baseline_low", "baseline_high",
                      "all_pairs_baseline", "centre_token_baseline", "relative_cosine"]]
 glue("s4_baseline_table", baseline.style.format(precision=3).hide(axis="index"), display=False)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from qklib import ledger
 from qklib.o3 import load_o3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,11 @@ def test_chapter_runs_with_small_parameters(tmp_path, run_chapter):
     assert "s3_course_same" in used and not used - set(glued)
     measured = int(glued["s3_measured"]["data"]["application/papermill.record/text/plain"])
     assert 1 <= measured <= 4
+    # The claims ledger's record: §3's general claims are judged on the model from this run's curves.
+    record = ledger.record_from_notebook(tmp_path / "s3_attention.out.ipynb", "s3_attention")
+    assert record["data"]["attention"] == f"{measured} of 4 generated scenes (seed 0)"
+    rows = ledger.assemble({"s3_attention": record}, [c for c in ledger.CLAIMS if c.chapter == "s3_attention"])
+    assert [len(row.evidence) for row in rows] == [1, 1, 1, 0]  # no SimMIM-pretrain here
     # No machine path in the page.
     page = json.dumps([o for o in outputs])
     assert str(tmp_path) not in page and str(ROOT) not in page

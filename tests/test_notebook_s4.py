@@ -3,6 +3,9 @@
 import pytest
 
 from official_layouts import write_ijepa
+from qklib import ledger
+
+S4_CLAIMS = [claim for claim in ledger.CLAIMS if claim.chapter == "s4_cosine"]
 
 
 @pytest.mark.slow
@@ -34,7 +37,16 @@ def test_s4_draws_fig_s3_from_an_ijepa_checkpoint(tmp_path, run_chapter):
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     text = "\n".join(str(o.get("data", {})) for o in outputs)
     assert "I-JEPA predictor" in text and "Not run" not in text
+    # the checkpoint's encoder and predictor are recognised: the ledger judges their claims from this run
+    record = ledger.record_from_notebook(tmp_path / "s4_cosine.out.ipynb", "s4_cosine")
+    rows = {row.claim.key: row for row in ledger.assemble({"s4_cosine": record}, S4_CLAIMS)}
+    assert [e.paper_model for e in rows["s4-ijepa-predictor"].evidence] == ["I-JEPA ViT-H/14 predictor"]
+    assert [e.paper_model for e in rows["s4-ijepa-encoder"].evidence] == ["I-JEPA ViT-H/14 encoder"]
     nb, error = run_chapter("s4_cosine", models=["random:vit_tiny_patch16_224"])
     assert error is None, error
     assert "Not run:* Fig S3 needs" in "\n".join(str(o.get("data", {})) for c in nb.cells if c.cell_type == "code"
                                                   for o in c.outputs)
+    record = ledger.record_from_notebook(tmp_path / "s4_cosine.out.ipynb", "s4_cosine")
+    rows = {row.claim.key: row for row in ledger.assemble({"s4_cosine": record}, S4_CLAIMS)}
+    # a random-init control is no evidence for any claim
+    assert rows["s4-ijepa-predictor"].verdict == rows["s4-early-high-falls"].verdict == ledger.NOT_TESTED

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qklib import ledger
+
 
 @pytest.mark.slow
 def test_chapter_runs_with_small_parameters(tmp_path, run_chapter):
@@ -35,6 +37,8 @@ def test_chapter_runs_with_small_parameters(tmp_path, run_chapter):
     assert sorted(tuple(s["_options_labels"]) for s in sliders) == sorted(
         [("L0", "L11"), ("H0", "H2"), ("M0",), ("L0", "L11"), ("H0", "H2")])  # the values, not positions
     assert (tmp_path / "results" / "s5_search.npz").is_file()
+    record = ledger.record_from_notebook(tmp_path / "s5_modes.out.ipynb", "s5_modes")  # the claims ledger's
+    assert record["models"][0]["control"] and record["data"]["optimal_images"] == "5 images (image_dir)"
     # a second run reuses the saved search (its key matches); a different top_k does not
     key = (tmp_path / "results" / "s5_search.npz.key.json").read_text()
     nb, error = run_chapter("s5_modes", **{**parameters, "top_k": 3})

@@ -12,7 +12,9 @@ with `npm pack` from the npm registry).
 
 Chapters are the `executed/<name>` entries of _toc.yml; each comes from the jupytext text notebook
 `notebooks/<name>.py`, converted to .ipynb in a temporary folder and executed by papermill (cwd = repo
-root) into `executed/<name>.ipynb`. The text notebook is never touched.
+root) into `executed/<name>.ipynb`. The text notebook is never touched. Every build then writes the claims
+ledger, `executed/ledger.md` (included by the page `book/claims.md`), from the glued records of the executed
+chapters (`qklib.ledger`), so that it always matches the chapters in the site.
 """
 
 from __future__ import annotations
@@ -33,14 +35,18 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from qklib import ledger  # noqa: E402
 from qklib.chapter import declared_parameters  # noqa: E402
 from qklib.core.imgfocus import cache_dir as qklib_cache_dir  # noqa: E402
+from qklib.present.ledger import ledger_markdown  # noqa: E402
 NOTEBOOKS = ROOT / "notebooks"
 EXECUTED = ROOT / "executed"
 VENDOR = ROOT / "book" / "vendor"
 BUILD_HTML = ROOT / "_build" / "html"
 TOC = ROOT / "_toc.yml"
 CHAPTER_PREFIX = "executed/"
+LEDGER_PAGE = "book/claims"  # includes LEDGER, which write_ledger makes from the chapters' glued records
+LEDGER = EXECUTED / "ledger.md"
 
 # npm packages the pages load; the versions are what the book was tested with.
 REQUIREJS = ("requirejs", "2.3.7")
@@ -101,15 +107,19 @@ def chapter_names(files: list[str]) -> list[str]:
     return [f[len(CHAPTER_PREFIX):] for f in files if f.startswith(CHAPTER_PREFIX)]
 
 
-def restricted_toc(only: list[str], path: Path) -> Path:
-    """A copy of _toc.yml keeping the non-chapter pages and only the chapters in `only`."""
+def restricted_toc(only: list[str], path: Path, leave_out: tuple[str, ...] = ()) -> Path:
+    """A copy of _toc.yml keeping only the chapters in `only` and the other pages, except those in `leave_out`."""
     toc = yaml.safe_load(TOC.read_text())
     keep = {CHAPTER_PREFIX + name for name in only}
+
+    def wanted(entry: dict) -> bool:
+        file = entry.get("file", "")
+        return file not in leave_out and (not file.startswith(CHAPTER_PREFIX) or file in keep)
 
     def prune(node):
         for key in ("parts", "chapters", "sections"):
             if key in node:
-                node[key] = [c for c in node[key] if not c.get("file", "").startswith(CHAPTER_PREFIX) or c["file"] in keep]
+                node[key] = [c for c in node[key] if wanted(c)]
                 for child in node[key]:
                     prune(child)
 
@@ -330,6 +340,28 @@ def site_chapters(chapters: list[str], executed: Path = EXECUTED) -> tuple[list[
     return present, [name for name in chapters if name not in present]
 
 
+def write_ledger(present: list[str], executed: Path = EXECUTED, target: Path = LEDGER) -> bool:
+    """Write the claims ledger (``qklib.ledger``) from the glued records of the executed chapters to ``target``,
+    which the page ``book/claims.md`` includes; True when written. It is rebuilt on every build, so it always
+    matches the chapters of the site. A chapter not executed yet leaves the ledger out of the site (False, with a
+    message); a chapter executed without its record stops the build (BuildError)."""
+    target.unlink(missing_ok=True)
+    absent = [name for name in ledger.CHAPTERS if name not in present]
+    if absent:
+        print(f"build: the claims ledger needs every chapter; not executed yet: {', '.join(absent)}; "
+              f"{LEDGER_PAGE} is left out of the site (run tools/build_book.py, or --only {absent[0]})")
+        return False
+    try:
+        records = ledger.read_records(executed)
+        text = ledger_markdown(ledger.assemble(records), records)
+    except ledger.LedgerError as error:
+        raise BuildError(f"claims ledger: {error}") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("<!-- written by tools/build_book.py from the chapters' glued records; do not edit -->\n" + text)
+    print(f"build: wrote the claims ledger {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
@@ -368,11 +400,13 @@ def main(argv: list[str] | None = None) -> int:
         if absent:
             print(f"build: not executed yet, left out of the site: {', '.join(absent)} "
                   f"(run tools/build_book.py --only {absent[0]} to add it)")
+        leave_out = () if LEDGER_PAGE not in files or write_ledger(present) else (LEDGER_PAGE,)
         started = time.perf_counter()
-        toc = restricted_toc(present, ROOT / "_build" / "toc-only.yml") if absent else TOC
+        toc = restricted_toc(present, ROOT / "_build" / "toc-only.yml", leave_out) if absent or leave_out else TOC
         build_html(toc)
         print(f"build: jupyter-book took {time.perf_counter() - started:.1f} s")
-        built = [f for f in files if not f.startswith(CHAPTER_PREFIX) or f[len(CHAPTER_PREFIX):] in present]
+        built = [f for f in files if f not in leave_out and (not f.startswith(CHAPTER_PREFIX)
+                                                              or f[len(CHAPTER_PREFIX):] in present)]
         for name, seconds in timings.items():
             print(f"chapter {name}: executed in {seconds:.1f} s")
         report(built)

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from ..core.images import display_crop
-from ..preference import GROUPS, PAIRS, per_layer, query_maps, query_tokens, token_masks
+from ..preference import GROUPS, PAIRS, grows_with_depth, per_layer, query_maps, query_tokens, token_masks
 from .cosine import inline
 from .render import jpeg_bytes
 from .widgets import download_link, nested_stack, picture_html
@@ -286,15 +286,6 @@ def course(values: Sequence[float], tolerance: float = 0.005) -> str:
     return ", ".join(runs)
 
 
-def _grows(values: Sequence[float], tolerance: float = 0.005) -> tuple[bool, int, float]:
-    """(grows: the least-squares slope over layers is positive and the last layer lies above the first,
-    the number of rising layer steps, the slope per layer)."""
-    values = np.asarray(values, dtype=float)
-    slope = float(np.polyfit(np.arange(len(values)), values, 1)[0])
-    rising = int((np.diff(values) > tolerance).sum())
-    return bool(slope > 0 and values[-1] > values[0]), rising, slope
-
-
 def findings(stats: pd.DataFrame, chance: pd.Series, models: Sequence[str]) -> dict[str, object]:
     """The numbers and computed phrases of "What we found", keyed by glue name (``s3_...``).
 
@@ -315,7 +306,7 @@ def findings(stats: pd.DataFrame, chance: pd.Series, models: Sequence[str]) -> d
     checks = [(leads, f"same-object attention is {'' if leads else 'not '}the largest of the three in layer 0 "
                       f"(it is the largest in {where} of {layers})")]
     for g in ("different", "background"):
-        grows, rising, slope = _grows(curve[g])
+        grows, rising, slope = grows_with_depth(curve[g])
         checks.append((grows, f"{g} attention {'grows' if grows else 'does not grow'} with depth (slope {slope:+.3f} "
                               f"per layer, {rising} of {layers - 1} layer steps rise; L0 {curve[g][0]:.2f}, "
                               f"L{layers - 1} {curve[g][-1]:.2f})"))

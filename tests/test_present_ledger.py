@@ -1,0 +1,62 @@
+"""The claims ledger's page fragment (qklib.present.ledger): a row per claim with its verdict, evidence and needs."""
+
+import re
+
+from qklib import ledger
+from qklib.present.ledger import chapter_link, ledger_markdown, model_text, summary
+
+from ledger_records import CONCAVE, CONTROL, EMBEDDED_NAME, FALLING, default_records, s4_record
+
+
+def rows_and_text(records):
+    rows = ledger.assemble(records)
+    return rows, ledger_markdown(rows, records)
+
+
+def table_rows(text: str) -> list[str]:
+    """The list-table's rows after the header, each as its text."""
+    body = text.split(":::{list-table}", 1)[1].split("\n:::", 1)[0]
+    return re.split(r"^\* - ", body, flags=re.M)[2:]
+
+
+def test_one_row_per_claim_in_the_claims_order_with_citation_and_rule():
+    rows, text = rows_and_text(default_records())
+    found = table_rows(text)
+    assert len(found) == len(ledger.CLAIMS)
+    for number, (row, claim) in enumerate(zip(found, ledger.CLAIMS), 1):
+        assert row.startswith(f"{number}\n  - **{claim.paper}.** {claim.statement}")
+        assert len(re.findall(r"^  - ", row, flags=re.M)) == 2  # two cells after the number
+        rule = "*Agrees when*" if claim.judge else "*Not computed:*"
+        assert f"{rule} {claim.criterion}." in row and claim.needs in row
+    assert text.splitlines().count(":::") == 1 and "$" not in text  # one table; the book parses $...$ as math
+
+
+def test_a_tested_row_shows_chapter_model_data_number_and_outcome():
+    rows, text = rows_and_text(default_records())
+    same_early = table_rows(text)[0]
+    assert "  - **agrees**\n\n" in same_early
+    assert (f"\n    - {{doc}}`§3 </executed/s3_attention>` · `{EMBEDDED_NAME}` (embedded, not a paper model) · "
+            "60 of 64 generated scenes (seed 0): L0: same 0.60") in same_early
+    assert same_early.rstrip().endswith("(`o3_dir`).")
+    dino = table_rows(text)[[c.key for c in ledger.CLAIMS].index("s4-concave-dino")]
+    assert "  - **not tested in this run**\n\n    *A test as the paper's needs* `vit_small_patch16_224.dino`" in dino
+
+
+def test_several_models_are_a_list_in_one_cell_and_a_mixed_verdict_counts_them():
+    records = default_records(s4_cosine=s4_record({"vit_small_patch16_224.dino": CONCAVE,
+                                                   "vit_base_patch16_224.dino": FALLING}))
+    rows, text = rows_and_text(records)
+    dino = table_rows(text)[[c.key for c in ledger.CLAIMS].index("s4-concave-dino")]
+    assert "  - **mixed**: 1 of 2 models agree\n" in dino
+    assert re.search(r"^    - .*`vit_small_patch16_224.dino` \(the paper's DINO ViT-S/16\).* → agrees$", dino, re.M)
+    assert re.search(r"^    - .*`vit_base_patch16_224.dino` \(the paper's DINO ViT-B/16\).* → disagrees$", dino, re.M)
+
+
+def test_summary_and_the_run_name_what_was_tested_and_the_controls():
+    rows, text = rows_and_text(default_records())
+    assert summary(rows) == ("Of the paper's 18 headline claims listed here, this run tested 8: 7 agree, 1 disagree and "
+                             "0 are mixed across models; 1 is a reading of pictures; 9 were not tested in this run.")
+    assert text.startswith(summary(rows))
+    assert f"`{CONTROL}` (random-init control)" in text and ledger.SHAPES in text
+    assert f"- {chapter_link('s5_modes')}: `{EMBEDDED_NAME}`. Data: same object: 24 generated scenes" in text
+    assert model_text("my_vit", None) == "`my_vit` (not a paper model)"
