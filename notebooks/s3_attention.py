@@ -37,7 +37,8 @@
 #
 # O3 itself cannot be downloaded here. Unless `o3_dir` points at a copy, the chapter runs on generated
 # odd-one-out scenes (`qklib.o3.generate_scenes`, written under `results_dir`): arrays of shapes on varied
-# backgrounds, one target differing in colour, shape, size or orientation, with exact masks. They are far
+# backgrounds, one target differing in colour, shape, size or orientation from distractors that are
+# distinguishable instances of one kind (each its own shade, size and rotation), with exact masks. They are far
 # simpler than O3's photos; read the numbers as a check of the method and of the trend, not as a
 # reproduction of Fig 2's values. Layers and heads are numbered from 0.
 

@@ -41,7 +41,7 @@ image_dir = ""  # folder of images to search (e.g. ImageNet val); empty: the def
 max_images = 0  # search at most this many images of the gallery (0: all)
 ade20k_dir = ""  # ADE20K folder for the same-object probability; empty: the generated scenes
 ade20k_limit = 500  # at most this many ADE20K images
-n_scenes = 24  # generated odd-one-out scenes (default gallery and same-object probability)
+n_scenes = 200  # generated odd-one-out scenes (default gallery and same-object probability)
 top_k = 4  # optimal images kept and shown per feature
 layers = [1, 4, 7, 10]  # layers in the explorer and the walkthrough (0-based)
 heads = "all"  # heads in the explorer and the walkthrough: "all" or a list (0-based)
@@ -210,31 +210,42 @@ figures.top_share_chart(walk_table)
 # object masks; in each, find the object whose tokens have the largest mean query projection and the one with
 # the largest mean key projection. $P_n$ is the fraction of those images where the two are the same object.
 # Per head, modes are weighted by $s_n / \sum_m s_m$ (as for the cosine in §4.2); per layer, the mean over heads.
-# Chance is $1/K$ for an image with $K$ objects, weighted the same way. A random-init model of the same
-# architecture is the control. Objects smaller than half a token are left out; images with fewer than two
-# objects are skipped. The images are ADE20K's when `ade20k_dir` is set, else the generated scenes (objects:
-# the target and each distractor). The paper's ADE20K segments everything, sky, wall and floor included, so a
-# mode from an object to its surroundings can count there; we therefore also count the **background (label 0)
-# as one more object** (the second set of lines).
+# A random-init model of the same architecture is the control. Objects smaller than half a token are left out;
+# images with fewer than two objects are skipped. The images are ADE20K's when `ade20k_dir` is set, else the
+# `n_scenes` generated scenes (objects: the target and each distractor).
+#
+# Each panel is one reading of "same". **Columns: the background.** The paper's ADE20K segments everything, sky,
+# wall and floor included, so a mode from an object to its surroundings can count there; we count the
+# background (label 0) either not at all or as one more object. **Rows: instance or kind.** *Same instance*:
+# the two features pick one object. *Same kind*: they pick two objects of one kind, found exactly as before, so
+# P(same kind) ≥ P(same instance) and the gap between them is the share of images whose query and key fall on
+# two different objects of one kind. In the generated scenes the distractors are distinguishable instances of
+# one kind (each with its own shade, size and rotation) and the target is another kind; the background is a
+# kind of its own. On ADE20K a kind is the object class that the full release and the instance annotations name
+# (`qklib.ade20k`); semantic maps (one object per class already) and plain label folders name none, and then
+# only the instance row is drawn. Chance is $1/K$ for the same instance among $K$ objects and
+# $\sum_c (n_c/K)^2$ for the same kind ($n_c$ objects of kind $c$), weighted like the model.
 
 # %%
 masked = ade20k.load_ade20k(p.ade20k_dir, limit=p.ade20k_limit) if p.ade20k_dir else scene_set
+matches = same_object.MATCHES if same_object.has_kinds(masked) else ("instance",)
 control_net = qklib.random_control(p.models[0][0], seed=p.seed, device=p.device)
-pairs = ((net, svd), (control_net, qklib.qk_svd(control_net)))
-same, control, same_bg, control_bg = (
-    same_object.same_object_probability(m, s, masked, k=5, batch_size=p.batch_size, background=bg)
-    for bg in (False, True) for m, s in pairs)
-fig6 = figures.same_object_table(same, control, meta.name, svd.num_layers, background=(same_bg, control_bg))
+runs, control_runs = (same_object.same_object_variants(m, s, masked, k=5, batch_size=p.batch_size, match=matches)
+                      for m, s in ((net, svd), (control_net, qklib.qk_svd(control_net))))
+fig6 = figures.same_object_table(runs, control_runs, meta.name, svd.num_layers)
 display(download_link(fig6, "s5_same_object.csv"))
 figures.same_object_chart(fig6)
 
 # %%
 glue("s5_masked", f"{len(masked)} {'ADE20K images' if p.ade20k_dir else 'generated scenes'}", display=False)
-for name, value in {"used": same.images_used, "skipped": same.images_skipped, "n_images": found.n_images,
+glue("s5_kinds", figures.kinds_phrase(matches, bool(p.ade20k_dir)), display=False)
+first, bg = runs[False, "instance"], figures.same_object_findings(runs[True, "instance"], control_runs[True, "instance"])
+for name, value in {"used": first.images_used, "skipped": first.images_skipped, "n_images": found.n_images,
                     "search_s": found.seconds, "n_skipped": len(found.skipped), "walk_name": walk_name,
-                    **figures.walkthrough_findings(walk_table), **figures.same_object_findings(same, control),
-                    **figures.ablation_findings(ablated), **figures.featured_findings(chosen),
-                    **{f"bg_{k}": v for k, v in figures.same_object_findings(same_bg, control_bg).items()}}.items():
+                    **figures.walkthrough_findings(walk_table), **figures.ablation_findings(ablated),
+                    **figures.same_object_findings(first, control_runs[False, "instance"]),
+                    **{f"bg_{k}": v for k, v in bg.items()}, **figures.same_object_variant_findings(runs, control_runs),
+                    **figures.featured_findings(chosen)}.items():
     glue(f"s5_{name}", value, display=False)
 # The claims ledger reads Fig 6 with the background as one more object, as ADE20K segments everything.
 masked_kind = "ADE20K images" if p.ade20k_dir else "generated scenes"
@@ -264,16 +275,28 @@ glue("s5_seconds", time.perf_counter() - started, display=False)
 #   the most concentrated head is {glue:text}`s5_top_head`, where {glue:text}`s5_top_label` carries
 #   {glue:text}`s5_top_head_share:.2f`.
 # - **Same object.** On {glue:text}`s5_masked` ({glue:text}`s5_used` used, {glue:text}`s5_skipped` skipped for
-#   having fewer than two objects), P(same object) averages {glue:text}`s5_early:.2f` in layers
-#   {glue:text}`s5_early_layers` and {glue:text}`s5_late:.2f` in layers {glue:text}`s5_late_layers`: it is
-#   {glue:text}`s5_trend`. It peaks at {glue:text}`s5_peak:.2f` in layer {glue:text}`s5_peak_layer`; chance is
-#   {glue:text}`s5_chance:.2f` and the random-init control {glue:text}`s5_control:.2f`. The model is
-#   {glue:text}`s5_above_chance`, and {glue:text}`s5_above_control`. With the background as one more object,
-#   P(same object) averages {glue:text}`s5_bg_early:.2f` in layers {glue:text}`s5_bg_early_layers` and
-#   {glue:text}`s5_bg_late:.2f` in layers {glue:text}`s5_bg_late_layers` ({glue:text}`s5_bg_trend`; chance
-#   {glue:text}`s5_bg_chance:.2f`, control {glue:text}`s5_bg_control:.2f`). The generated scenes' distractors are
-#   identical copies of one shape, so "same instance" and "same kind" cannot be told apart here.
+#   having fewer than two objects), P(same instance) with the background left out, layer by layer (a step under
+#   0.01 counts as level, here and below): {glue:text}`s5_course_nobg_instance`; that is
+#   {glue:text}`s5_range_nobg_instance`. Averaged over halves it is {glue:text}`s5_early:.2f` in layers
+#   {glue:text}`s5_early_layers` and {glue:text}`s5_late:.2f` in layers {glue:text}`s5_late_layers`
+#   ({glue:text}`s5_trend`); the course shows every reversal that the two averages hide.
+# - **The background as an object.** P(same instance): {glue:text}`s5_course_bg_instance`
+#   ({glue:text}`s5_range_bg_instance`). Counting the background moves P(same instance), layer by layer:
+#   {glue:text}`s5_background_gap`. It rises where both features prefer the background to every object (and
+#   picked two different objects without it), and falls where one feature prefers the background and the other
+#   an object: a mode from an object to its surroundings.
+# - **Same kind.** Kinds here: {glue:text}`s5_kinds`. P(same kind), background left out:
+#   {glue:text}`s5_course_nobg_kind` ({glue:text}`s5_range_nobg_kind`); with the background as an object:
+#   {glue:text}`s5_course_bg_kind` ({glue:text}`s5_range_bg_kind`). Most objects of a scene are distractors, so
+#   chance is high for the same kind; read each curve against its own chance and against the control (both in
+#   the parentheses): where the two disagree, an untrained network does not pick objects uniformly at random
+#   (an odd target, say, draws more than its share of a random feature's maxima). The gap P(same kind) − P(same
+#   instance) is the share of top images whose query feature sits on one object and key feature on another
+#   object of the same kind, in the scenes two different distractors: a mode that links one instance to its
+#   look-alikes rather than to itself. Background left out: {glue:text}`s5_kind_gap_nobg`; with it:
+#   {glue:text}`s5_kind_gap_bg`.
 #
 # The paper reports the same kinds of modes (same-object early, object-to-context and part-to-part later).
-# Ours come from a gallery of a few dozen images, not ImageNet, and from a backbone that may have been
-# fine-tuned for saliency. This chapter ran in {glue:text}`s5_seconds:.0f` s.
+# Ours come from a gallery of {glue:text}`s5_n_images` images (a few photos and the generated scenes), not
+# ImageNet, and from a backbone that may have been fine-tuned for saliency. This chapter ran in
+# {glue:text}`s5_seconds:.0f` s.

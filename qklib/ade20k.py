@@ -2,7 +2,10 @@
 
 ADE20K segments everything in a scene (sky, wall and floor are objects too). :func:`load_ade20k` reads
 the full release, the ADEChallengeData2016 instance or semantic annotations, or any ``images/`` +
-``objects/`` folder pair, lazily, as :class:`MaskedImage` items.
+``objects/`` folder pair, lazily, as :class:`MaskedImage` items. Where the files name each instance's class
+(the full release and the instance annotations), an item's ``kinds`` maps its object labels to classes, so the
+same-object probability can also ask whether two objects are of one kind (``qklib.same_object``, ``match="kind"``);
+semantic maps (one object per class already) and plain label folders carry no kinds.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ _recursive = partial(images_by_stem, recursive=True)
 
 @dataclass
 class MaskedImage:
-    """One image with an instance label map ``objects [H, W]`` (int; 0 = background, 1.. = objects)."""
+    """One image with an instance label map ``objects [H, W]`` (int; 0 = background, 1.. = objects) and, where the
+    files name classes, ``kinds``: object label -> class id (None otherwise)."""
 
     id: str
     image: Image.Image
     objects: np.ndarray
+    kinds: dict[int, int] | None = None
 
 
 class ADE20K(Sequence):
@@ -65,10 +70,10 @@ class ADE20K(Sequence):
         image_path, mask_path = self.pairs[index]
         with Image.open(image_path) as handle:
             image = handle.convert("RGB")
-        labels = decode_ade_mask(mask_path, self.kind)
+        labels, kinds = decode_ade_classes(mask_path, self.kind)
         if labels.shape != (image.height, image.width):
             raise ImageError(f"mask {str(mask_path)!r} is {labels.shape[::-1]} but its image is {image.size}")
-        return MaskedImage(image_path.stem, image, labels)
+        return MaskedImage(image_path.stem, image, labels, kinds)
 
     def __repr__(self) -> str:
         return f"ADE20K({str(self.root)!r}, {self.kind}, {len(self)} images)"
@@ -102,20 +107,36 @@ def _ade_pairs(root: Path, split: str) -> tuple[str, list[tuple[Path, Path]]]:
 
 def decode_ade_mask(path: Path, kind: str) -> np.ndarray:
     """``[H, W]`` int32 instance labels, 0 = unlabelled, from one ADE20K mask file of the given layout kind."""
+    return decode_ade_classes(path, kind)[0]
+
+
+def decode_ade_classes(path: Path, kind: str) -> tuple[np.ndarray, dict[int, int] | None]:
+    """``(labels [H, W] int32, kinds)``: the instance labels of :func:`decode_ade_mask` and, for the layouts whose
+    files name classes (``"full"``, ``"instance"``), each label's class id (the label's most frequent class);
+    ``kinds`` is None for the others."""
     with Image.open(path) as handle:
         array = np.asarray(handle.convert("RGB") if kind in ("full", "instance") else handle).astype(np.int64)
+    category = None
     if kind == "full":
         category = array[..., 0] // 10 * 256 + array[..., 1]
         key = np.where(category > 0, array[..., 2] + 1, 0)  # instance ids live in B; unlabelled pixels -> 0
     elif kind == "instance":
-        key = np.where(array[..., 0] > 0, array[..., 0] * 256 + array[..., 1] + 1, 0)
+        category = array[..., 0]
+        key = np.where(category > 0, array[..., 0] * 256 + array[..., 1] + 1, 0)
     else:
         key = array if array.ndim == 2 else array[..., 0]
     _, labels = np.unique(key, return_inverse=True)  # 0 stays 0 when present (it is the smallest key)
     labels = labels.reshape(key.shape).astype(np.int32)
     if not (key == 0).any():
         labels += 1
-    return labels
+    if category is None:
+        return labels, None
+    pairs, counts = np.unique(np.stack([labels.ravel(), category.ravel()]), axis=1, return_counts=True)
+    kinds: dict[int, int] = {}
+    for (label, cls), _ in sorted(zip(pairs.T.tolist(), counts.tolist()), key=lambda pair: pair[1]):
+        if label != 0:
+            kinds[label] = cls  # the most frequent class comes last and wins
+    return labels, kinds
 
 
 def load_ade20k(root: str | Path, split: str = "validation", limit: int | None = None) -> ADE20K:

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -332,7 +333,9 @@ def odd_one_out(o3_dir: Path | None, layout: O3Layout, max_images: int, n_scenes
 
 def gallery(results_dir: Path, scene_set: O3Set | None = None) -> Path:
     """The default image gallery as a folder: the photos shipped in installed packages (``photos/``) and the
-    scenes' images (``scenes/``), written under ``results_dir/gallery``; stale scene files are removed."""
+    scenes' images (``scenes/``), written under ``results_dir/gallery``; stale scene files are removed, and a
+    scene file whose pixels differ from the scene's (written by an older generator) is rewritten. Unchanged
+    files are left alone, so their listing, and a search cached on it, stays valid."""
     root = Path(results_dir) / "gallery"
     (root / "photos").mkdir(parents=True, exist_ok=True)
     for name, photo in shipped_photos().items():
@@ -347,7 +350,7 @@ def gallery(results_dir: Path, scene_set: O3Set | None = None) -> Path:
             path.unlink()
     for sample in scene_set or ():
         target = scene_dir / f"{sample.id}.png"
-        if not target.is_file():
+        if not target.is_file() or not np.array_equal(np.asarray(open_rgb(target)), np.asarray(sample.image)):
             sample.image.save(target)
     return root
 

@@ -25,16 +25,25 @@ reads it; ``load_o3`` returns it as ``O3Sample.objects`` (None where the folder 
 
 Generated scenes: an array of objects (3x3 to 5x5 cells, some left empty, each object jittered in its
 cell, no overlaps) on a varied background (uniform, gradient, smooth noise, stripes). One target differs
-from the otherwise identical distractors in colour, shape, size or orientation (the feature cycles with
-the scene index). Objects are rasterised without anti-aliasing, so the masks are exactly the pixels
-painted. Scene ``i`` depends only on ``(seed, i)``: the first k scenes of a run of n are the scenes of a
-run of k. A ``scenes.csv`` manifest records each scene's feature, shapes and background.
+from the distractors in colour, shape, size or orientation (the feature cycles with the scene index).
+The distractors are one kind of object but distinguishable instances: each has its own shade (hue within
+``INSTANCE_HUE``, value within ``INSTANCE_VALUE`` of the kind's colour; no two objects share a paint),
+size (radius within a factor ``1 +- INSTANCE_SIZE``) and rotation (within ``INSTANCE_ANGLE`` rad). These
+spreads are far smaller than the target's difference in its feature (hue 0.3-0.7 turns away, radius x1.5 or
+x0.62, a quarter turn or, for a triangle, a half turn), so the distractors stay closer to each other than to
+the target in that feature; the target has the kind's own attributes apart from its feature.
+Objects are rasterised without anti-aliasing, so the masks are exactly the pixels painted, one paint per
+object. Scene ``i`` depends only on ``(seed, i)``: the first k scenes of a run of n are the scenes of a
+run of k. A ``scenes.csv`` manifest records each scene's feature, shapes, background and, in column
+``instances`` (JSON, decoded by the loader into ``O3Sample.info["instances"]``), every object's label,
+paint, radius and angle.
 """
 
 from __future__ import annotations
 
 import colorsys
 import csv
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -50,6 +59,8 @@ SHAPES = ("disc", "square", "triangle", "cross", "ellipse", "bar")
 ORIENTED_SHAPES = ("ellipse", "bar", "triangle")
 BACKGROUNDS = ("uniform", "gradient", "noise", "stripes")
 MANIFEST = "scenes.csv"
+# Per-distractor spread around the kind's attributes: the hue (turns), HSV value, radius factor and angle (rad).
+INSTANCE_HUE, INSTANCE_VALUE, INSTANCE_SIZE, INSTANCE_ANGLE = 0.03, 0.08, 0.06, math.radians(8)
 
 
 class O3Error(ValueError):
@@ -81,7 +92,15 @@ class O3Sample:
     target: np.ndarray
     distractor: np.ndarray
     objects: np.ndarray | None = None
-    info: dict = field(default_factory=dict)  # generator metadata (feature, shapes, ...); empty for O3
+    info: dict = field(default_factory=dict)  # generator metadata (feature, shapes, instances, ...); empty for O3
+
+    @property
+    def kinds(self) -> dict[int, int] | None:
+        """Object label -> kind for the label map of a generated scene: 0 background, 1 the target, 2 every
+        distractor (one kind, many instances). None without a label map (O3 itself has none)."""
+        if self.objects is None:
+            return None
+        return {int(label): min(int(label), 2) for label in np.unique(self.objects)}
 
 
 def _read_mask(path: Path, shape: tuple[int, int], what: str) -> np.ndarray:
@@ -97,7 +116,11 @@ def _read_manifest(root: Path) -> dict[str, dict]:
     if not path.is_file():
         return {}
     with path.open(newline="") as handle:
-        return {row["id"]: row for row in csv.DictReader(handle)}
+        rows = {row["id"]: row for row in csv.DictReader(handle)}
+    for row in rows.values():
+        if row.get("instances"):
+            row["instances"] = json.loads(row["instances"])
+    return rows
 
 
 class O3Set(Sequence):
@@ -233,10 +256,26 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
     return (1 - weight) * first + weight * second, kind
 
 
+def _paint(colour: np.ndarray) -> tuple[int, int, int]:
+    return tuple(int(c) for c in np.clip(np.round(colour), 0, 255))
+
+
+def _instance_paint(rng: np.random.Generator, hue: float, saturation: float, value: float,
+                    taken: set) -> tuple[int, int, int]:
+    """A distractor's own shade of the kind's colour, differing from every paint in ``taken`` (then added)."""
+    low, high = max(value - INSTANCE_VALUE, 0.0), min(value + INSTANCE_VALUE, 1.0)
+    while True:
+        paint = _paint(_colour(hue + rng.uniform(-INSTANCE_HUE, INSTANCE_HUE), saturation, rng.uniform(low, high)))
+        if paint not in taken:
+            taken.add(paint)
+            return paint
+
+
 def render_scene(seed: int, index: int, size: int = 224) -> tuple[np.ndarray, np.ndarray, dict]:
     """Scene ``index`` of ``seed`` -> ``(rgb [S, S, 3] uint8, labels [S, S] uint8, info)``.
 
-    ``labels``: 0 background, 1 target, 2.. distractors. ``info``: feature, shapes, colours, background.
+    ``labels``: 0 background, 1 target, 2.. distractors. ``info``: feature, shapes, background, and
+    ``instances``: one dict per object (``label``, ``paint`` RGB, ``radius`` px, ``angle`` degrees), the target first.
     """
     rng = np.random.default_rng([seed, index])
     feature = FEATURES[index % len(FEATURES)]
@@ -254,11 +293,10 @@ def render_scene(seed: int, index: int, size: int = 224) -> tuple[np.ndarray, np
     target_shape = shape
     if feature == "shape":
         target_shape = str(rng.choice([s for s in SHAPES if s != shape]))
-    hue = rng.random()
-    colour = _colour(hue, rng.uniform(0.65, 1.0), rng.uniform(0.65, 1.0))
-    target_colour = colour
+    hue, saturation, value = rng.random(), rng.uniform(0.65, 1.0), rng.uniform(0.65, 1.0)
+    target_paint = _paint(_colour(hue, saturation, value))
     if feature == "colour":
-        target_colour = _colour(hue + rng.uniform(0.3, 0.7), rng.uniform(0.65, 1.0), rng.uniform(0.65, 1.0))
+        target_paint = _paint(_colour(hue + rng.uniform(0.3, 0.7), rng.uniform(0.65, 1.0), rng.uniform(0.65, 1.0)))
     radius = cell * rng.uniform(0.28, 0.33)
     target_radius = radius
     if feature == "size":
@@ -271,24 +309,31 @@ def render_scene(seed: int, index: int, size: int = 224) -> tuple[np.ndarray, np
     rgb, background = _background(rng, size)
     labels = np.zeros((size, size), dtype=np.uint8)
     ys, xs = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
+    # The distractors' variations come from a stream of their own, so the layout draws stay in step.
+    variation = np.random.default_rng([seed, index, 1])
+    taken = {target_paint}
+    instances = {}
     next_label = 2
     for c in cells:  # row-major, so distractor labels follow reading order
         row, col = divmod(int(c), cells_per_side)
-        is_target = int(c) == target_cell
-        r = target_radius if is_target else radius
+        if int(c) == target_cell:
+            label, kind, r, a, paint = 1, target_shape, target_radius, target_angle, target_paint
+        else:
+            label, kind, next_label = next_label, shape, next_label + 1
+            paint = _instance_paint(variation, hue, saturation, value, taken)
+            r = radius * (1 + variation.uniform(-INSTANCE_SIZE, INSTANCE_SIZE))
+            a = angle + variation.uniform(-INSTANCE_ANGLE, INSTANCE_ANGLE)
         slack = max(cell / 2 - r * 1.05 - 1, 0)
         cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
         cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
-        inside = _shape_mask(target_shape if is_target else shape, r, target_angle if is_target else angle, xs - cx, ys - cy)
-        inside &= labels == 0
-        if is_target:
-            labels[inside], paint = 1, target_colour
-        else:
-            labels[inside], paint = next_label, colour
-            next_label += 1
+        inside = _shape_mask(kind, r, a, xs - cx, ys - cy) & (labels == 0)
+        labels[inside] = label
         rgb[inside] = paint
+        instances[label] = {"label": label, "paint": list(paint), "radius": round(r, 2),
+                            "angle": round(math.degrees(a), 1)}
     info = {"feature": feature, "shape": shape, "target_shape": target_shape, "objects": len(cells),
-            "grid": cells_per_side, "background": background}
+            "grid": cells_per_side, "background": background,
+            "instances": [instances[label] for label in sorted(instances)]}
     return np.clip(rgb, 0, 255).round().astype(np.uint8), labels, info
 
 
@@ -323,7 +368,8 @@ def generate_scenes(root: str | Path, n: int, seed: int = 0, size: int = 224, la
         Image.fromarray(((labels == 1) * 255).astype(np.uint8)).save(folders[1] / f"{key}.png")
         Image.fromarray(((labels >= 2) * 255).astype(np.uint8)).save(folders[2] / f"{key}.png")
         Image.fromarray(labels).save(folders[3] / f"{key}.png")
-        rows.append({"id": key, "seed": seed, "index": index, "size": size, **info})
+        rows.append({"id": key, "seed": seed, "index": index, "size": size, **info,
+                     "instances": json.dumps(info["instances"], separators=(",", ":"))})
     with (root / MANIFEST).open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

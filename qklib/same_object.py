@@ -8,13 +8,29 @@ separate feature as in ``qklib.search``). Per head the paper weights modes by si
 ``P_head = sum_n (s_n / sum_m s_m) P_n`` (over modes with at least one scored image); per layer, the mean
 over heads.
 
-Objects are the non-zero labels of an instance label map (0 = background/unlabelled, left out). Each
-object's mean projection is area-weighted over the tokens it covers (the label map is resized and
-centre-cropped exactly like the image, nearest neighbour, then the fraction of each token's 14 x 14 patch
-the object covers is its weight). Objects covering less than ``min_tokens`` tokens' worth of area are
-ignored; images with fewer than two such objects are skipped (the answer would be trivially "same").
-Chance: if the two objects were picked at random among an image's K objects, P = 1/K; the same weighting
+Objects are the non-zero labels of an instance label map; the background (label 0) is left out, or, with
+``background=True``, counted as one more object (ADE20K segments everything, sky and wall included, so a
+mode from an object to its surroundings can count there). Each object's mean projection is area-weighted
+over the tokens it covers (the label map is resized and centre-cropped exactly like the image, nearest
+neighbour, then the fraction of each token's 14 x 14 patch the object covers is its weight). Objects
+covering less than ``min_tokens`` tokens' worth of area are ignored; images with fewer than two such objects
+are skipped (the answer would be trivially "same").
+
+"Same" has two meanings (``match``):
+
+* ``"instance"``: the query object and the key object are one object (equal labels);
+* ``"kind"``: they are objects of one kind (the item's ``kinds`` maps each label to a kind: in generated
+  scenes every distractor is one kind, the target another; in ADE20K the object class). The objects are
+  found exactly as for ``"instance"``, so P(same kind) >= P(same instance), and the difference is the share
+  of top images where the two features fall on two different objects of one kind. The background is a kind
+  of its own.
+
+Chance: if the two objects were picked independently and uniformly among an image's K objects,
+P(same instance) = 1/K and P(same kind) = sum_c (n_c / K)^2 (n_c objects of kind c); the same weighting
 gives the chance level per layer.
+
+:func:`same_object_variants` computes every combination of ``background`` and ``match`` from one forward
+pass per batch; :func:`same_object_probability` is one of them.
 
 Data: generated odd-one-out scenes (``qklib.o3.generate_scenes``, whose ``objects/`` label maps hold
 1 = target, 2.. = distractors) by default, or an ADE20K folder (``qklib.ade20k.load_ade20k``).
@@ -71,12 +87,17 @@ def token_coverage(model, labels: np.ndarray, min_tokens: float = 0.5,
 
 # --- the statistic -------------------------------------------------------------------------------------
 
+MATCHES = ("instance", "kind")
+_BACKGROUND_KIND, _PADDING_KIND = -1, -2
+
+
 @dataclass
 class SameObject:
-    """Same-object statistics.
+    """Same-object statistics of one variant (``background``: label 0 counted as an object; ``match``:
+    ``"instance"`` or ``"kind"``).
 
     ``same``: ``[L', H, r, 2]`` P_n per feature (sign axis +1, -1), NaN where no image scored above 0.
-    ``chance``: same shape, mean 1/K over those images. ``per_head``, ``chance_head``: ``[L', H]`` after
+    ``chance``: same shape, the mean chance over those images. ``per_head``, ``chance_head``: ``[L', H]`` after
     the s_n weighting (signs pooled); ``per_layer``, ``chance_layer``: ``[L']``, mean over heads.
     ``images_used``: images with >= 2 objects; ``images_skipped``: the rest.
     """
@@ -92,6 +113,8 @@ class SameObject:
     images_used: int
     images_skipped: int
     seconds: float
+    background: bool = False
+    match: str = "instance"
 
 
 def _weighted(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -103,57 +126,113 @@ def _weighted(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return np.where(valid, values * w, 0).sum((2, 3)) / total
 
 
-@torch.no_grad()
-def same_object_probability(model, svd: QKSVD, dataset: Sequence, k: int = 5, layers=None, batch_size: int = 16,
-                            min_tokens: float = 0.5, background: bool = False) -> SameObject:
-    """P(query and key features pick the same object) per layer; see the module docstring.
+def has_kinds(dataset: Sequence) -> bool:
+    """Whether the items of ``dataset`` carry kind labels (``item.kinds``), so ``match="kind"`` applies: generated
+    scenes do, ADE20K in its full and instance layouts does (the object class), other folders do not."""
+    return len(dataset) > 0 and getattr(dataset[0], "kinds", None) is not None
 
-    ``dataset``: a sequence of items with ``.image`` (PIL) and ``.objects`` (instance label map, 0 = background),
-    e.g. generated scenes (``qklib.o3.generate_scenes``) or ``qklib.ade20k.load_ade20k(root)``. Streams: memory does not grow with its length.
-    ``background=True`` counts label 0 as an object too (:func:`token_coverage`).
+
+def _object_kinds(item, ids: np.ndarray) -> np.ndarray:
+    """``[K]`` kind of each object id (the background its own kind), from ``item.kinds`` (label -> kind)."""
+    kinds = getattr(item, "kinds", None)
+    if kinds is None:
+        raise ImageError(f"image {getattr(item, 'id', '?')!r} has no kind labels, so P(same kind) cannot be computed; "
+                         "pass match=('instance',) or use data with kinds (generated scenes, ADE20K's full or "
+                         "instance layout)")
+    missing = [int(i) for i in ids if i != 0 and int(i) not in kinds]
+    if missing:
+        raise ImageError(f"image {getattr(item, 'id', '?')!r}: object label(s) {missing[:5]} have no kind in its kinds")
+    return np.array([_BACKGROUND_KIND if i == 0 else kinds[int(i)] for i in ids], np.int64)
+
+
+def _chances(kinds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``kinds [B, K]``, ``valid [B, K]`` -> ``[B, 2]``: chance of the same instance (1/K) and of the same kind
+    (sum over kinds of (n_c / K)^2) when both objects are drawn uniformly among the valid ones."""
+    count = valid.sum(1).clamp_min(1).float()
+    pairs = (kinds[:, :, None] == kinds[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    return torch.stack([1 / count, pairs.sum((1, 2)).float() / count**2], 1)
+
+
+@torch.no_grad()
+def same_object_variants(model, svd: QKSVD, dataset: Sequence, k: int = 5, layers=None, batch_size: int = 16,
+                         min_tokens: float = 0.5, background: Sequence[bool] = (False, True),
+                         match: Sequence[str] = MATCHES) -> dict[tuple[bool, str], SameObject]:
+    """P(query and key features pick the same object) per layer for every ``(background, match)`` asked for,
+    from one forward pass per batch; see the module docstring. Returns ``{(background, match): SameObject}``.
+
+    ``dataset``: a sequence of items with ``.image`` (PIL), ``.objects`` (instance label map, 0 = background)
+    and, for ``match="kind"``, ``.kinds`` (label -> kind); e.g. generated scenes (``qklib.o3.generate_scenes``)
+    or ``qklib.ade20k.load_ade20k(root)``. Streams: memory does not grow with its length. The top-k of each
+    background setting is taken over the images it can use (two or more objects).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    background, match = tuple(dict.fromkeys(bool(b) for b in background)), tuple(dict.fromkeys(match))
+    unknown = [m for m in match if m not in MATCHES]
+    if unknown or not match or not background:
+        raise ValueError(f"match must be a non-empty subset of {MATCHES} and background of (False, True); "
+                         f"got {match!r}, {background!r}")
     meta = info(model)
     device = next(model.parameters()).device
     features = Features.select(svd, layers, None, None, device=device, model=model)  # projections read from q, k
     transform = model_transform(model)
-    top = RunningTopK(features.count, k, payload_dtype=torch.float32, payload_width=2, device=device)
-    used = skipped = 0
+    width = 2 * len(match)  # (same, chance) per match
+    tops = [RunningTopK(features.count, k, payload_dtype=torch.float32, payload_width=width, device=device)
+            for _ in background]
+    used, seen, skipped = [0] * len(background), 0, 0
     start = time.perf_counter()
-    batch: list[tuple[torch.Tensor, np.ndarray]] = []
+    batch: list[tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def flush():
-        nonlocal used
+        nonlocal seen
         if not batch:
             return
-        pixels = torch.stack([p for p, _ in batch]).to(device)
-        count = max(len(c) for _, c in batch)
+        pixels = torch.stack([b[0] for b in batch]).to(device)
+        # Row 0 of every image is its background (empty where it covers too little), rows 1.. its objects, so
+        # "background left out" is the same argmax over rows 1..
+        count = 1 + max(int((b[2] != 0).sum()) for b in batch)
         coverage = torch.zeros(len(batch), count, batch[0][1].shape[1])
-        for row, (_, cov) in enumerate(batch):
-            coverage[row, : len(cov)] = torch.from_numpy(cov)
-        coverage = coverage.to(device)
-        present = coverage.sum(-1, keepdim=True)  # [B, K, 1]; 0 for padding
-        objects = (present[..., 0] > 0).sum(1).float()  # [B]
+        kinds = torch.full((len(batch), count), _PADDING_KIND, dtype=torch.long)
+        for row, (_, cov, ids, kind) in enumerate(batch):
+            slots = torch.from_numpy(np.where(ids == 0, 0, np.cumsum(ids != 0)))
+            coverage[row, slots] = torch.from_numpy(cov)
+            kinds[row, slots] = torch.from_numpy(kind)
+        present = coverage.sum(-1) > 0  # [B, K]; False for padding and a missing background
+        starts = [0 if bg else 1 for bg in background]
+        eligible = torch.stack([present[:, s:].sum(-1) >= 2 for s in starts])  # [V, B]
+        chances = torch.stack([_chances(kinds[:, s:], present[:, s:]) for s in starts])  # [V, B, 2]
+        coverage, kinds, absent = coverage.to(device), kinds.to(device), ~present.to(device)[..., None]
+        area = coverage.sum(-1, keepdim=True).clamp_min(1e-9)  # [B, K, 1]
+        rows = torch.arange(len(batch), device=device)[None, :, None]
         out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def on_layer(layer, x, qkv):
             projected = features.projected(layer, x, qkv, meta.prefix_tokens)  # [B, T, 2F]
-            means = (coverage @ projected) / present.clamp_min(1e-9)  # [B, K, 2F]
+            means = (coverage @ projected) / area  # [B, K, 2F]
             f = projected.shape[-1] // 2
-            hi = means.masked_fill(present == 0, float("-inf"))
-            lo = means.masked_fill(present == 0, float("inf"))
-            same_pos = hi[..., :f].argmax(1) == hi[..., f:].argmax(1)  # [B, F]
-            same_neg = lo[..., :f].argmin(1) == lo[..., f:].argmin(1)
-            out[layer] = (feature_scores(projected), torch.stack([same_pos, same_neg], -1).float())
+            hi, lo = means.masked_fill(absent, float("-inf")), means.masked_fill(absent, float("inf"))
+            found = []
+            for s in starts:  # each background setting: the rows it counts as objects
+                best = torch.cat([hi[:, s:].argmax(1), lo[:, s:].argmin(1)], 1) + s  # [B, 4F]: q+, k+, q-, k-
+                picks = best.view(len(batch), 4, f).transpose(0, 1)  # [4, B, F]
+                same = {"instance": picks[0::2] == picks[1::2]}  # [2 signs, B, F]
+                if "kind" in match:
+                    picked = kinds[rows, picks]  # [4, B, F]
+                    same["kind"] = picked[0::2] == picked[1::2]
+                found.append(torch.stack([same[m] for m in match], -1).permute(1, 2, 0, 3))  # [B, F, 2, M]
+            out[layer] = (feature_scores(projected), torch.stack(found))  # [B, F, 2], [V, B, F, 2, M]
 
         features.run(model, pixels, on_layer)
         scores = torch.cat([out[layer][0] for layer in features.layers], 1).reshape(len(batch), -1)  # [B, F]
-        same = torch.cat([out[layer][1] for layer in features.layers], 1).reshape(len(batch), -1)
-        chance = (1.0 / objects)[:, None].expand_as(same)
-        payload = torch.stack([same, chance], -1).transpose(0, 1)  # [F, B, 2]
-        top.update(scores.T, torch.arange(used, used + len(batch), device=device), payload)
-        used += len(batch)
+        same = torch.cat([out[layer][1] for layer in features.layers], 2)
+        same = same.reshape(len(background), len(batch), -1, len(match)).float()  # [V, B, F, M]
+        positions = torch.arange(seen, seen + len(batch), device=device)
+        for i, top in enumerate(tops):
+            chance = chances[i][:, [MATCHES.index(m) for m in match]].to(device)[:, None].expand_as(same[i])
+            payload = torch.stack([same[i], chance], -1).reshape(len(batch), -1, width).transpose(0, 1)
+            top.update(scores.T * eligible[i].to(device), positions, payload)  # score 0: never kept
+            used[i] += int(eligible[i].sum())
+        seen += len(batch)
         batch.clear()
 
     for item in dataset:
@@ -161,27 +240,46 @@ def same_object_probability(model, svd: QKSVD, dataset: Sequence, k: int = 5, la
         if labels is None:
             raise ImageError(f"image {getattr(item, 'id', '?')!r} has no object label map; same-object "
                              "probability needs instance masks (generated scenes or ADE20K)")
-        coverage, ids = token_coverage(model, labels, min_tokens, background)
-        if len(ids) < 2:
+        coverage, ids = token_coverage(model, labels, min_tokens, background=True)
+        enough = max((ids != 0).sum() if not bg else len(ids) for bg in background)
+        if enough < 2:
             skipped += 1
             continue
-        batch.append((transform(item.image.convert("RGB")), coverage))
+        kind = _object_kinds(item, ids) if "kind" in match else np.zeros(len(ids), np.int64)
+        batch.append((transform(item.image.convert("RGB")), coverage, ids, kind))
         if len(batch) == batch_size:
             flush()
     flush()
-    if used == 0:
+    if max(used, default=0) == 0:
         raise ImageError("no image had two or more objects large enough to compare; check the masks")
-    shape = (*features.shape, k)
-    top = top.cpu()
-    valid = (top.position >= 0).reshape(shape)
-    payload = top.payload.reshape(*shape, 2).numpy()
-    count = valid.sum(-1).numpy()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        same = np.where(valid.numpy(), payload[..., 0], 0).sum(-1) / count
-        chance = np.where(valid.numpy(), payload[..., 1], 0).sum(-1) / count
-    same[count == 0] = np.nan
-    chance[count == 0] = np.nan
+    seconds = time.perf_counter() - start
     weights = svd.S[features.layers].numpy()
-    per_head, chance_head = _weighted(same, weights), _weighted(chance, weights)
-    return SameObject(features.layers, k, same, chance, per_head, chance_head, np.nanmean(per_head, 1),
-                      np.nanmean(chance_head, 1), used, skipped, time.perf_counter() - start)
+    shape = (*features.shape, k)
+    results = {}
+    for bg, top, n_used in zip(background, tops, used):
+        top = top.cpu()
+        valid = (top.position >= 0).reshape(shape).numpy()
+        payload = top.payload.reshape(*shape, len(match), 2).numpy()
+        count = valid.sum(-1)
+        for m, name in enumerate(match):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                same = np.where(valid, payload[..., m, 0], 0).sum(-1) / count
+                chance = np.where(valid, payload[..., m, 1], 0).sum(-1) / count
+            same[count == 0] = np.nan
+            chance[count == 0] = np.nan
+            per_head, chance_head = _weighted(same, weights), _weighted(chance, weights)
+            results[bg, name] = SameObject(features.layers, k, same, chance, per_head, chance_head,
+                                           np.nanmean(per_head, 1), np.nanmean(chance_head, 1), n_used,
+                                           seen + skipped - n_used, seconds, bg, name)
+    return results
+
+
+def same_object_probability(model, svd: QKSVD, dataset: Sequence, k: int = 5, layers=None, batch_size: int = 16,
+                            min_tokens: float = 0.5, background: bool = False, match: str = "instance") -> SameObject:
+    """P(query and key features pick the same object) per layer, one variant of :func:`same_object_variants`.
+
+    ``background=True`` counts label 0 as an object too (:func:`token_coverage`); ``match="kind"`` counts two
+    objects of one kind as the same (the items need ``.kinds``).
+    """
+    return same_object_variants(model, svd, dataset, k, layers, batch_size, min_tokens, (background,),
+                                (match,))[bool(background), match]

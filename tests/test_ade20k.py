@@ -24,6 +24,7 @@ def test_ade20k_layouts(tmp_path):
     labels = data[0].objects
     assert labels.shape == (20, 30) and labels[15, 25] == 0
     assert len(np.unique(labels[:10])) == 1 and labels[0, 0] != labels[15, 0] and labels[15, 0] > 0
+    assert data[0].kinds == {int(labels[0, 0]): 261, int(labels[15, 0]): 515}  # the classes the files name
     # ADEChallengeData2016 + instance annotations: R = category, G = instance
     challenge = tmp_path / "ADEChallengeData2016"
     (challenge / "images" / "validation").mkdir(parents=True)
@@ -37,6 +38,7 @@ def test_ade20k_layouts(tmp_path):
     assert data.kind == "instance"
     labels = data[0].objects
     assert len(np.unique(labels)) == 3 and labels[0, 25] == 0 and labels[0, 0] != labels[0, 15]
+    assert data[0].kinds == {int(labels[0, 0]): 7, int(labels[0, 15]): 7}  # two instances of one class
     # semantic maps only: one object per class
     semantic = tmp_path / "sem"
     (semantic / "images" / "validation").mkdir(parents=True)
@@ -46,6 +48,7 @@ def test_ade20k_layouts(tmp_path):
         semantic / "annotations" / "validation" / "a.png")
     data = ade20k.load_ade20k(semantic)
     assert data.kind == "semantic" and sorted(np.unique(data[0].objects)) == [0, 1, 2]
+    assert data[0].kinds is None  # objects are classes already: no kinds beyond them
     with pytest.raises(ImageError, match="no ADE20K images"):
         ade20k.load_ade20k(tmp_path / "sem" / "images")
     with pytest.raises(ImageError, match="does not exist"):

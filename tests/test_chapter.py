@@ -1,5 +1,7 @@
 """qklib.chapter: declared parameters read from a notebook, the gallery and scenes on disk, input-keyed caches."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -53,6 +55,17 @@ def test_gallery_holds_the_photos_and_exactly_the_current_scenes(tmp_path):
     chapter.gallery(tmp_path, fewer)
     assert sorted(p.name for p in (root / "scenes").iterdir()) == ["scene_00000.png", "scene_00001.png"]
     assert np.array_equal(np.asarray(Image.open(root / "scenes" / "scene_00001.png")), np.asarray(fewer[1].image))
+
+
+def test_gallery_rewrites_a_scene_an_older_generator_wrote_and_only_that(tmp_path):
+    scenes = chapter.scenes(tmp_path, 2, seed=1, size=64)
+    root = chapter.gallery(tmp_path, scenes)
+    stale, kept = root / "scenes" / "scene_00000.png", root / "scenes" / "scene_00001.png"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(stale)  # what an older generator might have drawn
+    os.utime(kept, ns=(1, 1))
+    chapter.gallery(tmp_path, chapter.scenes(tmp_path, 2, seed=1, size=64))
+    assert np.array_equal(np.asarray(Image.open(stale)), np.asarray(scenes[0].image))
+    assert kept.stat().st_mtime_ns == 1  # untouched: a search cached on the listing stays valid
 
 
 def test_gallery_image_by_name_relative_path_or_file(tmp_path):

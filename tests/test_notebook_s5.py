@@ -1,5 +1,7 @@
 """The §5 chapter run end to end with small parameters (slow: papermill)."""
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -30,7 +32,10 @@ def test_chapter_runs_with_small_parameters(tmp_path, run_chapter):
     assert str(tmp_path) not in markdown + page  # no machine path in the page
     glued = {o["metadata"]["scrapbook"]["name"] for o in outputs if "scrapbook" in o.get("metadata", {})}
     assert {"s5_early", "s5_trend", "s5_top_share", "s5_seconds", "s5_walk_name", "s5_abl_ours", "s5_abl_paper",
-            "s5_featured_modes", "s5_bg_early"} <= glued
+            "s5_featured_modes", "s5_bg_early", "s5_course_nobg_instance", "s5_course_bg_kind", "s5_kind_gap_nobg",
+            "s5_background_gap", "s5_kinds"} <= glued
+    prose = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "markdown")
+    assert not set(re.findall(r"\{glue:text\}`(s5_\w+)", prose)) - glued  # every value the prose names was glued
     state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     sliders = [w["state"] for w in state.values() if w["model_name"] == "SelectionSliderModel"]
     assert len(sliders) == 5  # explorer: layer, head, mode; walkthrough: layer, head

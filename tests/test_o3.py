@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import colorsys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -25,6 +27,10 @@ def test_generator_is_deterministic_and_prefix_stable(tmp_path):
         assert one.id == two.id
         assert np.array_equal(np.asarray(one.image), np.asarray(two.image))
         assert np.array_equal(one.objects, two.objects)
+        assert one.info["instances"] == two.info["instances"] and len(one.info["instances"]) == int(one.info["objects"])
+        for folder in ("images", "objects"):  # the same seed writes the same bytes
+            name = f"{folder}/{one.id}.png"
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert not np.array_equal(np.asarray(first[0].image), np.asarray(other[0].image))
     for name in ("images", "targ_images", "dist_images", "objects"):
         assert (tmp_path / "a" / name / "scene_00004.png").is_file()
@@ -48,20 +54,85 @@ def test_generated_masks_are_exact_and_label_map_consistent(scenes):
     assert features == {"colour", "shape", "size", "orientation"}
 
 
+def _paint_hue(rgb, mask):
+    return colorsys.rgb_to_hsv(*(rgb[mask][0] / 255))[0]
+
+
+def _complex_moment(mask, order):
+    """sum over the object's pixels of (z - centroid)^order, z = x + iy: its phase turns with the object."""
+    ys, xs = np.nonzero(mask)
+    z = (xs - xs.mean()) + 1j * (ys - ys.mean())
+    return np.sum(z ** order)
+
+
+def _shape_descriptor(mask):
+    """Moments that neither rotation nor scale change: spread and the 2-, 3- and 4-fold symmetry magnitudes."""
+    area = float(mask.sum())
+    ys, xs = np.nonzero(mask)
+    spread = np.sum((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2) / area ** 2
+    return np.array([spread] + [abs(_complex_moment(mask, k)) / area ** (1 + k / 2) for k in (2, 3, 4)])
+
+
+def _feature_distance(feature, shape, rgb, one, two):
+    """How far two objects (pixel masks) are apart in the feature that makes a scene's target odd."""
+    if feature == "colour":
+        gap = abs(_paint_hue(rgb, one) - _paint_hue(rgb, two))
+        return min(gap, 1 - gap)
+    if feature == "size":
+        return abs(np.log(one.sum() / two.sum()))
+    if feature == "orientation":
+        order = 3 if shape == "triangle" else 2  # a triangle repeats every third of a turn, an ellipse or bar every half
+        turn = np.angle(_complex_moment(one, order) / _complex_moment(two, order)) / order
+        return abs(turn)
+    return float(np.abs(_shape_descriptor(one) - _shape_descriptor(two)).max())
+
+
+def test_distractors_are_distinguishable_instances_of_one_kind():
+    for index in range(40):
+        rgb, labels, info = render_scene(seed=1, index=index)
+        distractors = [labels == label for label in range(2, int(labels.max()) + 1)]
+        assert len(distractors) >= 3
+        paints = [{tuple(c) for c in rgb[mask]} for mask in distractors]
+        for i, first in enumerate(paints):  # pairwise distinguishable: no paint shared between two distractors
+            assert len(first) == 1
+            assert all(first.isdisjoint(second) for second in paints[i + 1:]), (index, i)
+        # ... yet closer to each other than to the target in the feature that makes the target odd
+        feature, shape, target = info["feature"], info["shape"], labels == 1
+        within = max(_feature_distance(feature, shape, rgb, a, b) for i, a in enumerate(distractors)
+                     for b in distractors[i + 1:])
+        across = min(_feature_distance(feature, shape, rgb, target, d) for d in distractors)
+        assert within < across, (index, feature, within, across)
+
+
+def test_distractors_vary_in_shade_size_and_rotation_only_a_little():
+    sizes, turns = [], []
+    for index in range(16):
+        rgb, labels, info = render_scene(seed=2, index=index)
+        distractors = [labels == label for label in range(2, int(labels.max()) + 1)]
+        areas = np.array([mask.sum() for mask in distractors])
+        sizes.append(areas.max() / areas.min())
+        if info["feature"] == "colour":  # the target keeps the kind's other attributes: its hue is far away
+            hues = [_paint_hue(rgb, mask) for mask in distractors]
+            assert max(hues) - min(hues) < 0.1 or max(hues) - min(hues) > 0.9  # one hue family (mod 1)
+        if info["shape"] in ("ellipse", "bar"):
+            angles = [np.angle(_complex_moment(mask, 2)) / 2 for mask in distractors]
+            turns.append(max(abs(np.angle(np.exp(2j * (a - angles[0])))) / 2 for a in angles))
+        assert [entry["label"] for entry in info["instances"]] == list(range(1, len(distractors) + 2))
+    assert 1.05 < max(sizes) < 1.6  # instances differ in size, but by far less than a size target's factor 2+
+    assert turns and 0.02 < max(turns) < np.radians(20)
+
+
 def test_target_differs_from_distractors_in_its_feature():
     for index in range(8):
         rgb, labels, info = render_scene(seed=1, index=index)
-        target_colour = rgb[labels == 1][0]
-        distractor_colour = rgb[labels == 2][0]
-        target_area, distractor_area = (labels == 1).sum(), (labels == 2).sum()
-        if info["feature"] == "colour":
-            assert not np.array_equal(target_colour, distractor_colour)
-        else:
-            assert np.array_equal(target_colour, distractor_colour)
+        target_area = (labels == 1).sum()
+        distractor_areas = [(labels == label).sum() for label in range(2, int(labels.max()) + 1)]
         if info["feature"] == "size":
-            assert not 0.8 < target_area / distractor_area < 1.25
+            assert all(not 0.8 < target_area / area < 1.25 for area in distractor_areas)
         if info["feature"] == "shape":
             assert info["target_shape"] != info["shape"]
+        else:
+            assert info["target_shape"] == info["shape"]
 
 
 def test_generator_will_not_overwrite_a_foreign_folder(tmp_path):

@@ -222,7 +222,8 @@ def test_measure_variants_share_one_pass_and_the_default_is_the_paper(model, sce
     for variant in (("peak", "removed"), ("all", "kept"), ("all", "removed")):
         np.testing.assert_allclose(select(table, *variant)[list(GROUPS)].sum(axis=1), 1, atol=1e-5)
     no_self = select(table, "peak", "removed")
-    assert (no_self["same"] < paper["same"] + 1e-9).all()  # the self term only ever adds to "same"
+    # the self term only ever adds to "same" (ties where the query barely attends to itself; 1e-9 vanishes in float32)
+    assert (no_self["same"].to_numpy() <= paper["same"].to_numpy() + 1e-6).all()
     stats = per_layer(table)
     assert len(stats) == 2 * 2 * 12 * 3 and set(stats["self_token"]) == {"kept", "removed"}
     with pytest.raises(ValueError, match="no rows"):

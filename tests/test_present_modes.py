@@ -194,26 +194,63 @@ def test_walkthrough_ranks_modes_by_contribution(tiny, photos):
 
 # --- Fig 6 ---------------------------------------------------------------------------------------------------
 
-def _same(per_layer, chance=None):
+def _same(per_layer, chance=None, background=False, match="instance"):
     per_layer = np.asarray(per_layer, float)
     chance = np.full_like(per_layer, 0.1) if chance is None else np.asarray(chance, float)
     n = len(per_layer)
     return SameObject(list(range(n)), 5, np.zeros((n, 1, 1, 2)), np.zeros((n, 1, 1, 2)), per_layer[:, None],
-                      chance[:, None], per_layer, chance, 10, 1, 0.5)
+                      chance[:, None], per_layer, chance, 10, 1, 0.5, background, match)
+
+
+def _variants(values, chances=None):
+    """{(background, match): SameObject} from {(background, match): per-layer values}."""
+    return {key: _same(v, None if chances is None else chances[key], *key) for key, v in values.items()}
 
 
 def test_same_object_table_and_chart():
-    same, control = _same([0.5, 0.6, 0.3, 0.2]), _same([0.1, 0.12, 0.09, 0.11])
-    table = figures.same_object_table(same, control, "my model", num_layers=4)
-    assert table["model"].unique().tolist() == ["my model", "random-init control", "chance (1/K)"]
-    mine = table[table["model"] == "my model"]
-    assert mine["P(same object)"].tolist() == [0.5, 0.6, 0.3, 0.2] and mine["depth"].tolist() == [0, 1 / 3, 2 / 3, 1]
-    assert table[table["model"] == "chance (1/K)"]["P(same object)"].tolist() == [0.1] * 4
-    both = figures.same_object_table(same, control, "my model", 4, background=(_same([0.7] * 4, [0.3] * 4), control))
-    assert len(both) == 6 * 4 and both[both["model"] == "my model, background an object"]["P(same object)"].tolist() == [0.7] * 4
-    assert both[both["model"] == "chance (1/K), background an object"]["P(same object)"].tolist() == [0.3] * 4
-    chart = figures.same_object_chart(table)
-    assert chart.to_dict()["encoding"]["x"]["field"] == "depth" and len(_chart_rows(chart)) == 12
+    model = _variants({(False, "instance"): [0.5, 0.6, 0.3, 0.2], (False, "kind"): [0.6, 0.9, 0.5, 0.2],
+                       (True, "instance"): [0.7] * 4, (True, "kind"): [0.8] * 4},
+                      {(False, "instance"): [0.1] * 4, (False, "kind"): [0.6] * 4, (True, "instance"): [0.3] * 4,
+                       (True, "kind"): [0.5] * 4})
+    control = _variants({key: [0.1, 0.12, 0.09, 0.11] for key in model})
+    table = figures.same_object_table(model, control, "my model", num_layers=4)
+    assert len(table) == 4 * 3 * 4  # variants x series x layers
+    assert set(table["model"]) == {"my model", "random-init control", "chance"}
+    mine = table[(table["model"] == "my model") & (table["same"] == "same kind") & (table["objects"] == "background left out")]
+    assert mine["P(same)"].tolist() == [0.6, 0.9, 0.5, 0.2] and mine["depth"].tolist() == [0, 1 / 3, 2 / 3, 1]
+    chance = table[(table["model"] == "chance") & (table["objects"] == "background an object")]
+    assert sorted(set(chance["P(same)"])) == [0.3, 0.5]  # the kind's chance is its own, not 1/K
+    only = figures.same_object_table({(False, "instance"): model[False, "instance"]},
+                                     {(False, "instance"): control[False, "instance"]}, "my model", 4)
+    assert len(only) == 3 * 4 and set(only["same"]) == {"same instance"}
+    chart = figures.same_object_chart(table).to_dict()
+    assert chart["spec"]["encoding"]["x"]["field"] == "depth"
+    assert chart["facet"]["row"]["field"] == "same" and chart["facet"]["column"]["field"] == "objects"
+    data = chart["data"]
+    assert len(data["values"] if "values" in data else chart["datasets"][data["name"]]) == 48
+
+
+def test_variant_findings_state_every_layer_and_the_gaps():
+    model = _variants({(False, "instance"): [0.5, 0.6, 0.3, 0.4], (False, "kind"): [0.5, 0.8, 0.6, 0.4],
+                       (True, "instance"): [0.5, 0.5, 0.4, 0.4], (True, "kind"): [0.6, 0.6, 0.4, 0.4]},
+                      {key: [0.45] * 4 for key in [(False, "instance"), (False, "kind"), (True, "instance"), (True, "kind")]})
+    control = _variants({key: [0.1] * 4 for key in model})
+    found = figures.same_object_variant_findings(model, control)
+    # a rise, a fall and a rise again: the course names each step, no average hides the reversal
+    assert found["course_nobg_instance"] == "rises L0→L1 (0.50→0.60), falls L1→L2 (0.60→0.30), rises L2→L3 (0.30→0.40)"
+    assert found["range_nobg_instance"].startswith("from 0.30 (L2) to 0.60 (L1)")
+    assert found["range_nobg_instance"].endswith("in 2 of the 4 layers above chance, in every one of the 4 layers "
+                                                 "above the control")
+    # kind - instance = 0, 0.2, 0.3, 0: two distractors picked in layers 1 and 2 only
+    assert found["kind_gap_nobg"] == "rises L0→L2 (0.00→0.30), falls L2→L3 (0.30→0.00); largest in L2 (0.30)"
+    assert found["background_gap"] == "falls L0→L1 (0.00→-0.10), rises L1→L2 (-0.10→0.10), falls L2→L3 (0.10→0.00)"
+    instance_only = {key: run for key, run in model.items() if key[1] == "instance"}
+    partial = figures.same_object_variant_findings(instance_only, control)
+    assert partial["course_nobg_kind"].startswith("not computed") and partial["kind_gap_bg"].startswith("not computed")
+    assert set(partial) == set(found)  # the chapter's prose can name every key whatever was computed
+    assert "distinguishable instance" in figures.kinds_phrase(("instance", "kind"), ade20k=False)
+    assert "class" in figures.kinds_phrase(("instance", "kind"), ade20k=True)
+    assert figures.kinds_phrase(("instance",), ade20k=True).startswith("none")
 
 
 def test_same_object_findings_compute_their_phrases():

@@ -27,6 +27,7 @@ from ..core.svd import QKSVD
 from ..modes import mode_label, mode_maps, top_modes
 from ..same_object import SameObject
 from ..search import SearchResult
+from .attention import course
 from .cosine import inline
 from .render import jpeg_bytes, mode_pictures, render_mode, thumbnail
 from .widgets import nested_stack, picture_html
@@ -213,32 +214,43 @@ def top_share_chart(table: pd.DataFrame) -> alt.Chart:
     ).properties(width=320, height=200)
 
 
-def same_object_table(same: SameObject, control: SameObject, model_label: str, num_layers: int,
-                      background: tuple[SameObject, SameObject] | None = None) -> pd.DataFrame:
-    """Fig 6 as a tidy table: one row per layer and series (the model, its random-init control, chance 1/K);
-    ``background``: the same pair computed with the background as one more object, three more series."""
-    series = [(model_label, same.layers, same.per_layer), ("random-init control", control.layers, control.per_layer),
-              ("chance (1/K)", same.layers, same.chance_layer)]
-    if background is not None:
-        with_bg, control_bg = background
-        series += [(f"{model_label}, background an object", with_bg.layers, with_bg.per_layer),
-                   ("random-init control, background an object", control_bg.layers, control_bg.per_layer),
-                   ("chance (1/K), background an object", with_bg.layers, with_bg.chance_layer)]
-    frames = [pd.DataFrame({"model": name, "layer": layers, "P(same object)": values}) for name, layers, values in series]
+SAME = {"instance": "same instance", "kind": "same kind"}
+STEP = 0.01  # Fig 6's courses: a smaller step between layers is level; a larger one always shows at 2 decimals
+OBJECTS = {False: "background left out", True: "background an object"}
+
+
+def same_object_table(model_runs: dict[tuple[bool, str], SameObject], control_runs: dict[tuple[bool, str], SameObject],
+                      model_label: str, num_layers: int) -> pd.DataFrame:
+    """Fig 6 as a tidy table from :func:`qklib.same_object.same_object_variants` of the model and of its random-init
+    control: one row per variant, series and layer. Columns ``same`` (``"same instance"`` or ``"same kind"``),
+    ``objects`` (the background left out or counted as an object), ``model`` (the model, ``"random-init control"``,
+    ``"chance"``), ``layer``, ``P(same)``, ``depth``."""
+    frames = []
+    for (background, match), run in model_runs.items():
+        control = control_runs[background, match]
+        for name, layers, values in ((model_label, run.layers, run.per_layer),
+                                     ("random-init control", control.layers, control.per_layer),
+                                     ("chance", run.layers, run.chance_layer)):
+            frames.append(pd.DataFrame({"same": SAME[match], "objects": OBJECTS[background], "model": name,
+                                        "layer": layers, "P(same)": values}))
     table = pd.concat(frames, ignore_index=True)
     table["depth"] = depth(table["layer"], num_layers)
     return table
 
 
-def same_object_chart(table: pd.DataFrame) -> alt.Chart:
-    """Fig 6: P(same object) against normalised depth, one line per series of :func:`same_object_table`."""
+def same_object_chart(table: pd.DataFrame) -> alt.FacetChart:
+    """Fig 6: P(same) against normalised depth, one line per series (model, control, chance), one panel per
+    variant of :func:`same_object_table`: same instance or same kind (rows), background left out or an object
+    (columns)."""
     return alt.Chart(inline(table)).mark_line(point=True).encode(
         x=alt.X("depth:Q", title="normalised depth, layer / (L - 1)"),
-        y=alt.Y("P(same object):Q", scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("P(same):Q", scale=alt.Scale(domain=[0, 1])),
         color=alt.Color("model:N", title=None, legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400)),
         strokeDash=alt.StrokeDash("model:N", legend=None),
-        tooltip=["model:N", "layer:O", alt.Tooltip("P(same object):Q", format=".3f")],
-    ).properties(width=420, height=240)
+        tooltip=["same:N", "objects:N", "model:N", "layer:O", alt.Tooltip("P(same):Q", format=".3f")],
+    ).properties(width=260, height=180).facet(
+        row=alt.Row("same:N", title=None, sort=list(SAME.values())),
+        column=alt.Column("objects:N", title=None, sort=list(OBJECTS.values())))
 
 
 # --- "What we found": numbers and phrases computed from the run --------------------------------------------
@@ -272,6 +284,55 @@ def same_object_findings(same: SameObject, control: SameObject) -> dict:
         "above_chance": _count_phrase(above_chance, len(layers), "above chance"),
         "above_control": _count_phrase(above_control, len(layers), "above the random-init control"),
     }
+
+
+def same_object_variant_findings(model_runs: dict[tuple[bool, str], SameObject],
+                                 control_runs: dict[tuple[bool, str], SameObject]) -> dict:
+    """Layer-by-layer phrases for every Fig 6 variant (keys become glue names with the chapter's prefix):
+    ``course_<objects>_<match>`` (:func:`qklib.present.attention.course` of P(same) over all layers, steps under
+    ``STEP`` level) and
+    ``range_...`` (its lowest and highest layer, with chance and the control); where both matches were computed,
+    ``kind_gap_<objects>`` (the course of P(same kind) - P(same instance): the share of top images whose query and
+    key features fall on two different objects of one kind) with its largest layer; and ``background_gap``
+    (the course of P(same instance) with the background as an object minus without it)."""
+    missing = "not computed: the images carry no kind labels"
+    found = {f"{name}_{objects}_kind": missing for name in ("course", "range") for objects in ("nobg", "bg")}
+    found |= {f"kind_gap_{objects}": missing for objects in ("nobg", "bg")}
+    found["background_gap"] = "not computed: one background setting only"
+    for (background, match), run in model_runs.items():
+        key = f"{'bg' if background else 'nobg'}_{match}"
+        values, chance = np.asarray(run.per_layer, float), np.asarray(run.chance_layer, float)
+        control = np.asarray(control_runs[background, match].per_layer, float)
+        low, high = int(np.nanargmin(values)), int(np.nanargmax(values))
+        found[f"course_{key}"] = course(values, STEP)
+        found[f"range_{key}"] = (f"from {values[low]:.2f} (L{run.layers[low]}) to {values[high]:.2f} (L{run.layers[high]}); "
+                                 f"chance {np.nanmin(chance):.2f}-{np.nanmax(chance):.2f}, random-init control "
+                                 f"{np.nanmin(control):.2f}-{np.nanmax(control):.2f}; "
+                                 + _count_phrase(int(np.sum(values > chance)), len(values), "above chance") + ", "
+                                 + _count_phrase(int(np.sum(values > control)), len(values), "above the control"))
+    for background in (False, True):
+        if (background, "instance") in model_runs and (background, "kind") in model_runs:
+            instance, kind = (np.asarray(model_runs[background, m].per_layer, float) for m in ("instance", "kind"))
+            gap, layers = kind - instance, model_runs[background, "instance"].layers
+            top = int(np.nanargmax(gap))
+            found[f"kind_gap_{'bg' if background else 'nobg'}"] = (
+                f"{course(gap, STEP)}; largest in L{layers[top]} ({gap[top]:.2f})")
+    if (False, "instance") in model_runs and (True, "instance") in model_runs:
+        found["background_gap"] = course(np.asarray(model_runs[True, "instance"].per_layer, float)
+                                         - np.asarray(model_runs[False, "instance"].per_layer, float), STEP)
+    return found
+
+
+def kinds_phrase(matches: Sequence[str], ade20k: bool) -> str:
+    """What a kind is in this run's Fig 6 (``matches``: the matches computed; ``ade20k``: ADE20K images, else the
+    generated scenes), for the chapter's prose."""
+    if "kind" not in matches:
+        return ("none: these masks name no classes (ADE20K's semantic maps, or a plain label folder), so only "
+                "P(same instance) is computed")
+    if ade20k:
+        return "ADE20K's object classes, as its annotation files name them, and the unlabelled background one more"
+    return ("the target is one kind, every distractor (each a distinguishable instance: its own shade, size and "
+            "rotation) a second, the background a third")
 
 
 def walkthrough_findings(table: pd.DataFrame) -> dict:
