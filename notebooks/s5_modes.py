@@ -249,8 +249,9 @@ for name, value in {"used": first.images_used, "skipped": first.images_skipped, 
     glue(f"s5_{name}", value, display=False)
 # The claims ledger reads Fig 6 with the background as one more object, as ADE20K segments everything.
 masked_kind = "ADE20K images" if p.ade20k_dir else "generated scenes"
-glue("s5_ledger", ledger.modes_record(meta.name, same_bg, control_bg, ablated, found.n_images, masked_kind,
-                                      "image_dir" if p.image_dir else "default gallery"), display=False)
+glue("s5_ledger", ledger.modes_record(meta.name, runs[True, "instance"], control_runs[True, "instance"], ablated,
+                                      found.n_images, masked_kind, "image_dir" if p.image_dir else "default gallery"),
+     display=False)
 glue("s5_seconds", time.perf_counter() - started, display=False)
 
 # %% [markdown]

@@ -1,7 +1,7 @@
 """What the book's chapters share: their declared parameters and one call that checks them, the gallery and
 generated scenes on disk, and results cached by their inputs.
 
-Each chapter's parameters are declared once, in :data:`SPECS`; the chapter's ``parameters`` cell holds their
+Each chapter's parameters are declared once, in ``SPECS``; the chapter's ``parameters`` cell holds their
 defaults (papermill overrides them) and its next cell calls ``p = chapter.check("s4_cosine", globals())``.
 A wrong value stops the run there, with a message that names the parameter and says what to pass; the
 book builder refuses a parameter name that the chapter does not declare before anything runs.

@@ -151,7 +151,8 @@ def cosine_record(relative: pd.DataFrame, bands: pd.DataFrame, effect: float, ex
 
 
 def modes_record(label: str, same, control, ablation_rows: Sequence[dict], gallery_images: int, masked: str,
-                 gallery: str = "default gallery", variant: str = "background counted as one more object") -> Record:
+                 gallery: str = "default gallery",
+                 variant: str = "same instance, background counted as one more object") -> Record:
     """§5's record for the chapter's model ``label``: same-object probability per layer with chance and the
     random-init control (``same``, ``control``: ``qklib.same_object.SameObject``), the ablation of the two mode
     rankings (``ablation_rows``: ``qklib.modes.ablation``), and how many images the optimal-image search scored.
@@ -261,7 +262,8 @@ def _same_object_falls(m: dict) -> tuple[bool, str]:
     return early - late >= SAME_OBJECT_STEP, (
         f"{early:.2f} in L{layers[0]}–L{layers[half - 1]}, {late:.2f} in L{layers[half]}–L{layers[-1]}; chance "
         f"{np.nanmean(np.asarray(m['chance'], dtype=float)):.2f}, random-init control "
-        f"{np.nanmean(np.asarray(m['control'], dtype=float)):.2f} ({m['variant']})")
+        f"{np.nanmean(np.asarray(m['control'], dtype=float)):.2f} ({m['variant']}); every layer: "
+        + ", ".join(f"L{layer} {value:.2f}" for layer, value in zip(layers, values)))
 
 
 def _paper_ranking(m: dict) -> tuple[bool, str]:

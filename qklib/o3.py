@@ -96,8 +96,9 @@ class O3Sample:
 
     @property
     def kinds(self) -> dict[int, int] | None:
-        """Object label -> kind for the label map of a generated scene: 0 background, 1 the target, 2 every
-        distractor (one kind, many instances). None without a label map (O3 itself has none)."""
+        """The kind of each object label of a generated scene's label map, as ``{label: kind}``: 0 background,
+        1 the target, 2 every distractor (one kind, many instances). None without a label map (O3 itself has
+        none)."""
         if self.objects is None:
             return None
         return {int(label): min(int(label), 2) for label in np.unique(self.objects)}

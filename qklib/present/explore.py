@@ -262,7 +262,7 @@ def figure_png(figure: Figure) -> bytes:
 
 
 def explore_spectrum(svds, band: float | None = None) -> Live:
-    """§4 live: any model, layer, head and mode of ``svds`` (a :class:`QKSVD` or ``{label: QKSVD}``): the head's
+    """§4 live: any model, layer, head and mode of ``svds`` (a :class:`~qklib.QKSVD` or ``{label: QKSVD}``): the head's
     spectrum and cos_n (:func:`spectrum_figure`) and the mode's cosine in words."""
     svds = {svds.model or "model": svds} if isinstance(svds, QKSVD) else dict(svds)
     cosines = {label: svd.cos.numpy() for label, svd in svds.items()}  # [L, H, r] each, computed once

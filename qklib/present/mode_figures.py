@@ -2,7 +2,7 @@
 same-object probability (Fig 6), as static widgets, HTML picture rows, tidy tables and altair charts.
 
 Pictures are red (query map ``x_i . u_n``) and cyan (key map ``x_j . v_n``) over the photo, drawn by
-:mod:`qklib.present.render`; each is shown :data:`PICTURE_PX` px wide and a click shows it at full width
+:mod:`qklib.present.render`; each is shown ``PICTURE_PX`` (160) px wide and a click shows it at full width
 (:func:`qklib.present.widgets.picture_html`). Sliders read the layer, head and mode they select.
 Labels ``L{layer} H{head} M{mode}`` are 0-based; a trailing ``-`` marks the sign-flipped feature.
 """
@@ -119,7 +119,7 @@ def featured_findings(table: pd.DataFrame) -> dict:
 def optimal_images(model, svd: QKSVD, found: SearchResult, featured: Sequence[tuple[int, int, int, int]],
                    size: int = 224, correlations: Sequence[float] | None = None) -> HTML:
     """Fig 4: for each featured ``(layer, head, mode, sign)``, a row of its top images with the mode drawn
-    over them (``size`` px pictures shown :data:`PICTURE_PX` wide), captioned with file name and score;
+    over them (``size`` px pictures shown ``PICTURE_PX`` wide), captioned with file name and score;
     ``correlations`` (one per featured mode: query/key map correlation over the gallery) go into the titles."""
     if correlations is not None and len(correlations) != len(featured):
         raise ValueError(f"{len(correlations)} correlations for {len(featured)} featured modes")
@@ -145,7 +145,7 @@ def walkthrough(model, svd: QKSVD, image: Image.Image, layers: Sequence[int], he
     Modes are ranked by their key-centred, attention-weighted contribution (:func:`qklib.modes.top_modes` with
     the head's attention); the paper's sum over token pairs ranks them too, and both are kept. Returns the tidy
     table (one row per layer, head, ranking and rank: ``ranking`` ``"attention"`` or ``"paper sum"``,
-    ``label``, ``mode``, ``sign``, ``contribution``, ``share`` of the head's sum of |contributions|, ``cos``)
+    ``label``, ``mode``, ``sign``, ``contribution``, ``share`` of the head's sum of absolute contributions, ``cos``)
     and layer/head sliders over rows of pictures of the attention ranking, modes left to right, each with the
     sign of the feature the image holds, and the paper's top modes named below them.
     """
