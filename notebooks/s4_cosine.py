@@ -47,7 +47,8 @@ from myst_nb import glue
 import qklib
 from IPython.display import Markdown, display
 
-from qklib import chapter, cosine, ledger
+from qklib import biases, chapter, cosine, ledger
+from qklib.core.images import to_pixels
 from qklib.core.paper_models import IJEPA_NEEDS, ijepa_encoder_predictor
 from qklib.present import cosine as figures
 from qklib.present.explore import explore_spectrum
@@ -185,14 +186,36 @@ figures.s4_relative(relative)
 # %%
 findings = cosine.findings_table(relative, bands, effect=single_band)
 glue("s4_findings", findings.style.format(precision=3).hide(axis="index"), display=False)
-images = "images of image_dir" if p.image_dir else "photos shipped in installed packages"
-glue("s4_ledger", ledger.cosine_record(relative, bands, single_band, ijepa, images), display=False)  # claims ledger
 baseline = relative[["model", "layer", "weighted_cosine", "anisotropy_baseline", "baseline_low", "baseline_high",
                      "all_pairs_baseline", "centre_token_baseline", "relative_cosine"]]
 glue("s4_baseline_table", baseline.style.format(precision=3).hide(axis="index"), display=False)
 per_layer = relative.merge(bands[["model", "layer", "null_band"]]).merge(
     basis.pivot_table(index=["model", "layer"], columns="basis", values="weighted_cosine").reset_index())
 download_link(per_layer, "s4_cosine_per_layer.csv")
+
+# %% [markdown]
+# ## What the biases add
+#
+# The paper leaves the biases out because they "do not depend on the input pair" (§4). With
+# $q_i = W_q x_i + b_q$ and $k_j = W_k x_j + b_k$ the score gains $x_i^\top W_q^\top b_k + b_q^\top b_k$, the
+# same for every key of a query, which the softmax removes, and $b_q^\top W_k x_j$, which depends on the key
+# and is *kept* (see Methods). On the same photos, per head, we measure the share of the score's variance over
+# keys that this query-bias term carries (averaged over queries and photos; `qklib.biases`), and decompose the
+# form that includes it (`qk_svd(model, with_bias="query")`, the bilinear form on $[x; 1]$) to see how it
+# moves Fig 3's weighted cosine.
+
+# %%
+bias_table = biases.layer_table(loaded, {label: to_pixels(model, list(photos.values()))
+                                         for label, model in loaded.items()}, p.batch_size)
+glue("s4_bias_findings", biases.findings(bias_table), display=False)
+images = "images of image_dir" if p.image_dir else "photos shipped in installed packages"
+glue("s4_ledger", ledger.cosine_record(relative, bands, single_band, ijepa, images, bias_table),  # claims ledger
+     display=False)
+display(download_link(bias_table, "s4_query_bias.csv"))
+figures.bias_share(bias_table)
+
+# %% [markdown]
+# Line: the median over the layer's heads; band: its lowest and highest head (per head and layer in the CSV).
 
 # %% [markdown]
 # ## What we found
@@ -206,6 +229,8 @@ download_link(per_layer, "s4_cosine_per_layer.csv")
 #
 # ```{glue:} s4_findings
 # ```
+#
+# **What the biases add** (the paper leaves them out): {glue:text}`s4_bias_findings`
 #
 # **Against the anisotropy baseline** (tokens of different photos, 95% bootstrap interval over photos), layer
 # by layer: {glue:text}`s4_baseline_verdicts`. The paper reports that the effect remains relative to its

@@ -35,6 +35,7 @@ FORMAT = 1  # the records' layout; a record of another format is refused
 MIME = "application/vnd.qklib.ledger+json"  # a +json type: nbformat stores the glued record as JSON
 RECORD_NAMES = {"s3_attention": "s3_ledger", "s4_cosine": "s4_ledger", "s5_modes": "s5_ledger"}
 AGREES, DISAGREES, MIXED, NOT_TESTED, BY_EYE = "agrees", "disagrees", "mixed", "not tested in this run", "judged by eye"
+BIAS_SHARE_MAX = 0.01  # "biases do not depend on the pair": no head's key-dependent score variance more than 1% from b_q
 SAME_OBJECT_STEP = 0.02  # as §5's summary: a difference between the two halves smaller than this is "about the same"
 
 
@@ -118,7 +119,7 @@ def attention_record(means: pd.DataFrame, data: str,
 
 
 def cosine_record(relative: pd.DataFrame, bands: pd.DataFrame, effect: float, extra: Mapping[str, QKSVD] | None = None,
-                  images: str = "photos") -> Record:
+                  images: str = "photos", biases: pd.DataFrame | None = None) -> Record:
     """§4's record: per model, the layer weighted cosine (Fig 3) with its simulated null band and the effect size
     the chapter's verdict uses (``effect``, the single-cosine band), and the anisotropy baseline with its
     interval (Fig S4).
@@ -127,17 +128,23 @@ def cosine_record(relative: pd.DataFrame, bands: pd.DataFrame, effect: float, ex
     decompositions without images (Fig S3's I-JEPA encoder and predictor), recorded with the single-cosine band of
     their own width as effect size (keys as ``qklib.core.paper_models.ijepa_encoder_predictor`` names them, which
     identify the model when its label does not); ``images``: what the baseline's photos are (e.g. "photos shipped
-    in packages")."""
+    in packages"); ``biases``: ``qklib.biases.layer_table`` on the same photos (the query-bias term's share of the
+    key-dependent score variance per layer), or None."""
     entries = []
     for label, frame in relative.groupby("model", sort=False):
         frame = frame.sort_values("layer")
         band = bands[bands["model"] == label].sort_values("layer")["null_band"]
+        measures = {}
+        if biases is not None and label in set(biases["model"]):
+            rows = biases[biases["model"] == label].sort_values("layer")
+            measures["biases"] = {"share_median": _floats(rows["share_median"]), "share_high": _floats(rows["share_high"]),
+                                  "layers": [int(v) for v in rows["layer"]]}
         entries.append(_entry(label, cosine={"weighted": _floats(frame["weighted_cosine"]), "null_band": _floats(band),
                                              "effect": float(effect)},
                               anisotropy={"weighted": _floats(frame["weighted_cosine"]),
                                           "baseline": _floats(frame["anisotropy_baseline"]),
                                           "low": _floats(frame["baseline_low"]),
-                                          "high": _floats(frame["baseline_high"])}))
+                                          "high": _floats(frame["baseline_high"])}, **measures))
     for name, svd in (extra or {}).items():
         entry = _entry(svd.model or name, cosine={"weighted": _floats(svd.layer_weighted_cosine()), "null_band": None,
                                                   "effect": null_band(svd.dim)})
@@ -146,7 +153,8 @@ def cosine_record(relative: pd.DataFrame, bands: pd.DataFrame, effect: float, ex
     first = relative.iloc[0]
     data = {"cosine": "the query-key weights",
             "anisotropy": f"{int(first['baseline_photos'])} {images} and crops of them "
-                          f"({int(first['baseline_tokens'])} image tokens per layer)"}
+                          f"({int(first['baseline_tokens'])} image tokens per layer)",
+            "biases": f"{int(first['baseline_photos'])} {images}, every query and key token"}
     return _record("s4_cosine", data, entries)
 
 
@@ -266,6 +274,15 @@ def _same_object_falls(m: dict) -> tuple[bool, str]:
         + ", ".join(f"L{layer} {value:.2f}" for layer, value in zip(layers, values)))
 
 
+def _biases_negligible(m: dict) -> tuple[bool, str]:
+    high, median = np.asarray(m["share_high"], dtype=float), np.asarray(m["share_median"], dtype=float)
+    worst = int(high.argmax())
+    return bool(high.max() <= BIAS_SHARE_MAX), (
+        f"the query-bias term's share of the key-dependent score variance, median over heads per layer: "
+        + ", ".join(f"L{layer} {value:.2f}" for layer, value in zip(m["layers"], median))
+        + f"; largest single head {high[worst]:.2f} (L{m['layers'][worst]})")
+
+
 def _paper_ranking(m: dict) -> tuple[bool, str]:
     return m["by_paper_sum"] >= m["by_attention"], (
         f"removing each head's top {m['count']} by the paper's sum changes attention by {m['by_paper_sum']:.3f} (mean "
@@ -352,6 +369,10 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("s3-simmim-exception", "§3, Fig 2", "SimMIM-pretrain is the exception to the three observations above.",
           "s3_attention", "attention", "fewer than all three of the observations above hold for it", _fig2_exception,
           about=(SIMMIM_PT,), paper_data=O3),
+    Claim("s4-biases", "§4 (formulation)", "The biases can be left out of the analysis: they do not depend on the pair of tokens.",
+          "s4_cosine", "biases", f"no head's query-bias term ($b_q^\\top W_k x_j$, which depends on the key and survives the "
+          f"softmax) carries more than {BIAS_SHARE_MAX:.0%} of the score's variance over keys", _biases_negligible,
+          paper_data="natural images (`image_dir`)"),
     Claim("s4-early-high-falls", "§4.2, Fig 3", "The weighted cosine between `u_n` and `v_n` is high in early layers "
           "and falls with depth.", "s4_cosine", "cosine", "the curve is *concave* or *falling*",
           _shape_in("concave", "falling"), excludes=(IJEPA_PREDICTOR_LABEL,)),

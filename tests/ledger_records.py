@@ -53,9 +53,16 @@ def cosine_tables(curves: dict[str, list[float]], baseline: float = 0.1):
     return pd.DataFrame(relative), pd.DataFrame(bands)
 
 
-def s4_record(curves, baseline: float = 0.1, extra=None) -> dict:
+def bias_table(shares: dict[str, float]) -> pd.DataFrame:
+    """``qklib.biases.layer_table``-shaped rows: every head of every layer with the same query-bias share."""
+    return pd.DataFrame([{"model": model, "layer": layer, "share_median": share, "share_low": share, "share_high": share}
+                         for model, share in shares.items() for layer in range(LAYERS)])
+
+
+def s4_record(curves, baseline: float = 0.1, extra=None, shares: dict[str, float] | None = None) -> dict:
     relative, bands = cosine_tables(curves, baseline)
-    return ledger.cosine_record(relative, bands, 0.1, extra, "photos shipped in installed packages")
+    biases = None if shares is None else bias_table(shares)
+    return ledger.cosine_record(relative, bands, 0.1, extra, "photos shipped in installed packages", biases)
 
 
 def same_object(values) -> SimpleNamespace:

@@ -15,7 +15,7 @@ from qklib import ledger
 from qklib.core.paper_models import EMBEDDED, IJEPA_FILE, PAPER_MODELS, SIMMIM_PRETRAIN_FILE
 from qklib.present.ledger import ledger_markdown
 
-from ledger_records import (CONCAVE, EMBEDDED_NAME, FALLING, LAYERS, background_first, default_records,
+from ledger_records import (CONCAVE, CONTROL, EMBEDDED_NAME, FALLING, LAYERS, background_first, default_records,
                             grouping_then_context, s3_record, s4_record, s5_record)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,8 @@ def test_every_claim_cites_the_paper_and_a_chapter_that_records_it():
     keys = [claim.key for claim in ledger.CLAIMS]
     assert len(keys) == len(set(keys))
     for claim in ledger.CLAIMS:
-        assert re.fullmatch(r"§\d(\.\d)?, Fig [0-9S].*", claim.paper), f"{claim.key}: cite a section and a figure"
+        assert re.fullmatch(r"§\d(\.\d)?(, Fig [0-9S].*| \(formulation\))", claim.paper), \
+                f"{claim.key}: cite a section and a figure (or the section's formulation, for a claim made in its text)"
         assert claim.chapter in ledger.RECORD_NAMES, claim.key
         assert claim.statement.endswith(".") and claim.criterion, claim.key
         for label in claim.about + claim.excludes:
@@ -125,6 +126,18 @@ def test_the_anisotropy_claim_flips_with_the_baseline():
     assert high.verdict == ledger.DISAGREES
     assert high.evidence[0].number.startswith("L0: 0.45 against the baseline 0.50 [0.48, 0.52] (relative -0.05)")
     assert high.evidence[0].data == "7 photos shipped in installed packages and crops of them (8960 image tokens per layer)"
+
+
+def test_the_bias_claim_flips_with_the_query_bias_share():
+    assert rows_by_key(default_records())["s4-biases"].verdict == ledger.NOT_TESTED  # a record without the measurement
+    curves = {EMBEDDED_NAME: CONCAVE, CONTROL: [0.0] * LAYERS}
+    small = rows_by_key(default_records(s4_cosine=s4_record(curves, shares={EMBEDDED_NAME: 0.004, CONTROL: 0.0})))
+    assert small["s4-biases"].verdict == ledger.AGREES
+    assert [e.model for e in small["s4-biases"].evidence] == [EMBEDDED_NAME]
+    large = rows_by_key(default_records(s4_cosine=s4_record(curves, shares={EMBEDDED_NAME: 0.3, CONTROL: 0.0})))
+    assert large["s4-biases"].verdict == ledger.DISAGREES
+    assert "largest single head 0.30 (L0)" in large["s4-biases"].evidence[0].number
+    assert large["s4-biases"].evidence[0].data == "7 photos shipped in installed packages, every query and key token"
 
 
 def test_ijepa_from_the_checkpoint_is_judged_with_the_band_of_its_own_width(tiny_vit):

@@ -54,8 +54,8 @@ def test_several_models_are_a_list_in_one_cell_and_a_mixed_verdict_counts_them()
 
 def test_summary_and_the_run_name_what_was_tested_and_the_controls():
     rows, text = rows_and_text(default_records())
-    assert summary(rows) == ("Of the paper's 18 headline claims listed here, this run tested 8: 7 agree, 1 disagree and "
-                             "0 are mixed across models; 1 is a reading of pictures; 9 were not tested in this run.")
+    assert summary(rows) == ("Of the paper's 19 headline claims listed here, this run tested 8: 7 agree, 1 disagree and "
+                             "0 are mixed across models; 1 is a reading of pictures; 10 were not tested in this run.")
     assert text.startswith(summary(rows))
     assert f"`{CONTROL}` (random-init control)" in text and ledger.SHAPES in text
     assert f"- {chapter_link('s5_modes')}: `{EMBEDDED_NAME}`. Data: same object: 24 generated scenes" in text

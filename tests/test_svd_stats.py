@@ -10,6 +10,8 @@ import torch
 from scipy.stats import ortho_group
 
 import qklib
+from qklib.biases import findings as bias_findings
+from qklib.biases import layer_table as bias_layer_table
 from qklib.biases import query_bias_table, score_variance_parts
 from qklib.cli import main
 from qklib.core.extract import attention_probs
@@ -17,7 +19,7 @@ from qklib.core.images import to_pixels
 from qklib.core.svd import (QKWeights, append_one, haar_diagonals, layer_null_band, layer_null_band_from, layer_null_sd,
                             mode_scores, qk_svd_from_weights, simulate_layer_null)
 from qklib.cosine import basis_table, layer_table, null_band_table
-from qklib.present.cosine import basis_comparison, fig3_cosine_simulated_band
+from qklib.present.cosine import basis_comparison, bias_share, fig3_cosine_simulated_band
 
 
 # ---------------------------------------------------------------- null band of the plotted statistic
@@ -400,3 +402,37 @@ def test_cli_cosine_json_gains_the_layer_band_and_the_folded_basis(embedded_mode
     # the issue's numbers: layer 3 moves from 0.14 to 0.36, the minimum from layer 9 to layer 5
     assert raw[3] == pytest.approx(0.14, abs=0.005) and folded[3] == pytest.approx(0.36, abs=0.005)
     assert raw.argmin() == 9 and folded.argmin() == 5
+
+
+def test_bias_layer_table_findings_and_chart(affine_vit):
+    """Per layer: the median, lowest and highest head of query_bias_table's share, and the weighted cosine without
+    and with the query bias, each equal to its direct computation; with the query biases zeroed the share is 0, the
+    two cosines coincide and the findings say the term is absent."""
+    model, pixels = affine_vit
+    table = bias_layer_table({"m": model}, {"m": pixels}, batch_size=2)
+    direct = query_bias_table(model, pixels, batch_size=2)
+    for layer, heads in direct.groupby("layer"):
+        row = table[table["layer"] == layer].iloc[0]
+        assert row["share_median"] == pytest.approx(heads["share"].median())
+        assert (row["share_low"], row["share_high"]) == pytest.approx((heads["share"].min(), heads["share"].max()))
+    assert np.allclose(table["weighted_cosine"], qklib.qk_svd(model).layer_weighted_cosine())
+    biased = qklib.qk_svd(model, with_bias="query").layer_weighted_cosine()
+    assert np.allclose(table["weighted_cosine_query_bias"], biased)
+    assert not np.allclose(table["weighted_cosine"], table["weighted_cosine_query_bias"])  # the bias moves it
+    text = bias_findings(table)
+    changed = (table["weighted_cosine_query_bias"] - table["weighted_cosine"]).to_numpy()
+    assert f"lowers the layer weighted cosine in {(changed < 0).sum()} and raises it in {(changed > 0).sum()} of 2" in text
+    spec = bias_share(table).to_dict()
+    assert [layer["mark"]["type"] for layer in spec["layer"]] == ["area", "line"]
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.bias[:192].zero_()
+    try:
+        zero = bias_layer_table({"m": model}, {"m": pixels}, batch_size=2)
+    finally:
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.qkv.bias[:192].normal_(0, 0.5)
+    assert (zero["share_high"] == 0).all()
+    assert np.allclose(zero["weighted_cosine"], zero["weighted_cosine_query_bias"], atol=1e-10)
+    assert "query-bias term is absent" in bias_findings(zero)

@@ -177,3 +177,19 @@ def fig_s3_encoder_predictor(svds: dict[str, QKSVD]) -> alt.HConcatChart:
         chart = fig3_cosine_simulated_band(layer_table({label: svd}), null_band_table({label: svd}))
         panels.append(chart.properties(width=220, height=240, title=title))
     return alt.hconcat(*panels).resolve_scale(y="shared")
+
+
+def bias_share(table: pd.DataFrame, title: str = "What the query bias adds to the scores over keys") -> alt.LayerChart:
+    """Per model, the query-bias term's share of the key-dependent score variance against depth: the median over
+    the layer's heads (line) and the range of its heads (band). ``table``: :func:`qklib.biases.layer_table` rows."""
+    frame = inline(table[["model", "layer", "depth", "share_median", "share_low", "share_high"]])
+    base = alt.Chart(frame).encode(
+        x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400)))
+    band = base.mark_area(opacity=0.2).encode(y=alt.Y("share_low:Q", title="query-bias share of the variance over keys",
+                                                      scale=alt.Scale(domain=[0, 1])), y2="share_high:Q")
+    line = base.mark_line(point=True).encode(
+        y="share_median:Q",
+        tooltip=["model:N", "layer:O", alt.Tooltip("share_median:Q", format=".2f"),
+                 alt.Tooltip("share_low:Q", format=".2f"), alt.Tooltip("share_high:Q", format=".2f")])
+    return (band + line).properties(width=420, height=240, title=title)
