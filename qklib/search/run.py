@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from torch import nn
@@ -140,8 +140,9 @@ def search(model: nn.Module, root: str | Path, layers=None, heads=None, modes=No
             if not digest:
                 digest.append(pool.submit(weights_digest, model))
 
-        if saved is not None:  # the checkpoint's key needs the digest now
-            start_digest()
+        if saved is not None:  # the checkpoint's key needs the digest now: hashed here, no thread started
+            digest.append(Future())
+            digest[0].set_result(weights_digest(model))
             key = run_key(model_name(model), digest[0].result(), root, names, limit, part, features.layers,
                           features.heads, features.modes, k, batch_size, svd_digest)
             before = saved.begin(key, names, positions, resume)
