@@ -370,7 +370,7 @@ CLAIMS: tuple[Claim, ...] = (
           "s3_attention", "attention", "fewer than all three of the observations above hold for it", _fig2_exception,
           about=(SIMMIM_PT,), paper_data=O3),
     Claim("s4-biases", "§4 (formulation)", "The biases can be left out of the analysis: they do not depend on the pair of tokens.",
-          "s4_cosine", "biases", f"no head's query-bias term ($b_q^\\top W_k x_j$, which depends on the key and survives the "
+          "s4_cosine", "biases", f"no head's query-bias term (`b_q · W_k x_j`, which depends on the key and survives the "
           f"softmax) carries more than {BIAS_SHARE_MAX:.0%} of the score's variance over keys", _biases_negligible,
           paper_data="natural images (`image_dir`)"),
     Claim("s4-early-high-falls", "§4.2, Fig 3", "The weighted cosine between `u_n` and `v_n` is high in early layers "
