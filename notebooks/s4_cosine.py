@@ -196,7 +196,7 @@ download_link(per_layer, "s4_cosine_per_layer.csv")
 # %% [markdown]
 # ## What the biases add
 #
-# The paper leaves the biases out because they "do not depend on the input pair" (§4). With
+# The paper leaves the biases out, saying that they do not depend on the input pair (§4). With
 # $q_i = W_q x_i + b_q$ and $k_j = W_k x_j + b_k$ the score gains $x_i^\top W_q^\top b_k + b_q^\top b_k$, the
 # same for every key of a query, which the softmax removes, and $b_q^\top W_k x_j$, which depends on the key
 # and is *kept* (see Methods). On the same photos, per head, we measure the share of the score's variance over
