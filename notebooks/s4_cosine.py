@@ -206,7 +206,7 @@ download_link(per_layer, "s4_cosine_per_layer.csv")
 
 # %%
 bias_table = biases.layer_table(loaded, {label: to_pixels(model, list(photos.values()))
-                                         for label, model in loaded.items()}, p.batch_size)
+                                         for label, model in loaded.items()}, p.batch_size, svds)
 glue("s4_bias_findings", biases.findings(bias_table), display=False)
 images = "images of image_dir" if p.image_dir else "photos shipped in installed packages"
 glue("s4_ledger", ledger.cosine_record(relative, bands, single_band, ijepa, images, bias_table),  # claims ledger

@@ -20,7 +20,7 @@ from torch import nn
 
 from .core.extract import image_tokens, token_embeddings
 from .core.models import depth, prefix_tokens
-from .core.svd import qk_svd, qk_weights
+from .core.svd import QKSVD, qk_svd, qk_weights
 
 
 @torch.no_grad()
@@ -95,16 +95,18 @@ def query_bias_table(model: nn.Module, pixels: torch.Tensor, batch_size: int = 8
     return frame
 
 
-def layer_table(models: dict[str, nn.Module], pixels: dict[str, torch.Tensor], batch_size: int = 8) -> pd.DataFrame:
+def layer_table(models: dict[str, nn.Module], pixels: dict[str, torch.Tensor], batch_size: int = 8,
+                svds: dict[str, QKSVD] | None = None) -> pd.DataFrame:
     """One row per (model, layer): the query-bias term's share of the key-dependent score variance
     (:func:`query_bias_table`) over the layer's heads -- median, lowest and highest -- and the layer weighted
     cosine without biases (the paper's form) and with the query bias included (``qk_svd(model,
     with_bias="query")``, the bilinear form on ``[x; 1]`` with the query bias: what the softmax keeps).
-    ``pixels``: ``{label: [N, 3, S, S]}`` model input per model (each model's own preprocessing)."""
+    ``pixels``: ``{label: [N, 3, S, S]}`` model input per model (each model's own preprocessing); ``svds``: the
+    models' bias-free decompositions where the caller has them (else computed here)."""
     rows = []
     for label, model in models.items():
         table = query_bias_table(model, pixels[label], batch_size=batch_size)
-        raw = qk_svd(model).layer_weighted_cosine().numpy()
+        raw = (svds[label] if svds and label in svds else qk_svd(model)).layer_weighted_cosine().numpy()
         biased = qk_svd(model, with_bias="query").layer_weighted_cosine().numpy()
         for layer, heads in table.groupby("layer"):
             share = heads["share"].fillna(0.0)  # a head with no key-dependent variance at all: no share

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from torch import nn
@@ -133,33 +133,34 @@ def search(model: nn.Module, root: str | Path, layers=None, heads=None, modes=No
     # checkpoint/resume: check the checkpoint against this run's inputs and start after what it holds
     saved = Checkpoint.of(checkpoint) if checkpoint is not None else None
     before = Progress(total=len(positions))
+    weights = None  # the weights' sha256: provenance in the result, part of a checkpoint's key
+    if saved is not None:  # the key needs it now
+        weights = weights_digest(model)
+        key = run_key(model_name(model), weights, root, names, limit, part, features.layers, features.heads,
+                      features.modes, k, batch_size, svd_digest)
+        before = saved.begin(key, names, positions, resume)
+    elif resume:
+        raise ValueError("resume=True needs checkpoint=PATH: the file the interrupted run saved its state to")
+    stream = Stream(FileLoader(root, names), names, positions[before.done :], model_transform(model), batch_size,
+                    workers=workers, device=device)
     with ThreadPoolExecutor(1, thread_name_prefix="qklib-weights-digest") as pool:
-        digest = []  # the weights' sha256 (provenance in the result, part of a checkpoint's key), once started
-
-        def start_digest():
-            if not digest:
-                digest.append(pool.submit(weights_digest, model))
-
-        if saved is not None:  # the checkpoint's key needs the digest now: hashed here, no thread started
-            digest.append(Future())
-            digest[0].set_result(weights_digest(model))
-            key = run_key(model_name(model), digest[0].result(), root, names, limit, part, features.layers,
-                          features.heads, features.modes, k, batch_size, svd_digest)
-            before = saved.begin(key, names, positions, resume)
-        elif resume:
-            raise ValueError("resume=True needs checkpoint=PATH: the file the interrupted run saved its state to")
-        stream = Stream(FileLoader(root, names), names, positions[before.done :], model_transform(model), batch_size,
-                        workers=workers, device=device)
-        # Otherwise the digest is hashed while the search runs, from the first batch on (the decoding processes are
+        # Otherwise the digest is hashed beside the search from the first batch on (the decoding processes are
         # forked by then, never beside a running thread): hashlib releases the GIL, so it costs no wall time where
         # a core is free (~1 s for ViT-L when it ran before the search).
+        pending = []
+
+        def start_digest():
+            pending.append(pool.submit(weights_digest, model))
+
+        batches = stream if weights is not None else _OnFirst(stream, start_digest)
         start = time.perf_counter()
-        top, scored = run(model, _OnFirst(stream, start_digest), features, k, precision, progress,
-                          len(positions) - before.done, "search", saved)
-        start_digest()  # no batch at all
-        result = _finish(top, names, features, k, model_name(model), str(root), len(names), before.scored + scored,
-                         before.skipped + stream.skipped, part, before.seconds + time.perf_counter() - start,
-                         digest[0].result(), listing_digest(None, names))
+        top, scored = run(model, batches, features, k, precision, progress, len(positions) - before.done, "search",
+                          saved)
+        if weights is None:
+            weights = pending[0].result() if pending else weights_digest(model)  # no batch at all: hash it now
+    result = _finish(top, names, features, k, model_name(model), str(root), len(names), before.scored + scored,
+                     before.skipped + stream.skipped, part, before.seconds + time.perf_counter() - start, weights,
+                     listing_digest(None, names))
     if out is not None:
         result.save(out)
     if saved is not None:
