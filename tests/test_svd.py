@@ -189,6 +189,14 @@ def _dense_error(svd, wq: torch.Tensor, wk: torch.Tensor) -> tuple[float, float]
     return float(error), ortho
 
 
+def _assert_exact(svd, wq: torch.Tensor, wk: torch.Tensor, error: float, ortho: float, rtol: float) -> None:
+    """Reconstruction error, orthonormality and singular values of every head against a dense SVD."""
+    measured = _dense_error(svd, wq, wk)
+    assert measured[0] < error and measured[1] < ortho, measured
+    dense_s = torch.linalg.svdvals(wq.transpose(-1, -2) @ wk)[..., : svd.rank]
+    assert torch.allclose(svd.S, dense_s, rtol=rtol, atol=1e-14 * float(dense_s.max()))
+
+
 def test_ill_conditioned_heads_take_the_second_pass_and_stay_exact(monkeypatch):
     """Heads of condition number 1 to 1e6 side by side: each is exact to float64 rounding against a dense SVD, and
     the per-head choice of passes matches running the second pass on every head. Without a second pass (the
@@ -196,10 +204,7 @@ def test_ill_conditioned_heads_take_the_second_pass_and_stay_exact(monkeypatch):
     conds = [1.0, 3.0, 50.0, 1e3, 1e6]
     wq, wk = _conditioned_stack(conds), _conditioned_stack(conds[::-1], seed=6)
     mixed = qk_svd_from_weights(QKWeights(wq, wk))
-    error, ortho = _dense_error(mixed, wq, wk)
-    assert error < 1e-10 and ortho < 1e-12, (error, ortho)
-    dense_s = torch.linalg.svdvals(wq.transpose(-1, -2) @ wk)[..., : mixed.rank]
-    assert torch.allclose(mixed.S, dense_s, rtol=1e-10, atol=1e-14 * float(dense_s.max()))
+    _assert_exact(mixed, wq, wk, error=1e-10, ortho=1e-12, rtol=1e-10)
     monkeypatch.setattr(svd_module, "ONE_PASS_COND", 0.0)  # second pass everywhere
     everywhere = qk_svd_from_weights(QKWeights(wq, wk))
     assert torch.allclose(mixed.matrix(0, 2), everywhere.matrix(0, 2), atol=1e-12)
@@ -207,6 +212,31 @@ def test_ill_conditioned_heads_take_the_second_pass_and_stay_exact(monkeypatch):
     monkeypatch.setattr(svd_module, "ONE_PASS_COND", float("inf"))  # never a second pass
     _error, ortho_one_pass = _dense_error(qk_svd_from_weights(QKWeights(wq, wk)), wq, wk)
     assert ortho_one_pass > 1e-6
+
+
+def test_well_conditioned_cores_take_the_cross_product_and_stay_exact(monkeypatch):
+    """Cores of condition number 2 to 1e6 side by side (W_k orthonormal, so each core has W_q's): the ones at most
+    CROSS_PRODUCT_COND come from the eigendecomposition of core^T core, the others from LAPACK's SVD; each is exact
+    to float64 rounding against a dense SVD and agrees with the SVD route. With the cross product everywhere the
+    cond-1e6 core loses orthonormality: the check can fail."""
+    conds = [2.0, 3.0, 9.0, 1e3, 1e6]  # distinct singular values: vectors defined up to sign
+    wq, wk = _conditioned_stack(conds), _conditioned_stack([1.0] * len(conds), seed=6)
+    mixed = qk_svd_from_weights(QKWeights(wq, wk))
+    _assert_exact(mixed, wq, wk, error=1e-12, ortho=1e-13, rtol=1e-12)
+    monkeypatch.setattr(svd_module, "CROSS_PRODUCT_COND", 0.0)  # the SVD everywhere
+    by_svd = qk_svd_from_weights(QKWeights(wq, wk))
+    monkeypatch.setattr(svd_module, "CROSS_PRODUCT_COND", float("inf"))  # the cross product everywhere
+    by_cross = qk_svd_from_weights(QKWeights(wq, wk))
+    assert torch.allclose(mixed.S, by_svd.S, rtol=1e-12)
+    for head in range(len(conds)):
+        assert torch.allclose(mixed.U[0, head].abs(), by_svd.U[0, head].abs(), atol=1e-10)
+        assert torch.allclose(mixed.matrix(0, head), by_svd.matrix(0, head), atol=1e-12)
+    # the route is chosen per head: the first three cores as with the cross product everywhere, the last two as
+    # with the SVD everywhere (the two routes' sign conventions differ, so equality identifies the route)
+    assert torch.equal(mixed.U[0, :3], by_cross.U[0, :3]) and not torch.equal(mixed.U[0, :3], by_svd.U[0, :3])
+    assert torch.equal(mixed.U[0, 3:], by_svd.U[0, 3:])
+    eye = torch.eye(mixed.rank, dtype=torch.float64)
+    assert float((by_cross.U[0, 4].T @ by_cross.U[0, 4] - eye).abs().max()) > 1e-8
 
 
 def test_chunks_and_rank_deficient_heads(monkeypatch):

@@ -2,9 +2,11 @@
 
 1. Exact QK SVD from thin factors (``qk_svd``) against a dense d x d SVD per head (what the authors' code
    does), for ViT-B/16 and ViT-L/16 geometry, on three sets of weights: random (every factor's condition number
-   ~2: one Cholesky-QR pass everywhere); the same with condition number ~1e3 in every factor (the worst case:
-   every head takes the second pass); and the embedded model's trained weights (ViT-S/14: most heads have
-   condition number < 10 and take one pass, a few near-degenerate ones, up to ~2e4, take two). Both sides run
+   ~2: one Cholesky-QR pass everywhere, every r x r core by the cross product); the same with condition number
+   ~1e3 in every factor and ~1e6 in every core (the worst case: every factor takes the second pass, every core the
+   SVD after the cross product's eigendecomposition); and the embedded model's trained weights (ViT-S/14: most heads have condition
+   number < 10 and take one pass, a few near-degenerate ones, up to ~2e4, take two; about half the cores take the
+   SVD). Both sides run
    with the same number of torch threads, by default 1: on a shared machine, multi-threaded LAPACK on these sizes
    mostly measures contention (measured on 2 cores shared with other jobs: the dense SVD 14x slower with 2
    threads than with 1).
@@ -29,7 +31,7 @@ import timm  # noqa: E402
 
 import qklib  # noqa: E402
 
-from qklib.core.svd import ONE_PASS_COND, QKWeights, qk_svd_from_weights, qk_weights  # noqa: E402
+from qklib.core.svd import CROSS_PRODUCT_COND, ONE_PASS_COND, QKWeights, qk_svd_from_weights, qk_weights  # noqa: E402
 
 
 def _best_of(fn, repeats: int) -> float:
@@ -53,15 +55,17 @@ def _dense(weights: QKWeights, count: int):
     return dense
 
 
-def _passes(weights: QKWeights) -> str:
-    """How many heads take the second Cholesky-QR pass, per factor."""
+def _routes(weights: QKWeights) -> str:
+    """How many factors take the second Cholesky-QR pass, and how many cores the SVD instead of the cross product."""
     r = weights.wq.shape[-2]
     counts = []
     for w in (weights.wq, weights.wk):
         gram = w.reshape(-1, r, w.shape[-1]) @ w.reshape(-1, r, w.shape[-1]).mT
         eig = torch.linalg.eigvalsh(gram)
         counts.append(int(((eig[:, -1] / eig[:, 0]).sqrt() > ONE_PASS_COND).sum()))
-    return f"two passes in {counts[0]} + {counts[1]} of {2 * gram.shape[0]} factors"
+    s = qk_svd_from_weights(weights).S
+    by_svd = int((s[..., 0] > CROSS_PRODUCT_COND * s[..., -1]).sum())
+    return f"two passes in {counts[0]} + {counts[1]} of {2 * gram.shape[0]} factors, {by_svd} cores by SVD"
 
 
 def bench_svd(label: str, cases: list[tuple[str, QKWeights]], dense_heads: int | None, threads: tuple[int, ...],
@@ -83,7 +87,7 @@ def bench_svd(label: str, cases: list[tuple[str, QKWeights]], dense_heads: int |
             for name, weights in cases:
                 qk_svd_from_weights(weights)  # warm-up
                 fast = _best_of(lambda w=weights: qk_svd_from_weights(w), repeats)
-                print(f"    qk_svd, {name} ({_passes(weights)}): {fast * 1e3:6.0f} ms -> {dense_time / fast:5.0f}x "
+                print(f"    qk_svd, {name} ({_routes(weights)}): {fast * 1e3:6.0f} ms -> {dense_time / fast:5.0f}x "
                       f"(goal >= 100x on ViT-B/16)")
                 rows.append({"arch": label, "weights": name, "threads": n, "dense_s": dense_time, "fast_s": fast})
     finally:
@@ -96,8 +100,8 @@ def random_cases(arch: str) -> list[tuple[str, QKWeights]]:
     weights = qk_weights(timm.create_model(arch, pretrained=False))
     r = weights.wq.shape[-2]
     scale = torch.logspace(0, -3, r, dtype=torch.float64)[:, None]  # rows of each factor: cond ~1e3
-    conditioned = QKWeights(wq=weights.wq * scale, wk=weights.wk * scale.flip(0))
-    return [("random weights", weights), ("cond ~1e3 in every factor", conditioned)]
+    conditioned = QKWeights(wq=weights.wq * scale, wk=weights.wk * scale)  # cores: cond ~1e6
+    return [("random weights", weights), ("cond ~1e3 in every factor, ~1e6 in every core", conditioned)]
 
 
 def main() -> None:
