@@ -14,6 +14,7 @@ import qklib
 from qklib import search
 from qklib.core.extract import token_embeddings
 from qklib.core.images import MAX_ASPECT, ImageError, open_rgb, to_pixels
+from qklib.search import run as search_run
 from qklib.search.checkpoint import weights_digest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,13 +257,16 @@ def test_cli_search_shards_and_merge(folder, tmp_path):
     assert bad.returncode == 2 and "not a shard" in bad.stderr
 
 
-def test_the_result_records_the_weights_digest_with_and_without_a_checkpoint(tiny, folder, tmp_path):
-    """The digest is hashed beside the search (no checkpoint) or before it (checkpoint): the same sha256 either way,
-    and it tells the weights apart."""
+def test_the_result_records_the_weights_digest_with_and_without_a_checkpoint(tiny, folder, tmp_path, monkeypatch):
+    """The digest is hashed before the search (on the CPU, or for a checkpoint) or beside it (on an accelerator,
+    forced here): the same sha256 every way, and it tells the weights apart."""
     model, svd = tiny
     expected = weights_digest(model)
     plain = search.search(model, folder, svd=svd, layers=[0], k=2, batch_size=4, progress=False, workers=0)
     assert plain.weights == expected
+    monkeypatch.setattr(search_run, "_digest_in_line", lambda device: False)  # hashed in a thread from batch one
+    threaded = search.search(model, folder, svd=svd, layers=[0], k=2, batch_size=4, progress=False, workers=0)
+    assert threaded.weights == expected
     saved = search.search(model, folder, svd=svd, layers=[0], k=2, batch_size=4, progress=False, workers=0,
                           checkpoint=tmp_path / "run.ckpt")
     assert saved.weights == expected
