@@ -232,11 +232,30 @@ def test_well_conditioned_cores_take_the_cross_product_and_stay_exact(monkeypatc
         assert torch.allclose(mixed.U[0, head].abs(), by_svd.U[0, head].abs(), atol=1e-10)
         assert torch.allclose(mixed.matrix(0, head), by_svd.matrix(0, head), atol=1e-12)
     # the route is chosen per head: the first three cores as with the cross product everywhere, the last two as
-    # with the SVD everywhere (the two routes' sign conventions differ, so equality identifies the route)
+    # with the SVD everywhere (the two routes round differently, so bitwise equality identifies the route)
     assert torch.equal(mixed.U[0, :3], by_cross.U[0, :3]) and not torch.equal(mixed.U[0, :3], by_svd.U[0, :3])
     assert torch.equal(mixed.U[0, 3:], by_svd.U[0, 3:])
     eye = torch.eye(mixed.rank, dtype=torch.float64)
     assert float((by_cross.U[0, 4].T @ by_cross.U[0, 4] - eye).abs().max()) > 1e-8
+
+
+def test_every_mode_has_a_positive_sum_whichever_route_computed_it(monkeypatch, embedded_svd):
+    """The sign convention of QKSVD: the entries of every u_n sum to a positive number, for the embedded model's
+    modes and for cores by the cross product, by the SVD, by the Householder fallback and with more modes than
+    dimensions (LAPACK's own signs are arbitrary: about half the sums would be negative)."""
+    wq, wk = _conditioned_stack([2.0, 1e3]), _conditioned_stack([1.0, 1.0], seed=6)
+    cases = {"embedded": embedded_svd}
+    for route, threshold in (("cross product", float("inf")), ("SVD", 0.0)):
+        monkeypatch.setattr(svd_module, "CROSS_PRODUCT_COND", threshold)
+        cases[route] = qk_svd_from_weights(QKWeights(wq, wk))
+    deficient = wq.clone()
+    deficient[0, 0, -1] = deficient[0, 0, 0]  # Cholesky fails: Householder QR
+    cases["Householder"] = qk_svd_from_weights(QKWeights(deficient, wk))
+    generator = torch.Generator().manual_seed(3)
+    wide = [torch.randn(1, 2, 8, 5, dtype=torch.float64, generator=generator) for _ in range(2)]  # r = 8 > d = 5
+    cases["r > d"] = qk_svd_from_weights(QKWeights(*wide))
+    for route, svd in cases.items():
+        assert bool((svd.U.sum(-2) > 0).all()), route
 
 
 def test_chunks_and_rank_deficient_heads(monkeypatch):

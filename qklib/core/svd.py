@@ -57,6 +57,9 @@ class QKSVD:
     ``S``: ``[L, H, r]`` singular values, descending.
     ``U``: ``[L, H, d, r]`` left singular vectors (what a query looks for), columns unit norm.
     ``V``: ``[L, H, d, r]`` right singular vectors (what a key offers).
+    The SVD fixes a mode only up to the joint flip ``(u_n, v_n) -> (-u_n, -v_n)``; here the entries of every
+    ``u_n`` sum to a positive number, so that modes' signs (red and cyan in the maps, a feature's ``+`` and ``-``)
+    do not depend on which LAPACK routine or build computed them.
     Mode ``n`` of head ``(l, h)`` is ``(U[l, h, :, n], S[l, h, n], V[l, h, :, n])``; indices are 0-based.
     """
 
@@ -242,6 +245,15 @@ def _core_svd(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return a, s, b
 
 
+def _positive_sums(columns_sum: torch.Tensor, *pairs: torch.Tensor) -> None:
+    """Flip, in place, the columns of each of ``pairs`` (``[N, r, r]``) where ``columns_sum`` (``[N, r]``: the
+    sum of the entries of each ``u_n`` the first pair's columns make) is negative: the sign convention of
+    :class:`QKSVD`."""
+    sign = torch.where(columns_sum < 0, -1.0, 1.0).to(pairs[0].dtype).unsqueeze(-2)
+    for pair in pairs:
+        pair.mul_(sign)
+
+
 def _svd_chunk(wq: torch.Tensor, wk: torch.Tensor, s: torch.Tensor, ut: torch.Tensor, vt: torch.Tensor) -> None:
     """SVD of ``wq[n]^T wk[n]`` for a chunk of heads (``[N, r, d]`` each, r <= d), written into ``s [N, r]`` and
     the transposed singular vectors ``ut``, ``vt`` (``[N, r, d]``)."""
@@ -252,14 +264,17 @@ def _svd_chunk(wq: torch.Tensor, wk: torch.Tensor, s: torch.Tensor, ut: torch.Te
         with one_thread(wq.device):
             a, s_chunk, b = _core_svd(qr_q[2] @ qr_k[2].mT)  # [N, r, r] core; W_q^T W_k = Q1 core Q2^T
             fix_q, fix_k = qr_q[1] @ a, qr_k[1] @ b
+            _positive_sums((qr_q[0].sum(-1).unsqueeze(-2) @ fix_q).squeeze(-2), fix_q, fix_k)
         torch.matmul(fix_q.mT, qr_q[0], out=ut)  # U^T = (Q1 A)^T, computed as (fix A)^T basis
         torch.matmul(fix_k.mT, qr_k[0], out=vt)
     else:  # a factor of (nearly) deficient rank: Householder QR
         q1, r1 = torch.linalg.qr(wq.mT)  # [N, d, r], [N, r, r]
         q2, r2 = torch.linalg.qr(wk.mT)
         a, s_chunk, b_t = torch.linalg.svd(r1 @ r2.mT)
+        b = b_t.mT
+        _positive_sums((q1.sum(-2).unsqueeze(-2) @ a).squeeze(-2), a, b)
         torch.matmul(a.mT, q1.mT, out=ut)
-        torch.matmul(b_t, q2.mT, out=vt)
+        torch.matmul(b.mT, q2.mT, out=vt)
     s.copy_(s_chunk)
 
 
@@ -277,7 +292,9 @@ def qk_svd_from_weights(weights: QKWeights, model: str = "") -> QKSVD:
         q1, r1 = torch.linalg.qr(wq.to(torch.float64).mT)
         q2, r2 = torch.linalg.qr(wk.to(torch.float64).mT)
         a, s, b_t = torch.linalg.svd(r1 @ r2.mT)
-        u, v = (q1 @ a).reshape(layers, heads, d, -1), (q2 @ b_t.mT).reshape(layers, heads, d, -1)
+        b = b_t.mT
+        _positive_sums((q1.sum(-2).unsqueeze(-2) @ a).squeeze(-2), a, b)
+        u, v = (q1 @ a).reshape(layers, heads, d, -1), (q2 @ b).reshape(layers, heads, d, -1)
         s = s.reshape(layers, heads, -1)
     else:
         s = torch.empty(count, r, dtype=torch.float64, device=device)
