@@ -120,13 +120,14 @@ figures.explorer(net, svd, shown, p.layers, p.heads, p.explorer_modes)
 # multiply). `qklib.search` keeps the top-k of every layer, head, mode and sign in one streaming pass
 # (`python -m qklib search FOLDER` does the same from the command line, with `--shard i/n` and
 # `search-merge` for large folders such as ImageNet's validation set). The result is saved in `results_dir`
-# and reused while its inputs match: the model, its weights file, the gallery's file listing, `top_k`,
-# `max_images` and the result format.
+# and reused while its inputs match: the model, its weights file, the modes (a digest of U, S and V), the
+# gallery's file listing, `top_k`, `max_images` and the result format.
 
 # %%
 limit = p.max_images or None
 cache = chapter.Cached(p.results_dir / "s5_search.npz", {
-    "model": meta.name, "weights": chapter.file_digest(p.models[0][1]), "top_k": p.top_k, "limit": limit,
+    "model": meta.name, "weights": chapter.file_digest(p.models[0][1]), "modes": chapter.modes_digest(svd),
+    "top_k": p.top_k, "limit": limit,
     "files": chapter.listing_digest(gallery_root, files[:limit]), "format": search.FORMAT_VERSION})
 if cache.valid():
     found = search.load_result(cache.path)

@@ -4,9 +4,11 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from qklib import chapter
+from qklib.core.svd import QKSVD
 from qklib.o3 import O3Layout
 
 
@@ -102,6 +104,22 @@ def test_cache_is_valid_only_for_the_same_inputs(tmp_path):
     assert not chapter.Cached(result, {"model": "m", "k": 5}).valid()
     cache.key_path.write_text("{broken")
     assert not cache.valid()
+
+
+def test_modes_digest_changes_with_a_flipped_mode():
+    """A cached search records the modes it scored: flipping one mode's sign (the same decomposition, the other
+    convention) or changing a singular value gives another digest; an equal decomposition the same one."""
+    generator = torch.Generator().manual_seed(0)
+    u, v = (torch.randn(2, 3, 8, 4, dtype=torch.float64, generator=generator) for _ in range(2))
+    svd = QKSVD(S=torch.rand(2, 3, 4, dtype=torch.float64, generator=generator), U=u, V=v)
+    same = QKSVD(S=svd.S.clone(), U=u.clone(), V=v.clone())
+    assert chapter.modes_digest(same) == chapter.modes_digest(svd)
+    sign = torch.ones(4, dtype=torch.float64)
+    sign[2] = -1
+    flipped = QKSVD(S=svd.S, U=u * sign, V=v * sign)
+    assert flipped.matrix(1, 2).allclose(svd.matrix(1, 2))
+    assert chapter.modes_digest(flipped) != chapter.modes_digest(svd)
+    assert chapter.modes_digest(QKSVD(S=svd.S * 2, U=u, V=v)) != chapter.modes_digest(svd)
 
 
 def test_digests_change_with_content(tmp_path):
