@@ -29,7 +29,8 @@
 #
 # Conventions: labels `L{layer} H{head} M{mode}` are **0-based** (L0 is the first block; M0 is the mode with
 # the largest singular value); a trailing `-` marks the sign-flipped feature $(-u_n, -v_n)$, which is the
-# same mode (an SVD fixes $u_n, v_n$ only up to a joint sign). $x_i$ are the *normed* token embeddings that
+# same mode (an SVD fixes $u_n, v_n$ only up to a joint sign; `qk_svd` takes the one whose $u_n$ has entries
+# summing to a positive number). $x_i$ are the *normed* token embeddings that
 # enter the block's qkv projection (the authors projected the un-normalised residual stream). Each map is
 # scaled between its own 30th and 95th percentiles, as the authors drew them. The embedded model is a
 # DINOv2 ViT-S/14 backbone shipped with a saliency model; whether it was fine-tuned for saliency is unknown,
