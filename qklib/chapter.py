@@ -32,9 +32,9 @@ from .core.models import ModelError, check_name, load_model, random_control
 from .core.svd import QKSVD
 from .modes import parse_label, rule_modes
 from .o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
-from .search.checkpoint import tensor_digest
 from .present.lab import use_served_vega
 from .search import parse_indices
+from .search.checkpoint import tensor_digest
 
 
 class ParameterError(ValueError):

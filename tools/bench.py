@@ -3,10 +3,10 @@
 1. Exact QK SVD from thin factors (``qk_svd``) against a dense d x d SVD per head (what the authors' code
    does), for ViT-B/16 and ViT-L/16 geometry, on three sets of weights: random (every factor's condition number
    ~2: one Cholesky-QR pass everywhere, every r x r core by the cross product); the same with condition number
-   ~1e3 in every factor and ~1e6 in every core (the worst case: every factor takes the second pass, every core the
-   SVD after the cross product's eigendecomposition); and the embedded model's trained weights (ViT-S/14: most heads have condition
-   number < 10 and take one pass, a few near-degenerate ones, up to ~2e4, take two; about half the cores take the
-   SVD). Both sides run
+   ~1e3 in every factor and ~1e6 in every core (the worst case: every factor takes the second pass, every core
+   the SVD after the cross product's eigendecomposition); and the embedded model's trained weights (ViT-S/14:
+   most heads have condition number < 10 and take one pass, a few near-degenerate ones, up to ~2e4, take two;
+   about half the cores take the SVD). Both sides run
    with the same number of torch threads, by default 1: on a shared machine, multi-threaded LAPACK on these sizes
    mostly measures contention (measured on 2 cores shared with other jobs: the dense SVD 14x slower with 2
    threads than with 1).
@@ -31,7 +31,8 @@ import timm  # noqa: E402
 
 import qklib  # noqa: E402
 
-from qklib.core.svd import CROSS_PRODUCT_COND, ONE_PASS_COND, QKWeights, qk_svd_from_weights, qk_weights  # noqa: E402
+from qklib.core.svd import (  # noqa: E402
+    CROSS_PRODUCT_COND, ONE_PASS_COND, QKWeights, qk_svd_from_weights, qk_weights)
 
 
 def _best_of(fn, repeats: int) -> float:

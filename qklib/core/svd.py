@@ -150,7 +150,8 @@ ONE_PASS_COND = 100.0
 # The r x r core's SVD comes from the eigendecomposition of core^T core (symmetric eigensolver: about half the cost
 # of LAPACK's SVD, measured 37 against 70 ms for 144 64x64 cores) where the core's condition number is at most this;
 # the left vectors' orthonormality is then lost by ~eps * cond^2 (~1e-14), and the reconstruction is exact to ~eps
-# whatever the condition. Random-init cores (cond ~3) take it; other heads take the SVD.
+# whatever the condition. Random-init cores (cond ~3) take it, and 34 of the embedded model's 72; the others take
+# the SVD.
 CROSS_PRODUCT_COND = 10.0
 
 # Heads go through the SVD in chunks of about this many bytes of float64 factor: the chunk's intermediates stay in
