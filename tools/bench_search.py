@@ -261,8 +261,7 @@ def bench_search(images: int = 96, sizes: tuple[int, ...] = (100, 1000), batch_s
     best round's. From disk: the whole ``search()`` call (its one-time setup included) against the same loader
     plus ``forward_features``. Decoded tensors: the search's loop against ``forward_features`` on the same
     batches; the setup is timed on its own. Memory: a search of layers ``memory_layers`` (all heads and modes) over
-    ``sizes`` images, each in a fresh process. The figures are also written to ``save`` (JSON), where the §5
-    chapter's closing note reads them.
+    ``sizes`` images, each in a fresh process. The figures are also written to ``save`` (JSON).
     """
     name = model_name or qklib.DEFAULT_MODEL
     model = qklib.load_model(name)
