@@ -246,13 +246,26 @@ def _core_svd(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return a, s, b
 
 
-def _positive_sums(columns_sum: torch.Tensor, *pairs: torch.Tensor) -> None:
-    """Flip, in place, the columns of each of ``pairs`` (``[N, r, r]``) where ``columns_sum`` (``[N, r]``: the
-    sum of the entries of each ``u_n`` the first pair's columns make) is negative: the sign convention of
-    :class:`QKSVD`."""
-    sign = torch.where(columns_sum < 0, -1.0, 1.0).to(pairs[0].dtype).unsqueeze(-2)
-    for pair in pairs:
-        pair.mul_(sign)
+def _positive_sums(basis_sums: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """The sign convention of :class:`QKSVD`, in place: flip column n of ``left`` and ``right`` (``[N, r, m]``)
+    where ``u_n = basis^T left[:, n]`` has a negative sum of entries. ``basis_sums`` (``[N, r]``): the sums of the
+    basis's rows, so that ``basis_sums @ left`` are those sums without forming ``u``."""
+    sums = (basis_sums.unsqueeze(-2) @ left).squeeze(-2)
+    sign = torch.where(sums < 0, -1.0, 1.0).to(left.dtype).unsqueeze(-2)
+    left.mul_(sign)
+    right.mul_(sign)
+
+
+def _householder_svd(wq: torch.Tensor, wk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fallback for factors of (nearly) deficient rank, or more modes than dimensions: Householder QR of both
+    (``wq``, ``wk``: ``[N, r, d]`` float64) and the SVD of the core. ``(U [N, d, m], S [N, m], V [N, d, m])``,
+    ``m = min(r, d)``."""
+    q1, r1 = torch.linalg.qr(wq.mT)  # [N, d, m], [N, m, r]
+    q2, r2 = torch.linalg.qr(wk.mT)
+    a, s, b_t = torch.linalg.svd(r1 @ r2.mT)
+    b = b_t.mT
+    _positive_sums(q1.sum(-2), a, b)
+    return q1 @ a, s, q2 @ b
 
 
 def _svd_chunk(wq: torch.Tensor, wk: torch.Tensor, s: torch.Tensor, ut: torch.Tensor, vt: torch.Tensor) -> None:
@@ -265,17 +278,13 @@ def _svd_chunk(wq: torch.Tensor, wk: torch.Tensor, s: torch.Tensor, ut: torch.Te
         with one_thread(wq.device):
             a, s_chunk, b = _core_svd(qr_q[2] @ qr_k[2].mT)  # [N, r, r] core; W_q^T W_k = Q1 core Q2^T
             fix_q, fix_k = qr_q[1] @ a, qr_k[1] @ b
-            _positive_sums((qr_q[0].sum(-1).unsqueeze(-2) @ fix_q).squeeze(-2), fix_q, fix_k)
+            _positive_sums(qr_q[0].sum(-1), fix_q, fix_k)
         torch.matmul(fix_q.mT, qr_q[0], out=ut)  # U^T = (Q1 A)^T, computed as (fix A)^T basis
         torch.matmul(fix_k.mT, qr_k[0], out=vt)
-    else:  # a factor of (nearly) deficient rank: Householder QR
-        q1, r1 = torch.linalg.qr(wq.mT)  # [N, d, r], [N, r, r]
-        q2, r2 = torch.linalg.qr(wk.mT)
-        a, s_chunk, b_t = torch.linalg.svd(r1 @ r2.mT)
-        b = b_t.mT
-        _positive_sums((q1.sum(-2).unsqueeze(-2) @ a).squeeze(-2), a, b)
-        torch.matmul(a.mT, q1.mT, out=ut)
-        torch.matmul(b.mT, q2.mT, out=vt)
+    else:  # a factor of (nearly) deficient rank
+        u, s_chunk, v = _householder_svd(wq, wk)
+        ut.copy_(u.mT)
+        vt.copy_(v.mT)
     s.copy_(s_chunk)
 
 
@@ -289,13 +298,9 @@ def qk_svd_from_weights(weights: QKWeights, model: str = "") -> QKSVD:
     count = layers * heads
     wq, wk = (w.reshape(count, r, d) for w in (weights.wq, weights.wk))
     device = wq.device
-    if r > d:  # more modes than dimensions (never in a ViT): plain Householder QR on the whole stack
-        q1, r1 = torch.linalg.qr(wq.to(torch.float64).mT)
-        q2, r2 = torch.linalg.qr(wk.to(torch.float64).mT)
-        a, s, b_t = torch.linalg.svd(r1 @ r2.mT)
-        b = b_t.mT
-        _positive_sums((q1.sum(-2).unsqueeze(-2) @ a).squeeze(-2), a, b)
-        u, v = (q1 @ a).reshape(layers, heads, d, -1), (q2 @ b).reshape(layers, heads, d, -1)
+    if r > d:  # more modes than dimensions (never in a ViT): Householder QR on the whole stack
+        u, s, v = _householder_svd(wq.to(torch.float64), wk.to(torch.float64))
+        u, v = u.reshape(layers, heads, d, -1), v.reshape(layers, heads, d, -1)
         s = s.reshape(layers, heads, -1)
     else:
         s = torch.empty(count, r, dtype=torch.float64, device=device)
