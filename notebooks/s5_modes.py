@@ -239,7 +239,8 @@ display(download_link(fig6, "s5_same_object.csv"))
 figures.same_object_chart(fig6)
 
 # %%
-glue("s5_masked", f"{len(masked)} {'ADE20K images' if p.ade20k_dir else 'generated scenes'}", display=False)
+masked_kind = "ADE20K images" if p.ade20k_dir else "generated scenes"
+glue("s5_masked", f"{len(masked)} {masked_kind}", display=False)
 glue("s5_kinds", figures.kinds_phrase(matches, bool(p.ade20k_dir)), display=False)
 first, bg = runs[False, "instance"], figures.same_object_findings(runs[True, "instance"], control_runs[True, "instance"])
 for name, value in {"used": first.images_used, "skipped": first.images_skipped, "n_images": found.n_images,
@@ -250,7 +251,6 @@ for name, value in {"used": first.images_used, "skipped": first.images_skipped, 
                     **figures.featured_findings(chosen)}.items():
     glue(f"s5_{name}", value, display=False)
 # The claims ledger reads Fig 6 with the background as one more object, as ADE20K segments everything.
-masked_kind = "ADE20K images" if p.ade20k_dir else "generated scenes"
 glue("s5_ledger", ledger.modes_record(meta.name, runs[True, "instance"], control_runs[True, "instance"], ablated,
                                       found.n_images, masked_kind, "image_dir" if p.image_dir else "default gallery"),
      display=False)
