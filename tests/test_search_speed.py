@@ -115,6 +115,32 @@ def test_projection_float32_close_to_float64_oracle(embedded_model):
     assert len(errors) == 12 and max(errors) < 2e-5, errors
 
 
+def test_extremes_add_the_bias_term_after_the_reduction(embedded_model):
+    """extremes() takes min and max over tokens of the products without the bias term and adds it after: float
+    rounding is monotone, so that is bitwise min and max of the products plus the term (checked on a model with
+    biases, on layers with and without direct columns)."""
+    model, svd = embedded_model, qklib.qk_svd(embedded_model)
+    features = Features.select(svd, model=model)
+    pixels = to_pixels(model, list(shipped_photos().values())[:3])
+    checked = []
+
+    def on_layer(layer, x, qkv):
+        reader = features.readers[layer]
+        assert reader.offset.abs().amax() > 0  # DINOv2's qkv has biases: the term is not zero
+        low, high = features.extremes(layer, x, qkv, 1)
+        p = reader.project(qkv, 1, offset=False) + reader.offset[..., None]  # [2H', M', B, T]
+        torch.testing.assert_close(p, reader.project(qkv, 1), rtol=1e-6, atol=1e-5)
+        read = torch.ones(low.shape[1], dtype=torch.bool)
+        if reader.direct_index is not None:
+            read[reader.direct_index] = False
+        for got, want in ((low, p.amin(-1)), (high, p.amax(-1))):
+            assert torch.equal(got[:, read], want.permute(2, 0, 1).reshape(got.shape)[:, read])
+        checked.append(reader.direct_index is not None)
+
+    features.run(model, pixels, on_layer)
+    assert len(checked) == 12 and any(checked) and not all(checked)
+
+
 def test_project_gives_query_and_key_maps(tiny_vit):
     model, svd = tiny_vit
     pixels = to_pixels(model, list(shipped_photos().values())[:2])

@@ -61,16 +61,21 @@ class QKReader:
     def width(self) -> int:
         return self.num_heads * self.head_dim
 
-    def project(self, out: torch.Tensor, prefix: int) -> torch.Tensor:
+    def project(self, out: torch.Tensor, prefix: int, offset: bool = True) -> torch.Tensor:
         """``out [B, T_all, 3D]`` -> ``[2H', M', B, T]`` projections of the image tokens (``coeff_t``'s dtype):
         one batched product over heads, reading q and k in place (a strided view of ``out``), tokens last so
-        that the maxima over tokens are contiguous reductions."""
+        that the extremes over tokens are contiguous reductions. ``offset=False``: without the bias term
+        ``offset`` (a constant per column, which a caller taking extremes over tokens adds to those instead:
+        rounding is monotone, so the result is the same)."""
         batch, tokens = out.shape[0], out.shape[1]
         qk = out.reshape(batch * tokens, -1)[:, : 2 * self.width].unflatten(-1, (-1, self.head_dim)).transpose(0, 1)
         if self.heads is not None:  # qk: [2H, B T_all, r], query heads then key heads
             qk = qk.index_select(0, self.heads)
         qk = qk.to(self.coeff_t.dtype)
-        p = torch.baddbmm(self.offset, self.coeff_t, qk.mT)  # [2H', M', B T_all]
+        if offset:
+            p = torch.baddbmm(self.offset, self.coeff_t, qk.mT)  # [2H', M', B T_all]
+        else:
+            p = torch.bmm(self.coeff_t, qk.mT)
         return p.view(p.shape[0], p.shape[1], batch, tokens)[..., prefix:]
 
 
@@ -171,8 +176,9 @@ class Features:
             reader = self.readers.get(layer) if qkv is not None else None
             if reader is None:
                 return _token_extremes(x, self.projection[layer], prefix)
-            p = reader.project(qkv, prefix)  # [2H', M', B, T]
-            low, high = (t.permute(2, 0, 1).reshape(t.shape[2], -1) for t in (p.amin(-1), p.amax(-1)))  # [B, 2F]
+            p = reader.project(qkv, prefix, offset=False)  # [2H', M', B, T]
+            low, high = ((t + reader.offset).permute(2, 0, 1).reshape(t.shape[2], -1)  # [B, 2F]
+                         for t in (p.amin(-1), p.amax(-1)))
             if reader.direct_index is not None:
                 d_low, d_high = _token_extremes(x, reader.direct, prefix)
                 low, high = low.index_copy(1, reader.direct_index, d_low), high.index_copy(1, reader.direct_index, d_high)
