@@ -3,6 +3,7 @@
 import copy
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -257,9 +258,45 @@ def test_cli_search_shards_and_merge(folder, tmp_path):
     assert bad.returncode == 2 and "not a shard" in bad.stderr
 
 
+def test_the_first_batch_is_decoded_beside_the_setup_with_the_same_result(tiny, folder, monkeypatch):
+    """On the CPU with a decoding thread, search() starts decoding the first batch before the feature setup (the
+    setup here waits until a file is decoded: 10 s at most); the result equals a search that
+    decodes after the setup; a setup that fails stops the decoding (no loader thread left)."""
+    model, svd = tiny
+    decoded = threading.Event()
+    load, select = search_run.FileLoader.__call__, search_run.Features.select
+
+    def loader(self, position):
+        decoded.set()
+        return load(self, position)
+
+    def waiting_select(*args, **kwargs):
+        waited.append(decoded.wait(timeout=patience))
+        return select(*args, **kwargs)
+
+    monkeypatch.setattr(search_run.FileLoader, "__call__", loader)
+    monkeypatch.setattr(search_run.Features, "select", waiting_select)
+    waited, patience = [], 10
+    early = search.search(model, folder, svd=svd, k=3, batch_size=4, progress=False, workers=0)
+    assert waited == [True]
+    monkeypatch.setattr(search_run, "_decodes_in_thread", lambda device, workers: False)
+    decoded.clear()
+    waited, patience = [], 1
+    late = search.search(model, folder, svd=svd, k=3, batch_size=4, progress=False, workers=0)
+    assert waited == [False]  # the control: without the head start nothing is decoded during the setup
+    assert np.array_equal(early.scores, late.scores) and np.array_equal(early.index, late.index)
+    assert early.files == late.files and early.skipped == late.skipped and len(early.skipped) == len(BAD)
+    monkeypatch.undo()
+    before = set(threading.enumerate())
+    with pytest.raises(ValueError, match="layers") as caught:
+        search.search(model, folder, svd=svd, layers="99", batch_size=4, progress=False, workers=0)
+    # checked while the traceback (and with it the search's frame and its stream) is alive: stopped by search()
+    assert caught.traceback and not [t for t in set(threading.enumerate()) - before if t.is_alive()]
+
+
 def test_the_result_records_the_weights_digest_with_and_without_a_checkpoint(tiny, folder, tmp_path, monkeypatch):
-    """The digest is hashed before the search (on the CPU, or for a checkpoint) or beside it (on an accelerator,
-    forced here): the same sha256 every way, and it tells the weights apart."""
+    """The digest is hashed before the search (beside the setup: on the CPU, or for a checkpoint) or beside it (on
+    an accelerator, forced here): the same sha256 every way, and it tells the weights apart."""
     model, svd = tiny
     expected = weights_digest(model)
     plain = search.search(model, folder, svd=svd, layers=[0], k=2, batch_size=4, progress=False, workers=0)

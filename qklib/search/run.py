@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..core.images import ImageError, image_files, model_transform
 from ..core.models import model_name
-from ..core.stream import Batch, FileLoader, Stream
+from ..core.stream import Batch, FileLoader, Stream, default_workers
 from ..core.svd import QKSVD, qk_svd
 from .checkpoint import Checkpoint, Progress, listing_digest, run_key, tensor_digest, weights_digest
 from .features import Features, forward_precision
@@ -60,11 +60,45 @@ def run(model: nn.Module, batches: Iterable[Batch], features: Features, k: int, 
 
 
 def _digest_in_line(device) -> bool:
-    """Whether :func:`search` hashes the weights before the search rather than beside it. On the CPU every core
-    already runs the forward pass, and a hashing thread beside torch's threads stalls them at each synchronisation:
-    in line (~0.05 s for ViT-S/14, ~1 s for ViT-L/16). On an accelerator the host's cores are free while the device
-    computes: beside it, from the first batch on."""
+    """Whether :func:`search` hashes the weights before the search (beside the one-threaded feature setup) rather
+    than beside the search. On the CPU every core runs the forward pass, and a hashing thread beside torch's
+    threads stalls them at each synchronisation: before (~0.05 s for ViT-S/14, ~1 s for ViT-L/16, mostly hidden
+    behind the setup). On an accelerator the host's cores are free while the device computes: beside the search,
+    from the first batch on."""
     return torch.device(device).type == "cpu"
+
+
+def _decodes_in_thread(device, workers: int | None) -> bool:
+    """Whether a search on ``device`` decodes in a background thread on the CPU (then it starts decoding before
+    the feature setup; worker processes are forked only once no other thread runs)."""
+    device = torch.device(device)
+    return device.type == "cpu" and (default_workers(device) if workers is None else workers) == 0
+
+
+class _HeadStart:
+    """``stream`` (a :class:`Stream`) whose first batch is fetched in ``pool`` from construction on, so that
+    decoding it overlaps what the caller does meanwhile; then the rest, in order. ``skipped`` passes through;
+    :meth:`close` stops the decoding when the batches are not wanted after all."""
+
+    def __init__(self, stream: Stream, pool: ThreadPoolExecutor):
+        self.stream = stream
+        self._batches = iter(stream)
+        self._first = pool.submit(next, self._batches, None)  # a batch is a tuple, never None
+
+    @property
+    def skipped(self):
+        return self.stream.skipped
+
+    def __iter__(self):
+        first = self._first.result()
+        if first is None:
+            return
+        yield first
+        yield from self._batches
+
+    def close(self) -> None:
+        self._first.exception()  # wait for the first fetch: a generator cannot be closed while it runs
+        self._batches.close()
 
 
 class _OnFirst:
@@ -134,28 +168,42 @@ def search(model: nn.Module, root: str | Path, layers=None, heads=None, modes=No
     if part:
         positions = positions[part[0] :: part[1]]
     svd_digest = tensor_digest(svd.U, svd.S, svd.V) if svd is not None and checkpoint is not None else ""
-    svd = svd if svd is not None else qk_svd(model)
     device = next(model.parameters()).device
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    features = Features.select(svd, layers, heads, modes, device=device, model=model, read_qk=read_qk)
-    # checkpoint/resume: check the checkpoint against this run's inputs and start after what it holds
     saved = Checkpoint.of(checkpoint) if checkpoint is not None else None
     before = Progress(total=len(positions))
     if resume and saved is None:
         raise ValueError("resume=True needs checkpoint=PATH: the file the interrupted run saved its state to")
-    # the weights' sha256: provenance in the result, part of a checkpoint's key (which needs it now)
-    weights = weights_digest(model) if saved is not None or _digest_in_line(device) else None
-    if saved is not None:
-        key = run_key(model_name(model), weights, root, names, limit, part, features.layers, features.heads,
-                      features.modes, k, batch_size, svd_digest)
-        before = saved.begin(key, names, positions, resume)
-    stream = Stream(FileLoader(root, names), names, positions[before.done :], model_transform(model), batch_size,
-                    workers=workers, device=device)
-    with ThreadPoolExecutor(1, thread_name_prefix="qklib-weights-digest") as pool:
+
+    def stream_from(done: int) -> Stream:
+        return Stream(FileLoader(root, names), names, positions[done:], model_transform(model), batch_size,
+                      workers=workers, device=device)
+
+    with ThreadPoolExecutor(2, thread_name_prefix="qklib-search") as pool:
+        # Beside the one-threaded feature setup (and the SVD, when it is computed here): on the CPU, decoding the
+        # first batch when a thread decodes (no worker processes to fork beside running threads), and hashing
+        # the weights (see _digest_in_line; hashlib releases the GIL). The weights' sha256 is the result's
+        # provenance and part of a checkpoint's key (which needs it now, and the stream only after).
+        stream = _HeadStart(stream_from(0), pool) if saved is None and _decodes_in_thread(device, workers) else None
+        try:
+            svd = svd if svd is not None else qk_svd(model)
+            early = pool.submit(weights_digest, model) if saved is not None or _digest_in_line(device) else None
+            features = Features.select(svd, layers, heads, modes, device=device, model=model, read_qk=read_qk)
+            weights = early.result() if early is not None else None
+        except BaseException:
+            if stream is not None:
+                stream.close()
+            raise
+        # checkpoint/resume: check the checkpoint against this run's inputs and start after what it holds
+        if saved is not None:
+            key = run_key(model_name(model), weights, root, names, limit, part, features.layers, features.heads,
+                          features.modes, k, batch_size, svd_digest)
+            before = saved.begin(key, names, positions, resume)
+        if stream is None:
+            stream = stream_from(before.done)
         # On an accelerator, the digest is hashed beside the search from the first batch on (the decoding processes
-        # are forked by then, never beside a running thread): hashlib releases the GIL, and the host's cores are
-        # free while the device computes.
+        # are forked by then, never beside a running thread): the host's cores are free while the device computes.
         pending = []
 
         def start_digest():
