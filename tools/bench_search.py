@@ -9,7 +9,7 @@ the loader alone and of the search; peak GPU memory; and the bf16 search's agree
 
 Images are synthetic (noise plus random shapes, JPEG and PNG of varied sizes) in a temporary folder.
 
-    .venv/bin/python tools/bench_search.py [--images 96] [--batch-size 16] [--repeats 5] [--gpu-only] [--cpu-only]
+    .venv/bin/python tools/bench_search.py [--images 96] [--batch-size 16] [--repeats 9] [--gpu-only] [--cpu-only]
 
 ``bench_search()`` returns the CPU figures as a dict and prints them (``make bench`` calls it), ``bench_gpu()``
 the CUDA ones.
@@ -250,7 +250,7 @@ def peak_memory(model_name: str, folder: Path, batch_size: int, layers) -> dict:
 
 # --- the two tables ---------------------------------------------------------------------------------------
 
-def bench_search(images: int = 96, sizes: tuple[int, ...] = (100, 1000), batch_size: int = 16, repeats: int = 5,
+def bench_search(images: int = 96, sizes: tuple[int, ...] = (100, 1000), batch_size: int = 16, repeats: int = 9,
                  model_name: str | None = None, memory_layers: str = "0", quiet: bool = False,
                  save: str | Path | None = ROOT / "executed" / "bench_search.json") -> dict:
     """The CPU table: print and return ``{"overhead": ..., "preloaded_overhead": ..., "memory": {N: ...}, ...}``.
@@ -435,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                              "the default model, is a small share, as in a real search)")
     parser.add_argument("--sizes", default="100,1000", help="folder sizes for the peak-memory probes")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size of the CPU table (the CUDA table uses 128)")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="rounds of the CPU table (from disk, one pair of runs varies by up to ±10%% on a 2-core VM)")
+    parser.add_argument("--repeats", type=int, default=9,
+                        help="rounds of the CPU table (from disk, one pair of runs varies by up to about ±20%% on a 2-core VM)")
     parser.add_argument("--gpu-images", type=int, default=2048, help="images for the CUDA table")
     parser.add_argument("--gpu-only", action="store_true")
     parser.add_argument("--cpu-only", action="store_true")
