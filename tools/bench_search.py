@@ -259,9 +259,10 @@ def bench_search(images: int = 96, sizes: tuple[int, ...] = (100, 1000), batch_s
     ``repeats`` rounds, each timing the bare forward and the search back to back in alternating order (on
     decoded tensors batch by batch); the overhead is the median over rounds of search / bare, the images/s the
     best round's. From disk: the whole ``search()`` call (its one-time setup included, which on the CPU runs beside
-    the first batch's decoding) against the same loader plus ``forward_features``. Decoded tensors: the search's loop against ``forward_features`` on the same
-    batches; the setup is timed on its own. Memory: a search of layers ``memory_layers`` (all heads and modes) over
-    ``sizes`` images, each in a fresh process. The figures are also written to ``save`` (JSON).
+    the first batch's decoding) against the same loader plus ``forward_features``. Decoded tensors: the search's
+    loop against ``forward_features`` on the same batches; the setup is timed on its own. Memory: a search of
+    layers ``memory_layers`` (all heads and modes) over ``sizes`` images, each in a fresh process. The figures are
+    also written to ``save`` (JSON).
     """
     name = model_name or qklib.DEFAULT_MODEL
     model = qklib.load_model(name)
