@@ -34,7 +34,7 @@ from .modes import parse_label, rule_modes
 from .o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
 from .present.lab import use_served_vega
 from .search import parse_indices
-from .search.checkpoint import tensor_digest
+from .search.checkpoint import modes_digest  # noqa: F401 (chapters call chapter.modes_digest)
 
 
 class ParameterError(ValueError):
@@ -426,12 +426,6 @@ def listing_digest(root: Path, names: list[str]) -> str:
         stat = (Path(root) / name).stat()
         lines.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def modes_digest(svd: QKSVD) -> str:
-    """sha256 of a QK SVD's ``U``, ``S`` and ``V``: what a cache key records of the modes a result scored (it
-    changes with the weights, the basis options and the modes' sign convention)."""
-    return tensor_digest(svd.U, svd.S, svd.V)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..core.files import atomic_write
+from ..core.svd import QKSVD
 from .results import check_format, read_npz
 from .topk import RunningTopK
 
@@ -65,6 +66,12 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
         digest.update(f"{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def modes_digest(svd: QKSVD) -> str:
+    """sha256 of a QK SVD's ``U``, ``S`` and ``V``: what a checkpoint's or a cached result's key records of the modes
+    scored (it changes with the weights, the basis options and the modes' sign convention)."""
+    return tensor_digest(svd.U, svd.S, svd.V)
 
 
 def listing_digest(root: Path | None, names: list[str]) -> str:

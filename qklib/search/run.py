@@ -21,7 +21,7 @@ from ..core.images import ImageError, image_files, model_transform
 from ..core.models import model_name
 from ..core.stream import Batch, FileLoader, Stream, default_workers
 from ..core.svd import QKSVD, qk_svd
-from .checkpoint import Checkpoint, Progress, listing_digest, run_key, tensor_digest, weights_digest
+from .checkpoint import Checkpoint, Progress, listing_digest, modes_digest, run_key, weights_digest
 from .features import Features, forward_precision
 from .indices import parse_shard
 from .results import SearchResult, compact
@@ -167,7 +167,7 @@ def search(model: nn.Module, root: str | Path, layers=None, heads=None, modes=No
     positions = list(range(len(names)))
     if part:
         positions = positions[part[0] :: part[1]]
-    svd_digest = tensor_digest(svd.U, svd.S, svd.V) if svd is not None and checkpoint is not None else ""
+    svd_digest = modes_digest(svd) if svd is not None and checkpoint is not None else ""
     device = next(model.parameters()).device
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
