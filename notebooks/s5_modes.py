@@ -157,9 +157,9 @@ display(Markdown(figures.search_summary(found)))
 # its optimal images look like.
 
 # %%
-corr = modes.map_correlations(net, svd, chapter.gallery_batches(gallery_root, files, p.batch_size, 200), p.featured)
 positions = modes.position_shares(net, svd, chapter.gallery_batches(gallery_root, files, p.batch_size, 200),
                                   p.featured, seed=p.seed)
+corr = [row["correlation"] for row in positions]
 chosen = figures.featured_table(svd, p.featured, corr, positions)
 display(chosen.round(3), download_link(chosen, "s5_featured_modes.csv"))
 
@@ -243,6 +243,10 @@ figures.top_share_chart(walk_table)
 # only the instance row is drawn. Chance is $1/K$ for the same instance among $K$ objects and
 # $\sum_c (n_c/K)^2$ for the same kind ($n_c$ objects of kind $c$), weighted like the model.
 # Each band is the 95% bootstrap interval over the layer's heads (the model and the control); chance is dashed.
+# A stronger null keeps the trained features and breaks only the pairing: every mode's key direction is replaced
+# by the next mode's of the same head (`qklib.same_object.mismatched`), computed for the ledger's reading (same
+# instance, background as an object). Whatever P(same) it reaches comes from the features alone (both maps
+# peaking on the salient object, say), not from a mode linking its query feature to its own key feature.
 
 # %%
 masked = ade20k.load_ade20k(p.ade20k_dir, limit=p.ade20k_limit) if p.ade20k_dir else scene_set
@@ -250,7 +254,9 @@ matches = same_object.MATCHES if same_object.has_kinds(masked) else ("instance",
 control_net = qklib.random_control(p.models[0][0], seed=p.seed, device=p.device)
 runs, control_runs = (same_object.same_object_variants(m, s, masked, k=5, batch_size=p.batch_size, match=matches)
                       for m, s in ((net, svd), (control_net, qklib.qk_svd(control_net))))
-fig6 = figures.same_object_table(runs, control_runs, meta.name, svd.num_layers, p.resamples, p.seed)
+null_runs = same_object.same_object_variants(net, same_object.mismatched(svd), masked, k=5, batch_size=p.batch_size,
+                                             background=(True,), match=("instance",))
+fig6 = figures.same_object_table(runs, control_runs, meta.name, svd.num_layers, p.resamples, p.seed, null_runs)
 display(download_link(fig6, "s5_same_object.csv"))
 figures.same_object_chart(fig6)
 
@@ -277,7 +283,8 @@ for name, value in {"used": first.images_used, "skipped": first.images_skipped, 
 # The claims ledger reads Fig 6 with the background as one more object, as ADE20K segments everything.
 glue("s5_ledger", ledger.modes_record(meta.name, runs[True, "instance"], control_runs[True, "instance"], ablated,
                                       found.n_images, masked_kind, "image_dir" if p.image_dir else "default gallery",
-                                      natural_gallery=bool(p.image_dir), resamples=p.resamples, seed=p.seed),
+                                      natural_gallery=bool(p.image_dir), resamples=p.resamples, seed=p.seed,
+                                      mismatched=null_runs[True, "instance"]),
      display=False)
 glue("s5_seconds", time.perf_counter() - started, display=False)
 

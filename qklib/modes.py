@@ -343,8 +343,9 @@ def position_share(maps: np.ndarray) -> float:
 def position_shares(model, svd: QKSVD, batches, chosen, draws: int = 20, seed: int = 0) -> list[dict]:
     """For each ``(layer, head, mode, sign)`` in ``chosen``: :func:`position_share` of its query map
     (``x . u_n``) and of its key map (``x . v_n``) over all images of ``batches`` (an iterable of lists of PIL
-    images), and the 97.5th percentile of each under a null that permutes every image's tokens (``draws``
-    seeded permutations: position then carries no information)."""
+    images), the 97.5th percentile of each under a null that permutes every image's tokens (``draws``
+    seeded permutations: position then carries no information), and the maps' ``correlation`` pooled over every
+    token (:func:`map_correlations` from the same pass)."""
     chosen = list(chosen)
     layers = sorted({c[0] for c in chosen})
     maps: list[list[torch.Tensor]] = [[] for _ in chosen]
@@ -359,6 +360,7 @@ def position_shares(model, svd: QKSVD, batches, chosen, draws: int = 20, seed: i
         both = torch.cat(parts, dim=1).numpy()  # [2, images, N]
         shuffled = [[position_share(rng.permuted(side, axis=1)) for _ in range(draws)] for side in both]
         rows.append({"query": position_share(both[0]), "key": position_share(both[1]),
+                     "correlation": float(np.corrcoef(both[0].ravel(), both[1].ravel())[0, 1]),
                      "query_null": float(np.percentile(shuffled[0], 97.5)),
                      "key_null": float(np.percentile(shuffled[1], 97.5)), "images": both.shape[1]})
     return rows

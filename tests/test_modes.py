@@ -233,3 +233,5 @@ def test_position_shares_of_modes_with_their_null(tiny, tiny_tokens):
     query = (tokens @ svd.U[1, 0, :, 0]).numpy()
     assert rows[0]["query"] == pytest.approx(modes.position_share(query))
     assert rows[0]["images"] == 6 and 0 < rows[0]["query_null"] < 1
+    pooled = modes.map_correlations(model, svd, [images[:3], images[3:]], [(1, 0, 0, 1), (2, 1, 3, -1)])
+    assert [r["correlation"] for r in rows] == pytest.approx(pooled, rel=1e-6)

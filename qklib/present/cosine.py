@@ -95,10 +95,12 @@ def s2_spectrum(modes: pd.DataFrame, num_layers: int, num_heads: int) -> alt.HCo
     return alt.hconcat(spectrum, cosines)
 
 
-S4_QUANTITIES = {"weighted_cosine": "weighted cosine (u.v)",
-                 "anisotropy_baseline": "baseline: tokens of different photos",
-                 "centre_token_baseline": "baseline: centre tokens (the paper's)",
-                 "relative_cosine": "relative cosine = weighted - baseline"}
+# S4 puts a cosine between weight vectors and cosines between token embeddings on one axis, as the paper does;
+# each label says which space its quantity lives in.
+S4_QUANTITIES = {"weighted_cosine": "weights: weighted cosine of u_n and v_n",
+                 "anisotropy_baseline": "tokens: baseline, tokens of different photos",
+                 "centre_token_baseline": "tokens: baseline, centre tokens (the paper's)",
+                 "relative_cosine": "weights minus tokens: relative cosine"}
 
 
 def s4_relative(frame: pd.DataFrame) -> alt.FacetChart:
@@ -110,7 +112,7 @@ def s4_relative(frame: pd.DataFrame) -> alt.FacetChart:
     base = alt.Chart().encode(x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)"))
     band = base.mark_area(opacity=0.25, color="gray").encode(y="baseline_low:Q", y2="baseline_high:Q")
     lines = base.mark_line(point=True).encode(
-        y=alt.Y("value:Q", title="cosine"),
+        y=alt.Y("value:Q", title="cosine (weight or token space: see the legend)"),
         color=alt.Color("quantity:N", sort=list(S4_QUANTITIES.values()),
                         legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400)),
         tooltip=["model:N", "layer:O", "quantity:N", alt.Tooltip("value:Q", format="+.3f"),

@@ -250,16 +250,21 @@ OBJECTS = {False: "background left out", True: "background an object"}
 
 
 def same_object_table(model_runs: dict[tuple[bool, str], SameObject], control_runs: dict[tuple[bool, str], SameObject],
-                      model_label: str, num_layers: int, resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
+                      model_label: str, num_layers: int, resamples: int = RESAMPLES, seed: int = 0,
+                      null_runs: dict[tuple[bool, str], SameObject] | None = None) -> pd.DataFrame:
     """Fig 6 as a tidy table from :func:`qklib.same_object.same_object_variants` of the model and of its random-init
     control: one row per variant, series and layer. Columns ``same`` (``"same instance"`` or ``"same kind"``),
     ``objects`` (the background left out or counted as an object), ``model`` (the model, ``"random-init control"``,
-    ``"chance"``), ``layer``, ``P(same)``, ``low`` / ``high`` (the 95% bootstrap interval over the layer's heads;
+    ``"chance"``, and ``"mismatched-mode null"`` where ``null_runs``, :func:`qklib.same_object.mismatched`, holds
+    the variant), ``layer``, ``P(same)``, ``low`` / ``high`` (the 95% bootstrap interval over the layer's heads;
     empty for chance), ``depth``."""
     frames = []
     for (background, match), run in model_runs.items():
         control = control_runs[background, match]
-        for name, source in ((model_label, run), ("random-init control", control), ("chance", None)):
+        series = [(model_label, run), ("random-init control", control), ("chance", None)]
+        if null_runs and (background, match) in null_runs:
+            series.append(("mismatched-mode null", null_runs[background, match]))
+        for name, source in series:
             values = run.chance_layer if source is None else source.per_layer
             frame = pd.DataFrame({"same": SAME[match], "objects": OBJECTS[background], "model": name,
                                   "layer": run.layers, "P(same)": values})
