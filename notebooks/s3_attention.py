@@ -59,17 +59,19 @@ live_explorer = False  # True in a live kernel (JupyterLab): any scene, layer, h
 # %%
 import time
 
+import altair as alt
 import pandas as pd
 from myst_nb import glue
 
 from qklib import chapter, ledger
 from qklib.preference import GROUPS, measure, select
-from qklib.present import attention
+from qklib.present import attention, style
 from qklib.present.explore import explore_attention
 from qklib.present.widgets import download_link
 
 started = time.perf_counter()
 p = chapter.check("s3_attention", globals())
+alt.theme.enable(style.THEME)  # one look across the book: text sizes, set in qklib.present.style
 
 # %% [markdown]
 # ## The scenes

@@ -43,6 +43,7 @@ results_dir = "results"
 live_explorer = False  # True in a live kernel (JupyterLab): explore any layer, head and mode on demand
 
 # %%
+import altair as alt
 from myst_nb import glue
 
 import qklib
@@ -52,10 +53,12 @@ from qklib import biases, chapter, cosine, grouping, ledger
 from qklib.core.images import to_pixels
 from qklib.core.paper_models import IJEPA_NEEDS, ijepa_encoder_predictor
 from qklib.present import cosine as figures
+from qklib.present import style
 from qklib.present.explore import explore_spectrum
 from qklib.present.widgets import download_link
 
 p = chapter.check("s4_cosine", globals())
+alt.theme.enable(style.THEME)  # one look across the book: text sizes, set in qklib.present.style
 
 # %% [markdown]
 # ## The models and their decomposition

@@ -59,17 +59,20 @@ results_dir = "results"  # the gallery, the scenes and the saved search (reused 
 # %%
 import time
 
+import altair as alt
 from IPython.display import Markdown, display
 from myst_nb import glue
 
 import qklib
 from qklib import ade20k, chapter, ledger, modes, same_object, search
 from qklib.present import mode_figures as figures
+from qklib.present import style
 from qklib.present.explore import explore
 from qklib.present.widgets import download_link
 
 started = time.perf_counter()
 p = chapter.check("s5_modes", globals())
+alt.theme.enable(style.THEME)  # one look across the book: text sizes, set in qklib.present.style
 
 # %% [markdown]
 # ## The model and the gallery

@@ -28,6 +28,7 @@ from ..ledger import Judgement
 from ..stats import RESAMPLES
 from .cosine import inline
 from .render import jpeg_bytes
+from .style import CHANCE, model_colour, model_order
 from .widgets import download_link, nested_stack, picture_html
 
 GROUP_ORDER = list(GROUPS)
@@ -111,8 +112,7 @@ def layer_chart(stats: pd.DataFrame, models: Sequence[str], scenes: int) -> alt.
     over images and the chance level dashed. ``stats``: :func:`layer_stats`; ``scenes``: images measured."""
     base = alt.Chart().encode(
         x=alt.X("depth:Q", title="normalised layer", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("model:N", sort=list(models),
-                        legend=alt.Legend(orient="bottom", direction="vertical", title=None, labelLimit=400)),
+        color=model_colour(models),
     )
     band = base.mark_area(opacity=0.2).encode(y="low:Q", y2="high:Q")
     line = base.mark_line(point=True).encode(
@@ -120,10 +120,12 @@ def layer_chart(stats: pd.DataFrame, models: Sequence[str], scenes: int) -> alt.
         tooltip=["model:N", "layer:O", alt.Tooltip("mean:Q", format=".3f"), alt.Tooltip("low:Q", format=".3f"),
                  alt.Tooltip("high:Q", format=".3f"), "images:Q"],
     )
-    rule = alt.Chart().mark_rule(strokeDash=[4, 4], color="gray").encode(y="mean(chance):Q")
+    rule = alt.Chart().mark_rule(strokeDash=[4, 4], color=CHANCE).encode(y="mean(chance):Q")
+    label = alt.Chart().mark_text(align="right", dx=-2, dy=-7, color=CHANCE).encode(
+        x=alt.datum(1), y="mean(chance):Q", text=alt.value("chance"))
     # One data set for every layer, so the facet splits lines, bands and the chance rule alike.
     return (
-        alt.layer(band, line, rule, data=inline(stats))
+        alt.layer(band, line, rule, label, data=inline(stats))
         .properties(width=165, height=200)
         .facet(column=alt.Column("group:N", sort=GROUP_ORDER, title=None))
         .properties(title=f"Attention preference per layer ({scenes} scenes)")
@@ -156,8 +158,7 @@ def area_chart(area: pd.DataFrame, models: Sequence[str], scenes: int) -> alt.Fa
     """Fig 2 per unit area: each group's attention over its chance level against depth on a log axis, one line per
     model with its 95% interval over images as a band; the dashed line at 1 is chance (uniform attention over the
     key tokens). ``area``: :func:`area_table`."""
-    color = alt.Color("model:N", sort=list(models),
-                      legend=alt.Legend(orient="bottom", direction="vertical", title=None, labelLimit=400))
+    color = model_colour(models)
     base = alt.Chart().encode(x=alt.X("depth:Q", title="normalised layer", scale=alt.Scale(domain=[0, 1])),
                               color=color)
     y = alt.Y("ratio:Q", title="attention ÷ chance (log scale)", scale=alt.Scale(type="log"))
@@ -165,8 +166,10 @@ def area_chart(area: pd.DataFrame, models: Sequence[str], scenes: int) -> alt.Fa
     line = base.mark_line(point=True).encode(
         y=y, tooltip=["model:N", "layer:O", "group:N", alt.Tooltip("ratio:Q", format=".2f"),
                       alt.Tooltip("low:Q", format=".2f"), alt.Tooltip("high:Q", format=".2f")])
-    rule = alt.Chart().mark_rule(strokeDash=[4, 4], color="black").encode(y=alt.datum(1))
-    return (alt.layer(band, line, rule, data=inline(area)).properties(width=165, height=200)
+    rule = alt.Chart().mark_rule(strokeDash=[4, 4], color=CHANCE).encode(y=alt.datum(1))
+    label = alt.Chart().mark_text(align="right", dx=-2, dy=-7, color=CHANCE).encode(
+        x=alt.datum(1), y=alt.datum(1), text=alt.value("chance"))
+    return (alt.layer(band, line, rule, label, data=inline(area)).properties(width=165, height=200)
             .facet(column=alt.Column("group:N", sort=GROUP_ORDER, title=None))
             .properties(title=f"Attention per unit area, × chance ({scenes} scenes; dashed: chance = 1)"))
 
@@ -190,7 +193,7 @@ def head_heatmap(table: pd.DataFrame, models: Sequence[str]) -> alt.FacetChart:
         )
         .properties(width=110, height=200)
         .facet(column=alt.Column("group:N", sort=GROUP_ORDER, title=None),
-               row=alt.Row("model:N", sort=list(models), title=None, header=alt.Header(labelLimit=300)))
+               row=alt.Row("model:N", sort=model_order(models), title=None, header=alt.Header(labelLimit=300)))
     )
 
 

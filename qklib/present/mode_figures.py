@@ -32,6 +32,7 @@ from ..stats import AGREES, BORDERLINE, DISAGREES, RESAMPLES, bootstrap, bootstr
 from .attention import course
 from .cosine import inline
 from .render import jpeg_bytes, mode_pictures, render_mode, thumbnail
+from .style import CHANCE, CONTROLS, TRAINED
 from .widgets import nested_stack, picture_html
 
 PICTURE_PX = 160  # shown width of every picture (a click enlarges it)
@@ -104,7 +105,7 @@ def optimal_table(svd: QKSVD, found: SearchResult, featured: Sequence[tuple[int,
 def featured_table(svd: QKSVD, featured: Sequence[tuple[int, int, int, int]], correlations: Sequence[float],
                    positions: Sequence[dict] | None = None) -> pd.DataFrame:
     """One row per featured mode: ``mode`` label, ``layer``, ``s``, ``cos`` (u_n . v_n), ``map_corr`` (the
-    token-level correlation of its query and key maps over the gallery, :func:`qklib.modes.map_correlations`) and,
+    token-level correlation of its query and key maps over the gallery, :func:`qklib.modes.position_shares`) and,
     with ``positions`` (:func:`qklib.modes.position_shares`), the share of each map's variance that token
     position explains with its null's 97.5th percentile."""
     if len(correlations) != len(featured):
@@ -277,13 +278,21 @@ def same_object_table(model_runs: dict[tuple[bool, str], SameObject], control_ru
     return table
 
 
+# Fig 6's series other than the model: the control grey as everywhere in the book, chance black.
+SERIES_COLOURS = {"random-init control": CONTROLS[0], "chance": CHANCE, "mismatched-mode null": "#b0306b"}
+
+
 def same_object_chart(table: pd.DataFrame) -> alt.FacetChart:
     """Fig 6: P(same) against normalised depth, one line per series (model, control, chance dashed), each with its
     95% interval over heads as a band, one panel per variant of :func:`same_object_table`: same instance or same
     kind (rows), background left out or an object (columns)."""
+    series = list(dict.fromkeys(table["model"]))
+    colours = {name: SERIES_COLOURS.get(name, TRAINED[0]) for name in series}
     base = alt.Chart().encode(
         x=alt.X("depth:Q", title="normalised depth, layer / (L - 1)"),
-        color=alt.Color("model:N", title=None, legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400)))
+        color=alt.Color("model:N", title=None, sort=series,
+                        scale=alt.Scale(domain=series, range=[colours[name] for name in series]),
+                        legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400)))
     band = base.mark_area(opacity=0.18).encode(y="low:Q", y2="high:Q")
     line = base.mark_line(point=True).encode(
         y=alt.Y("P(same):Q", scale=alt.Scale(domain=[0, 1])),
