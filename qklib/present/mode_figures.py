@@ -278,6 +278,20 @@ def same_object_table(model_runs: dict[tuple[bool, str], SameObject], control_ru
     return table
 
 
+def same_object_layers(table: pd.DataFrame, model_label: str) -> pd.DataFrame:
+    """Fig 6 layer by layer, compactly (index: layer): the model's P(same) in every variant of
+    :func:`same_object_table`, then chance, the random-init control and the mismatched-mode null in the claims
+    ledger's variant (same instance, the background one more object)."""
+    model = table[table["model"] == model_label]
+    wide = model.pivot_table(index="layer", columns=["same", "objects"], values="P(same)")
+    wide.columns = [f"{same}, {objects}" for same, objects in wide.columns]
+    ledger_rows = table[(table["same"] == SAME["instance"]) & (table["objects"] == OBJECTS[True])
+                        & (table["model"] != model_label)]
+    references = ledger_rows.pivot_table(index="layer", columns="model", values="P(same)")
+    references.columns = [f"{name} ({SAME['instance']}, {OBJECTS[True]})" for name in references.columns]
+    return pd.concat([wide, references], axis=1).round(2)
+
+
 # Fig 6's series other than the model: the control grey as everywhere in the book, chance black.
 SERIES_COLOURS = {"random-init control": CONTROLS[0], "chance": CHANCE, "mismatched-mode null": "#b0306b"}
 
