@@ -266,12 +266,6 @@ figures.same_object_chart(fig6)
 
 # %%
 masked_kind = "ADE20K images" if p.ade20k_dir else "generated scenes"
-SEMANTIC_NOTE = {False: "The gallery holds no folder of natural images (`image_dir` is empty), so this run does not "
-                        "test the paper's semantic reading of optimal images (§5, Fig 4); the claims ledger marks it "
-                        "not tested.",
-                 True: "The gallery is `image_dir`; whether a mode's optimal images share a feature is a reading "
-                       "of the pictures above."}
-GALLERY_TEXT = {False: "the photos shipped in installed packages and the generated scenes", True: "`image_dir`"}
 glue("s5_masked", f"{len(masked)} {masked_kind}", display=False)
 glue("s5_kinds", figures.kinds_phrase(matches, bool(p.ade20k_dir)), display=False)
 first = runs[False, "instance"]
@@ -282,7 +276,7 @@ for name, value in {"used": first.images_used, "skipped": first.images_skipped, 
                     **figures.same_object_findings(first, control_runs[False, "instance"], p.resamples, p.seed),
                     **{f"bg_{k}": v for k, v in bg.items()}, **figures.same_object_variant_findings(runs, control_runs),
                     **figures.featured_findings(chosen, [[n for n, _ in found.top(*c)] for c in p.featured]),
-                    "semantic_note": SEMANTIC_NOTE[bool(p.image_dir)], "gallery_text": GALLERY_TEXT[bool(p.image_dir)]}.items():
+                    **figures.gallery_phrases(bool(p.image_dir))}.items():
     glue(f"s5_{name}", value, display=False)
 # The claims ledger reads Fig 6 with the background as one more object, as ADE20K segments everything.
 glue("s5_ledger", ledger.modes_record(meta.name, runs[True, "instance"], control_runs[True, "instance"], ablated,

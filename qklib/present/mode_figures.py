@@ -136,6 +136,20 @@ def featured_findings(table: pd.DataFrame, top_names: Sequence[Sequence[str]] = 
             "featured_scenes": f"{scenes} of the {len(names)} optimal images shown are generated scenes"}
 
 
+def gallery_phrases(natural: bool) -> dict:
+    """What the run's gallery is, for the prose (``natural``: the gallery is the user's ``image_dir``, else the
+    default of shipped photos and generated scenes): ``gallery_text`` and ``semantic_note``, the latter saying
+    whether this run can test the paper's semantic reading of optimal images at all."""
+    if natural:
+        return {"gallery_text": "`image_dir`",
+                "semantic_note": "The gallery is `image_dir`; whether a mode's optimal images share a feature is a "
+                                 "reading of the pictures above."}
+    return {"gallery_text": "the photos shipped in installed packages and the generated scenes",
+            "semantic_note": "The gallery holds no folder of natural images (`image_dir` is empty), so this run does "
+                             "not test the paper's semantic reading of optimal images (§5, Fig 4); the claims ledger "
+                             "marks it not tested."}
+
+
 def optimal_images(model, svd: QKSVD, found: SearchResult, featured: Sequence[tuple[int, int, int, int]],
                    size: int = 224, correlations: Sequence[float] | None = None) -> HTML:
     """Fig 4: for each featured ``(layer, head, mode, sign)``, a row of its top images with the mode drawn
