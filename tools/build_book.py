@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,7 @@ REQUIREJS = ("requirejs", "2.3.7")
 HTML_MANAGER = ("@jupyter-widgets/html-manager", "1.0.15")
 MATHJAX = ("mathjax", "3.2.2")
 MAX_PAGE_BYTES = 5 * 1024 * 1024
+RECORD_KEY = "qklib_book"  # the executed notebook's metadata key holding the inputs of its run
 
 
 # Appended to require.js, so it runs on widget pages only, after require.js and before embed-amd.js.
@@ -260,13 +262,11 @@ def chapter_parameters(pairs: list[list[str]], chapters: list[str]) -> dict[str,
     return parameters
 
 
-def execute(name: str, parameters: dict, workdir: Path) -> float:
-    """notebooks/NAME.py -> executed/NAME.ipynb through papermill; returns seconds. Raises BuildError."""
+def prepared(name: str, notebooks: Path = NOTEBOOKS):
+    """notebooks/NAME.py as the notebook papermill runs: the project's kernel, code cells collapsed."""
     import jupytext
-    import papermill
 
-    source = NOTEBOOKS / f"{name}.py"
-    notebook = jupytext.read(source, fmt="py:percent")
+    notebook = jupytext.read(notebooks / f"{name}.py", fmt="py:percent")
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     # The book reads as prose and figures: code cells start collapsed (a click shows them); the parameters
     # cell stays open, since it says what to change when rerunning a chapter.
@@ -274,26 +274,86 @@ def execute(name: str, parameters: dict, workdir: Path) -> float:
         tags = cell.metadata.setdefault("tags", [])
         if cell.cell_type == "code" and "parameters" not in tags and "hide-input" not in tags:
             tags.append("hide-input")
+    return notebook
+
+
+def shown(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def execute(name: str, parameters: dict, workdir: Path, *, notebooks: Path = NOTEBOOKS, executed: Path = EXECUTED,
+            record: dict | None = None) -> float:
+    """notebooks/NAME.py -> executed/NAME.ipynb through papermill; returns seconds. Raises BuildError.
+
+    papermill writes into a temporary file beside the result, renamed onto ``executed/NAME.ipynb`` only when
+    the run succeeded (an atomic replace), so a failed or interrupted run never costs the last good chapter.
+    A failed run is kept as ``executed/NAME.failed.ipynb`` for inspection (removed by the next good run).
+    ``record`` (the run's inputs, see :func:`chapter_inputs`) goes into the notebook's metadata."""
+    import jupytext
+    import papermill
+
+    notebook = prepared(name, notebooks)
+    if record is not None:
+        notebook.metadata[RECORD_KEY] = record
     unexecuted = workdir / f"{name}.ipynb"
     jupytext.write(notebook, unexecuted, fmt="ipynb")
-    EXECUTED.mkdir(exist_ok=True)
-    output = EXECUTED / f"{name}.ipynb"
-    shown = ", ".join(f"{k}={v!r}" for k, v in parameters.items()) or "defaults"
-    print(f"execute: {source.relative_to(ROOT)} -> {output.relative_to(ROOT)} ({shown})", flush=True)
+    executed.mkdir(parents=True, exist_ok=True)
+    output, failed = executed / f"{name}.ipynb", executed / f"{name}.failed.ipynb"
+    # papermill creates this file itself, so it gets the mode any new file gets (the umask), not mkstemp's 0600.
+    running = executed / f".{name}.{os.getpid()}.running.ipynb"
+    shown_parameters = ", ".join(f"{k}={v!r}" for k, v in parameters.items()) or "defaults"
+    print(f"execute: {shown(notebooks / f'{name}.py')} -> {shown(output)} ({shown_parameters})", flush=True)
     started = time.perf_counter()
     try:
-        papermill.execute_notebook(str(unexecuted), str(output), parameters=parameters, kernel_name="python3",
+        papermill.execute_notebook(str(unexecuted), str(running), parameters=parameters, kernel_name="python3",
                                    language="python", cwd=str(ROOT), progress_bar=False)
+        displayed = displayed_errors(running)
     except papermill.PapermillExecutionError as error:
-        raise BuildError(f"chapter {name} failed in cell {error.exec_count} after "
-                         f"{time.perf_counter() - started:.0f} s: {error.ename}: {error.evalue}\n{''.join(error.traceback)}\n"
-                         f"the partial notebook is kept for inspection: {output.relative_to(ROOT)}") from None
-    displayed = displayed_errors(output)
+        os.replace(running, failed)
+        raise BuildError(f"chapter {name} failed in cell {error.exec_count} after {time.perf_counter() - started:.0f} s: "
+                         f"{cell_error(error.ename, error.evalue, error.traceback)}\n{kept(output, failed)}") from None
+    except BaseException:
+        if running.is_file():  # interrupted: what ran so far is the failed notebook
+            os.replace(running, failed)
+        raise
     if displayed:
+        os.replace(running, failed)
         raise BuildError(f"chapter {name}: a cell displayed an error instead of its output (papermill does not "
-                         f"stop on these, e.g. a chart that fails to render): {displayed[0]}\n"
-                         f"the notebook is kept for inspection: {output.relative_to(ROOT)}")
+                         f"stop on these, e.g. a chart that fails to render): {displayed[0]}\n{kept(output, failed)}")
+    os.replace(running, output)
+    failed.unlink(missing_ok=True)
     return time.perf_counter() - started
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def cell_error(ename: str, evalue: str, traceback: list[str]) -> str:
+    """A cell's error for a message: the error itself, and its traceback unless it is a wrong parameter (the
+    chapter's own check, whose message says everything)."""
+    if ename == "ParameterError":
+        return f"{ename}: {evalue}"
+    return f"{ename}: {evalue}\n{ANSI.sub('', chr(10).join(traceback))}\n(the cause, again: {ename}: {evalue})"
+
+
+def kept(output: Path, failed: Path) -> str:
+    last = (f"{shown(output)} is unchanged (the last good run)" if output.is_file()
+            else f"there is no good {shown(output)} yet")
+    return f"the failed notebook is kept for inspection: {shown(failed)}; {last}"
+
+
+def check_not_failed(names: list[str], executed: Path = EXECUTED) -> None:
+    """Stop with the failing cell's error when an executed chapter is a failed run (an older builder wrote
+    failed runs in place of the chapter), rather than letting the ledger complain about missing records."""
+    for name in names:
+        path = executed / f"{name}.ipynb"
+        for cell in json.loads(path.read_text()).get("cells", []):
+            errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+            if cell.get("cell_type") == "code" and errors:
+                error = errors[0]
+                raise BuildError(f"{shown(path)} is a failed run, left by an earlier build: cell "
+                                 f"{cell.get('execution_count')} stopped with {error.get('ename')}: "
+                                 f"{error.get('evalue')}; fix the cause and rerun it: tools/build_book.py --only {name}")
 
 
 def displayed_errors(path: Path) -> list[str]:
@@ -400,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         if absent:
             print(f"build: not executed yet, left out of the site: {', '.join(absent)} "
                   f"(run tools/build_book.py --only {absent[0]} to add it)")
+        check_not_failed(present)
         leave_out = () if LEDGER_PAGE not in files or write_ledger(present) else (LEDGER_PAGE,)
         started = time.perf_counter()
         toc = restricted_toc(present, ROOT / "_build" / "toc-only.yml", leave_out) if absent or leave_out else TOC
