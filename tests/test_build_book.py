@@ -89,3 +89,101 @@ def test_a_failed_notebook_in_place_of_a_chapter_is_reported_with_its_cause(fold
     message = str(failure.value)
     assert "executed/tiny.ipynb is a failed run" in message
     assert "parameter 'count' must be an integer >= 1, got 0" in message and "--only tiny" in message
+
+
+# ------------------------------------------------------------------------------ the incremental book
+def inputs(folders, parameters=None, name="tiny", shared=None):
+    notebooks, _ = folders
+    return build_book.chapter_inputs(name, parameters or {}, shared or {"qklib": "q", "environment": "e"},
+                                     notebooks=notebooks)
+
+
+def test_unchanged_inputs_reuse_the_chapter(folders):
+    assert build_book.changed_inputs(inputs(folders), inputs(folders)) == []
+
+
+def test_a_chapter_without_a_record_is_executed(folders):
+    assert build_book.changed_inputs(None, inputs(folders)) == ["no earlier run recorded its inputs"]
+
+
+def test_an_edited_sentence_reruns_the_chapter(folders):
+    notebooks, _ = folders
+    before = inputs(folders)
+    (notebooks / "tiny.py").write_text(TINY.replace("# # A tiny chapter", "# # A tiny chapter, edited"))
+    assert build_book.changed_inputs(before, inputs(folders)) == ["the chapter's text changed"]
+
+
+def test_a_changed_parameter_reruns_the_chapter_and_says_which(folders):
+    before = inputs(folders, {"count": 3})
+    assert build_book.changed_inputs(before, inputs(folders, {"count": 3})) == []
+    assert build_book.changed_inputs(before, inputs(folders, {"count": 4})) == ["parameters changed: count 3 -> 4"]
+    assert build_book.changed_inputs(before, inputs(folders)) == ["parameters changed: count 3 -> default"]
+
+
+def test_qklib_and_the_environment_are_inputs(folders):
+    before = inputs(folders, shared={"qklib": "q1", "environment": "e"})
+    assert build_book.changed_inputs(before, inputs(folders, shared={"qklib": "q2", "environment": "e"})) == [
+        "qklib's source changed"]
+    assert build_book.changed_inputs(before, inputs(folders, shared={"qklib": "q1", "environment": "e2"})) == [
+        "the environment changed (pyproject.toml)"]
+
+
+def test_the_source_digest_follows_the_code_and_ignores_caches(tmp_path):
+    package = tmp_path / "qklib"
+    (package / "__pycache__").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    first = build_book.tree_digest(package)
+    (package / "__pycache__" / "a.cpython-312.pyc").write_bytes(b"\0")
+    assert build_book.tree_digest(package) == first
+    (package / "a.py").write_text("x = 2\n")
+    assert build_book.tree_digest(package) != first
+
+
+def test_a_data_folder_is_an_input_and_the_output_folder_is_not(folders, tmp_path):
+    """Folder parameters are digested by their listing (names, sizes, times); `results_dir` of a chapter in
+    qklib.chapter.SPECS is where the chapter writes, so what appears there never reruns it."""
+    notebooks, _ = folders
+    images, results = tmp_path / "images", tmp_path / "results"
+    images.mkdir(), results.mkdir()
+    (images / "a.png").write_bytes(b"a")
+    (notebooks / "s4_cosine.py").write_text(
+        TINY.replace("count = 2  # how many lines to print",
+                     f"count = 2  # how many\nimage_dir = {str(images)!r}  # photos\nresults_dir = {str(results)!r}  # out"))
+    before = inputs(folders, name="s4_cosine")
+    (results / "written.csv").write_text("by the chapter")
+    assert build_book.changed_inputs(before, inputs(folders, name="s4_cosine")) == []
+    (images / "b.png").write_bytes(b"b")
+    assert build_book.changed_inputs(before, inputs(folders, name="s4_cosine")) == [
+        "data changed: image_dir's listing"]
+
+
+def test_model_weights_are_inputs(tmp_path, folders):
+    """A weights file named in `models` is digested by its size and time (cheap), a random-init control by
+    its name alone."""
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"0" * 10)
+    models = [{"name": "vit_tiny_patch16_224", "weights": str(weights)}, "random:vit_tiny_patch16_224"]
+    before = inputs(folders, {"models": models})
+    weights.write_bytes(b"1" * 11)
+    assert build_book.changed_inputs(before, inputs(folders, {"models": models})) == [
+        f"model weights changed: {weights}"]
+
+
+def test_the_build_reruns_only_what_changed(folders, tmp_path, capsys):
+    notebooks, executed = folders
+    shared = {"qklib": "q", "environment": "e"}
+
+    def build(force=False, parameters=None):
+        timings = build_book.execute_chapters(["tiny"], {"tiny": parameters or {}}, force=force, shared=shared,
+                                              notebooks=notebooks, executed=executed)
+        return list(timings), capsys.readouterr().out
+
+    ran, out = build()
+    assert ran == ["tiny"] and "tiny: executing: no earlier run recorded its inputs" in out
+    assert build_book.read_record(executed / "tiny.ipynb") == inputs(folders)
+    ran, out = build()
+    assert ran == [] and "tiny: reused (inputs unchanged)" in out
+    ran, out = build(parameters={"count": 1})
+    assert ran == ["tiny"] and "tiny: executing: parameters changed: count default -> 1" in out
+    ran, out = build(force=True, parameters={"count": 1})
+    assert ran == ["tiny"] and "tiny: executing: --force" in out
