@@ -3,24 +3,13 @@ item 1), and a chapter is re-executed only when one of its inputs changed (issue
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import nbformat
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _build_book_module():
-    spec = importlib.util.spec_from_file_location("build_book", ROOT / "tools" / "build_book.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build_book = _build_book_module()
+from test_book import build_book  # tools/build_book.py, loaded as a module
 
 # A stand-in chapter: a parameters cell, then a cell that checks the parameter as qklib.chapter.check does.
 TINY = '''# %% [markdown]

@@ -143,13 +143,14 @@ def restricted_toc(only: list[str], path: Path, leave_out: tuple[str, ...] = ())
     return path
 
 
-def write_if_changed(path: Path, text: str) -> None:
-    """Write ``text`` unless ``path`` holds it already: an unchanged file keeps its time, so Sphinx does not
-    rebuild the pages that depend on it."""
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write ``text`` unless ``path`` holds it already (False): an unchanged file keeps its time, so Sphinx does
+    not rebuild the pages that depend on it."""
     if path.is_file() and path.read_text() == text:
-        return
+        return False
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+    return True
 
 
 # ------------------------------------------------------------------------------------------- vendor
@@ -592,8 +593,9 @@ def write_ledger(present: list[str], executed: Path = EXECUTED, target: Path = L
     except ledger.LedgerError as error:
         target.unlink(missing_ok=True)
         raise BuildError(f"claims ledger: {error}") from None
-    write_if_changed(target, "<!-- written by tools/build_book.py from the chapters' glued records; do not edit -->\n" + text)
-    print(f"build: wrote the claims ledger {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}")
+    written = write_if_changed(target, "<!-- written by tools/build_book.py from the chapters' glued records; do not "
+                                       "edit -->\n" + text)
+    print(f"build: {'wrote' if written else 'unchanged:'} the claims ledger {shown(target)}")
     return True
 
 
