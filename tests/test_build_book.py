@@ -176,3 +176,21 @@ def test_the_build_reruns_only_what_changed(folders, tmp_path, capsys):
     assert ran == ["tiny"] and "tiny: executing: parameters changed: count default -> 1" in out
     ran, out = build(force=True, parameters={"count": 1})
     assert ran == ["tiny"] and "tiny: executing: --force" in out
+
+
+def test_a_collapsed_cell_that_shows_nothing_leaves_no_empty_toggle(tmp_path):
+    quiet = nbformat.v4.new_code_cell("glue('x', 1, display=False)", metadata={"tags": ["hide-input"]})
+    quiet.outputs = [nbformat.v4.new_output("display_data", data={"application/papermill.record/text/plain": "1"},
+                                            metadata={"scrapbook": {"name": "x"}})]
+    empty = nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["hide-input"]})
+    shows = nbformat.v4.new_code_cell("print(1)", metadata={"tags": ["hide-input"]})
+    shows.outputs = [nbformat.v4.new_output("stream", name="stdout", text="1\n")]
+    parameters = nbformat.v4.new_code_cell("count = 2", metadata={"tags": ["parameters"]})
+    path = tmp_path / "chapter.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[parameters, quiet, empty, shows]), path)
+    build_book.finish(path, {"inputs": "recorded"})
+    notebook = nbformat.read(path, as_version=4)
+    assert [c.metadata.get("tags") for c in notebook.cells] == [["parameters"], ["remove-input"], ["remove-input"],
+                                                                ["hide-input"]]
+    assert notebook.cells[1].outputs  # the glued value stays: the page reads it
+    assert notebook.metadata[build_book.RECORD_KEY] == {"inputs": "recorded"}

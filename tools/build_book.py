@@ -340,8 +340,7 @@ def execute(name: str, parameters: dict, workdir: Path, *, notebooks: Path = NOT
         os.replace(running, failed)
         raise BuildError(f"chapter {name}: a cell displayed an error instead of its output (papermill does not "
                          f"stop on these, e.g. a chart that fails to render): {displayed[0]}\n{kept(output, failed)}")
-    if record is not None:
-        store_record(running, record())
+    finish(running, None if record is None else record())
     os.replace(running, output)
     failed.unlink(missing_ok=True)
     return time.perf_counter() - started
@@ -501,10 +500,25 @@ def read_record(path: Path) -> dict | None:
         return None
 
 
-def store_record(path: Path, record: dict) -> None:
-    """Write ``record`` into the metadata of the executed notebook at ``path`` (in place: a temporary file)."""
+def _shows_nothing(cell: dict) -> bool:
+    """A code cell whose outputs the page would not show: none at all, or only values glued with
+    ``display=False`` (their data is papermill's record alone)."""
+    return all(output.get("output_type") == "display_data"
+               and all(key.startswith("application/papermill.record/") for key in output.get("data", {}))
+               for output in cell.get("outputs", []))
+
+
+def finish(path: Path, record: dict | None = None) -> None:
+    """Finish the executed notebook at ``path`` (in place: a temporary file) for the page: a collapsed code cell
+    that shows nothing loses its input too, so the page has no empty "Show code cell source" toggle (the code is
+    in the notebook download); ``record``, if given, goes into the notebook's metadata."""
     notebook = json.loads(path.read_text())
-    notebook.setdefault("metadata", {})[RECORD_KEY] = record
+    for cell in notebook.get("cells", []):
+        tags = cell.get("metadata", {}).get("tags", [])
+        if cell.get("cell_type") == "code" and "hide-input" in tags and _shows_nothing(cell):
+            tags[tags.index("hide-input")] = "remove-input"
+    if record is not None:
+        notebook.setdefault("metadata", {})[RECORD_KEY] = record
     path.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
 
 
