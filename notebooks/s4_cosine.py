@@ -80,15 +80,20 @@ figures.model_summary(svds)
 # than the spread of a single random cosine (±{glue:text}`s4_single_band:.3f` for $d$ = {glue:text}`s4_dim`),
 # which the S1 histograms below use and which the claims ledger takes as the smallest change that counts: it is
 # drawn as the dashed grey lines (the verdict band). Each layer's whisker is the 95% bootstrap interval over its
-# heads, the interval the ledger's verdicts use. The anisotropy baseline is drawn with Fig S4 below.
+# heads, the interval the ledger's verdicts use. The dotted line in each model's colour is its anisotropy
+# baseline (the mean cosine between tokens of different photos, Fig S4 below): a cosine between token
+# embeddings, drawn for scale, not a null for the weights' cosine.
 
 # %%
 layers = cosine.layer_table(svds, p.resamples, p.seed)
 bands = cosine.null_band_table(svds)
 single_band = cosine.null_band_for(svds)
+photos = chapter.photos(p.image_dir, p.max_images)
+relative = cosine.relative_table(loaded, layers, list(photos.values()), p.batch_size)  # the anisotropy baseline
 glue("s4_single_band", single_band, display=False)
 glue("s4_dim", min(svd.dim for svd in svds.values()), display=False)
-figures.fig3_cosine_simulated_band(layers, bands, effect=single_band)
+figures.fig3_cosine_simulated_band(layers, bands, effect=single_band, baseline=relative, title=[
+    "Weighted cosine between u_n and v_n", "shaded: 95% null band; dashed: verdict band; dotted: anisotropy baseline"])
 
 # %% [markdown]
 # ## Which basis? Raw weights and the standardised token
@@ -175,8 +180,6 @@ display(figures.fig_s3_encoder_predictor(ijepa) if ijepa else Markdown(f"*Not ru
 # between token embeddings from one between weight vectors, so it is a yardstick, not a calibrated test.
 
 # %%
-photos = chapter.photos(p.image_dir, p.max_images)
-relative = cosine.relative_table(loaded, layers, list(photos.values()), p.batch_size)
 glue("s4_photos", ", ".join(photos), display=False)
 glue("s4_baseline_tokens", int(relative["baseline_tokens"].iloc[0]), display=False)
 glue("s4_baseline_verdicts", cosine.baseline_verdicts(relative), display=False)

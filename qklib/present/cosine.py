@@ -134,7 +134,7 @@ def model_summary(svds: dict[str, QKSVD]) -> Markdown:
 
 
 def fig3_cosine_simulated_band(layers: pd.DataFrame, bands: pd.DataFrame,
-                               title: str = "Weighted cosine between u_n and v_n", effect: float | None = None,
+                               title: str | list[str] = "Weighted cosine between u_n and v_n", effect: float | None = None,
                                baseline: pd.DataFrame | None = None) -> alt.LayerChart:
     """Fig 3 with each model's own per-layer null band (:func:`qklib.cosine.null_band_table`): a shaded
     ``[-null_band, +null_band]`` strip per model, in the model's colour, instead of one flat single-cosine band.
