@@ -409,14 +409,15 @@ def _biases_negligible(m: dict) -> Judgement:
 
 
 def _paper_ranking(m: dict) -> Judgement:
-    cases = {name: _array(values) for name, values in m["cases"].items()}
+    cases = {name: _array(m["cases"][name]) for name in RANKINGS}
     gain = bootstrap(cases["by_paper_sum"] - cases["by_random"], **_boot(m))
+    versus_s = bootstrap(cases["by_paper_sum"] - cases["by_singular_value"], **_boot(m))
     means = ", ".join(f"{RANKINGS[name]} {bootstrap(values, **_boot(m)).text()}" for name, values in cases.items())
     beats = float((cases["by_paper_sum"] > cases["by_random"]).mean())
     return Judgement(decide(gain, 0.0), (
         f"mean change of the attention rows (total variation) when each head's top {m['count']} modes are removed: "
         f"{means}; the paper's ranking minus random {gain.text()}, larger in {beats:.0%} of {len(cases['by_random'])} "
-        "image-head cases"), gain)
+        f"image-head cases; minus singular value alone {versus_s.text()}"), gain)
 
 
 def judge_model(record: Mapping, label: str) -> dict[str, Judgement]:

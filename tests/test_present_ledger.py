@@ -1,5 +1,6 @@
 """The claims ledger's page fragment (qklib.present.ledger): a row per claim with its verdict, evidence and needs."""
 
+import dataclasses
 import re
 
 from qklib import ledger
@@ -60,6 +61,10 @@ def test_summary_and_the_run_name_what_was_tested_and_the_controls():
     assert summary(rows) == ("Of the paper's 19 headline claims listed here, this run tested 8: 8 agree, 0 disagree, 0 are "
                              "borderline (the interval crosses the threshold) and 0 are mixed across models; 0 are a "
                              "reading of pictures; 11 were not tested in this run.")
+    one = [rows[0], dataclasses.replace(rows[1], verdict=ledger.BORDERLINE)]
+    assert summary(one) == ("Of the paper's 2 headline claims listed here, this run tested 2: 1 agrees, 0 disagree, 1 "
+                            "is borderline (the interval crosses the threshold) and 0 are mixed across models; 0 are a "
+                            "reading of pictures; 0 were not tested in this run.")
     for name, (value, reason) in ledger.THRESHOLDS.items():
         assert f"- **{name}** = {value}: {reason}." in text
     assert text.startswith(summary(rows))

@@ -51,11 +51,14 @@ def summary(rows: Sequence[Row]) -> str:
     count = {v: sum(row.verdict == v for row in rows) for v in (AGREES, DISAGREES, BORDERLINE, MIXED, BY_EYE,
                                                                  NOT_TESTED)}
     tested = count[AGREES] + count[DISAGREES] + count[BORDERLINE] + count[MIXED]
-    return (f"Of the paper's {len(rows)} headline claims listed here, this run tested {tested}: {count[AGREES]} "
-            f"agree, {count[DISAGREES]} disagree, {count[BORDERLINE]} are borderline (the interval crosses the "
-            f"threshold) and {count[MIXED]} are mixed across models; {count[BY_EYE]} "
-            f"{'is' if count[BY_EYE] == 1 else 'are'} a reading of pictures; {count[NOT_TESTED]} "
-            f"{'was' if count[NOT_TESTED] == 1 else 'were'} not tested in this run.")
+    def verb(n: int, one: str, many: str) -> str:
+        return f"{n} {one if n == 1 else many}"
+
+    return (f"Of the paper's {len(rows)} headline claims listed here, this run tested {tested}: "
+            f"{verb(count[AGREES], 'agrees', 'agree')}, {verb(count[DISAGREES], 'disagrees', 'disagree')}, "
+            f"{verb(count[BORDERLINE], 'is', 'are')} borderline (the interval crosses the threshold) and "
+            f"{verb(count[MIXED], 'is', 'are')} mixed across models; {verb(count[BY_EYE], 'is', 'are')} a reading "
+            f"of pictures; {verb(count[NOT_TESTED], 'was', 'were')} not tested in this run.")
 
 
 def thresholds_text() -> str:
