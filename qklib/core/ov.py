@@ -161,17 +161,16 @@ def composition_from(qk: QKSVD, ov: QKSVD) -> dict[str, torch.Tensor]:
     """
     layers, heads, d, r = ov.U.shape
     written = (ov.U * ov.S.unsqueeze(-2)).permute(0, 2, 1, 3).reshape(layers, d, heads * r)  # columns s_n u_n
-    squares = torch.zeros(3, layers, heads, layers, heads, dtype=torch.float64, device=ov.S.device)
+    scores = torch.zeros(3, layers, heads, layers, heads, dtype=torch.float64, device=ov.S.device)
     for later in range(1, layers):
         readers = torch.stack([qk.U[later] * qk.S[later, :, None], qk.V[later] * qk.S[later, :, None],
                                ov.V[later] * ov.S[later, :, None]])  # kinds q, k, v: [3, H, d, r]
         readers = readers.transpose(-1, -2).reshape(3 * heads * r, d)
         for earlier in range(later):
-            core = (readers @ written[earlier]).square_().view(3, heads, r, heads, r)
-            squares[:, earlier, :, later, :] = core.sum((2, 4)).mT  # [3, H_earlier, H_later]
-    norms = torch.stack([qk.S, qk.S, ov.S]).square().sum(-1)  # [3, L, H]: squared Frobenius norms of the readers
-    denominator = ov.S.square().sum(-1)[None, :, :, None, None] * norms[:, None, None]
-    scores = (squares / denominator).sqrt_()
+            cores = (readers @ written[earlier]).view(3, heads, r, heads, r)  # every pair's r x r core
+            scores[:, earlier, :, later, :] = torch.linalg.vector_norm(cores, dim=(2, 4)).mT  # [3, H_early, H_late]
+    norms = torch.stack([qk.S, qk.S, ov.S]).norm(dim=-1)  # [3, L, H]: Frobenius norms of the later heads' matrices
+    scores /= ov.S.norm(dim=-1)[None, :, :, None, None] * norms[:, None, None]
     return dict(zip(COMPOSITION_KINDS, scores, strict=True))
 
 
