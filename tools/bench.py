@@ -147,8 +147,9 @@ def bench_composition(arch: str, dense_pairs: int, threads: int, repeats: int = 
         fast = _best_of(lambda: qklib.composition_scores(model), repeats)
     finally:
         torch.set_num_threads(before)
-    print(f"{arch}: composition_scores, {total} pairs x 3 kinds, {threads} torch thread(s): {fast:6.2f} s (goal <= 10 s) "
-          f"against the dense loop {dense_time:7.1f} s ({dense_pairs} pairs timed, scaled) -> {dense_time / fast:5.0f}x")
+    print(f"{arch}: composition_scores, {total} pairs x 3 kinds, {threads} torch thread(s): {fast:6.2f} s "
+          f"(goal <= 10 s) against the dense loop {dense_time:7.1f} s ({dense_pairs} pairs timed, scaled) -> "
+          f"{dense_time / fast:5.0f}x")
     return {"arch": arch, "threads": threads, "dense_s": dense_time, "fast_s": fast}
 
 

@@ -252,7 +252,8 @@ def composition_null(model_or_svds, count: int = NULL_COUNT, seed: int = NULL_SE
     return {kind: torch.stack([draw[kind] for draw in draws]) for kind in COMPOSITION_KINDS}
 
 
-def copying_null(model_or_ov, count: int = NULL_COUNT, seed: int = NULL_SEED, kind: str = "positive_real") -> torch.Tensor:
+def copying_null(model_or_ov, count: int = NULL_COUNT, seed: int = NULL_SEED,
+                 kind: str = "positive_real") -> torch.Tensor:
     """``[count, L, H]``: ``copying_scores`` of ``count`` Haar-rotated draws of every head's OV matrix (same
     singular values, independent random read and write directions). Seeded like ``composition_null``."""
     if count < 1:
