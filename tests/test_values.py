@@ -1,6 +1,8 @@
 """The value side (OV SVD, composition scores, copying scores, Haar nulls), checked against dense linear algebra,
 hand-worked examples and the model's own attention output."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import timm
@@ -241,6 +243,16 @@ def test_haar_null_keeps_each_spectrum_and_is_seeded(tiny_timm):
     assert null["k"].shape == (3, 3, 4, 3, 4)
     assert torch.equal(null["v"], again["v"]) and not torch.equal(null["v"], other["v"])
     assert bool((null["q"][:, :, :, 0] == 0).all()) and float(null["q"][:, 0, :, 1].min()) > 0
+    # Every head's keys read exactly what every head writes: K-composition far above chance. Under the null
+    # E[score^2] = 1/d whatever the spectra (E[(x . y)^2] = 1/d for a unit x and a uniform unit y).
+    frame = qk.V[0, 0].expand_as(qk.V)
+    aligned = (dataclasses.replace(qk, V=frame), dataclasses.replace(ov, U=frame))
+    later = torch.arange(3)[:, None] < torch.arange(3)[None, :]  # [L1, L2]: pairs across layers
+    pairs = lambda t: t.movedim((-4, -2), (-2, -1))[..., later]  # noqa: E731  # [..., H, H, pairs of layers]
+    assert float(pairs(qklib.composition_scores(aligned)["k"]).square().mean()) > 4 / 64  # ~1/r against 1/d
+    many = qklib.composition_null(aligned, count=40, seed=3)
+    for kind in "qkv":
+        assert float(pairs(many[kind]).square().mean()) == pytest.approx(1 / 64, rel=0.1), kind
     copying = qklib.copying_null(ov, count=4, seed=0)
     assert copying.shape == (4, 3, 4) and bool(((copying >= 0) & (copying <= 1)).all())
 
