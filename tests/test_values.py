@@ -277,3 +277,28 @@ def test_effective_rank_and_bad_input():
         qklib.composition_scores("vit_small_patch16_224")
     with pytest.raises(TypeError, match="ov_svd"):
         qklib.copying_scores("vit_small_patch16_224")
+
+
+def test_chapter_tables_against_their_inputs(tiny_timm):
+    """§6's tables: a row per pair of heads in different layers, ``beyond`` exactly where the score exceeds every
+    null draw, the summary's counts, and the head table's columns equal to the library's numbers."""
+    from qklib import values
+
+    qk, ov = qklib.qk_svd(tiny_timm), qklib.ov_svd(tiny_timm)
+    scores, null = qklib.composition_scores((qk, ov)), qklib.composition_null((qk, ov), count=4, seed=0)
+    table = values.composition_table({"m": scores}, {"m": null})
+    assert len(table) == 3 * 16 * 3  # kinds x head pairs x layer pairs (0, 1), (0, 2), (1, 2)
+    row = table[(table.kind == "v") & (table.layer1 == 0) & (table.head1 == 2) & (table.layer2 == 2)
+                & (table.head2 == 1)].iloc[0]
+    assert row.score == float(scores["v"][0, 2, 2, 1])
+    assert row.null_max == float(null["v"][:, 0, 2, 2, 1].max())
+    assert row.beyond == (row.score > row.null_max)
+    summary = values.composition_summary(table).set_index("kind")
+    assert summary.loc["k", "beyond"] == int(table[table.kind == "k"].beyond.sum())
+    assert summary.loc["k", "chance_share"] == pytest.approx(1 / 5)
+    heads = values.head_table({"m": ov})
+    assert np.allclose(heads.copying.to_numpy(), qklib.copying_scores(ov).numpy().ravel())
+    assert np.allclose(heads.effective_rank.to_numpy(), qklib.effective_rank(ov.S).numpy().ravel())
+    layers = values.layer_table(heads, "copying", resamples=200)
+    assert np.allclose(layers["mean"], heads.groupby("layer").copying.mean())
+    assert bool((layers["low"] <= layers["mean"]).all() and (layers["mean"] <= layers["high"]).all())

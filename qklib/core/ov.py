@@ -168,7 +168,8 @@ def composition_from(qk: QKSVD, ov: QKSVD) -> dict[str, torch.Tensor]:
         readers = readers.transpose(-1, -2).reshape(3 * heads * r, d)
         for earlier in range(later):
             cores = (readers @ written[earlier]).view(3, heads, r, heads, r)  # every pair's r x r core
-            scores[:, earlier, :, later, :] = torch.linalg.vector_norm(cores, dim=(2, 4)).mT  # [3, H_early, H_late]
+            with one_thread(cores.device):  # a strided reduction: 10-20x slower with 2 threads on a busy machine
+                scores[:, earlier, :, later, :] = torch.linalg.vector_norm(cores, dim=(2, 4)).mT  # [3, H1, H2]
     norms = torch.stack([qk.S, qk.S, ov.S]).norm(dim=-1)  # [3, L, H]: Frobenius norms of the later heads' matrices
     scores /= ov.S.norm(dim=-1)[None, :, :, None, None] * norms[:, None, None]
     return dict(zip(COMPOSITION_KINDS, scores, strict=True))
