@@ -115,6 +115,7 @@ pairs = values.composition_table(scores, nulls)
 summary = values.composition_summary(pairs)
 glue("s6_chance", 1 / (p.null_draws + 1), display=False)
 glue("s6_summary", summary.style.format(precision=3).hide(axis="index"), display=False)
+glue("s6_findings", values.findings(heads, summary, seed=p.seed), display=False)
 figures.composition_heatmap(pairs, next(iter(ovs.values())).num_heads)
 
 # %% [markdown]
@@ -135,9 +136,15 @@ download_link(figures.pairs_download(pairs), "s6_composition_pairs.csv")
 # %% [markdown]
 # ## What we found
 #
+# {glue:text}`s6_findings`
+#
 # Per model and kind of composition: how many pairs of heads in different layers compose beyond chance
-# (``share_beyond``, against ``chance_share`` expected from the null alone), and the mean score against the
+# (`share_beyond`, against `chance_share` expected from the null alone), and the mean score against the
 # null's mean.
 #
 # ```{glue:} s6_summary
 # ```
+#
+# A random-init control should compose beyond chance in about the chance share of its pairs: it checks the
+# null. Whether composing pairs connect heads that group tokens (§5) with heads that copy is the next question
+# of this chapter (issue 24, items 2 and 4), not answered here.

@@ -105,3 +105,20 @@ def composition_summary(table: pd.DataFrame) -> pd.DataFrame:
                           mean_score=("score", "mean"), null_mean=("null_mean", "mean"), draws=("draws", "first"))
     summary["chance_share"] = 1 / (summary["draws"] + 1)
     return summary.reset_index()
+
+
+def findings(heads: pd.DataFrame, summary: pd.DataFrame, resamples: int = RESAMPLES, seed: int = 0) -> str:
+    """One sentence per model with this run's numbers: the OV effective rank in the first and last layer (mean
+    over heads, of r), the copying score over all heads with its bootstrap interval over heads, and the share of
+    pairs of heads that compose beyond chance per kind against the share expected by chance."""
+    sentences = []
+    for label, group in heads.groupby("model", sort=False):
+        first, last = (group[group.layer == layer].effective_rank.mean() for layer in (0, group.layer.max()))
+        copying = bootstrap(group.copying.to_numpy(), resamples=resamples, seed=seed)
+        kinds = summary[summary.model == label].set_index("kind")
+        shares = ", ".join(f"{kind.upper()} {kinds.loc[kind, 'share_beyond']:.1%}" for kind in COMPOSITION_KINDS)
+        sentences.append(
+            f"`{label}`: OV effective rank {first:.1f} in the first layer and {last:.1f} in the last (of "
+            f"{int(group['rank'].iloc[0])}); copying score {copying.text()} over {copying.units} heads; pairs of "
+            f"heads composing beyond chance: {shares} (chance alone: {kinds['chance_share'].iloc[0]:.1%}).")
+    return " ".join(sentences)

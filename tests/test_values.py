@@ -302,3 +302,5 @@ def test_chapter_tables_against_their_inputs(tiny_timm):
     layers = values.layer_table(heads, "copying", resamples=200)
     assert np.allclose(layers["mean"], heads.groupby("layer").copying.mean())
     assert bool((layers["low"] <= layers["mean"]).all() and (layers["mean"] <= layers["high"]).all())
+    share = table[table.kind == "v"].beyond.mean()
+    assert f"V {share:.1%}" in values.findings(heads, values.composition_summary(table), resamples=200)
