@@ -7,10 +7,10 @@ The package has three floors; each imports only from the floors below it (``test
   SVD with its statistics (``svd``), the value side (``ov``: the exact OV SVD, composition and copying scores,
   their Haar nulls) and atomic writes (``files``).
 * analyses, one per paper section: §3 ``o3`` (data) and ``preference``; §4 ``cosine`` and ``biases``; §5
-  ``modes``, ``search`` (optimal images), ``ade20k`` (data) and ``same_object``; across them ``ledger``, the
-  paper's headline claims judged from the chapters' records.
-* ``qklib.present``: every chart, picture and widget (``attention``, ``cosine``, ``mode_figures``, ``render``,
-  ``widgets``, ``explore``, ``lab``), and the claims ledger's table (``ledger``).
+  ``modes``, ``search`` (optimal images), ``ade20k`` (data) and ``same_object``; beyond the paper, §6 ``values``
+  (the value side); across them ``ledger``, the paper's headline claims judged from the chapters' records.
+* ``qklib.present``: every chart, picture and widget (``attention``, ``cosine``, ``values``, ``mode_figures``,
+  ``render``, ``widgets``, ``explore``, ``lab``), and the claims ledger's table (``ledger``).
 
 ``qklib.chapter`` serves the book's chapters (parameter checks, the gallery, cached results), and
 ``qklib.cli`` is the command line (``python -m qklib``).

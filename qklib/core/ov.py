@@ -242,13 +242,13 @@ def composition_null(model_or_svds, count: int = NULL_COUNT, seed: int = NULL_SE
                      layer_scale: bool = False) -> dict[str, torch.Tensor]:
     """``{"q", "k", "v"}``, each ``[count, L, H, L, H]``: ``composition_scores`` of ``count`` draws in which every
     head's written directions are Haar-rotated (``R OV``: the spectrum kept, ``U`` replaced by a Haar-random frame
-    as in ``haar_rotated``, independently per head and draw). For each pair that makes the r x r core ``X^T R Y`` of the later head's
-    readers X and the earlier head's written directions Y Haar-distributed whatever X is, so every pair's score
-    has exactly the law it has when both heads' QK and OV are rotated (rotating the readers too would cost more and
-    change nothing in any pair's law). A pair composes beyond chance where its score exceeds its null: above all
-    ``count`` draws happens by chance with probability ``1 / (count + 1)``. Seeded
-    (``torch.Generator().manual_seed(seed)``); the random-init control is ``composition_scores`` of a ``random:``
-    model."""
+    as in ``haar_rotated``, independently per head and draw). For each pair that makes the r x r core ``X^T R Y``
+    of the later head's readers X and the earlier head's written directions Y Haar-distributed whatever X is, so
+    every pair's score has exactly the law it has when both heads' QK and OV are rotated (rotating the readers too
+    would cost more and change nothing in any pair's law). A pair composes beyond chance where its score exceeds
+    its null: above all ``count`` draws happens by chance with probability ``1 / (count + 1)``. Under this null
+    ``E[score^2] = 1/d`` whatever the spectra. Seeded (``torch.Generator().manual_seed(seed)``); the random-init
+    control is ``composition_scores`` of a ``random:`` model."""
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     qk, ov = circuits(model_or_svds, fold_gamma=fold_gamma, layer_scale=layer_scale)
