@@ -304,3 +304,11 @@ def test_chapter_tables_against_their_inputs(tiny_timm):
     assert bool((layers["low"] <= layers["mean"]).all() and (layers["mean"] <= layers["high"]).all())
     share = table[table.kind == "v"].beyond.mean()
     assert f"V {share:.1%}" in values.findings(heads, values.composition_summary(table), resamples=200)
+
+
+def test_a_norm_before_the_output_projection_is_flagged():
+    """timm's scale_norm puts a LayerNorm between the heads and W_O: the OV map is then not exactly W_O W_V."""
+    normed = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, scale_attn_norm=True).eval()
+    svd = qklib.ov_svd(normed)
+    assert not svd.exact and any("scale_norm" in note for note in svd.notes)
+    assert qklib.ov_svd(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2)).exact

@@ -83,7 +83,8 @@ def ov_weights(model: nn.Module, fold_gamma: bool = False, layer_scale: bool = F
             wo = gamma[:, None] * wo
         wvs.append(wv.reshape(heads, d_attn // heads, d))
         wos.append(wo.reshape(d, heads, d_attn // heads).transpose(0, 1))
-        head_norm |= not isinstance(getattr(attn, "norm", None) or nn.Identity(), nn.Identity)
+        norm = getattr(attn, "norm", None)  # timm's scale_norm: a LayerNorm between the heads and W_O
+        head_norm |= isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity)
     if len({tuple(w.shape) for w in wvs}) != 1:
         raise ValueError("blocks differ in head count or width; stacked analysis needs a uniform transformer")
     return OVWeights(wv=torch.stack(wvs), wo=torch.stack(wos), fold_gamma=fold_gamma, layer_scale=layer_scale,
