@@ -37,15 +37,17 @@ batch_size = 16
 device = "cpu"
 seed = 0  # seed of the random-init controls and of the Haar nulls
 results_dir = "results"
-live_explorer = False  # True in a live kernel: no live explorer in this chapter yet
+live_explorer = False  # True in a live kernel (JupyterLab): explore any head's OV spectrum and eigenvalues
 
 # %%
 from myst_nb import glue
 
 import qklib
+from IPython.display import display
 from qklib import chapter, values
 from qklib.present import values as figures
 from qklib.present.cosine import model_summary
+from qklib.present.explore import explore_ov
 from qklib.present.widgets import download_link
 
 p = chapter.check("s6_values", globals())
@@ -81,6 +83,14 @@ figures.layer_interval(ranks, "Effective rank of the OV matrix", "effective rank
 
 # %%
 figures.spectra(values.spectrum_table(ovs))
+
+# %% [markdown]
+# In a live kernel, with `live_explorer = True`, this explorer draws any head's spectrum and its eigenvalues
+# in the complex plane, with its effective rank and copying scores.
+
+# %%
+if p.live_explorer:
+    display(explore_ov(ovs))
 
 # %% [markdown]
 # ## Do heads copy?

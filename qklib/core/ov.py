@@ -191,25 +191,33 @@ def composition_scores(model_or_svds, fold_gamma: bool = False, layer_scale: boo
     return composition_from(*circuits(model_or_svds, fold_gamma=fold_gamma, layer_scale=layer_scale))
 
 
+def ov_eigenvalues(ov: QKSVD) -> torch.Tensor:
+    """``[L, H, r]`` complex128 on the CPU: the r eigenvalues of each head's d x d OV matrix that can be nonzero.
+
+    ``OV = U S V^T`` has rank <= r, and its nonzero eigenvalues are those of the r x r core ``S V^T U`` (``AB``
+    and ``BA`` share them); the other d - r are 0. LAPACK's real eigensolver returns real eigenvalues with
+    imaginary part exactly 0 and complex ones in conjugate pairs."""
+    if not isinstance(ov, QKSVD):
+        raise TypeError(f"pass a timm vision transformer or qklib.ov_svd(model), got {type(ov).__name__}")
+    core = (ov.S.unsqueeze(-1) * (ov.V.transpose(-1, -2) @ ov.U)).cpu()  # [L, H, r, r]
+    with one_thread():
+        return torch.linalg.eigvals(core)
+
+
 def copying_scores(model_or_ov, kind: str = "positive_real") -> torch.Tensor:
     """``[L, H]``: how much each head's OV matrix copies what it reads, from its eigenvalues (Elhage et al. 2021).
 
     ``kind="positive_real"``: the share of the eigenvalue mass that is positive real, ``sum_{lambda real > 0}
     lambda / sum |lambda|``, in [0, 1]. ``kind="real_part"``: ``sum Re(lambda) / sum |lambda| = trace(OV) / sum
     |lambda|``, in [-1, 1] (the summary of Elhage et al. and TransformerLens's tutorials; complex pairs with a
-    positive real part count here, not above). 1 for a head whose OV is positive semi-definite.
-    The d x d OV = U S V^T has rank <= r, and its nonzero eigenvalues are those of the r x r core ``S V^T U``
-    (``AB`` and ``BA`` share them). LAPACK's real eigensolver returns real eigenvalues with imaginary part exactly 0.
+    positive real part count here, not above). 1 for a head whose OV is positive semi-definite. The eigenvalues
+    come from the r x r core (``ov_eigenvalues``), never from the d x d matrix.
     ``model_or_ov``: a timm ViT (raw weights) or an ``ov_svd`` result, e.g. a Haar-rotated one.
     """
     if kind not in COPYING_KINDS:
         raise ValueError(f"kind must be one of {COPYING_KINDS}, got {kind!r}")
     ov = ov_svd(model_or_ov) if isinstance(model_or_ov, nn.Module) else model_or_ov
-    if not isinstance(ov, QKSVD):
-        raise TypeError(f"pass a timm vision transformer or qklib.ov_svd(model), got {type(ov).__name__}")
-    core = (ov.S.unsqueeze(-1) * (ov.V.transpose(-1, -2) @ ov.U)).cpu()  # [L, H, r, r]
-    with one_thread():
-        eigenvalues = torch.linalg.eigvals(core)
+    eigenvalues = ov_eigenvalues(ov)
     if kind == "positive_real":
         mass = torch.where(eigenvalues.imag == 0, eigenvalues.real.clamp_min(0), 0).sum(-1)
     else:
