@@ -118,7 +118,7 @@ def findings(heads: pd.DataFrame, summary: pd.DataFrame, resamples: int = RESAMP
         kinds = summary[summary.model == label].set_index("kind")
         shares = ", ".join(f"{kind.upper()} {kinds.loc[kind, 'share_beyond']:.1%}" for kind in COMPOSITION_KINDS)
         sentences.append(
-            f"`{label}`: OV effective rank {first:.1f} in the first layer and {last:.1f} in the last (of "
+            f"{label}: OV effective rank {first:.1f} in the first layer and {last:.1f} in the last (of "
             f"{int(group['rank'].iloc[0])}); copying score {copying.text()} over {copying.units} heads; pairs of "
             f"heads composing beyond chance: {shares} (chance alone: {kinds['chance_share'].iloc[0]:.1%}).")
     return " ".join(sentences)
