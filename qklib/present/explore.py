@@ -38,7 +38,7 @@ from torch import nn
 from ..core.extract import record, token_embeddings
 from ..core.images import ImageError, display_crop, image_from_bytes, open_rgb, to_pixels
 from ..core.models import info
-from ..core.ov import effective_rank, ov_eigenvalues
+from ..core.ov import copying_scores, effective_rank, ov_eigenvalues
 from ..core.svd import QKSVD, null_band
 from ..modes import mode_label, mode_maps
 from ..preference import query_tokens, token_masks
@@ -337,6 +337,7 @@ def explore_ov(ovs) -> Live:
     spectrum and eigenvalues (:func:`ov_figure`), with its effective rank and copying scores in words."""
     ovs = {ovs.model or "model": ovs} if isinstance(ovs, QKSVD) else dict(ovs)
     eigenvalues = {label: ov_eigenvalues(ov).numpy() for label, ov in ovs.items()}  # computed once
+    copying = {label: (copying_scores(ov), copying_scores(ov, kind="real_part")) for label, ov in ovs.items()}
     first = next(iter(ovs.values()))
     pick_model = widgets.Dropdown(options=list(ovs), description="model")
     layer, head = _slider("layer", first.num_layers - 1), _slider("head", first.num_heads - 1)
@@ -346,12 +347,10 @@ def explore_ov(ovs) -> Live:
     def draw():
         ov, lam, (l, h) = ovs[pick_model.value], eigenvalues[pick_model.value], (layer.value, head.value)
         picture.value = figure_png(ov_figure(ov, lam, l, h))
-        mass = np.abs(lam[l, h]).sum()
-        positive = lam[l, h].real[(lam[l, h].imag == 0) & (lam[l, h].real > 0)].sum() / mass
+        positive, real_part = (float(scores[l, h]) for scores in copying[pick_model.value])
         caption.value = (f"<b>{html.escape(pick_model.value)}</b>, L{l} H{h}: effective rank "
                          f"{float(effective_rank(ov.S[l, h])):.1f} of {ov.rank}; copying score {positive:.3f} "
-                         f"(positive-real share of the eigenvalue mass), real-part ratio "
-                         f"{lam[l, h].real.sum() / mass:+.3f}")
+                         f"(positive-real share of the eigenvalue mass), real-part ratio {real_part:+.3f}")
 
     def fit_sliders(_change=None):
         ov = ovs[pick_model.value]
