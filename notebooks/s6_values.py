@@ -135,6 +135,17 @@ figures.composition_heatmap(pairs, next(iter(ovs.values())).num_heads)
 figures.composition_layers(pairs)
 
 # %% [markdown]
+# ## Which earlier heads feed a QK mode's keys?
+#
+# K-composition sums over all modes. Mode by mode: the key feature $v_n$ of a later head's QK mode $n$ (§4,
+# §5) is what the mode looks for in the keys; the share of it that lies in an earlier head's written subspace,
+# $|U_{OV}^\top v_n|^2$, says how much of what the mode reads that head can supply (`qklib.mode_alignment`).
+# One line per earlier layer, for its best-aligned head; dashed: $r/d$, the mean share for a random direction.
+
+# %%
+figures.alignment(values.alignment_table(qks, ovs))
+
+# %% [markdown]
 # Every head's OV statistics and every pair's composition with its null, for download:
 
 # %%

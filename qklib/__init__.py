@@ -18,11 +18,11 @@ The package has three floors; each imports only from the floors below it (``test
 
 from .core.models import DEFAULT_MODEL, ModelError, ModelInfo, info, load_model, random_control
 from .core.ov import (OVWeights, composition_null, composition_scores, copying_null, copying_scores, effective_rank,
-                      haar_rotated, ov_svd, ov_weights)
+                      haar_rotated, mode_alignment, ov_svd, ov_weights)
 from .core.svd import QKSVD, QKWeights, mode_scores, null_band, qk_svd, qk_weights
 
 __all__ = [
     "DEFAULT_MODEL", "ModelError", "ModelInfo", "OVWeights", "QKSVD", "QKWeights", "composition_null",
     "composition_scores", "copying_null", "copying_scores", "effective_rank", "haar_rotated", "info", "load_model",
-    "mode_scores", "null_band", "ov_svd", "ov_weights", "qk_svd", "qk_weights", "random_control",
+    "mode_alignment", "mode_scores", "null_band", "ov_svd", "ov_weights", "qk_svd", "qk_weights", "random_control",
 ]

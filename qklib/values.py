@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from .core.models import depth
-from .core.ov import COMPOSITION_KINDS, copying_null, copying_scores, effective_rank
+from .core.ov import COMPOSITION_KINDS, copying_null, copying_scores, effective_rank, mode_alignment
 from .core.svd import QKSVD
 from .stats import RESAMPLES, bootstrap
 
@@ -105,6 +105,24 @@ def composition_summary(table: pd.DataFrame) -> pd.DataFrame:
                           mean_score=("score", "mean"), null_mean=("null_mean", "mean"), draws=("draws", "first"))
     summary["chance_share"] = 1 / (summary["draws"] + 1)
     return summary.reset_index()
+
+
+def alignment_table(qks: dict[str, QKSVD], ovs: dict[str, QKSVD]) -> pd.DataFrame:
+    """One row per model, later head (``layer``, ``head``), QK mode and earlier layer: how much of the mode's key
+    feature v_n lies in the written subspace of the earlier layer's best-aligned head (``alignment``, the largest
+    ``mode_alignment`` over its heads, and that head, ``earlier_head``), and ``chance`` = r / d, its mean for one
+    random direction and one head."""
+    frames = []
+    for label, ov in ovs.items():
+        aligned = mode_alignment(qks[label], ov)  # [L, H, r, L, H]
+        best, which = aligned.max(-1)  # [L, H, r, L]: over the earlier layer's heads
+        layer, head, mode, earlier = np.indices(best.shape).reshape(4, -1)
+        keep = earlier < layer
+        frames.append(pd.DataFrame({
+            "model": label, "layer": layer[keep], "head": head[keep], "mode": mode[keep],
+            "earlier_layer": earlier[keep], "alignment": best.cpu().numpy().ravel()[keep],
+            "earlier_head": which.cpu().numpy().ravel()[keep], "chance": ov.rank / ov.dim}))
+    return pd.concat(frames, ignore_index=True)
 
 
 def findings(heads: pd.DataFrame, summary: pd.DataFrame, resamples: int = RESAMPLES, seed: int = 0) -> str:

@@ -11,6 +11,6 @@ def test_s6_runs_on_another_model(run_chapter):
     assert not [o for o in outputs if o.output_type == "error"], "a cell displayed an error"
     text = "\n".join(str(o.get("data", {})) for o in outputs)
     assert "vit_tiny_patch16_224 (random init, seed 2)" in text
-    # effective rank, spectra, copying, the composition heatmap and the layer-pair shares
-    assert sum("vegaEmbed" in o.get("data", {}).get("text/html", "") for o in outputs) == 5
+    # effective rank, spectra, copying, the composition heatmap, the layer-pair shares and the mode alignment
+    assert sum("vegaEmbed" in o.get("data", {}).get("text/html", "") for o in outputs) == 6
     assert text.count("data:text/csv;base64") == 2

@@ -302,6 +302,10 @@ def test_chapter_tables_against_their_inputs(tiny_timm):
     layers = values.layer_table(heads, "copying", resamples=200)
     assert np.allclose(layers["mean"], heads.groupby("layer").copying.mean())
     assert bool((layers["low"] <= layers["mean"]).all() and (layers["mean"] <= layers["high"]).all())
+    aligned = values.alignment_table({"m": qk}, {"m": ov})
+    assert len(aligned) == 4 * 16 * 3  # later heads x modes x (earlier layer < later layer) for layers 1, 2
+    row = aligned[(aligned.layer == 2) & (aligned["head"] == 1) & (aligned["mode"] == 3) & (aligned.earlier_layer == 1)]
+    assert float(row.alignment.iloc[0]) == float(qklib.mode_alignment(qk, ov)[2, 1, 3, 1].max())
     share = table[table.kind == "v"].beyond.mean()
     assert f"V {share:.1%}" in values.findings(heads, values.composition_summary(table), resamples=200)
 
@@ -312,3 +316,17 @@ def test_a_norm_before_the_output_projection_is_flagged():
     svd = qklib.ov_svd(normed)
     assert not svd.exact and any("scale_norm" in note for note in svd.notes)
     assert qklib.ov_svd(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2)).exact
+
+
+def test_mode_alignment_is_the_projection_onto_earlier_written_subspaces(tiny_timm):
+    qk, ov = qklib.qk_svd(tiny_timm), qklib.ov_svd(tiny_timm)
+    aligned = qklib.mode_alignment(qk, ov)
+    assert aligned.shape == (3, 4, 16, 3, 4)
+    for l2, h2, n, l1, h1 in [(1, 0, 0, 0, 3), (2, 3, 15, 1, 2), (2, 1, 4, 0, 0)]:
+        u = ov.U[l1, h1]
+        projected = u @ torch.linalg.solve(u.T @ u, u.T @ qk.V[l2, h2, :, n])  # least squares, not U's orthonormality
+        assert float(aligned[l2, h2, n, l1, h1]) == pytest.approx(float(projected.square().sum()), abs=1e-12)
+        assert float(qklib.mode_alignment(qk, ov, side="query")[l2, h2, n, l1, h1]) == pytest.approx(
+            float((u.T @ qk.U[l2, h2, :, n]).square().sum()), abs=1e-12)
+    assert bool((aligned[0] == 0).all()) and bool((aligned[1, :, :, 1:] == 0).all())  # only earlier layers
+    assert float(aligned[2, :, :, :2].mean()) == pytest.approx(16 / 64, rel=0.15)  # random init: chance r / d

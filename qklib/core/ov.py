@@ -176,6 +176,27 @@ def composition_from(qk: QKSVD, ov: QKSVD) -> dict[str, torch.Tensor]:
     return dict(zip(COMPOSITION_KINDS, scores, strict=True))
 
 
+def mode_alignment(qk: QKSVD, ov: QKSVD, side: str = "key") -> torch.Tensor:
+    """``[L, H, r, L, H]``: for every later head's QK mode n (``[l2, h2, n]``) and every earlier head
+    (``[l1, h1]``), the squared length of the mode's unit key feature ``v_n`` (``side="key"``) or query feature
+    ``u_n`` (``side="query"``) inside the earlier head's written subspace: ``|U_ov,1^T v_n|^2`` in [0, 1], zero
+    unless ``l1 < l2``. 1: everything the mode reads on that side can come from the earlier head; a Haar-random
+    feature has ``r / d`` on average. One matrix product per pair of layers, as ``composition_from``."""
+    if side not in ("key", "query"):
+        raise ValueError(f"side must be 'key' or 'query', got {side!r}")
+    features = qk.V if side == "key" else qk.U
+    layers, heads, d, r = ov.U.shape
+    written = ov.U.permute(0, 2, 1, 3).reshape(layers, d, heads * r)
+    out = torch.zeros(layers, heads, r, layers, heads, dtype=torch.float64, device=ov.U.device)
+    for later in range(1, layers):
+        readers = features[later].transpose(-1, -2).reshape(heads * r, d)  # rows: (head, mode)
+        for earlier in range(later):
+            inner = (readers @ written[earlier]).view(heads, r, heads, r)
+            with one_thread(inner.device):
+                out[later, :, :, earlier, :] = inner.square().sum(-1)
+    return out
+
+
 def composition_scores(model_or_svds, fold_gamma: bool = False, layer_scale: bool = False) -> dict[str, torch.Tensor]:
     """Q-, K- and V-composition of every pair of heads (Elhage et al. 2021), ``{"q", "k", "v"}``, each
     ``[L, H, L, H]`` float64 in TransformerLens's ``all_composition_scores`` layout: ``T[l1, h1, l2, h2]`` for the

@@ -109,6 +109,31 @@ def composition_heatmap(table: pd.DataFrame, heads: int) -> alt.LayerChart:
                                       title="composition between heads (red: beyond every null draw)")
 
 
+def alignment(table: pd.DataFrame) -> alt.LayerChart:
+    """For one later head (layer and head sliders, model menu), each QK mode's key feature against the written
+    subspaces of the earlier layers (``qklib.values.alignment_table`` rows): one line per earlier layer, its
+    best-aligned head's share of the feature; the dashed rule is r / d, the mean share for a random direction."""
+    coded, labels, _expr = _coded(table[["model", "layer", "head", "mode", "earlier_layer", "alignment"]])
+    keys = ["m", "layer", "head", "earlier_layer"]
+    model = alt.param(name="model", value=0, bind=alt.binding_select(
+        options=list(range(len(labels))), labels=labels, name="model "))
+    later = alt.param(name="later", value=int(table["layer"].max()), bind=alt.binding_range(
+        min=1, max=int(table["layer"].max()), step=1, name="later layer "))
+    head = alt.param(name="head", value=0, bind=alt.binding_range(
+        min=0, max=int(table["head"].max()), step=1, name="head "))
+    chart = alt.Chart(_arrays(coded, keys, "mode", ["alignment"])).add_params(model, later, head).transform_filter(
+        (alt.datum.m == model) & (alt.datum.layer == later) & (alt.datum.head == head))
+    lines = _unpacked(chart, ["alignment"], keys, "mode").mark_line().encode(
+        x=alt.X("mode:Q", title="QK mode n of the later head (0-based)"),
+        y=alt.Y("alignment:Q", title="share of v_n in the written subspace", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("earlier_layer:O", scale=alt.Scale(scheme="viridis"), title="earlier layer"),
+        tooltip=["earlier_layer:O", "mode:Q", alt.Tooltip("alignment:Q", format=".3f")])
+    chance = alt.Chart(pd.DataFrame({"chance": [float(table["chance"].iloc[0])]})).mark_rule(
+        strokeDash=[4, 3], color="gray").encode(y="chance:Q")
+    return (lines + chance).properties(width=460, height=260,
+                                       title="key features of one head against earlier heads' written directions")
+
+
 def composition_layers(table: pd.DataFrame) -> alt.FacetChart:
     """Per pair of layers and kind, the share of head pairs beyond chance, one panel per model and kind."""
     shares = table.groupby(["model", "kind", "layer1", "layer2"], sort=False)["beyond"].mean().rename(
