@@ -122,6 +122,37 @@ def bootstrap_slope(curves, *, resamples: int = RESAMPLES, seed: int = 0, level:
                      level=level)
 
 
+def bootstrap_curve(per_unit, statistic: Callable[[np.ndarray], np.ndarray], *, resamples: int = RESAMPLES,
+                    seed: int = 0, level: float = LEVEL) -> Interval:
+    """The interval of a statistic of a per-layer curve whose value in each layer is the mean over that layer's
+    units (heads, say), resampling the units within each layer independently (a stratified bootstrap).
+
+    ``per_unit``: ``[layers, units]`` (NaN: a missing unit); ``statistic`` maps curves ``[resamples, layers]``
+    to ``[resamples]`` (e.g. ``lambda c: c[:, 0] - c[:, -1]``)."""
+    per_unit = np.asarray(per_unit, dtype=float)
+    if per_unit.ndim != 2:
+        raise ValueError(f"per_unit must be [layers, units], got shape {per_unit.shape}")
+    layers, units = per_unit.shape
+    index = np.random.default_rng(seed).integers(0, units, size=(resamples, layers, units)) if units else None
+    if index is None:
+        raise ValueError("bootstrap_curve needs at least one unit per layer")
+    drawn = per_unit[np.arange(layers)[None, :, None], index]  # [resamples, layers, units]
+    with np.errstate(invalid="ignore"):
+        draws = statistic(np.nanmean(drawn, axis=2))
+        estimate = statistic(np.nanmean(per_unit, axis=1)[None])[0]
+    return _interval(float(estimate), np.asarray(draws, dtype=float), units, level, resamples)
+
+
+def bootstrap_difference(first, second, *, resamples: int = RESAMPLES, seed: int = 0,
+                         level: float = LEVEL) -> Interval:
+    """The interval of ``mean(first) - mean(second)`` for two independent samples, each resampled on its own."""
+    first, second = (np.asarray(v, dtype=float) for v in (first, second))
+    first, second = first[np.isfinite(first)], second[np.isfinite(second)]
+    a, b = _indices(len(first), resamples, seed), _indices(len(second), resamples, seed + 1)
+    draws = first[a].mean(axis=1) - second[b].mean(axis=1)
+    return _interval(float(first.mean() - second.mean()), draws, len(first) + len(second), level, resamples)
+
+
 def decide(interval: Interval, threshold: float, holds_above: bool = True) -> str:
     """``AGREES`` when the whole interval lies on the claim's side of ``threshold`` (above it when
     ``holds_above``), ``DISAGREES`` when it lies wholly on the other side, ``BORDERLINE`` when it crosses or

@@ -89,3 +89,18 @@ def test_the_permutation_null_and_its_p_value():
 def test_bad_input_is_refused_with_a_reason(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_the_stratified_curve_bootstrap_resamples_units_within_each_layer():
+    rng = np.random.default_rng(2)
+    per_head = np.stack([rng.normal(0.5, 0.05, 6), rng.normal(0.2, 0.05, 6), rng.normal(0.2, 0.05, 6)])
+    drop = stats.bootstrap_curve(per_head, lambda c: c[:, 0] - c[:, 1:].mean(axis=1))
+    assert drop.estimate == pytest.approx(per_head[0].mean() - per_head[1:].mean())
+    assert 0.2 < drop.low < drop.estimate < drop.high < 0.4
+    same = stats.bootstrap_curve(np.full((3, 6), 0.3), lambda c: c[:, 0])
+    assert same.low == same.high == pytest.approx(0.3)  # no spread between units: no width
+
+
+def test_the_difference_of_two_independent_means():
+    interval = stats.bootstrap_difference(np.full(10, 2.0) + np.linspace(-0.1, 0.1, 10), np.full(8, 1.0))
+    assert interval.estimate == pytest.approx(1.0) and 0.9 < interval.low < interval.high < 1.1
