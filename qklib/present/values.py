@@ -10,8 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .cosine import PANELS_PER_ROW, inline
-
-LEGEND = alt.Legend(orient="bottom", columns=1, labelLimit=400)
+from .style import model_colour
 
 
 def layer_interval(layers: pd.DataFrame, title: str, y_title: str,
@@ -19,9 +18,9 @@ def layer_interval(layers: pd.DataFrame, title: str, y_title: str,
     """One line per model of a per-layer mean over heads (``qklib.values.layer_table`` rows) with its bootstrap
     interval over heads shaded; with ``null`` (rows with model, depth, null_low, null_high) each model's null
     band as a dashed outline."""
+    colour = model_colour(layers["model"])  # the book's colour per model role, controls grey
     base = alt.Chart(inline(layers)).encode(
-        x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("model:N", legend=LEGEND))
+        x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1])), color=colour)
     band = base.mark_area(opacity=0.2).encode(y="low:Q", y2="high:Q")
     line = base.mark_line(point=True).encode(
         y=alt.Y("mean:Q", title=y_title),
@@ -29,7 +28,7 @@ def layer_interval(layers: pd.DataFrame, title: str, y_title: str,
                  alt.Tooltip("high:Q", format=".3f")])
     layers_ = [band, line]
     if null is not None:
-        outline = alt.Chart(inline(null)).encode(x="depth:Q", color=alt.Color("model:N", legend=None))
+        outline = alt.Chart(inline(null)).encode(x="depth:Q", color=colour.legend(None))
         layers_ += [outline.mark_line(strokeDash=[4, 3]).encode(y="null_low:Q"),
                     outline.mark_line(strokeDash=[4, 3]).encode(y="null_high:Q")]
     return alt.layer(*layers_).properties(width=460, height=260, title=title)
