@@ -240,6 +240,7 @@ SPECS: dict[str, dict[str, Callable]] = {
         "ade20k_limit": count(1), "n_scenes": count(6), "top_k": count(1), "layers": indices, "heads": indices,
         "explorer_modes": count(1), "featured": mode_labels, "walkthrough_image": text, "live_explorer": flag, **COMMON,
     },
+    "s6_values": {"models": models(), "null_draws": count(1), **COMMON, "live_explorer": flag},
 }
 
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import qklib
 from qklib import chapter, search
 from qklib.core.extract import record
 from qklib.core.images import to_pixels
 from qklib.preference import query_tokens, token_masks
-from qklib.present.explore import explore, explore_attention, explore_spectrum
+from qklib.present.explore import explore, explore_attention, explore_ov, explore_spectrum
 from qklib.present.render import mode_pictures
 
 
@@ -87,6 +88,18 @@ def test_spectrum_explorer_redraws_for_layer_head_and_mode(tiny_vit):
         assert changes(box, "spectrum", control, value), f"moving {control} changed nothing"
     cos = float(svd.cos[1, 2, 5])
     assert "L1 H2 M5" in box.captions["caption"].value and f"{cos:+.3f}" in box.captions["caption"].value
+
+
+def test_ov_explorer_redraws_for_layer_and_head(tiny_vit):
+    model, _ = tiny_vit
+    ov = qklib.ov_svd(model)
+    box = explore_ov({"tiny": ov, "twin": ov})
+    assert box.message.value == ""
+    assert decoded(box.pictures["ov"]).std() > 0
+    for control, value in (("layer", 1), ("head", 2)):
+        assert changes(box, "ov", control, value), f"moving {control} changed nothing"
+    copying = float(qklib.copying_scores(ov)[1, 2])
+    assert "L1 H2" in box.captions["caption"].value and f"copying score {copying:.3f}" in box.captions["caption"].value
 
 
 # ------------------------------------------------------------------------------------------------- §5

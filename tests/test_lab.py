@@ -48,6 +48,7 @@ FAST = {
     "s4_cosine": {"models": [DEFAULT], "max_images": 4, "batch_size": 4},
     "s5_modes": {"n_scenes": 6, "max_images": 12, "top_k": 2, "layers": [4], "heads": [0, 1], "explorer_modes": 1,
                  "batch_size": 6},
+    "s6_values": {"models": [DEFAULT], "null_draws": 5},
 }
 EDIT = " Edited in JupyterLab."
 SLIDER_SECONDS = 10.0  # a live picture must change within this after a slider moves (measured: see the output)

@@ -38,9 +38,10 @@ from .files import atomic_write
 from .weights import (DATA_KEYS, Converted, ModelError, arch_from_metadata, converted_metadata, describe_keys, is_state_dict,
                       load_state, random_seed_from_metadata, read_checkpoint, read_weights, unwrap)
 
-__all__ = ["DEFAULT_MODEL", "ModelError", "ModelInfo", "attention_module", "build", "cached_pretrained_file",
-           "check_name", "check_vit", "convert", "depth", "info", "load_model", "load_state", "model_name",
-           "prefix_tokens", "query_key_weights", "random_control", "read_weights"]
+__all__ = ["DEFAULT_MODEL", "ModelError", "ModelInfo", "attention_blocks", "attention_module", "build",
+           "cached_pretrained_file", "check_name", "check_vit", "convert", "depth", "info", "layer_scale_gamma",
+           "load_model", "load_state", "model_name", "norm1_affine", "prefix_tokens", "projection_weights",
+           "query_key_weights", "random_control", "read_weights", "value_output_weights"]
 
 DEFAULT_MODEL = imgfocus.NAME
 RANDOM, HF = "random:", "hf:"
@@ -95,18 +96,87 @@ def check_name(name: str) -> None:
         raise ModelError(f"timm has no weights tagged {tag!r} for {arch!r} (known: {tags})")
 
 
-def query_key_weights(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(W_q, W_k)``, each ``[D_attn, d]``, of a self-attention module: timm's fused ``qkv`` Linear (rows
-    [0:D) are W_q, [D:2D) W_k) or separate ``q``/``k`` (``q_proj``/``k_proj``) Linears; None if it has neither."""
+def projection_weights(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(W_q, W_k, W_v)``, each ``[D_attn, d]``, of a self-attention module: timm's fused ``qkv`` Linear (rows
+    [0:D) are W_q, [D:2D) W_k, [2D:3D) W_v) or separate ``q``/``k``/``v`` (``q_proj``/``k_proj``/``v_proj``)
+    Linears; None if it has neither. Head h owns rows h*d_k:(h+1)*d_k of each (timm splits the heads so)."""
     if isinstance(getattr(attn, "qkv", None), nn.Linear):
         weight = attn.qkv.weight.detach()
         width = weight.shape[0] // 3
-        return weight[:width], weight[width : 2 * width]
-    for q_name, k_name in (("q", "k"), ("q_proj", "k_proj")):
-        q, k = getattr(attn, q_name, None), getattr(attn, k_name, None)
-        if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
-            return q.weight.detach(), k.weight.detach()
+        return weight[:width], weight[width : 2 * width], weight[2 * width :]
+    for names in (("q", "k", "v"), ("q_proj", "k_proj", "v_proj")):
+        layers = [getattr(attn, name, None) for name in names]
+        if all(isinstance(layer, nn.Linear) for layer in layers):
+            return tuple(layer.weight.detach() for layer in layers)
     return None
+
+
+def query_key_weights(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(W_q, W_k)``, each ``[D_attn, d]``, of a self-attention module (``projection_weights``); None if it has
+    neither a fused ``qkv`` nor separate q/k/v Linears."""
+    weights = projection_weights(attn)
+    return None if weights is None else weights[:2]
+
+
+OUTPUT_PROJECTIONS = ("proj", "o_proj", "out_proj")
+
+
+def value_output_weights(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(W_v [D_attn, d], W_o [d, D_attn])`` of a self-attention module: the value rows of its projections
+    (``projection_weights``) and its output projection (``proj``, ``o_proj`` or ``out_proj``); head h owns rows
+    h*d_k:(h+1)*d_k of W_v and the same columns of W_o (timm concatenates the heads' outputs in head order).
+    None when either is missing."""
+    weights = projection_weights(attn)
+    output = next((getattr(attn, name) for name in OUTPUT_PROJECTIONS
+                   if isinstance(getattr(attn, name, None), nn.Linear)), None)
+    if weights is None or output is None:
+        return None
+    return weights[2], output.weight.detach()
+
+
+def norm1_affine(block: nn.Module, index: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gamma, beta)`` ``[d]`` float64 of the block's ``norm1`` (the LayerNorm in front of the attention)."""
+    norm = getattr(block, "norm1", None)
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != (d,):
+        raise TypeError(
+            f"block {index}: fold_gamma needs a 'norm1' LayerNorm with a [{d}] weight in front of the attention, "
+            f"found {type(norm).__name__}; use fold_gamma=False (the raw weights) for this model"
+        )
+    bias = getattr(norm, "bias", None)
+    beta = torch.zeros(d, dtype=torch.float64) if bias is None else bias.detach().to("cpu", torch.float64)
+    return weight.detach().to("cpu", torch.float64), beta
+
+
+def layer_scale_gamma(block: nn.Module, d: int) -> torch.Tensor | None:
+    """``[d]`` float64: the LayerScale that multiplies the block's attention output before it joins the residual
+    stream (timm's ``ls1.gamma``; BEiT's and EVA's ``gamma_1``), or None where the block has none."""
+    gamma = getattr(getattr(block, "ls1", None), "gamma", None)
+    if gamma is None:
+        gamma = getattr(block, "gamma_1", None)
+    if isinstance(gamma, torch.Tensor) and gamma.shape == (d,):
+        return gamma.detach().to("cpu", torch.float64)
+    return None
+
+
+def attention_blocks(model: nn.Module, caller: str) -> list[tuple[int, nn.Module, nn.Module]]:
+    """``(index, block, attention module)`` for every block of a timm vision transformer; TypeError naming
+    ``caller`` when the model has no blocks or a block's attention projections cannot be read."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or len(blocks) == 0:
+        raise TypeError(
+            f"{type(model).__name__} has no transformer 'blocks'; {caller} needs a timm vision transformer"
+        )
+    found = []
+    for index, block in enumerate(blocks):
+        attn = attention_module(block)
+        if attn is None:
+            raise TypeError(
+                f"block {index} ({type(block).__name__}): no self-attention module with a fused 'qkv' Linear "
+                "or separate 'q'/'k'/'v' Linears"
+            )
+        found.append((index, block, attn))
+    return found
 
 
 def attention_module(block: nn.Module) -> nn.Module | None:

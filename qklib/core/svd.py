@@ -21,7 +21,7 @@ import torch
 from scipy.stats import beta
 from torch import nn
 
-from .models import attention_module, model_name, query_key_weights
+from .models import attention_blocks, model_name, norm1_affine, query_key_weights
 
 
 @dataclass
@@ -400,20 +400,6 @@ def _query_key_biases(attn: nn.Module, d_attn: int) -> tuple[torch.Tensor, torch
     return zeros, zeros
 
 
-def _norm1_affine(block: nn.Module, index: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(gamma, beta)`` ``[d]`` float64 of the block's ``norm1`` (the LayerNorm in front of qkv)."""
-    norm = getattr(block, "norm1", None)
-    weight = getattr(norm, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.shape != (d,):
-        raise TypeError(
-            f"block {index}: fold_gamma needs a 'norm1' LayerNorm with a [{d}] weight in front of the attention, "
-            f"found {type(norm).__name__}; use fold_gamma=False (the raw weights) for this model"
-        )
-    bias = getattr(norm, "bias", None)
-    beta = torch.zeros(d, dtype=torch.float64) if bias is None else bias.detach().to("cpu", torch.float64)
-    return weight.detach().to("cpu", torch.float64), beta
-
-
 def qk_weights(model: nn.Module, fold_gamma: bool = False, with_bias: bool | str = False) -> QKWeights:
     """Stack every block's per-head W_q and W_k from a timm vision transformer.
 
@@ -430,19 +416,9 @@ def qk_weights(model: nn.Module, fold_gamma: bool = False, with_bias: bool | str
     score less the per-query constant ``q_i . b_k`` (which the softmax over keys discards).
     """
     _check_bias_option(with_bias)
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or len(blocks) == 0:
-        raise TypeError(
-            f"{type(model).__name__} has no transformer 'blocks'; qk_weights needs a timm vision transformer"
-        )
+    blocks = attention_blocks(model, "qk_weights")
     wqs, wks, qk_norm = [], [], False
-    for index, block in enumerate(blocks):
-        attn = attention_module(block)
-        if attn is None:
-            raise TypeError(
-                f"block {index} ({type(block).__name__}): no self-attention module with a fused 'qkv' Linear "
-                "or separate 'q'/'k' Linears"
-            )
+    for index, block, attn in blocks:
         heads = attn.num_heads
         wq, wk = (w.to("cpu", torch.float64) for w in query_key_weights(attn))
         d_attn, d = wq.shape
@@ -454,7 +430,7 @@ def qk_weights(model: nn.Module, fold_gamma: bool = False, with_bias: bool | str
             if with_bias == "query":
                 bk = torch.zeros_like(bk)
         if fold_gamma:
-            gamma, beta = _norm1_affine(block, index, d)
+            gamma, beta = norm1_affine(block, index, d)
             if with_bias:  # beta moves into the biases before gamma is folded into the weights
                 bq = bq + wq @ beta
                 bk = bk + wk @ beta if with_bias is True else bk
@@ -470,7 +446,7 @@ def qk_weights(model: nn.Module, fold_gamma: bool = False, with_bias: bool | str
     if len({tuple(w.shape) for w in wqs}) != 1:
         raise ValueError("blocks differ in head count or width; stacked analysis needs a uniform transformer")
     rel_pos_bias = getattr(model, "rel_pos_bias", None) is not None or any(
-        getattr(block.attn, "relative_position_bias_table", None) is not None for block in blocks)
+        getattr(attn, "relative_position_bias_table", None) is not None for _index, _block, attn in blocks)
     return QKWeights(wq=torch.stack(wqs), wk=torch.stack(wks), qk_norm=qk_norm,
                      rope=getattr(model, "rope", None) is not None, rel_pos_bias=rel_pos_bias,
                      fold_gamma=fold_gamma, with_bias=with_bias)

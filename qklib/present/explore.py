@@ -8,7 +8,8 @@ where :mod:`qklib.present.widgets` serves precomputed pictures instead.
 * :func:`explore_spectrum` (§4): one head's singular spectrum and its cos_n = u_n . v_n, and one mode's
   cosine against its head, its layer and the null band;
 * :func:`explore` (§5): one mode's query (red) and key (cyan) maps, either sign, on a gallery image or an
-  uploaded one, with the mode's optimal images from a saved search.
+  uploaded one, with the mode's optimal images from a saved search;
+* :func:`explore_ov` (§6): one head's OV spectrum and eigenvalues, its effective rank and copying scores.
 
 Each returns a :class:`Live` box: ``controls`` (the input widgets by name), ``pictures`` (the Image widgets it
 redraws), ``message`` (what went wrong, e.g. an upload that is not an image; empty when all is well) and
@@ -37,6 +38,7 @@ from torch import nn
 from ..core.extract import record, token_embeddings
 from ..core.images import ImageError, display_crop, image_from_bytes, open_rgb, to_pixels
 from ..core.models import info
+from ..core.ov import copying_scores, effective_rank, ov_eigenvalues
 from ..core.svd import QKSVD, null_band
 from ..modes import mode_label, mode_maps
 from ..preference import query_tokens, token_masks
@@ -306,6 +308,65 @@ def explore_spectrum(svds, band: float | None = None) -> Live:
 
 
 # ------------------------------------------------------------------------------------------------- §5
+def ov_figure(svd: QKSVD, eigenvalues: np.ndarray, layer: int, head: int, dpi: int = 80) -> Figure:
+    """One head's OV circuit: its singular spectrum ``s_n / s_1`` (log scale) and its r eigenvalues that can be
+    nonzero in the complex plane, scaled by the largest modulus, positive real ones in red (what the copying
+    score counts). ``eigenvalues``: ``qklib.core.ov.ov_eigenvalues`` as an ``[L, H, r]`` complex array."""
+    s = (svd.S[layer, head] / svd.S[layer, head, 0]).numpy()
+    lam = eigenvalues[layer, head] / np.abs(eigenvalues[layer, head]).max()
+    copying = (lam.imag == 0) & (lam.real > 0)
+    figure = Figure(figsize=(8.5, 3.0), dpi=dpi)
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.17, top=0.88, wspace=0.3)
+    spectrum, plane = figure.subplots(1, 2)
+    spectrum.semilogy(np.arange(len(s)), s, color="#4c72b0")
+    spectrum.set(title=f"L{layer} H{head}: OV spectrum", xlabel="mode n", ylabel="s_n / s_1")
+    circle = np.linspace(0, 2 * np.pi, 200)
+    plane.plot(np.cos(circle), np.sin(circle), color="0.8", linewidth=1)
+    plane.axhline(0, color="0.8", linewidth=1)
+    plane.axvline(0, color="0.8", linewidth=1)
+    plane.plot(lam.real[~copying], lam.imag[~copying], ".", color="#4c72b0", markersize=5)
+    plane.plot(lam.real[copying], lam.imag[copying], "o", color="#d62728", markersize=5, label="positive real")
+    plane.set(title="eigenvalues / largest |lambda|", xlabel="real", ylabel="imaginary", aspect="equal",
+              xlim=(-1.1, 1.1), ylim=(-1.1, 1.1))
+    plane.legend(fontsize=7, loc="lower left")
+    return figure
+
+
+def explore_ov(ovs) -> Live:
+    """§6 live: any model, layer and head of ``ovs`` (an ``ov_svd`` result or ``{label: QKSVD}``): the head's OV
+    spectrum and eigenvalues (:func:`ov_figure`), with its effective rank and copying scores in words."""
+    ovs = {ovs.model or "model": ovs} if isinstance(ovs, QKSVD) else dict(ovs)
+    eigenvalues = {label: ov_eigenvalues(ov).numpy() for label, ov in ovs.items()}  # computed once
+    copying = {label: (copying_scores(ov), copying_scores(ov, kind="real_part")) for label, ov in ovs.items()}
+    first = next(iter(ovs.values()))
+    pick_model = widgets.Dropdown(options=list(ovs), description="model")
+    layer, head = _slider("layer", first.num_layers - 1), _slider("head", first.num_heads - 1)
+    caption, message, picture = widgets.HTML(), _message(), _picture("qk-live-picture")
+    picture.format = "png"
+
+    def draw():
+        ov, lam, (l, h) = ovs[pick_model.value], eigenvalues[pick_model.value], (layer.value, head.value)
+        picture.value = figure_png(ov_figure(ov, lam, l, h))
+        positive, real_part = (float(scores[l, h]) for scores in copying[pick_model.value])
+        caption.value = (f"<b>{html.escape(pick_model.value)}</b>, L{l} H{h}: effective rank "
+                         f"{float(effective_rank(ov.S[l, h])):.1f} of {ov.rank}; copying score {positive:.3f} "
+                         f"(positive-real share of the eigenvalue mass), real-part ratio {real_part:+.3f}")
+
+    def fit_sliders(_change=None):
+        ov = ovs[pick_model.value]
+        with box.hold():
+            layer.max, head.max = ov.num_layers - 1, ov.num_heads - 1
+
+    box = Live([pick_model, layer, head, caption, message, picture], {"model": pick_model, "layer": layer,
+               "head": head}, {"ov": picture}, {"caption": caption}, message, draw)
+    box.watch(layer, head)
+    pick_model.observe(fit_sliders, names="value")
+    if len(ovs) == 1:
+        pick_model.layout.display = "none"
+    box.redraw()
+    return box
+
+
 def _upload_files(value) -> list[tuple[str, bytes]]:
     """``[(name, bytes)]`` from a FileUpload value (ipywidgets 8: a tuple of dicts with ``name``, ``content``)."""
     return [(str(item.get("name", "upload")), bytes(item.get("content", b""))) for item in value or ()]

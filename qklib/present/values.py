@@ -1,0 +1,155 @@
+"""§6's figures: OV spectra, effective rank and copying per layer, and the composition heatmaps, as altair
+charts that keep working in a static page (sliders and menus filter precomputed rows in the browser)."""
+
+from __future__ import annotations
+
+import json
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from .cosine import PANELS_PER_ROW, inline
+from .style import model_colour
+
+
+def layer_interval(layers: pd.DataFrame, title: str, y_title: str,
+                   null: pd.DataFrame | None = None) -> alt.LayerChart:
+    """One line per model of a per-layer mean over heads (``qklib.values.layer_table`` rows) with its bootstrap
+    interval over heads shaded; with ``null`` (rows with model, depth, null_low, null_high) each model's null
+    band as a dashed outline."""
+    colour = model_colour(layers["model"])  # the book's colour per model role, controls grey
+    base = alt.Chart(inline(layers)).encode(
+        x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1])), color=colour)
+    band = base.mark_area(opacity=0.2).encode(y="low:Q", y2="high:Q")
+    line = base.mark_line(point=True).encode(
+        y=alt.Y("mean:Q", title=y_title),
+        tooltip=["model:N", "layer:O", alt.Tooltip("mean:Q", format=".3f"), alt.Tooltip("low:Q", format=".3f"),
+                 alt.Tooltip("high:Q", format=".3f")])
+    layers_ = [band, line]
+    if null is not None:
+        outline = alt.Chart(inline(null)).encode(x="depth:Q", color=colour.legend(None))
+        layers_ += [outline.mark_line(strokeDash=[4, 3]).encode(y="null_low:Q"),
+                    outline.mark_line(strokeDash=[4, 3]).encode(y="null_high:Q")]
+    return alt.layer(*layers_).properties(width=460, height=260, title=title)
+
+
+def _coded(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str], str]:
+    """The frame with its ``model`` column replaced by an integer code ``m`` (a long label repeated on every row
+    would be most of a page's bytes), the labels in code order, and a vega expression mapping ``datum.value`` (a
+    code) back to its label, for axis, legend and header ``labelExpr``."""
+    labels = list(dict.fromkeys(frame["model"]))
+    coded = frame.assign(m=frame["model"].map({label: code for code, label in enumerate(labels)})).drop(
+        columns="model")
+    return coded, labels, f"{json.dumps(labels)}[datum.value]"
+
+
+def _arrays(frame: pd.DataFrame, keys: list[str], position: str, values: list[str], digits: int = 3) -> alt.InlineData:
+    """Inline data with one row per ``keys`` group and each of ``values`` as an array ordered by ``position``
+    (charts unpack them with ``flatten`` and a row number): the keys are then written once per group rather than
+    once per value, which makes the data several times smaller."""
+    rows = []
+    for key, group in frame.sort_values(position).groupby(keys, sort=False):
+        row = dict(zip(keys, (int(k) if isinstance(k, np.integer) else k for k in key), strict=True))
+        for column in values:
+            row[column] = [float(f"{v:.{digits}g}") for v in group[column].to_numpy(dtype=float)]
+        rows.append(row)
+    return alt.InlineData(values=rows)
+
+
+def _unpacked(chart: alt.Chart, values: list[str], keys: list[str], position: str) -> alt.Chart:
+    """Unpack ``_arrays`` data: one datum per array element, ``position`` its 0-based index."""
+    return chart.transform_flatten(values).transform_window(
+        row="row_number()", groupby=keys).transform_calculate(**{position: "datum.row - 1"})
+
+
+def spectra(spectrum: pd.DataFrame) -> alt.FacetChart:
+    """Every head's OV spectrum ``s_n / s_1`` against the mode index in the layer a slider picks, one panel per
+    model (``qklib.values.spectrum_table`` rows)."""
+    coded, _labels, label_expr = _coded(spectrum.rename(columns={"relative_singular_value": "s"}))
+    keys = ["m", "layer", "head"]
+    layer = alt.param(name="layer", value=0, bind=alt.binding_range(
+        min=0, max=int(spectrum["layer"].max()), step=1, name="layer "))
+    chart = alt.Chart(_arrays(coded, keys, "mode", ["s"])).add_params(layer).transform_filter(
+        alt.datum.layer == layer)
+    return _unpacked(chart, ["s"], keys, "mode").mark_line().encode(
+        x=alt.X("mode:Q", title="mode n (0-based)"),
+        y=alt.Y("s:Q", title="s_n / s_1", scale=alt.Scale(type="log")),
+        color=alt.Color("head:N", legend=alt.Legend(orient="right")),
+        tooltip=["layer:O", "head:N", "mode:Q", alt.Tooltip("s:Q", format=".3f", title="s_n / s_1")],
+    ).properties(width=220, height=200).facet(
+        facet=alt.Facet("m:N", title=None, header=alt.Header(labelExpr=label_expr)), columns=PANELS_PER_ROW
+    ).properties(title="OV singular spectrum of every head in the chosen layer")
+
+
+def composition_heatmap(table: pd.DataFrame, heads: int) -> alt.LayerChart:
+    """Composition score of every pair of heads (``qklib.values.composition_table`` rows): the earlier head
+    (writing) down, the later head (reading) across, ordered by layer then head; menus pick the model and the
+    kind (q, k, v). Pairs beyond chance (above every null draw) are ringed."""
+    frame = pd.DataFrame({"model": table["model"], "kind": table["kind"],
+                          "writer": table["layer1"] * heads + table["head1"],
+                          "reader": table["layer2"] * heads + table["head2"],
+                          "score": table["score"], "beyond": table["beyond"].astype(float)})
+    coded, labels, _expr = _coded(frame)
+    keys = ["m", "kind", "writer"]
+    model = alt.param(name="model", value=0, bind=alt.binding_select(
+        options=list(range(len(labels))), labels=labels, name="model "))
+    kind = alt.param(name="kind", value="k", bind=alt.binding_select(options=["q", "k", "v"], name="composition "))
+    data = _arrays(coded, keys, "reader", ["score", "beyond", "reader"])
+    base = alt.Chart(data).add_params(model, kind).transform_filter(
+        (alt.datum.m == model) & (alt.datum.kind == kind)).transform_flatten(["score", "beyond", "reader"]).encode(
+        x=alt.X("reader:O", title=f"later head (reading): layer x {heads} + head", axis=alt.Axis(labels=False)),
+        y=alt.Y("writer:O", title=f"earlier head (writing): layer x {heads} + head", axis=alt.Axis(labels=False)))
+    cells = base.mark_rect().encode(
+        color=alt.Color("score:Q", scale=alt.Scale(scheme="viridis"), title="score"),
+        tooltip=["kind:N", "writer:O", "reader:O", alt.Tooltip("score:Q", format=".3f"), "beyond:Q"])
+    rings = base.transform_filter(alt.datum.beyond == 1).mark_point(color="red", size=12, filled=False)
+    return (cells + rings).properties(width=440, height=440,
+                                      title="composition between heads (red: beyond every null draw)")
+
+
+def alignment(table: pd.DataFrame) -> alt.LayerChart:
+    """For one later head (layer and head sliders, model menu), each QK mode's key feature against the written
+    subspaces of the earlier layers (``qklib.values.alignment_table`` rows): one line per earlier layer, its
+    best-aligned head's share of the feature; the dashed rule is r / d, the mean share for a random direction."""
+    coded, labels, _expr = _coded(table[["model", "layer", "head", "mode", "earlier_layer", "alignment"]])
+    keys = ["m", "layer", "head", "earlier_layer"]
+    model = alt.param(name="model", value=0, bind=alt.binding_select(
+        options=list(range(len(labels))), labels=labels, name="model "))
+    later = alt.param(name="later", value=int(table["layer"].max()), bind=alt.binding_range(
+        min=1, max=int(table["layer"].max()), step=1, name="later layer "))
+    head = alt.param(name="head", value=0, bind=alt.binding_range(
+        min=0, max=int(table["head"].max()), step=1, name="head "))
+    chart = alt.Chart(_arrays(coded, keys, "mode", ["alignment"])).add_params(model, later, head).transform_filter(
+        (alt.datum.m == model) & (alt.datum.layer == later) & (alt.datum.head == head))
+    lines = _unpacked(chart, ["alignment"], keys, "mode").mark_line().encode(
+        x=alt.X("mode:Q", title="QK mode n of the later head (0-based)"),
+        y=alt.Y("alignment:Q", title="share of v_n in the written subspace", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("earlier_layer:O", scale=alt.Scale(scheme="viridis"), title="earlier layer"),
+        tooltip=["earlier_layer:O", "mode:Q", alt.Tooltip("alignment:Q", format=".3f")])
+    chance = alt.Chart(pd.DataFrame({"chance": [float(table["chance"].iloc[0])]})).mark_rule(
+        strokeDash=[4, 3], color="gray").encode(y="chance:Q")
+    return (lines + chance).properties(width=460, height=260,
+                                       title="key features of one head against earlier heads' written directions")
+
+
+def composition_layers(table: pd.DataFrame) -> alt.FacetChart:
+    """Per pair of layers and kind, the share of head pairs beyond chance, one panel per model and kind."""
+    shares = table.groupby(["model", "kind", "layer1", "layer2"], sort=False)["beyond"].mean().rename(
+        "share_beyond").reset_index()
+    return alt.Chart(inline(shares, digits=3)).mark_rect().encode(
+        x=alt.X("layer2:O", title="later layer"), y=alt.Y("layer1:O", title="earlier layer"),
+        color=alt.Color("share_beyond:Q", scale=alt.Scale(scheme="greys", domain=[0, 1]), title="share beyond"),
+        tooltip=["model:N", "kind:N", "layer1:O", "layer2:O", alt.Tooltip("share_beyond:Q", format=".2f")],
+    ).properties(width=150, height=150).facet(row=alt.Row("model:N", title=None),
+                                               column=alt.Column("kind:N", title="composition", sort=["q", "k", "v"]))
+
+
+def pairs_download(table: pd.DataFrame) -> pd.DataFrame:
+    """``qklib.values.composition_table`` rows as one row per pair of heads, a column per kind, quantity and model
+    (``k_score [model]``, ``k_null_max [model]``, ``k_beyond [model]``): the model label once per column instead
+    of once per row, for the chapter's CSV download."""
+    wide = table.pivot_table(index=["layer1", "head1", "layer2", "head2"], columns=["kind", "model"],
+                             values=["score", "null_max", "beyond"], sort=False)
+    wide.columns = [f"{kind}_{quantity} [{model}]" for quantity, kind, model in wide.columns]
+    return wide.round(4).reset_index()

@@ -1,0 +1,142 @@
+"""§6 The value side: tables of every head's OV circuit and of the composition between heads, with their nulls.
+
+The numbers come from ``qklib.core.ov`` (the exact OV SVD, composition and copying scores, their Haar nulls);
+this module arranges them per model, layer and head for the chapter, and attaches intervals
+(``qklib.stats.bootstrap`` over heads) and null thresholds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .core.models import depth
+from .core.ov import COMPOSITION_KINDS, copying_null, copying_scores, effective_rank, mode_alignment
+from .core.svd import QKSVD
+from .stats import RESAMPLES, bootstrap
+
+
+def head_table(ovs: dict[str, QKSVD]) -> pd.DataFrame:
+    """One row per model, layer and head of the OV circuits ``ovs`` (``{label: ov_svd(model)}``): the effective
+    rank of the spectrum (``effective_rank``, between 1 and r), the share of the largest mode ``s_1 / sum s``, and
+    both copying scores (``copying_scores``: the positive-real share of the eigenvalue mass, and the real-part
+    ratio ``trace / sum |lambda|``)."""
+    frames = []
+    for label, ov in ovs.items():
+        layers, heads = ov.S.shape[:2]
+        columns = {"effective_rank": effective_rank(ov.S), "top_share": ov.S[..., 0] / ov.S.sum(-1),
+                   "copying": copying_scores(ov), "copying_real_part": copying_scores(ov, kind="real_part")}
+        layer, head = np.meshgrid(np.arange(layers), np.arange(heads), indexing="ij")
+        frame = pd.DataFrame({"model": label, "layer": layer.ravel(), "head": head.ravel(),
+                              "depth": depth(layer.ravel(), layers), "rank": ov.rank})
+        for name, values in columns.items():
+            frame[name] = values.cpu().numpy().ravel()
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def layer_table(heads: pd.DataFrame, column: str, resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
+    """Per model and layer: the mean of ``column`` over the layer's heads (``head_table`` rows) with its 95%
+    percentile-bootstrap interval over heads (``low``, ``high``)."""
+    rows = []
+    for (label, layer), group in heads.groupby(["model", "layer"], sort=False):
+        interval = bootstrap(group[column].to_numpy(), resamples=resamples, seed=seed)
+        rows.append({"model": label, "layer": layer, "depth": group["depth"].iloc[0], "quantity": column,
+                     "mean": interval.estimate, "low": interval.low, "high": interval.high})
+    return pd.DataFrame(rows)
+
+
+def copying_null_table(ovs: dict[str, QKSVD], draws: int, seed: int = 0) -> pd.DataFrame:
+    """Per model and layer: the central 95% of the layer's mean copying score over heads when every head's read
+    and write directions are Haar-random and its spectrum kept (``copying_null`` with ``draws`` draws):
+    ``null_low``, ``null_high``, and the null's mean."""
+    rows = []
+    for label, ov in ovs.items():
+        layer_means = copying_null(ov, count=draws, seed=seed).mean(-1).cpu().numpy()  # [draws, L]
+        low, high = np.percentile(layer_means, [2.5, 97.5], axis=0)
+        for layer in range(ov.num_layers):
+            rows.append({"model": label, "layer": layer, "depth": depth(layer, ov.num_layers),
+                         "null_mean": float(layer_means[:, layer].mean()), "null_low": float(low[layer]),
+                         "null_high": float(high[layer])})
+    return pd.DataFrame(rows)
+
+
+def spectrum_table(ovs: dict[str, QKSVD]) -> pd.DataFrame:
+    """One row per model, layer, head and mode: ``s_n / s_1``, the spectrum's shape whatever its scale (the
+    ``layer_scale`` option and LayerNorm gains move the scale, not the shape of a head's spectrum much)."""
+    frames = []
+    for label, ov in ovs.items():
+        layers, heads, rank = ov.S.shape
+        index = np.indices((layers, heads, rank)).reshape(3, -1)
+        relative = (ov.S / ov.S[..., :1]).cpu().numpy().ravel()
+        frames.append(pd.DataFrame({"model": label, "layer": index[0], "head": index[1], "mode": index[2],
+                                    "relative_singular_value": relative}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def composition_table(scores: dict[str, dict[str, torch.Tensor]],
+                      nulls: dict[str, dict[str, torch.Tensor]]) -> pd.DataFrame:
+    """One row per model, kind (q, k, v) and pair of heads in different layers (earlier ``layer1, head1`` writing,
+    later ``layer2, head2`` reading): the composition score, the largest of the pair's null draws (``null_max``,
+    from ``composition_null``) and ``beyond``: the score exceeds every null draw, which happens by chance with
+    probability ``1 / (draws + 1)``. ``scores``/``nulls``: ``{label: composition_scores(...)}`` and
+    ``{label: composition_null(...)}``."""
+    frames = []
+    for label, by_kind in scores.items():
+        layers, heads = by_kind["q"].shape[:2]
+        l1, h1, l2, h2 = np.indices((layers, heads, layers, heads)).reshape(4, -1)
+        later = l2 > l1
+        for kind in COMPOSITION_KINDS:
+            score = by_kind[kind].cpu().numpy().ravel()[later]
+            null = nulls[label][kind].flatten(1).cpu().numpy()[:, later]  # [draws, pairs]
+            frames.append(pd.DataFrame({
+                "model": label, "kind": kind, "layer1": l1[later], "head1": h1[later], "layer2": l2[later],
+                "head2": h2[later], "score": score, "null_mean": null.mean(0), "null_max": null.max(0),
+                "beyond": score > null.max(0), "draws": len(null)}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def composition_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per model and kind: how many pairs of heads compose beyond chance (``composition_table``'s ``beyond``)
+    against the ``1 / (draws + 1)`` share expected by chance, and the mean score against the null's mean."""
+    grouped = table.groupby(["model", "kind"], sort=False)
+    summary = grouped.agg(pairs=("score", "size"), beyond=("beyond", "sum"), share_beyond=("beyond", "mean"),
+                          mean_score=("score", "mean"), null_mean=("null_mean", "mean"), draws=("draws", "first"))
+    summary["chance_share"] = 1 / (summary["draws"] + 1)
+    return summary.reset_index()
+
+
+def alignment_table(qks: dict[str, QKSVD], ovs: dict[str, QKSVD]) -> pd.DataFrame:
+    """One row per model, later head (``layer``, ``head``), QK mode and earlier layer: how much of the mode's key
+    feature v_n lies in the written subspace of the earlier layer's best-aligned head (``alignment``, the largest
+    ``mode_alignment`` over its heads, and that head, ``earlier_head``), and ``chance`` = r / d, its mean for one
+    random direction and one head."""
+    frames = []
+    for label, ov in ovs.items():
+        aligned = mode_alignment(qks[label], ov)  # [L, H, r, L, H]
+        best, which = aligned.max(-1)  # [L, H, r, L]: over the earlier layer's heads
+        layer, head, mode, earlier = np.indices(best.shape).reshape(4, -1)
+        keep = earlier < layer
+        frames.append(pd.DataFrame({
+            "model": label, "layer": layer[keep], "head": head[keep], "mode": mode[keep],
+            "earlier_layer": earlier[keep], "alignment": best.cpu().numpy().ravel()[keep],
+            "earlier_head": which.cpu().numpy().ravel()[keep], "chance": ov.rank / ov.dim}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def findings(heads: pd.DataFrame, summary: pd.DataFrame, resamples: int = RESAMPLES, seed: int = 0) -> str:
+    """One sentence per model with this run's numbers: the OV effective rank in the first and last layer (mean
+    over heads, of r), the copying score over all heads with its bootstrap interval over heads, and the share of
+    pairs of heads that compose beyond chance per kind against the share expected by chance."""
+    sentences = []
+    for label, group in heads.groupby("model", sort=False):
+        first, last = (group[group.layer == layer].effective_rank.mean() for layer in (0, group.layer.max()))
+        copying = bootstrap(group.copying.to_numpy(), resamples=resamples, seed=seed)
+        kinds = summary[summary.model == label].set_index("kind")
+        shares = ", ".join(f"{kind.upper()} {kinds.loc[kind, 'share_beyond']:.1%}" for kind in COMPOSITION_KINDS)
+        sentences.append(
+            f"{label}: OV effective rank {first:.1f} in the first layer and {last:.1f} in the last (of "
+            f"{int(group['rank'].iloc[0])}); copying score {copying.text()} over {copying.units} heads; pairs of "
+            f"heads composing beyond chance: {shares} (chance alone: {kinds['chance_share'].iloc[0]:.1%}).")
+    return " ".join(sentences)
