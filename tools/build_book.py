@@ -137,6 +137,8 @@ def restricted_toc(only: list[str], path: Path, leave_out: tuple[str, ...] = ())
                 node[key] = [c for c in node[key] if wanted(c)]
                 for child in node[key]:
                     prune(child)
+        if "parts" in node:  # a part whose chapters all went is left out (Jupyter Book refuses an empty part)
+            node["parts"] = [part for part in node["parts"] if part.get("chapters")]
 
     prune(toc)
     write_if_changed(path, "# written by tools/build_book.py --only; do not edit\n" + yaml.safe_dump(toc, sort_keys=False))
