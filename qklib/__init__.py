@@ -7,7 +7,8 @@ The package has three floors; each imports only from the floors below it (``test
   SVD with its statistics (``svd``) and atomic writes (``files``).
 * analyses, one per paper section: §3 ``o3`` (data) and ``preference``; §4 ``cosine`` and ``biases``; §5
   ``modes``, ``search`` (optimal images), ``ade20k`` (data) and ``same_object``; across them ``ledger``, the
-  paper's headline claims judged from the chapters' records.
+  paper's headline claims judged from the chapters' records; beyond the paper, §8 ``segmentation`` (the modes
+  as a training-free segmenter against the established methods) and ``voc`` (data).
 * ``qklib.present``: every chart, picture and widget (``attention``, ``cosine``, ``mode_figures``, ``render``,
   ``widgets``, ``explore``, ``lab``), and the claims ledger's table (``ledger``).
 
@@ -17,8 +18,9 @@ The package has three floors; each imports only from the floors below it (``test
 
 from .core.models import DEFAULT_MODEL, ModelError, ModelInfo, info, load_model, random_control
 from .core.svd import QKSVD, QKWeights, mode_scores, null_band, qk_svd, qk_weights
+from .segmentation import segment
 
 __all__ = [
     "DEFAULT_MODEL", "ModelError", "ModelInfo", "QKSVD", "QKWeights", "info", "load_model", "mode_scores",
-    "null_band", "qk_svd", "qk_weights", "random_control",
+    "null_band", "qk_svd", "qk_weights", "random_control", "segment",
 ]
