@@ -40,6 +40,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -521,3 +522,80 @@ def foreground_iou(labels: np.ndarray, object_masks, ignore=None) -> np.ndarray:
     masks ``[K, H, W]``."""
     iou = iou_matrix(labels, object_masks, background=False, ignore=ignore)
     return iou.max(0) if iou.shape[0] else np.zeros(iou.shape[1])
+
+
+# --- measurement over a data set -------------------------------------------------------------------------
+
+def object_map(item) -> np.ndarray:
+    """``[H, W]`` int64 instance labels of a data item (0 background, 1.. objects, negative void): its
+    ``objects`` map (generated scenes, ADE20K, VOC), else, for O3 photos, 1 = target and 2 = the distractors
+    (O3 marks all distractors in one mask, so they count as one region)."""
+    objects = getattr(item, "objects", None)
+    if objects is not None:
+        return np.asarray(objects).astype(np.int64)
+    target, distractor = getattr(item, "target", None), getattr(item, "distractor", None)
+    if target is None or distractor is None:
+        raise SegmentError(f"item {getattr(item, 'id', '?')!r} has neither an object label map nor target and "
+                           "distractor masks; segmentation is scored against one of them")
+    return np.where(target, 1, np.where(distractor, 2, 0)).astype(np.int64)
+
+
+def _layer_plan(segmenter: Segmenter, methods: Sequence[str], layers) -> list[tuple[str, int | None]]:
+    """``(method, layer)`` pairs: each method at its default layer, or at each of ``layers`` (the grid once)."""
+    plan = []
+    for method in methods:
+        chosen = _method(method)
+        if not chosen.forward:
+            plan.append((method, None))
+        else:
+            plan += [(method, int(layer)) for layer in ([segmenter.default_layer(method)] if layers is None else layers)]
+    return plan
+
+
+def evaluate(segmenter: Segmenter, items, methods: Sequence[str] = tuple(METHODS), layers: Sequence[int] | None = None,
+             n_segments: int | None = None, batch_size: int = 8, **options) -> list[dict]:
+    """Score every method on every item: one row per image, method and layer with ``image`` (id), ``method``,
+    ``layer`` (None for the grid), ``n_segments``, ``miou`` (:func:`miou`), ``foreground_iou`` (mean over the
+    image's objects of :func:`foreground_iou`; NaN without objects) and ``seconds`` (the method's own time on
+    the tokens, the shared forward pass left out; time :func:`segment` for the whole).
+
+    ``items``: anything with ``.image`` and an object map (:func:`object_map`): generated scenes, O3, ADE20K, VOC.
+    ``layers``: None, each method at its default layer; else every method at each of these layers.
+    ``n_segments``: None, as many as the image has ground-truth regions (objects + background, at most the
+    token count: the oracle count unsupervised segmentation is usually scored with); else this many. One
+    forward pass per ``batch_size`` images serves every method and layer. ``options`` go to every method that
+    takes them (e.g. ``seed``)."""
+    plan = _layer_plan(segmenter, methods, layers)
+    needed = sorted({layer for _, layer in plan if layer is not None})
+    attention = any(_method(method).attention for method, _ in plan)
+    rows, batch = [], []
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            rows += _score_batch(segmenter, batch, plan, needed, attention, n_segments, options)
+            batch = []
+    if batch:
+        rows += _score_batch(segmenter, batch, plan, needed, attention, n_segments, options)
+    return rows
+
+
+def _score_batch(segmenter: Segmenter, batch: list, plan, layers: list[int], attention: bool, n_segments,
+                 options: dict) -> list[dict]:
+    views = segmenter.observe([item.image for item in batch], layers, attention) if layers else [{}] * len(batch)
+    limit = math.prod(segmenter.info.grid)
+    rows = []
+    for item, view in zip(batch, views):
+        truth = object_map(item)
+        count = n_segments or min(max(len(np.unique(truth[truth >= 0])), 1), limit)
+        for method, layer in plan:
+            accepted = list(inspect.signature(METHODS[method].run).parameters)[3:]
+            start = time.perf_counter()
+            labels = segmenter.token_labels(view.get(layer), count, method,
+                                            **{k: v for k, v in options.items() if k in accepted})
+            seconds = time.perf_counter() - start
+            labels = upsample_labels(labels, *truth.shape)
+            objects = foreground_iou(labels, truth)
+            rows.append({"image": getattr(item, "id", ""), "method": method, "layer": layer, "n_segments": count,
+                         "miou": miou(labels, truth), "seconds": seconds,
+                         "foreground_iou": float(objects.mean()) if objects.size else float("nan")})
+    return rows

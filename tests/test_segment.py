@@ -267,3 +267,32 @@ def test_class_token_attention_needs_a_class_token():
 def test_a_foreign_svd_is_refused(embedded_model, tiny_vit):
     with pytest.raises(SegmentError, match="raw basis"):
         Segmenter(embedded_model, tiny_vit[1])
+
+
+def test_evaluate_scores_every_method_and_layer_like_the_direct_calls(segmenter, scenes):
+    rows = seg.evaluate(segmenter, scenes[:3], methods=("modes", "grid", "cls_attention"), layers=[1, 11],
+                        batch_size=2)
+    assert len(rows) == 3 * (2 + 1 + 2)
+    assert {(r["method"], r["layer"]) for r in rows} == {("modes", 1), ("modes", 11), ("grid", None),
+                                                          ("cls_attention", 1), ("cls_attention", 11)}
+    item = scenes[1]
+    truth = item.objects.astype(np.int64)
+    direct = segmenter(item.image, len(np.unique(truth)), "modes", 11)
+    row = next(r for r in rows if r["image"] == item.id and r["method"] == "modes" and r["layer"] == 11)
+    assert row["n_segments"] == len(np.unique(truth))
+    assert row["miou"] == pytest.approx(miou(direct, truth))
+    assert row["foreground_iou"] == pytest.approx(foreground_iou(direct, truth).mean())
+    assert all(r["seconds"] >= 0 for r in rows)
+
+
+def test_object_map_of_o3_photos_and_of_items_without_masks():
+    class Photo:
+        id = "photo"
+        objects = None
+        target = np.array([[True, False, False]])
+        distractor = np.array([[False, True, False]])
+
+    assert seg.object_map(Photo()).tolist() == [[1, 2, 0]]
+    Photo.target = None
+    with pytest.raises(SegmentError, match="neither an object label map"):
+        seg.object_map(Photo())
