@@ -16,14 +16,13 @@ keep qklib's convention (0 background, 1.. objects, negative ignored): ``qklib.s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .core.images import ImageError, images_by_stem
+from .core.images import ImageError, LazyItems, images_by_stem
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -72,19 +71,13 @@ def instance_classes(objects: np.ndarray, classes: np.ndarray) -> dict[int, int]
     return kinds
 
 
-class VOCSet(Sequence):
+class VOCSet(LazyItems):
     """The annotated images of a VOC folder, read lazily: ``len``, index, iterate (items are :class:`VOCSample`)."""
 
     def __init__(self, root: Path, ids: list[str], images: dict[str, Path]):
         self.root, self.ids, self._images = root, ids, images
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        key = self.ids[index]
+    def read(self, key: str) -> VOCSample:
         with Image.open(self._images[key]) as handle:
             image = handle.convert("RGB")
         objects = read_index_png(self.root / FOLDERS[1] / f"{key}.png", "object mask")
