@@ -14,13 +14,14 @@ decomposition with biases is ``qk_svd(model, with_bias=True)`` (the bilinear for
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from .core.extract import image_tokens, token_embeddings
 from .core.models import depth, prefix_tokens
-from .core.svd import QKSVD, qk_svd, qk_weights
+from .core.svd import qk_weights
 
 
 @torch.no_grad()
@@ -95,44 +96,72 @@ def query_bias_table(model: nn.Module, pixels: torch.Tensor, batch_size: int = 8
     return frame
 
 
+@torch.no_grad()
+def attention_shift(model: nn.Module, pixels: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """``[L, H, N]`` float64: per layer, head and image, how far the query-bias term moves attention: the mean over
+    query tokens of the total-variation distance ``0.5 sum_j |p_ij - p'_ij|`` between the head's attention with
+    the term (``p = softmax_j((g_ij + c_j) / sqrt(d_k))``, what the model computes: the other bias terms are
+    constant over keys and cancel) and without it (``p'``, the softmax of the bias-free form the QK SVD
+    decomposes). 0: the term changes nothing; 1: disjoint attention. Unlike a cosine on ``[x; c]`` it depends on
+    no choice of basis or of a constant coordinate. ``pixels``: ``[N, 3, S, S]``; every token is a query and a
+    key (prefix tokens included: the softmax normalises over them)."""
+    weights = qk_weights(model, with_bias=True)
+    d = weights.wq.shape[-1] - 1
+    wq, bq, wk = weights.wq[..., :d], weights.wq[..., d], weights.wk[..., :d]  # [L, H, r, d], [L, H, r]
+    scale = wq.shape[-2] ** -0.5
+    shifts = []
+    for start in range(0, len(pixels), batch_size):
+        x = token_embeddings(model, pixels[start : start + batch_size]).double()  # [L, B, T, d]
+        per_layer = []
+        for layer in range(x.shape[0]):
+            qx = torch.einsum("btd,hrd->bhtr", x[layer], wq[layer])
+            kx = torch.einsum("btd,hrd->bhtr", x[layer], wk[layer])
+            free = qx @ kx.transpose(-1, -2) * scale  # [B, H, T, T]
+            salience = torch.einsum("bhtr,hr->bht", kx, bq[layer]) * scale  # c_j / sqrt(d_k)
+            moved = (free.softmax(-1) - (free + salience[:, :, None, :]).softmax(-1)).abs().sum(-1) / 2
+            per_layer.append(moved.mean(-1).transpose(0, 1))  # [H, B]
+        shifts.append(torch.stack(per_layer))
+    if not shifts:
+        raise ValueError("no images: pixels must be [N, 3, S, S] with N >= 1")
+    return torch.cat(shifts, dim=-1)
+
+
 def layer_table(models: dict[str, nn.Module], pixels: dict[str, torch.Tensor], batch_size: int = 8,
-                svds: dict[str, QKSVD] | None = None) -> pd.DataFrame:
+                shifts: dict[str, torch.Tensor] | None = None) -> pd.DataFrame:
     """One row per (model, layer): the query-bias term's share of the key-dependent score variance
-    (:func:`query_bias_table`) over the layer's heads -- median, lowest and highest -- and the layer weighted
-    cosine without biases (the paper's form) and with the query bias included (``qk_svd(model,
-    with_bias="query")``, the bilinear form on ``[x; 1]`` with the query bias: what the softmax keeps).
-    ``pixels``: ``{label: [N, 3, S, S]}`` model input per model (each model's own preprocessing); ``svds``: the
-    models' bias-free decompositions where the caller has them (else computed here)."""
+    (:func:`query_bias_table`) over the layer's heads -- median, lowest and highest -- and how far dropping the
+    term moves attention (:func:`attention_shift`, mean over photos per head): median, lowest and highest head.
+    ``pixels``: ``{label: [N, 3, S, S]}`` model input per model (each model's own preprocessing); ``shifts``: the
+    models' :func:`attention_shift` where the caller has it (else computed here)."""
     rows = []
     for label, model in models.items():
         table = query_bias_table(model, pixels[label], batch_size=batch_size)
-        raw = (svds[label] if svds and label in svds else qk_svd(model)).layer_weighted_cosine().numpy()
-        biased = qk_svd(model, with_bias="query").layer_weighted_cosine().numpy()
+        shift = (shifts[label] if shifts and label in shifts else attention_shift(model, pixels[label], batch_size))
+        per_head = shift.mean(-1).numpy()  # [L, H]
         for layer, heads in table.groupby("layer"):
             share = heads["share"].fillna(0.0)  # a head with no key-dependent variance at all: no share
-            rows.append({"model": label, "layer": int(layer), "depth": depth(int(layer), len(raw)),
+            moved = per_head[int(layer)]
+            rows.append({"model": label, "layer": int(layer), "depth": depth(int(layer), len(per_head)),
                          "share_median": float(share.median()), "share_low": float(share.min()),
                          "share_high": float(share.max()), "spread_ratio_median": float(heads["spread_ratio"].median()),
-                         "weighted_cosine": float(raw[layer]), "weighted_cosine_query_bias": float(biased[layer])})
+                         "shift_median": float(np.median(moved)), "shift_low": float(moved.min()),
+                         "shift_high": float(moved.max())})
     return pd.DataFrame(rows)
 
 
 def findings(table: pd.DataFrame) -> str:
-    """Per model, in words: the query-bias share across the layers (every layer's median) and how far including
-    the query bias moves the weighted cosine (the largest change and where)."""
+    """Per model, in words: how far dropping the query-bias term moves attention in every layer (median head,
+    and the largest head), and the term's share of the key-dependent score variance."""
     parts = []
     for label, frame in table.groupby("model", sort=False):
         if float(frame["share_high"].max()) == 0.0:
             parts.append(f"{label}: its query biases are zero, so the query-bias term is absent")
             continue
-        medians = ", ".join(f"L{row.layer} {row.share_median:.2f}" for row in frame.itertuples())
-        change = (frame["weighted_cosine_query_bias"] - frame["weighted_cosine"]).to_numpy()
-        most = int(abs(change).argmax())
-        lower, higher = int((change < 0).sum()), int((change > 0).sum())
-        parts.append(f"{label}: the query-bias term carries a median share (over heads) of the key-dependent score "
-                     f"variance of {medians}; single heads range from {frame['share_low'].min():.2f} to "
-                     f"{frame['share_high'].max():.2f}. Including it lowers the layer weighted cosine in {lower} and "
-                     f"raises it in {higher} of {len(change)} layers, most in L{int(frame['layer'].iloc[most])} "
-                     f"({frame['weighted_cosine'].iloc[most]:.3f} without, "
-                     f"{frame['weighted_cosine_query_bias'].iloc[most]:.3f} with)")
+        moved = ", ".join(f"L{row.layer} {row.shift_median:.2f}" for row in frame.itertuples())
+        worst = frame.loc[frame["shift_high"].idxmax()]
+        parts.append(f"{label}: dropping the term moves each query's attention by a total variation of (median over "
+                     f"heads, mean over photos and queries) {moved}; the most affected head moves by "
+                     f"{worst['shift_high']:.2f} (L{int(worst['layer'])}). Its share of the key-dependent score "
+                     f"variance ranges from {frame['share_median'].min():.2f} to {frame['share_median'].max():.2f} "
+                     "over the layers (median heads)")
     return "; ".join(parts) + "."

@@ -219,7 +219,8 @@ def o3_layout(name, value) -> O3Layout:
 
 # --- the chapters' declared parameters ----------------------------------------------------------------------
 
-COMMON = {"batch_size": count(1), "device": check_device, "seed": count(0), "results_dir": output_folder}
+COMMON = {"batch_size": count(1), "device": check_device, "seed": count(0), "resamples": count(100),
+          "results_dir": output_folder}
 
 SPECS: dict[str, dict[str, Callable]] = {
     "s3_attention": {

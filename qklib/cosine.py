@@ -29,6 +29,7 @@ from .core.extract import image_tokens, token_embeddings
 from .core.images import to_pixels
 from .core.models import depth, info
 from .core.svd import NULL_DRAWS, NULL_SEED, QKSVD, layer_null_band, layer_null_sd, null_band
+from .stats import RESAMPLES, bootstrap
 
 
 def centre_token_index(model: nn.Module) -> int:
@@ -159,15 +160,20 @@ def baseline_verdicts(relative: pd.DataFrame) -> str:
     return ". ".join(parts)
 
 
-def layer_table(svds: dict[str, QKSVD]) -> pd.DataFrame:
-    """One row per (model, layer): weighted and unweighted cosine averaged over heads."""
+def layer_table(svds: dict[str, QKSVD], resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
+    """One row per (model, layer): weighted and unweighted cosine averaged over heads, and the weighted cosine's
+    95% bootstrap interval over the layer's heads (``heads_low``, ``heads_high``; the interval the claims ledger's
+    verdicts use)."""
     rows = []
     for label, svd in svds.items():
         weighted = svd.layer_weighted_cosine().numpy()
         unweighted = svd.layer_unweighted_cosine().numpy()
+        heads = svd.weighted_cosine().numpy()
         for layer in range(svd.num_layers):
+            interval = bootstrap(heads[layer], resamples=resamples, seed=seed)
             rows.append({"model": label, "layer": layer, "depth": depth(layer, svd.num_layers),
-                         "weighted_cosine": weighted[layer], "unweighted_cosine": unweighted[layer]})
+                         "weighted_cosine": weighted[layer], "unweighted_cosine": unweighted[layer],
+                         "heads_low": interval.low, "heads_high": interval.high})
     return pd.DataFrame(rows)
 
 
@@ -331,3 +337,18 @@ def basis_differences(table: pd.DataFrame) -> pd.DataFrame:
                      "lowest layer, gamma folded": int(wide["gamma-folded"].idxmin()), "largest difference in layer": most,
                      "raw there": wide.loc[most, "raw"], "gamma folded there": wide.loc[most, "gamma-folded"]})
     return pd.DataFrame(rows)
+
+
+VERDICT_NAMES = {"s4-early-high-falls": "high early and falling with depth", "s4-middle-zero": "near 0 in a middle layer",
+                 "s4-anisotropy": "above the anisotropy baseline early", "s4-biases": "the query-bias term negligible"}
+
+
+def verdicts_text(judged: dict[str, dict]) -> str:
+    """Per model, the claims ledger's outcome for each of §4's general claims with the numbers behind it
+    (``judged``: ``{label: qklib.ledger.judge_model(record, label)}``)."""
+    parts = []
+    for label, claims in judged.items():
+        found = [f"{name}: **{claims[key].outcome}** ({claims[key].number})" for key, name in VERDICT_NAMES.items()
+                 if key in claims]
+        parts.append(f"{label}: " + "; ".join(found))
+    return " — ".join(parts) + "."

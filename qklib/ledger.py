@@ -28,15 +28,33 @@ import pandas as pd
 
 from .core.paper_models import EMBEDDED, IJEPA_FILE, IJEPA_PREDICTOR, PAPER_MODELS, PaperModel
 from .core.svd import QKSVD, null_band
-from .cosine import depth_profile
-from .preference import GROUPS, grows_with_depth
+from .preference import GROUPS, image_curves, per_area
+from .stats import (AGREES, BORDERLINE, DISAGREES, NOT_TESTED, RESAMPLES, Interval, bootstrap, bootstrap_curve,
+                    bootstrap_slope, combine, decide, decide_within)
 
-FORMAT = 1  # the records' layout; a record of another format is refused
+FORMAT = 2  # the records' layout; a record of another format is refused
 MIME = "application/vnd.qklib.ledger+json"  # a +json type: nbformat stores the glued record as JSON
 RECORD_NAMES = {"s3_attention": "s3_ledger", "s4_cosine": "s4_ledger", "s5_modes": "s5_ledger"}
-AGREES, DISAGREES, MIXED, NOT_TESTED, BY_EYE = "agrees", "disagrees", "mixed", "not tested in this run", "judged by eye"
-BIAS_SHARE_MAX = 0.01  # "biases do not depend on the pair": no head's key-dependent score variance more than 1% from b_q
-SAME_OBJECT_STEP = 0.02  # as §5's summary: a difference between the two halves smaller than this is "about the same"
+MIXED, BY_EYE = "mixed", "judged by eye"
+RANKINGS = {"by_random": "random modes", "by_paper_sum": "the paper's sum", "by_singular_value": "singular value",
+            "by_attention": "attention-weighted"}  # the four mode rankings of §5's ablation, in the page's order
+
+# The thresholds every verdict compares its interval with, each with its reason (the ledger page lists them).
+CHANCE_RATIO = 1.0
+LEVEL_STEP = 0.005
+BIAS_SHIFT_MAX = 0.05
+THRESHOLDS = {
+    "chance (per unit area)": (CHANCE_RATIO, "attention spread uniformly over the key tokens gives every region "
+                               "exactly its area's share, a ratio of 1 to chance"),
+    "slope": (0.0, "a curve grows with depth when the least-squares slope of its layer means is positive"),
+    "effect (one random cosine)": ("±0.100 for d = 384, ±0.071 for d = 768", "a difference smaller than the 95% "
+                                   "spread of the cosine between two random unit vectors in R^d could arise between "
+                                   "unrelated directions, so it does not count as a change or as non-zero"),
+    "bias shift": (BIAS_SHIFT_MAX, "dropping a term that moves each query's attention by less than 5% of its "
+                   "mass (total variation) changes no conclusion drawn from attention maps"),
+    "difference": (0.0, "a fall, or a gain over random modes, holds when its interval lies above 0"),
+    "display step": (LEVEL_STEP, "only for counting the rising steps of a curve in the text; no verdict uses it"),
+}
 
 
 class LedgerError(RuntimeError):
@@ -106,48 +124,60 @@ def _record(chapter: str, data: dict[str, str], entries: list[dict]) -> Record:
     return Record(format=FORMAT, chapter=chapter, data=data, models=entries)
 
 
-def attention_record(means: pd.DataFrame, data: str,
+def attention_record(table: pd.DataFrame, chance: pd.DataFrame, data: str, resamples: int = RESAMPLES, seed: int = 0,
                      variant: str = "most-covered query token, its own token removed") -> Record:
-    """§3's record: per model, the mean same / different / background ratio per layer.
+    """§3's record: per model, each group's ratio per image and layer (mean over heads) and each image's chance
+    level for the same key set, from which the ledger computes attention per unit area and its intervals.
 
-    ``means``: index layer, columns ``(model, group)`` (``qklib.present.attention.layer_means`` of the chapter's
-    headline variant); ``data``: what was measured (e.g. "60 of 64 generated scenes")."""
-    labels = list(dict.fromkeys(means.columns.get_level_values(0)))
-    entries = [_entry(label, attention={"layers": [int(v) for v in means.index], "variant": variant,
-                                        **{g: _floats(means[(label, g)]) for g in GROUPS}}) for label in labels]
+    ``table``: the headline variant's rows of ``qklib.preference.measure`` (every model); ``chance``: the first
+    model's ``Preference.chance`` (per image, with the ``*_removed`` columns for the headline variant); ``data``:
+    what was measured (e.g. "60 of 64 generated scenes"); ``resamples``, ``seed``: the bootstrap's."""
+    suffix = "_removed" if "removed" in variant else ""
+    by_image = chance.set_index("image")
+    entries = []
+    for label, rows in table.groupby("model", sort=False):
+        images, curves = {}, {}
+        for group in GROUPS:
+            images[group], values = image_curves(rows, group)
+            curves[group] = [_floats(curve) for curve in values]
+        order = images["same"]
+        entries.append(_entry(label, attention={
+            "layers": sorted(int(v) for v in rows["layer"].unique()), "variant": variant, "images": curves,
+            "chance": {g: _floats(by_image.loc[order, g + suffix]) for g in GROUPS},
+            "resamples": int(resamples), "seed": int(seed)}))
     return _record("s3_attention", {"attention": data}, entries)
 
 
-def cosine_record(relative: pd.DataFrame, bands: pd.DataFrame, effect: float, extra: Mapping[str, QKSVD] | None = None,
-                  images: str = "photos", biases: pd.DataFrame | None = None) -> Record:
-    """§4's record: per model, the layer weighted cosine (Fig 3) with its simulated null band and the effect size
-    the chapter's verdict uses (``effect``, the single-cosine band), and the anisotropy baseline with its
-    interval (Fig S4).
+def cosine_record(relative: pd.DataFrame, bands: pd.DataFrame, effect: float, svds: Mapping[str, QKSVD],
+                  folded: Mapping[str, QKSVD] | None = None, extra: Mapping[str, QKSVD] | None = None,
+                  images: str = "photos", biases: Mapping[str, np.ndarray] | None = None,
+                  resamples: int = RESAMPLES, seed: int = 0) -> Record:
+    """§4's record: per model, every head's weighted cosine per layer in the raw basis (Fig 3; the paper's) and
+    with the norm's gamma folded in, the simulated null band of the layer mean, the effect size the verdicts use
+    (``effect``: one random cosine's 95% spread for the model's width), the anisotropy baseline with its
+    interval (Fig S4), and what dropping the query-bias term does to attention.
 
-    ``relative``: ``qklib.cosine.relative_table``; ``bands``: ``qklib.cosine.null_band_table``; ``extra``: further
-    decompositions without images (Fig S3's I-JEPA encoder and predictor), recorded with the single-cosine band of
-    their own width as effect size (keys as ``qklib.core.paper_models.ijepa_encoder_predictor`` names them, which
-    identify the model when its label does not); ``images``: what the baseline's photos are (e.g. "photos shipped
-    in packages"); ``biases``: ``qklib.biases.layer_table`` on the same photos (the query-bias term's share of the
-    key-dependent score variance per layer), or None."""
+    ``relative``: ``qklib.cosine.relative_table``; ``bands``: ``qklib.cosine.null_band_table``; ``svds`` and
+    ``folded``: the models' raw and gamma-folded decompositions; ``extra``: further decompositions without images
+    (Fig S3's I-JEPA encoder and predictor, keyed as ``qklib.core.paper_models.ijepa_encoder_predictor`` names
+    them), judged with the single-cosine band of their own width; ``biases``: ``{label: [L, images]}`` from
+    ``qklib.biases.attention_shift`` (the mean over heads and queries of each image's attention change)."""
     entries = []
     for label, frame in relative.groupby("model", sort=False):
         frame = frame.sort_values("layer")
         band = bands[bands["model"] == label].sort_values("layer")["null_band"]
         measures = {}
-        if biases is not None and label in set(biases["model"]):
-            rows = biases[biases["model"] == label].sort_values("layer")
-            measures["biases"] = {"share_median": _floats(rows["share_median"]), "share_high": _floats(rows["share_high"]),
-                                  "layers": [int(v) for v in rows["layer"]]}
-        entries.append(_entry(label, cosine={"weighted": _floats(frame["weighted_cosine"]), "null_band": _floats(band),
-                                             "effect": float(effect)},
+        if biases is not None and label in biases:
+            measures["biases"] = {"shift": [_floats(layer) for layer in np.asarray(biases[label])],
+                                  "resamples": int(resamples), "seed": int(seed)}
+        entries.append(_entry(label, cosine=_cosine_measure(svds[label], (folded or {}).get(label), effect,
+                                                            _floats(band), resamples, seed),
                               anisotropy={"weighted": _floats(frame["weighted_cosine"]),
                                           "baseline": _floats(frame["anisotropy_baseline"]),
                                           "low": _floats(frame["baseline_low"]),
                                           "high": _floats(frame["baseline_high"])}, **measures))
     for name, svd in (extra or {}).items():
-        entry = _entry(svd.model or name, cosine={"weighted": _floats(svd.layer_weighted_cosine()), "null_band": None,
-                                                  "effect": null_band(svd.dim)})
+        entry = _entry(svd.model or name, cosine=_cosine_measure(svd, None, null_band(svd.dim), None, resamples, seed))
         entry["paper_model"] = entry["paper_model"] or FIG_S3_PARTS.get(name)  # a renamed checkpoint file
         entries.append(entry)
     first = relative.iloc[0]
@@ -158,21 +188,31 @@ def cosine_record(relative: pd.DataFrame, bands: pd.DataFrame, effect: float, ex
     return _record("s4_cosine", data, entries)
 
 
+def _cosine_measure(svd: QKSVD, folded: QKSVD | None, effect: float, band, resamples: int, seed: int) -> dict:
+    heads = svd.weighted_cosine().numpy()
+    return {"heads": [_floats(layer) for layer in heads], "weighted": _floats(heads.mean(axis=1)),
+            "folded": None if folded is None else [_floats(layer) for layer in folded.weighted_cosine().numpy()],
+            "null_band": band, "effect": float(effect), "resamples": int(resamples), "seed": int(seed)}
+
+
 def modes_record(label: str, same, control, ablation_rows: Sequence[dict], gallery_images: int, masked: str,
-                 gallery: str = "default gallery",
-                 variant: str = "same instance, background counted as one more object") -> Record:
-    """§5's record for the chapter's model ``label``: same-object probability per layer with chance and the
-    random-init control (``same``, ``control``: ``qklib.same_object.SameObject``), the ablation of the two mode
-    rankings (``ablation_rows``: ``qklib.modes.ablation``), and how many images the optimal-image search scored.
-    ``masked``: what the images with object masks are (e.g. "generated scenes"); ``gallery``: the searched folder."""
+                 gallery: str = "default gallery", natural_gallery: bool = False,
+                 variant: str = "same instance, background counted as one more object", resamples: int = RESAMPLES,
+                 seed: int = 0) -> Record:
+    """§5's record for the chapter's model ``label``: same-object probability per head and layer with chance and
+    the random-init control (``same``, ``control``: ``qklib.same_object.SameObject``), the ablation of four
+    mode rankings per image-head case (``ablation_rows``: ``qklib.modes.ablation``), and how many images the
+    optimal-image search scored (``natural_gallery``: whether they include a folder of natural images, the data
+    the paper's reading of optimal images needs). ``masked``: what the images with object masks are (e.g.
+    "generated scenes"); ``gallery``: the searched folder."""
     rows = pd.DataFrame(list(ablation_rows))
-    ablation = {"by_attention": float(rows["by_attention"].mean()), "by_paper_sum": float(rows["by_paper_sum"].mean()),
-                "larger": float((rows["by_attention"] > rows["by_paper_sum"]).mean()), "cases": len(rows),
-                "count": int(rows["count"].iloc[0])}
-    entry = _entry(label, same_object={"layers": [int(v) for v in same.layers], "model": _floats(same.per_layer),
+    ablation = {"cases": {name: _floats(rows[name]) for name in RANKINGS}, "count": int(rows["count"].iloc[0]),
+                "resamples": int(resamples), "seed": int(seed)}
+    entry = _entry(label, same_object={"layers": [int(v) for v in same.layers],
+                                       "heads": [_floats(layer) for layer in np.asarray(same.per_head)],
                                        "chance": _floats(same.chance_layer), "control": _floats(control.per_layer),
-                                       "variant": variant},
-                   ablation=ablation, optimal_images={"images": int(gallery_images)})
+                                       "variant": variant, "resamples": int(resamples), "seed": int(seed)},
+                   ablation=ablation, optimal_images={"images": int(gallery_images), "natural": bool(natural_gallery)})
     layers = ", ".join(f"L{layer}" for layer in sorted(rows["layer"].unique()))
     data = {"same_object": f"{same.images_used + same.images_skipped} {masked} ({same.images_used} with two or more "
                           "objects)",
@@ -181,29 +221,64 @@ def modes_record(label: str, same, control, ablation_rows: Sequence[dict], galle
     return _record("s5_modes", data, [entry])
 
 
-# --- the judges: one model's measurement -> (agrees, the number behind it) ----------------------------------
+# --- the judges: one model's measurement -> its outcome, the statistic and its interval ------------------------
 
-Judge = Callable[[dict], tuple[bool, str]]
+@dataclass(frozen=True)
+class Judgement:
+    """One model's outcome for one claim (``AGREES``, ``DISAGREES`` or ``BORDERLINE``), the decisive statistic's
+    interval (None for a claim read by eye) and the numbers behind it in words."""
+
+    outcome: str
+    number: str
+    interval: Interval | None = None
 
 
-def _same_leads_early(m: dict) -> tuple[bool, str]:
-    same, different, background = (m[g][0] for g in GROUPS)
-    return same >= max(different, background), (f"L0: same {same:.2f}, different {different:.2f}, "
-                                                 f"background {background:.2f} ({m['variant']})")
+Judge = Callable[[dict], Judgement | None]
+
+
+def _array(values) -> np.ndarray:
+    return np.asarray([np.nan if v is None else v for v in values], dtype=float)
+
+
+def _matrix(rows) -> np.ndarray:
+    return np.asarray([_array(row) for row in rows], dtype=float)
+
+
+def _boot(m: dict) -> dict:
+    return {"resamples": int(m.get("resamples", RESAMPLES)), "seed": int(m.get("seed", 0))}
+
+
+def _attention(m: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    return ({g: _matrix(m["images"][g]) for g in GROUPS}, {g: _array(m["chance"][g]) for g in GROUPS})
+
+
+def _same_leads_early(m: dict) -> Judgement:
+    curves, chances = _attention(m)
+    area = per_area(curves, chances, 0, **_boot(m))
+    outcome = decide(area["dominance"], CHANCE_RATIO)
+    return Judgement(outcome, "L0, attention per unit area (× chance): " + ", ".join(
+        f"{g} {area[g].text(2)}" for g in GROUPS) + f"; same ÷ the larger other {area['dominance'].text(2)} "
+        f"({m['variant']}; {len(chances['same'])} images)", area["dominance"])
 
 
 def _grows(group: str) -> Judge:
-    def judge(m: dict) -> tuple[bool, str]:
-        values = m[group]
-        grows, rising, slope = grows_with_depth(values)
-        return grows, (f"{group} L0 {values[0]:.2f} → L{len(values) - 1} {values[-1]:.2f}, slope {slope:+.3f} per "
-                       f"layer, {rising} of {len(values) - 1} steps rise")
+    def judge(m: dict) -> Judgement:
+        curves = _attention(m)[0][group]
+        slope = bootstrap_slope(curves, **_boot(m))
+        mean = np.nanmean(curves, axis=0)
+        rising = int((np.diff(mean) > LEVEL_STEP).sum())
+        return Judgement(decide(slope, 0.0), f"slope {slope.text(4)} per layer; every layer: "
+                         + " ".join(f"{v:.2f}" for v in mean) + f" (L0 → L{len(mean) - 1}; {rising} of "
+                         f"{len(mean) - 1} steps rise)", slope)
     return judge
 
 
-def _fig2_exception(m: dict) -> tuple[bool, str]:
-    holds = [_same_leads_early(m)[0], _grows("different")(m)[0], _grows("background")(m)[0]]
-    return sum(holds) < 3, f"{sum(holds)} of Fig 2's 3 observations hold"
+def _fig2_exception(m: dict) -> Judgement:
+    parts = [_same_leads_early(m).outcome, _grows("different")(m).outcome, _grows("background")(m).outcome]
+    held, failed = parts.count(AGREES), parts.count(DISAGREES)
+    outcome = AGREES if failed else DISAGREES if held == 3 else BORDERLINE
+    return Judgement(outcome, f"of Fig 2's 3 observations {held} hold, {failed} fail, "
+                              f"{parts.count(BORDERLINE)} borderline")
 
 
 def _edge(count: int) -> int:
@@ -211,83 +286,145 @@ def _edge(count: int) -> int:
     return max(1, count // 6)
 
 
-def _shape(m: dict) -> str:
-    return depth_profile(np.asarray(m["weighted"], dtype=float), m["effect"])
+def _first(count: int) -> int:
+    """The first layers of a shape judgement: a sixth, at least two (as ``qklib.cosine.depth_profile``)."""
+    return max(2, count // 6)
 
 
-def _curve(m: dict) -> str:
-    values = np.asarray(m["weighted"], dtype=float)
-    low = int(values.argmin())
-    return (f"{_shape(m)}: L0 {values[0]:.2f}, lowest L{low} {values[low]:.2f}, last L{len(values) - 1} "
-            f"{values[-1]:.2f} (a change counts beyond ±{m['effect']:.3f})")
+def _shape_parts(m: dict) -> tuple[Interval, Interval, int]:
+    """``(drop, rise, lowest layer)``: the mean of the first layers minus the lowest layer, and the last layer
+    minus the lowest, each with its interval over heads (resampled within each layer)."""
+    heads = _matrix(m["heads"])
+    low, first = int(np.nanargmin(np.nanmean(heads, axis=1))), _first(len(heads))
+    drop = bootstrap_curve(heads, lambda c: c[:, :first].mean(axis=1) - c[:, low], **_boot(m))
+    rise = bootstrap_curve(heads, lambda c: c[:, -1] - c[:, low], **_boot(m))
+    return drop, rise, low
 
 
-def _shape_in(*shapes: str) -> Judge:
-    return lambda m: (_shape(m) in shapes, _curve(m))
+def _curve(m: dict, drop: Interval, rise: Interval, low: int) -> str:
+    values = _array(m["weighted"])
+    return (f"first {_first(len(values))} layers − lowest (L{low}) {drop.text()}, last − lowest {rise.text()} "
+            f"(intervals over heads; a change counts beyond {m['effect']:.3f}); every layer: "
+            + " ".join(f"{v:.2f}" for v in values))
 
 
-def _no_late_rise(m: dict) -> tuple[bool, str]:
-    return _shape(m) != "concave", _curve(m)
+def _falls(m: dict) -> Judgement:
+    drop, rise, low = _shape_parts(m)
+    return Judgement(decide(drop, m["effect"]), _curve(m, drop, rise, low), drop)
 
 
-def _middle_near_zero(m: dict) -> tuple[bool, str]:
-    values = np.asarray(m["weighted"], dtype=float)
-    edge = _edge(len(values))
-    middle = np.arange(edge, len(values) - edge)
-    if middle.size == 0:
-        return False, f"only {len(values)} layers: no middle layers"
-    layer = int(middle[np.abs(values[middle]).argmin()])
-    inside = ""
-    if m.get("null_band"):
-        band = m["null_band"][layer]
-        inside = f"; {'inside' if abs(values[layer]) <= band else 'outside'} its 95% null band ±{band:.3f}"
-    return bool(abs(values[layer]) < m["effect"]), (
-        f"closest to 0 among L{edge}–L{len(values) - edge - 1}: L{layer} {values[layer]:+.3f} "
-        f"(≈ 0 within ±{m['effect']:.3f}{inside})")
+def _concave(m: dict) -> Judgement:
+    drop, rise, low = _shape_parts(m)
+    return Judgement(combine([decide(drop, m["effect"]), decide(rise, m["effect"])]), _curve(m, drop, rise, low),
+                     rise)
 
 
-def _high_everywhere(m: dict) -> tuple[bool, str]:
-    values = np.asarray(m["weighted"], dtype=float)
-    low = int(values.argmin())
-    return bool(values.min() > m["effect"]), (f"lowest L{low} {values[low]:.2f}, mean {values.mean():.2f} "
-                                              f"(high: above ±{m['effect']:.3f} in every layer)")
+def _falls_without_rise(m: dict) -> Judgement:
+    drop, rise, low = _shape_parts(m)
+    return Judgement(combine([decide(drop, m["effect"]), decide(rise, m["effect"], holds_above=False)]),
+                     _curve(m, drop, rise, low), rise)
 
 
-def _above_baseline(m: dict) -> tuple[bool, str]:
-    weighted, high = np.asarray(m["weighted"], dtype=float), np.asarray(m["high"], dtype=float)
+def _no_late_rise(m: dict) -> Judgement:
+    drop, rise, low = _shape_parts(m)
+    return Judgement(decide(rise, m["effect"], holds_above=False), _curve(m, drop, rise, low), rise)
+
+
+def _closest_middle(heads: np.ndarray, m: dict) -> tuple[int, Interval, str]:
+    edge = _edge(len(heads))
+    middle = np.arange(edge, len(heads) - edge)
+    layer = int(middle[np.abs(np.nanmean(heads[middle], axis=1)).argmin()])
+    interval = bootstrap_curve(heads, lambda c: c[:, layer], **_boot(m))
+    return layer, interval, decide_within(interval, m["effect"])
+
+
+def _middle_near_zero(m: dict) -> Judgement:
+    heads = _matrix(m["heads"])
+    edge = _edge(len(heads))
+    if len(heads) - 2 * edge <= 0:
+        return Judgement(DISAGREES, f"only {len(heads)} layers: no middle layers")
+    layer, interval, outcome = _closest_middle(heads, m)
+    text = (f"closest to 0 among L{edge}–L{len(heads) - edge - 1}: L{layer} {interval.text()} (interval over heads; "
+            f"≈ 0 within ±{m['effect']:.3f}) → {outcome}")
+    if m.get("folded"):
+        f_layer, f_interval, f_outcome = _closest_middle(_matrix(m["folded"]), m)
+        text += f"; with the norm's gamma folded in: L{f_layer} {f_interval.text()} → {f_outcome}"
+        if f_outcome != outcome:
+            return Judgement(BORDERLINE, text + " (the two bases disagree: the verdict depends on the basis)", interval)
+    return Judgement(outcome, text, interval)
+
+
+def _high_everywhere(m: dict) -> Judgement:
+    heads = _matrix(m["heads"])
+    lowest = bootstrap_curve(heads, lambda c: c.min(axis=1), **_boot(m))
+    return Judgement(decide(lowest, m["effect"]), f"the lowest layer's weighted cosine {lowest.text()} (interval "
+                     f"over heads; high: above {m['effect']:.3f}); mean {np.nanmean(heads):.2f}", lowest)
+
+
+def _above_baseline(m: dict) -> Judgement:
+    weighted, baseline = _array(m["weighted"]), _array(m["baseline"])
+    low, high = _array(m["low"]), _array(m["high"])
     early = _edge(len(weighted))
-    above = int((weighted[:early] > high[:early]).sum())
-    return above == early, (f"L0: {weighted[0]:.2f} against the baseline {m['baseline'][0]:.2f} "
-                            f"[{m['low'][0]:.2f}, {m['high'][0]:.2f}] "
-                            f"(relative {weighted[0] - m['baseline'][0]:+.2f}); "
-                            f"above the interval in {above} of the first {early} layer(s)")
+    relative = Interval(float(weighted[:early].mean() - baseline[:early].mean()),
+                        float(weighted[:early].mean() - high[:early].mean()),
+                        float(weighted[:early].mean() - low[:early].mean()), 0)
+    return Judgement(decide(relative, 0.0), f"first {early} layer(s): weighted cosine {weighted[:early].mean():.2f} "
+                     f"minus the baseline {baseline[:early].mean():.2f} [{low[:early].mean():.2f}, "
+                     f"{high[:early].mean():.2f}] = relative {relative.text(2)} (interval from the baseline's, over "
+                     "photos)", relative)
 
 
-def _same_object_falls(m: dict) -> tuple[bool, str]:
-    values, layers = np.asarray(m["model"], dtype=float), m["layers"]
-    half = len(values) // 2
-    early, late = float(np.nanmean(values[:half])), float(np.nanmean(values[half:]))
-    return early - late >= SAME_OBJECT_STEP, (
-        f"{early:.2f} in L{layers[0]}–L{layers[half - 1]}, {late:.2f} in L{layers[half]}–L{layers[-1]}; chance "
-        f"{np.nanmean(np.asarray(m['chance'], dtype=float)):.2f}, random-init control "
-        f"{np.nanmean(np.asarray(m['control'], dtype=float)):.2f} ({m['variant']}); every layer: "
-        + ", ".join(f"L{layer} {value:.2f}" for layer, value in zip(layers, values)))
+def _same_object_falls(m: dict) -> Judgement:
+    heads, layers = _matrix(m["heads"]), m["layers"]
+    half = len(heads) // 2
+    drop = bootstrap_curve(heads, lambda c: np.nanmean(c[:, :half], axis=1) - np.nanmean(c[:, half:], axis=1),
+                           **_boot(m))
+    values = np.nanmean(heads, axis=1)
+    return Judgement(decide(drop, 0.0), (
+        f"L{layers[0]}–L{layers[half - 1]} minus L{layers[half]}–L{layers[-1]}: {drop.text()} (interval over heads); "
+        f"every layer: " + " ".join(f"{v:.2f}" for v in values) + f"; chance "
+        f"{np.nanmean(_array(m['chance'])):.2f}, random-init control {np.nanmean(_array(m['control'])):.2f} "
+        f"({m['variant']})"), drop)
 
 
-def _biases_negligible(m: dict) -> tuple[bool, str]:
-    high, median = np.asarray(m["share_high"], dtype=float), np.asarray(m["share_median"], dtype=float)
-    worst = int(high.argmax())
-    return bool(high.max() <= BIAS_SHARE_MAX), (
-        f"the query-bias term's share of the key-dependent score variance, median over heads per layer: "
-        + ", ".join(f"L{layer} {value:.2f}" for layer, value in zip(m["layers"], median))
-        + f"; largest single head {high[worst]:.2f} (L{m['layers'][worst]})")
+def _biases_negligible(m: dict) -> Judgement:
+    shift = _matrix(m["shift"])  # [L, images]
+    intervals = [bootstrap(layer, **_boot(m)) for layer in shift]
+    worst = int(np.argmax([i.estimate for i in intervals]))
+    return Judgement(decide(intervals[worst], BIAS_SHIFT_MAX, holds_above=False), (
+        "attention moved by dropping the key-salience term b_q · W_k x_j (total variation per query, mean over heads "
+        "and queries, interval over photos): " + ", ".join(f"L{layer} {i.estimate:.2f}"
+                                                           for layer, i in enumerate(intervals))
+        + f"; largest L{worst} {intervals[worst].text(2)}"), intervals[worst])
 
 
-def _paper_ranking(m: dict) -> tuple[bool, str]:
-    return m["by_paper_sum"] >= m["by_attention"], (
-        f"removing each head's top {m['count']} by the paper's sum changes attention by {m['by_paper_sum']:.3f} (mean "
-        f"total variation), by the attention-weighted contribution {m['by_attention']:.3f}; the latter larger in "
-        f"{m['larger']:.0%} of {m['cases']} image-head cases")
+def _paper_ranking(m: dict) -> Judgement:
+    cases = {name: _array(values) for name, values in m["cases"].items()}
+    gain = bootstrap(cases["by_paper_sum"] - cases["by_random"], **_boot(m))
+    means = ", ".join(f"{RANKINGS[name]} {bootstrap(values, **_boot(m)).text()}" for name, values in cases.items())
+    beats = float((cases["by_paper_sum"] > cases["by_random"]).mean())
+    return Judgement(decide(gain, 0.0), (
+        f"mean change of the attention rows (total variation) when each head's top {m['count']} modes are removed: "
+        f"{means}; the paper's ranking minus random {gain.text()}, larger in {beats:.0%} of {len(cases['by_random'])} "
+        "image-head cases"), gain)
+
+
+def judge_model(record: Mapping, label: str) -> dict[str, Judgement]:
+    """Every general claim (about no named model) of the record's chapter judged on the model ``label`` of the
+    record, whatever the model: a chapter's own summary states the ledger's verdicts with its rules."""
+    entry = next((e for e in record["models"] if e["label"] == label), None)
+    if entry is None:
+        raise LedgerError(f"the record of {record['chapter']} has no model {label!r}")
+    return {claim.key: claim.judge(entry[claim.measure]) for claim in CLAIMS
+            if claim.chapter == record["chapter"] and claim.judge and not claim.about and claim.measure in entry}
+
+
+def _semantic(m: dict) -> Judgement | None:
+    """Read by eye where the gallery has natural images; else the claim is not tested (None)."""
+    if not m.get("natural"):
+        return None
+    return Judgement(BY_EYE, f"optimal images of every mode and sign over {m['images']} images, drawn for the modes "
+                             "a rule picks")
 
 
 # --- the claims -------------------------------------------------------------------------------------------------
@@ -301,7 +438,9 @@ class Claim:
     chapter record's measurement it is judged on. ``paper_data``: what the paper measured it on (empty: the
     weights alone), with the chapter parameter that takes it. ``judge``: one model's measurement ->
     ``(agrees, the number behind it)``; None for a claim read by eye. ``parameter``: the chapter parameter that
-    takes the models it needs; ``also``: another way to get them. Statements and criteria are MyST markdown."""
+    takes the models it needs; ``also``: another way to get them. ``criterion`` states the rule in words,
+    ``statistic`` what it is computed on and ``null`` what chance would give. Statements and criteria are MyST
+    markdown."""
 
     key: str
     paper: str
@@ -310,6 +449,8 @@ class Claim:
     measure: str
     criterion: str
     judge: Judge | None
+    statistic: str = ""  # what is computed, with its interval's units
+    null: str = ""  # the chance level or null it is compared with
     about: tuple[str, ...] = ()
     excludes: tuple[str, ...] = ()
     paper_data: str = ""
@@ -349,74 +490,106 @@ DINO = ("DINO ViT-S/16", "DINO ViT-B/16")
 DEIT = ("DeiT-Ti distilled", "DeiT-S distilled", "DeiT-B distilled")
 CLASSIFICATION = ("ViT-B/16", "ViT-B/32-384", "ViT-L/16", "ViT-L/32-384")
 O3 = "O3, the Odd-One-Out images with target and distractor masks (`o3_dir`)"
-SHAPES = ("A curve's shape (`qklib.cosine.depth_profile`, as §4's summary judges it): *concave* when the mean of its "
-          "first layers (a sixth, at least two) and its last layer both lie more than one random cosine's 95% spread "
-          "above its lowest layer; *falling* when only the first do; *flat* when every layer lies within that spread "
-          "of 0; *other* otherwise.")
+OVER_IMAGES = "95% bootstrap interval over images"
+OVER_HEADS = "95% bootstrap interval over heads, resampled within each layer"
+SHAPE_STAT = ("the mean of the first layers (a sixth, at least two) minus the lowest layer (*drop*) and the last layer "
+              f"minus the lowest (*rise*), layer values the mean weighted cosine over heads; {OVER_HEADS}")
+SHAPE_NULL = "a random-init control sits at 0 (Fig 3's simulated null band of the plotted mean is drawn in §4)"
+RULE = ("Every verdict compares a statistic's 95% interval with a stated threshold: *agrees* when the whole interval "
+        "lies on the claim's side, *disagrees* when it lies wholly on the other side, *borderline* when it crosses the "
+        "threshold; a claim is *not tested* when no model of the run concerns it. A claim judged on several models "
+        "is *mixed* when their outcomes differ. Intervals are seeded percentile bootstraps (2000 resamples unless a "
+        "chapter's `resamples` says otherwise; `qklib.stats`).")
 
 CLAIMS: tuple[Claim, ...] = (
     Claim("s3-same-early", "§3, Fig 2", "In early layers a token attends most to its own object (same-object "
           "attention dominates).", "s3_attention", "attention",
-          "same-object attention is the largest of the three groups in layer 0 (raw ratios, as Fig 2 plots them)",
-          _same_leads_early,
-          excludes=(SIMMIM_PT,), paper_data=O3),
+          "in layer 0 same-object attention per unit area exceeds the larger of different-object and background "
+          "attention per unit area (their ratio's interval lies above 1)", _same_leads_early,
+          statistic=f"attention per unit area: each group's ratio pooled over images ÷ what uniform attention over the "
+                    f"same key tokens gives; {OVER_IMAGES}",
+          null="chance = 1 for every group (uniform attention over the key tokens)", excludes=(SIMMIM_PT,),
+          paper_data=O3),
     Claim("s3-different-grows", "§3, Fig 2", "Attention to different objects grows with depth.", "s3_attention",
-          "attention", "the least-squares slope over layers is positive and the last layer lies above the first",
-          _grows("different"), excludes=(SIMMIM_PT,), paper_data=O3),
+          "attention", "the least-squares slope of the layer means is positive (its interval lies above 0)",
+          _grows("different"), statistic=f"slope per layer of the mean ratio (raw, as Fig 2 plots it); {OVER_IMAGES}",
+          null="slope 0 (chance is the same in every layer)", excludes=(SIMMIM_PT,), paper_data=O3),
     Claim("s3-background-grows", "§3, Fig 2", "Attention to the background grows with depth.", "s3_attention",
-          "attention", "the least-squares slope over layers is positive and the last layer lies above the first",
-          _grows("background"), excludes=(SIMMIM_PT,), paper_data=O3),
+          "attention", "the least-squares slope of the layer means is positive (its interval lies above 0)",
+          _grows("background"), statistic=f"slope per layer of the mean ratio (raw, as Fig 2 plots it); {OVER_IMAGES}",
+          null="slope 0 (chance is the same in every layer)", excludes=(SIMMIM_PT,), paper_data=O3),
     Claim("s3-simmim-exception", "§3, Fig 2", "SimMIM-pretrain is the exception to the three observations above.",
-          "s3_attention", "attention", "fewer than all three of the observations above hold for it", _fig2_exception,
+          "s3_attention", "attention", "at least one of the three observations above fails for it (all three agreeing "
+          "disagrees; otherwise borderline)", _fig2_exception, statistic="the three rules above", null="as above",
           about=(SIMMIM_PT,), paper_data=O3),
-    Claim("s4-biases", "§4 (formulation)", "The biases can be left out of the analysis: they do not depend on the pair of tokens.",
-          "s4_cosine", "biases", f"no head's query-bias term (`b_q · W_k x_j`, which depends on the key and survives the "
-          f"softmax) carries more than {BIAS_SHARE_MAX:.0%} of the score's variance over keys", _biases_negligible,
+    Claim("s4-biases", "§4 (formulation)", "The biases can be left out of the analysis: they do not depend on the pair "
+          "of tokens.", "s4_cosine", "biases", "dropping the query-bias term moves attention by less than the bias "
+          f"shift threshold ({BIAS_SHIFT_MAX}) in every layer (the largest layer's interval lies below it). The term "
+          "`b_q · W_k x_j` depends on the key alone, so the paper's sentence is literally right; the question is "
+          "whether the QK SVD can omit this key-salience term, which the softmax keeps",
+          _biases_negligible, statistic="total variation between each query's attention with and without the term, "
+          f"mean over queries and heads per photo; {OVER_IMAGES}", null="0: a term that moves nothing",
           paper_data="natural images (`image_dir`)"),
     Claim("s4-early-high-falls", "§4.2, Fig 3", "The weighted cosine between `u_n` and `v_n` is high in early layers "
-          "and falls with depth.", "s4_cosine", "cosine", "the curve is *concave* or *falling*",
-          _shape_in("concave", "falling"), excludes=(IJEPA_PREDICTOR_LABEL,)),
+          "and falls with depth.", "s4_cosine", "cosine", "the *drop* exceeds one random cosine's spread",
+          _falls, statistic=SHAPE_STAT, null=SHAPE_NULL, excludes=(IJEPA_PREDICTOR_LABEL,)),
     Claim("s4-middle-zero", "§4.2, Fig 3", "It is close to zero in some middle layers.", "s4_cosine", "cosine",
-          "a layer outside the first and last sixth lies within one random cosine's 95% spread of 0",
-          _middle_near_zero, excludes=(IJEPA_PREDICTOR_LABEL,)),
+          "the middle layer (outside the first and last sixth) closest to 0 lies within one random cosine's spread "
+          "of 0 (its whole interval inside); the same is checked with the norm's gamma folded in, and where the "
+          "two bases disagree the verdict is borderline", _middle_near_zero,
+          statistic=f"that layer's weighted cosine; {OVER_HEADS}", null=SHAPE_NULL, excludes=(IJEPA_PREDICTOR_LABEL,)),
     Claim("s4-concave-simmim", "§4.2, Fig 3", "SimMIM-pretrain's curve rises again in the last layers (concave).",
-          "s4_cosine", "cosine", "the curve is *concave*", _shape_in("concave"), about=(SIMMIM_PT,)),
+          "s4_cosine", "cosine", "both the *drop* and the *rise* exceed one random cosine's spread", _concave,
+          statistic=SHAPE_STAT, null=SHAPE_NULL, about=(SIMMIM_PT,)),
     Claim("s4-concave-dino", "§4.2, Fig 3", "The DINO models' curves rise again in the last layers (concave).",
-          "s4_cosine", "cosine", "the curve is *concave*", _shape_in("concave"), about=DINO),
+          "s4_cosine", "cosine", "both the *drop* and the *rise* exceed one random cosine's spread", _concave,
+          statistic=SHAPE_STAT, null=SHAPE_NULL, about=DINO),
     Claim("s4-concave-deit", "§4.2, Fig 3", "The DeiT models' curves rise again in the last layers (concave).",
-          "s4_cosine", "cosine", "the curve is *concave*", _shape_in("concave"), about=DEIT),
+          "s4_cosine", "cosine", "both the *drop* and the *rise* exceed one random cosine's spread", _concave,
+          statistic=SHAPE_STAT, null=SHAPE_NULL, about=DEIT),
     Claim("s4-concave-huge", "§4.2, Fig 3", "The huge ViT's curve rises again in the last layers (concave), although "
-          "it is trained for classification.", "s4_cosine", "cosine", "the curve is *concave*",
-          _shape_in("concave"), about=("ViT-H/14",)),
+          "it is trained for classification.", "s4_cosine", "cosine", "both the *drop* and the *rise* exceed one "
+          "random cosine's spread", _concave, statistic=SHAPE_STAT, null=SHAPE_NULL, about=("ViT-H/14",)),
     Claim("s4-classification-falls", "§4.2, Fig 3", "The other classification-trained ViTs (B and L) fall without a "
-          "late rise.", "s4_cosine", "cosine", "the curve is *falling*", _shape_in("falling"),
-          about=CLASSIFICATION),
+          "late rise.", "s4_cosine", "cosine", "the *drop* exceeds one random cosine's spread and the *rise* stays "
+          "below it", _falls_without_rise, statistic=SHAPE_STAT, null=SHAPE_NULL, about=CLASSIFICATION),
     Claim("s4-simmim-finetuned-falls", "§4.2, Fig 3", "SimMIM fine-tuned falls like the classification-trained "
-          "models (no late rise).", "s4_cosine", "cosine", "the curve is *falling*", _shape_in("falling"),
-          about=(SIMMIM_FT,)),
+          "models (no late rise).", "s4_cosine", "cosine", "the *drop* exceeds one random cosine's spread and the "
+          "*rise* stays below it", _falls_without_rise, statistic=SHAPE_STAT, null=SHAPE_NULL, about=(SIMMIM_FT,)),
     Claim("s4-ijepa-encoder", "§4.2, Fig 3, S3", "The I-JEPA encoder shows no late rise.", "s4_cosine", "cosine",
-          "the curve is not *concave*", _no_late_rise, about=(IJEPA_ENCODER,),
-          also=f"or the authors' checkpoint `{IJEPA_FILE}` in s4_cosine's `ijepa_checkpoint`"),
+          "the *rise* stays below one random cosine's spread", _no_late_rise, statistic=SHAPE_STAT, null=SHAPE_NULL,
+          about=(IJEPA_ENCODER,), also=f"or the authors' checkpoint `{IJEPA_FILE}` in s4_cosine's `ijepa_checkpoint`"),
     Claim("s4-ijepa-predictor", "§4.2, Fig S3", "The I-JEPA predictor's weighted cosine is high in every layer.",
-          "s4_cosine", "cosine", "every layer lies above one random cosine's 95% spread (for the predictor's width)",
-          _high_everywhere, about=(IJEPA_PREDICTOR_LABEL,), parameter="ijepa_checkpoint"),
+          "s4_cosine", "cosine", "the lowest layer lies above one random cosine's spread (for the predictor's width)",
+          _high_everywhere, statistic=f"the lowest layer's weighted cosine; {OVER_HEADS}", null=SHAPE_NULL,
+          about=(IJEPA_PREDICTOR_LABEL,), parameter="ijepa_checkpoint"),
     Claim("s4-anisotropy", "§4.2, Fig S4", "The high cosine is not just anisotropy: it remains relative to the "
           "cosine between token embeddings of different images.", "s4_cosine", "anisotropy",
-          "in the first sixth of the layers the weighted cosine lies above the upper end of the baseline's 95% "
-          "interval", _above_baseline, excludes=(IJEPA_PREDICTOR_LABEL,),
+          "in the first sixth of the layers the weighted cosine minus the baseline is positive (its interval lies "
+          "above 0)", _above_baseline, statistic="weighted cosine minus the mean cosine between tokens of different "
+          "photos; the interval is the baseline's (95% bootstrap over photos)",
+          null="the anisotropy baseline itself", excludes=(IJEPA_PREDICTOR_LABEL,),
           paper_data="natural images (`image_dir`)"),
     Claim("s5-semantic", "§5, Fig 1, 4, S5–S16", "Singular modes are semantically interpretable: a mode's optimal "
           "images share the feature its query and key maps pick out.", "s5_modes", "optimal_images",
-          "a reading of pictures; the §5 chapter shows the optimal images of modes chosen by a rule",
-          None, paper_data="ImageNet validation images (`image_dir`)"),
+          "a reading of pictures of natural images; §5 shows the optimal images of modes chosen by a rule and how "
+          "much of each mode's maps token position alone explains. Not tested without a natural-image gallery: "
+          "optimal images among generated scenes say nothing about semantics", None,
+          statistic="none: a reading of pictures", null="the share of a map's variance that token position explains "
+          "(§5)", paper_data="ImageNet validation images (`image_dir`)"),
     Claim("s5-same-object-depth", "§5, Fig 6", "A mode's query and key features fall on the same object more often in "
           "early layers than in late ones.", "s5_modes", "same_object",
-          f"P(same object) is higher, by at least {SAME_OBJECT_STEP}, in the first half of the layers than in the "
-          "second", _same_object_falls, paper_data="ADE20K, every object segmented (`ade20k_dir`)"),
+          "P(same object) in the first half of the layers minus the second half is positive (its interval lies "
+          "above 0)", _same_object_falls, statistic=f"P(same object) per head, s_n-weighted as Fig 6; {OVER_HEADS}",
+          null="chance (the two objects drawn independently) and the random-init control, both printed",
+          paper_data="ADE20K, every object segmented (`ade20k_dir`)"),
     Claim("s5-fig5-ranking", "§5, Fig 5, S17–S19", "An image's modes ordered by their contribution to the attention "
           "score (summed over token pairs) are the modes that shape its attention.", "s5_modes", "ablation",
-          "removing each head's top modes by the paper's sum changes the attention rows at least as much as "
-          "removing as many modes ranked by their attention-weighted, key-centred contribution", _paper_ranking,
+          "removing each head's top modes by the paper's sum changes the attention rows more than removing as many "
+          "random modes (the paired difference's interval lies above 0); singular value alone and the "
+          "attention-weighted ranking are printed beside it", _paper_ranking,
+          statistic="mean total variation of the attention rows per image-head case; 95% bootstrap interval over "
+                    "image-head cases", null="as many modes drawn at random (seeded)",
           paper_data="any image (`image_dir`, `walkthrough_image`)"),
 )
 
@@ -453,38 +626,38 @@ def read_records(executed: str | Path, chapters: Sequence[str] = CHAPTERS) -> di
 
 @dataclass(frozen=True)
 class Evidence:
-    """One model's measurement for one claim: ``agrees`` is None for a claim read by eye."""
+    """One model's judgement for one claim: ``outcome`` (``AGREES``, ``DISAGREES``, ``BORDERLINE``, or ``BY_EYE``
+    for a claim read by eye), the numbers behind it and the decisive statistic's interval."""
 
     chapter: str
     model: str
     paper_model: str | None
     data: str
     number: str
-    agrees: bool | None
+    outcome: str
+    interval: Interval | None = None
 
 
 @dataclass(frozen=True)
 class Row:
-    """One claim of the ledger with its verdict (``AGREES``, ``DISAGREES``, ``MIXED``,
-    ``NOT_TESTED`` or ``BY_EYE``) and the evidence behind it."""
+    """One claim of the ledger with its verdict (``AGREES``, ``DISAGREES``, ``BORDERLINE``, ``MIXED``,
+    ``NOT_TESTED`` or ``BY_EYE``), the evidence behind it, and why a concerned model could not test it."""
 
     claim: Claim
     verdict: str
     evidence: tuple[Evidence, ...]
+    untested: tuple[str, ...] = ()
 
-    @property
-    def agreeing(self) -> int:
-        return sum(bool(e.agrees) for e in self.evidence)
+    def count(self, outcome: str) -> int:
+        return sum(e.outcome == outcome for e in self.evidence)
 
 
 def verdict(evidence: Sequence[Evidence]) -> str:
-    """All judged models agree: agrees; none: disagrees; some: mixed; no model: not tested; no judge: by eye."""
-    judged = [e.agrees for e in evidence if e.agrees is not None]
-    if not evidence:
+    """The models' common outcome; "mixed" when they differ; "not tested" with no model."""
+    outcomes = {e.outcome for e in evidence}
+    if not outcomes:
         return NOT_TESTED
-    if not judged:
-        return BY_EYE
-    return AGREES if all(judged) else DISAGREES if not any(judged) else MIXED
+    return outcomes.pop() if len(outcomes) == 1 else MIXED
 
 
 def assemble(records: Mapping[str, Mapping], claims: Sequence[Claim] = CLAIMS) -> list[Row]:
@@ -501,18 +674,16 @@ def assemble(records: Mapping[str, Mapping], claims: Sequence[Claim] = CLAIMS) -
         if record.get("format") != FORMAT:
             raise LedgerError(f"the record of {claim.chapter} has format {record.get('format')!r}, not {FORMAT}: "
                               "execute the chapter again")
-        evidence = []
+        evidence, untested = [], []
         for entry in record["models"]:
             if not claim.concerns(entry):
                 continue
-            measured = entry[claim.measure]
-            agrees, number = claim.judge(measured) if claim.judge else (None, _by_eye(measured))
+            judged = (claim.judge or _semantic)(entry[claim.measure])
+            if judged is None:
+                untested.append(f"`{entry['label']}`: {record['data'].get(claim.measure, '')} hold no natural images")
+                continue
             evidence.append(Evidence(claim.chapter, entry["label"], entry["paper_model"],
-                                     record["data"].get(claim.measure, ""), number,
-                                     None if agrees is None else bool(agrees)))
-        rows.append(Row(claim, verdict(evidence), tuple(evidence)))
+                                     record["data"].get(claim.measure, ""), judged.number, judged.outcome,
+                                     judged.interval))
+        rows.append(Row(claim, verdict(evidence), tuple(evidence), tuple(untested)))
     return rows
-
-
-def _by_eye(m: dict) -> str:
-    return f"optimal images of every mode and sign over {m['images']} images, drawn for the modes a rule picks"

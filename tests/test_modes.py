@@ -187,6 +187,11 @@ def test_ablation_rows_agree_with_the_brute_force(tiny, tiny_attention):
     assert row["by_attention"] == pytest.approx(modes.attention_change(p, terms, ours, svd.rank ** -0.5))
     assert row["by_paper_sum"] == pytest.approx(modes.attention_change(p, terms, paper, svd.rank ** -0.5))
     assert row["overlap"] == len(set(ours) & set(paper)) and row["head"] == 1
+    assert row["by_singular_value"] == pytest.approx(modes.attention_change(p, terms, [0, 1], svd.rank ** -0.5))
+    drawn = modes.ablation_rows(svd, tokens[2][1:], probs[2][1:], 2, count=2)
+    assert [r["by_random"] for r in drawn] == [r["by_random"] for r in modes.ablation_rows(
+        svd, tokens[2][1:], probs[2][1:], 2, count=2)]  # seeded: the same random modes again
+    assert len({round(r["by_random"], 12) for r in drawn}) > 1  # but not the same modes in every head
     assert torch.allclose(modes.score_terms(svd, tokens[2][1], 2, 1, modes=[3, 0]), terms[[3, 0]])
 
 
@@ -207,3 +212,24 @@ def test_top_modes_by_attention_and_the_image_level_helpers(tiny):
     tokens = token_embeddings(model, to_pixels(model, images), layers=[1, 2])  # [2, 3, T, d]
     assert pooled[0] == pytest.approx(modes.map_correlation(svd, tokens[0], 1, 0, 0), rel=1e-6)
     assert pooled[1] == pytest.approx(modes.map_correlation(svd, tokens[1], 2, 2, 5), rel=1e-6)
+
+
+def test_position_share_on_hand_made_maps():
+    same_everywhere = np.tile(np.arange(6.0), (4, 1))  # every image the same map: all position
+    assert modes.position_share(same_everywhere) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    content = rng.normal(size=(400, 6))  # no position effect: about 1 / images
+    assert modes.position_share(content) < 0.01
+    half = np.array([[1.0, -1.0], [3.0, 1.0]])  # position means (2, 0): var 1 of total var 2
+    assert modes.position_share(half) == pytest.approx(0.5)
+
+
+def test_position_shares_of_modes_with_their_null(tiny, tiny_tokens):
+    model, svd = tiny
+    rng = np.random.default_rng(4)
+    images = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in range(6)]
+    rows = modes.position_shares(model, svd, [images[:3], images[3:]], [(1, 0, 0, 1), (2, 1, 3, -1)], draws=10)
+    tokens = token_embeddings(model, to_pixels(model, images), layers=[1])[0][:, 1:].double()
+    query = (tokens @ svd.U[1, 0, :, 0]).numpy()
+    assert rows[0]["query"] == pytest.approx(modes.position_share(query))
+    assert rows[0]["images"] == 6 and 0 < rows[0]["query_null"] < 1

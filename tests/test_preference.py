@@ -66,6 +66,12 @@ def test_hand_built_case():
     attention[0, 0, 0, 4] = torch.tensor([0.5, 0.0, 0.25, 0.0, 0.25])  # distractor query
     values = ratios(attention, 1, masks.stacked(), queries)[0, 0, 0]
     torch.testing.assert_close(values, torch.tensor([[0.5, 0.125, 0.375], [0.0, 0.5, 0.5]]))
+    # chance with the query's own token left out of the keys: among the other 3 tokens the query's own object
+    # covers nothing, the other object one token and the background two
+    levels = chance(masks.stacked(), ["x"], queries).iloc[0]
+    assert (levels["same"], levels["background"]) == pytest.approx((0.25, 0.5))  # self kept: the area shares
+    assert (levels["same_removed"], levels["different_removed"], levels["background_removed"]) == pytest.approx(
+        (0.0, 1 / 3, 2 / 3))
 
 
 def test_token_masks_area_downscale_and_overlap(model):

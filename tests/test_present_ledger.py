@@ -36,7 +36,9 @@ def test_a_tested_row_shows_chapter_model_data_number_and_outcome():
     same_early = table_rows(text)[0]
     assert "  - **agrees**\n\n" in same_early
     assert (f"\n    - {{doc}}`§3 </executed/s3_attention>` · `{EMBEDDED_NAME}` (embedded, not a paper model) · "
-            "60 of 64 generated scenes (seed 0): L0: same 0.60") in same_early
+            "60 of 64 generated scenes (seed 0): L0, attention per unit area (× chance): same 9.") in same_early
+    assert same_early.count("→ **agrees**") == 1 and "*Statistic:* attention per unit area" in same_early
+    assert "*Null:* chance = 1 for every group" in same_early
     assert same_early.rstrip().endswith("(`o3_dir`).")
     dino = table_rows(text)[[c.key for c in ledger.CLAIMS].index("s4-concave-dino")]
     assert "  - **not tested in this run**\n\n    *A test as the paper's needs* `vit_small_patch16_224.dino`" in dino
@@ -47,16 +49,20 @@ def test_several_models_are_a_list_in_one_cell_and_a_mixed_verdict_counts_them()
                                                    "vit_base_patch16_224.dino": FALLING}))
     rows, text = rows_and_text(records)
     dino = table_rows(text)[[c.key for c in ledger.CLAIMS].index("s4-concave-dino")]
-    assert "  - **mixed**: 1 of 2 models agree\n" in dino
-    assert re.search(r"^    - .*`vit_small_patch16_224.dino` \(the paper's DINO ViT-S/16\).* → agrees$", dino, re.M)
-    assert re.search(r"^    - .*`vit_base_patch16_224.dino` \(the paper's DINO ViT-B/16\).* → disagrees$", dino, re.M)
+    assert "  - **mixed** across 2 models: 1 agrees, 1 disagrees\n" in dino
+    assert re.search(r"^    - .*`vit_small_patch16_224.dino` \(the paper's DINO ViT-S/16\).* → \*\*agrees\*\*$", dino, re.M)
+    assert re.search(r"^    - .*`vit_base_patch16_224.dino` \(the paper's DINO ViT-B/16\).* → \*\*disagrees\*\*$", dino,
+                     re.M)
 
 
 def test_summary_and_the_run_name_what_was_tested_and_the_controls():
     rows, text = rows_and_text(default_records())
-    assert summary(rows) == ("Of the paper's 19 headline claims listed here, this run tested 8: 7 agree, 1 disagree and "
-                             "0 are mixed across models; 1 is a reading of pictures; 10 were not tested in this run.")
+    assert summary(rows) == ("Of the paper's 19 headline claims listed here, this run tested 8: 8 agree, 0 disagree, 0 are "
+                             "borderline (the interval crosses the threshold) and 0 are mixed across models; 0 are a "
+                             "reading of pictures; 11 were not tested in this run.")
+    for name, (value, reason) in ledger.THRESHOLDS.items():
+        assert f"- **{name}** = {value}: {reason}." in text
     assert text.startswith(summary(rows))
-    assert f"`{CONTROL}` (random-init control)" in text and ledger.SHAPES in text
+    assert f"`{CONTROL}` (random-init control)" in text and ledger.RULE in text
     assert f"- {chapter_link('s5_modes')}: `{EMBEDDED_NAME}`. Data: same object: 24 generated scenes" in text
     assert model_text("my_vit", None) == "`my_vit` (not a paper model)"

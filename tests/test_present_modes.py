@@ -194,12 +194,14 @@ def test_walkthrough_ranks_modes_by_contribution(tiny, photos):
 
 # --- Fig 6 ---------------------------------------------------------------------------------------------------
 
-def _same(per_layer, chance=None, background=False, match="instance"):
+def _same(per_layer, chance=None, background=False, match="instance", spread=0.0):
+    """A SameObject with two heads per layer, ``±spread`` around ``per_layer``."""
     per_layer = np.asarray(per_layer, float)
     chance = np.full_like(per_layer, 0.1) if chance is None else np.asarray(chance, float)
     n = len(per_layer)
-    return SameObject(list(range(n)), 5, np.zeros((n, 1, 1, 2)), np.zeros((n, 1, 1, 2)), per_layer[:, None],
-                      chance[:, None], per_layer, chance, 10, 1, 0.5, background, match)
+    heads = per_layer[:, None] + spread * np.array([-1.0, 1.0])
+    return SameObject(list(range(n)), 5, np.zeros((n, 2, 1, 2)), np.zeros((n, 2, 1, 2)), heads,
+                      np.repeat(chance[:, None], 2, axis=1), per_layer, chance, 10, 1, 0.5, background, match)
 
 
 def _variants(values, chances=None):
@@ -224,7 +226,11 @@ def test_same_object_table_and_chart():
                                      {(False, "instance"): control[False, "instance"]}, "my model", 4)
     assert len(only) == 3 * 4 and set(only["same"]) == {"same instance"}
     chart = figures.same_object_chart(table).to_dict()
-    assert chart["spec"]["encoding"]["x"]["field"] == "depth"
+    band, line = chart["spec"]["layer"]
+    assert band["mark"]["type"] == "area" and band["encoding"]["y2"]["field"] == "high"
+    assert line["encoding"]["x"]["field"] == "depth"  # the encoding the two layers share
+    mine_rows = table[table["model"] == "my model"]
+    assert (mine_rows["low"] <= mine_rows["P(same)"] + 1e-12).all() and table["low"].notna().sum() == 32
     assert chart["facet"]["row"]["field"] == "same" and chart["facet"]["column"]["field"] == "objects"
     data = chart["data"]
     assert len(data["values"] if "values" in data else chart["datasets"][data["name"]]) == 48
@@ -263,28 +269,32 @@ def test_same_object_findings_compute_their_phrases():
     rising = figures.same_object_findings(_same([0.05, 0.2, 0.3, 0.4]), control)
     assert "against the paper's trend" in rising["trend"]
     assert rising["above_chance"] == "in 3 of the 4 layers above chance"
-    flat = figures.same_object_findings(_same([0.3, 0.31, 0.3, 0.305]), _same([0.4] * 4))
-    assert flat["trend"].startswith("about the same")
+    flat = figures.same_object_findings(_same([0.3, 0.31, 0.3, 0.305], spread=0.1), _same([0.4] * 4))
+    assert flat["trend"].startswith("borderline") and "first half minus second 0.003 [" in flat["trend"]
     assert flat["above_control"] == "in none of the 4 layers above the random-init control"
 
 
 # --- the ablation and the rule-chosen modes ------------------------------------------------------------------
 
 def test_ablation_table_findings_and_chart():
-    rows = [{"image": i, "layer": l, "head": h, "count": 2, "by_attention": a, "by_paper_sum": b, "overlap": o}
-            for i, l, h, a, b, o in [(0, 1, 0, 0.4, 0.1, 0), (0, 1, 1, 0.2, 0.3, 1), (1, 5, 0, 0.5, 0.2, 2)]]
-    table = figures.ablation_table(rows)
-    one = table[table["layer"] == 1].iloc[0]
-    assert one["by_attention"] == pytest.approx(0.3) and one["by_paper_sum"] == pytest.approx(0.2)
-    assert one["attention_larger"] == pytest.approx(0.5) and one["overlap"] == 0.5 and one["cases"] == 2
-    found = figures.ablation_findings(rows)
-    assert found["abl_ours"] == pytest.approx(1.1 / 3) and found["abl_paper"] == pytest.approx(0.2)
-    assert found["abl_larger"] == pytest.approx(2 / 3) and found["abl_verdict"].startswith("changes the attention more")
-    assert found["abl_count"] == 2 and found["abl_cases"] == 3 and found["abl_overlap"] == pytest.approx(1.0)
-    worse = figures.ablation_findings([{**r, "by_attention": 0.0} for r in rows])
-    assert "fails its check" in worse["abl_verdict"]
+    cases = [(0, 1, 0, 0.4, 0.1, 0.30, 0.02, 0), (0, 1, 1, 0.2, 0.3, 0.35, 0.05, 1), (1, 5, 0, 0.5, 0.2, 0.25, 0.03, 2)]
+    rows = [{"image": i, "layer": l, "head": h, "count": 2, "by_attention": a, "by_paper_sum": b,
+             "by_singular_value": s, "by_random": r, "overlap": o} for i, l, h, a, b, s, r, o in cases]
+    table = figures.ablation_table(rows, resamples=200)
+    one = table[(table["layer"] == "1") & (table["ranking"] == "attention-weighted")].iloc[0]
+    assert one["change"] == pytest.approx(0.3) and one["cases"] == 2 and one["low"] <= 0.3 <= one["high"]
+    pooled = table[(table["layer"] == "all") & (table["ranking"] == "random modes")].iloc[0]
+    assert pooled["change"] == pytest.approx(0.1 / 3) and pooled["cases"] == 3
+    found = figures.ablation_findings(rows, resamples=200)
+    assert found["abl_by_paper_sum"].startswith("0.200 [") and found["abl_by_random"].startswith("0.033 [")
+    # the paper's ranking beats random in every case (interval above 0) but falls short of singular value
+    assert found["abl_verdict"] == ("the paper's ranking picks modes that shape attention: removing them changes it "
+                                    "more than removing random modes, though less than singular value alone")
+    assert found["abl_beats_random"] == 1.0 and found["abl_count"] == 2 and found["abl_cases"] == 3
+    worse = figures.ablation_findings([{**r, "by_paper_sum": 0.0} for r in rows], resamples=200)
+    assert "does not beat random modes" in worse["abl_verdict"]
     bars = _chart_rows(figures.ablation_chart(table))
-    assert len(bars) == 4 and {b["layer"] for b in bars} == {1, 5}
+    assert len(bars) == 12 and {b["layer"] for b in bars} == {"1", "5", "all"}
     with pytest.raises(ValueError, match="no ablation rows"):
         figures.ablation_table([])
 

@@ -12,14 +12,14 @@ from scipy.stats import ortho_group
 import qklib
 from qklib.biases import findings as bias_findings
 from qklib.biases import layer_table as bias_layer_table
-from qklib.biases import query_bias_table, score_variance_parts
+from qklib.biases import attention_shift, query_bias_table, score_variance_parts
 from qklib.cli import main
 from qklib.core.extract import attention_probs
 from qklib.core.images import to_pixels
 from qklib.core.svd import (QKWeights, append_one, haar_diagonals, layer_null_band, layer_null_band_from, layer_null_sd,
                             mode_scores, qk_svd_from_weights, simulate_layer_null)
 from qklib.cosine import basis_table, layer_table, null_band_table
-from qklib.present.cosine import basis_comparison, bias_share, fig3_cosine_simulated_band
+from qklib.present.cosine import basis_comparison, bias_shift, fig3_cosine_simulated_band
 
 
 # ---------------------------------------------------------------- null band of the plotted statistic
@@ -404,26 +404,40 @@ def test_cli_cosine_json_gains_the_layer_band_and_the_folded_basis(embedded_mode
     assert raw.argmin() == 9 and folded.argmin() == 5
 
 
+def test_attention_shift_is_the_distance_between_the_models_attention_and_the_bias_free_softmax(affine_vit):
+    """With the term, the softmax is the model's own attention; without it, the softmax of (q - b_q) . (k - b_k)."""
+    model, pixels = affine_vit
+    shift = attention_shift(model, pixels, batch_size=2)
+    assert shift.shape == (2, 3, len(pixels))
+    probs = attention_probs(model, pixels).double()  # [L, B, H, T, T]
+    for layer in range(2):
+        _, _, q, k = _inside(model, pixels, layer)
+        bq, bk, _ = model.blocks[layer].attn.qkv.bias.detach().reshape(3, 3, 64)
+        free = ((q - bq[None, :, None]) @ (k - bk[None, :, None]).transpose(-1, -2)).double() * 64 ** -0.5
+        expected = 0.5 * (free.softmax(-1) - probs[layer]).abs().sum(-1).mean(-1)  # [B, H]
+        assert torch.allclose(shift[layer], expected.T, atol=1e-5)
+    assert shift.min() > 0.01  # biases of sd 0.5: the term moves attention
+
+
 def test_bias_layer_table_findings_and_chart(affine_vit):
-    """Per layer: the median, lowest and highest head of query_bias_table's share, and the weighted cosine without
-    and with the query bias, each equal to its direct computation; with the query biases zeroed the share is 0, the
-    two cosines coincide and the findings say the term is absent."""
+    """Per layer: the median, lowest and highest head of query_bias_table's share and of the attention shift
+    (mean over images), each equal to its direct computation; with the query biases zeroed both are 0 and the
+    findings say the term is absent."""
     model, pixels = affine_vit
     table = bias_layer_table({"m": model}, {"m": pixels}, batch_size=2)
     direct = query_bias_table(model, pixels, batch_size=2)
+    per_head = attention_shift(model, pixels, batch_size=2).mean(-1)
     for layer, heads in direct.groupby("layer"):
         row = table[table["layer"] == layer].iloc[0]
         assert row["share_median"] == pytest.approx(heads["share"].median())
         assert (row["share_low"], row["share_high"]) == pytest.approx((heads["share"].min(), heads["share"].max()))
-    assert np.allclose(table["weighted_cosine"], qklib.qk_svd(model).layer_weighted_cosine())
-    biased = qklib.qk_svd(model, with_bias="query").layer_weighted_cosine()
-    assert np.allclose(table["weighted_cosine_query_bias"], biased)
-    assert not np.allclose(table["weighted_cosine"], table["weighted_cosine_query_bias"])  # the bias moves it
+        assert row["shift_median"] == pytest.approx(float(per_head[layer].median()))  # odd count: the middle head
+        assert row["shift_high"] == pytest.approx(float(per_head[layer].max()))
     text = bias_findings(table)
-    changed = (table["weighted_cosine_query_bias"] - table["weighted_cosine"]).to_numpy()
-    assert f"lowers the layer weighted cosine in {(changed < 0).sum()} and raises it in {(changed > 0).sum()} of 2" in text
-    spec = bias_share(table).to_dict()
-    assert [layer["mark"]["type"] for layer in spec["layer"]] == ["area", "line"]
+    assert f"L0 {table['shift_median'].iloc[0]:.2f}, L1 {table['shift_median'].iloc[1]:.2f}" in text
+    spec = bias_shift(table, 0.05).to_dict()
+    assert [layer["mark"]["type"] for layer in spec["layer"]] == ["area", "line", "rule"]
+    assert spec["datasets"][spec["layer"][2]["data"]["name"]][0]["y"] == 0.05  # the ledger's threshold, drawn
     with torch.no_grad():
         for block in model.blocks:
             block.attn.qkv.bias[:192].zero_()
@@ -433,6 +447,5 @@ def test_bias_layer_table_findings_and_chart(affine_vit):
         with torch.no_grad():
             for block in model.blocks:
                 block.attn.qkv.bias[:192].normal_(0, 0.5)
-    assert (zero["share_high"] == 0).all()
-    assert np.allclose(zero["weighted_cosine"], zero["weighted_cosine_query_bias"], atol=1e-10)
+    assert (zero["share_high"] == 0).all() and np.allclose(zero["shift_high"], 0, atol=1e-12)
     assert "query-bias term is absent" in bias_findings(zero)

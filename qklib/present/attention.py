@@ -9,7 +9,7 @@ in a static page; every picture is an ``<img>`` that toggles full size on click.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import altair as alt
 import ipywidgets as widgets
@@ -22,7 +22,10 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from ..core.images import display_crop
-from ..preference import GROUPS, PAIRS, grows_with_depth, per_layer, query_maps, query_tokens, token_masks
+from ..preference import (GROUPS, PAIRS, image_curves, per_area, per_layer, query_maps, query_tokens,
+                          token_masks)
+from ..ledger import Judgement
+from ..stats import RESAMPLES
 from .cosine import inline
 from .render import jpeg_bytes
 from .widgets import download_link, nested_stack, picture_html
@@ -125,6 +128,47 @@ def layer_chart(stats: pd.DataFrame, models: Sequence[str], scenes: int) -> alt.
         .facet(column=alt.Column("group:N", sort=GROUP_ORDER, title=None))
         .properties(title=f"Attention preference per layer ({scenes} scenes)")
     )
+
+
+def area_table(table: pd.DataFrame, chance: pd.DataFrame, models: Sequence[str], resamples: int = RESAMPLES,
+               seed: int = 0, suffix: str = "_removed") -> pd.DataFrame:
+    """Attention per unit area (:func:`qklib.preference.per_area`) per model, layer and group: ``ratio`` (× chance,
+    1 = uniform attention over the same key tokens) with its 95% bootstrap interval over images (``low``,
+    ``high``). ``table``: one variant's rows of ``measure`` (the headline: self token removed, so ``suffix``
+    picks the chance columns for that key set); ``chance``: ``Preference.chance`` of the same images."""
+    by_image = chance.set_index("image")
+    rows = []
+    for label in models:
+        rows_of = table[table["model"] == label]
+        images, curves = None, {}
+        for group in GROUP_ORDER:
+            images, curves[group] = image_curves(rows_of, group)
+        chances = {g: by_image.loc[images, g + suffix].to_numpy() for g in GROUP_ORDER}
+        layers = curves["same"].shape[1]
+        for layer in range(layers):
+            area = per_area(curves, chances, layer, resamples, seed)
+            rows += [{"model": label, "layer": layer, "depth": layer / max(layers - 1, 1), "group": g,
+                      "ratio": area[g].estimate, "low": area[g].low, "high": area[g].high} for g in GROUP_ORDER]
+    return pd.DataFrame(rows)
+
+
+def area_chart(area: pd.DataFrame, models: Sequence[str], scenes: int) -> alt.FacetChart:
+    """Fig 2 per unit area: each group's attention over its chance level against depth on a log axis, one line per
+    model with its 95% interval over images as a band; the dashed line at 1 is chance (uniform attention over the
+    key tokens). ``area``: :func:`area_table`."""
+    color = alt.Color("model:N", sort=list(models),
+                      legend=alt.Legend(orient="bottom", direction="vertical", title=None, labelLimit=400))
+    base = alt.Chart().encode(x=alt.X("depth:Q", title="normalised layer", scale=alt.Scale(domain=[0, 1])),
+                              color=color)
+    y = alt.Y("ratio:Q", title="attention ÷ chance (log scale)", scale=alt.Scale(type="log"))
+    band = base.mark_area(opacity=0.2).encode(y=alt.Y("low:Q", scale=alt.Scale(type="log")), y2="high:Q")
+    line = base.mark_line(point=True).encode(
+        y=y, tooltip=["model:N", "layer:O", "group:N", alt.Tooltip("ratio:Q", format=".2f"),
+                      alt.Tooltip("low:Q", format=".2f"), alt.Tooltip("high:Q", format=".2f")])
+    rule = alt.Chart().mark_rule(strokeDash=[4, 4], color="black").encode(y=alt.datum(1))
+    return (alt.layer(band, line, rule, data=inline(area)).properties(width=165, height=200)
+            .facet(column=alt.Column("group:N", sort=GROUP_ORDER, title=None))
+            .properties(title=f"Attention per unit area, × chance ({scenes} scenes; dashed: chance = 1)"))
 
 
 def head_means(table: pd.DataFrame) -> pd.DataFrame:
@@ -286,35 +330,30 @@ def course(values: Sequence[float], tolerance: float = 0.005) -> str:
     return ", ".join(runs)
 
 
-def findings(stats: pd.DataFrame, chance: pd.Series, models: Sequence[str]) -> dict[str, object]:
+def findings(stats: pd.DataFrame, chance: pd.Series, models: Sequence[str],
+             judged: Mapping[str, Judgement]) -> dict[str, object]:
     """The numbers and computed phrases of "What we found", keyed by glue name (``s3_...``).
 
-    ``stats``: :func:`layer_stats` of one variant (the chapter's headline). Everything is stated layer by layer:
-    ``s3_course_<group>`` (:func:`course` of the first model's curve), ``s3_verdict`` (which of the paper's three
-    Fig 2 observations hold for the first model: same-object attention is the largest group in layer 0; a group
-    "grows with depth" when its least-squares slope over layers is positive and its last layer lies above its first),
-    ``s3_controls`` (each further model's largest distance from chance), ``s3_layer_table`` (every layer).
+    ``stats``: :func:`layer_stats` of one variant (the chapter's headline); ``judged``: the claims ledger's
+    judgements of the first model (``qklib.ledger.judge_model`` of the chapter's record), so the chapter states
+    the same verdicts, by the same rules and intervals, as the ledger. Everything is stated layer by layer:
+    ``s3_course_<group>`` (:func:`course` of the first model's curve), ``s3_verdict`` (each of the paper's three
+    Fig 2 observations with its statistic, interval and outcome), ``s3_controls`` (each further model's largest
+    distance from chance), ``s3_layer_table`` (every layer).
     """
     wide = layer_means(stats, models)
-    layers = len(wide)
     distance = {(m, g): float((wide[(m, g)] - float(chance[g])).abs().max()) for m in models for g in GROUP_ORDER}
     first = models[0]
     curve = {g: wide[(first, g)].to_numpy() for g in GROUP_ORDER}
-    largest = [layer for layer in range(layers) if curve["same"][layer] >= max(curve[g][layer] for g in GROUP_ORDER)]
-    leads = 0 in largest
-    where = ", ".join(f"L{layer}" for layer in largest) or "no layer"
-    checks = [(leads, f"same-object attention is {'' if leads else 'not '}the largest of the three in layer 0 "
-                      f"(it is the largest in {where} of {layers})")]
-    for g in ("different", "background"):
-        grows, rising, slope = grows_with_depth(curve[g])
-        checks.append((grows, f"{g} attention {'grows' if grows else 'does not grow'} with depth (slope {slope:+.3f} "
-                              f"per layer, {rising} of {layers - 1} layer steps rise; L0 {curve[g][0]:.2f}, "
-                              f"L{layers - 1} {curve[g][-1]:.2f})"))
+    names = {"s3-same-early": "same-object attention dominates layer 0 per unit area",
+             "s3-different-grows": "different-object attention grows with depth",
+             "s3-background-grows": "background attention grows with depth"}
+    verdict = "; ".join(f"{names[key]}: **{judged[key].outcome}** ({judged[key].number})" for key in names)
     same = wide[(first, "same")]
     return {
-        "s3_model": first, "s3_layers": layers,
+        "s3_model": first, "s3_layers": len(wide),
         **{f"s3_course_{g}": course(curve[g]) for g in GROUP_ORDER},
-        "s3_verdict": f"{sum(ok for ok, _ in checks)} of the 3 hold: " + "; ".join(text for _, text in checks),
+        "s3_verdict": verdict,
         "s3_peak_layer": int(same.idxmax()), "s3_peak": float(same.max()),
         "s3_peak_x_chance": float(same.max() / float(chance["same"])), "s3_same_last_layer": float(same.iloc[-1]),
         "s3_chance_same": float(chance["same"]), "s3_chance_background": float(chance["background"]),

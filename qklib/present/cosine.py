@@ -130,12 +130,16 @@ def model_summary(svds: dict[str, QKSVD]) -> Markdown:
 
 
 def fig3_cosine_simulated_band(layers: pd.DataFrame, bands: pd.DataFrame,
-                               title: str = "Weighted cosine between u_n and v_n") -> alt.LayerChart:
+                               title: str = "Weighted cosine between u_n and v_n", effect: float | None = None,
+                               baseline: pd.DataFrame | None = None) -> alt.LayerChart:
     """Fig 3 with each model's own per-layer null band (:func:`qklib.cosine.null_band_table`): a shaded
     ``[-null_band, +null_band]`` strip per model, in the model's colour, instead of one flat single-cosine band.
 
-    ``layers``: :func:`qklib.cosine.layer_table` rows (model, layer, depth, weighted_cosine, ...);
-    ``bands``: rows with model, layer, depth and null_band.
+    ``layers``: :func:`qklib.cosine.layer_table` rows (model, layer, depth, weighted_cosine, ...); with ``heads_low``
+    and ``heads_high`` columns (the 95% interval over heads) each curve gets its interval as error bars. ``bands``: rows with
+    model, layer, depth and null_band. ``effect``: the claims ledger's verdict band (one random cosine's 95%
+    spread), drawn as two dashed grey lines at ``±effect``. ``baseline``: rows with model, depth and
+    ``anisotropy_baseline`` (:func:`qklib.cosine.relative_table`), drawn dotted in the model's colour.
     """
     strip = bands[["model", "layer", "depth", "null_band"]].copy()
     strip["low"], strip["high"] = -strip["null_band"], strip["null_band"]
@@ -144,10 +148,23 @@ def fig3_cosine_simulated_band(layers: pd.DataFrame, bands: pd.DataFrame,
     shade = alt.Chart(inline(strip)).mark_area(opacity=0.2).encode(
         x=x, y=alt.Y("low:Q"), y2="high:Q", color=color,
         tooltip=["model:N", "layer:O", alt.Tooltip("null_band:Q", title="95% null half-width", format=".4f")])
-    lines = alt.Chart(inline(layers[["model", "layer", "depth", "weighted_cosine"]])).mark_line(point=True).encode(
-        x=x, y=alt.Y("weighted_cosine:Q", title="weighted cosine (mean over heads)"), color=color,
-        tooltip=["model:N", "layer:O", alt.Tooltip("weighted_cosine:Q", format="+.3f")])
-    return (shade + lines).properties(width=460, height=280, title=title)
+    columns = ["model", "layer", "depth", "weighted_cosine"] + [c for c in ("heads_low", "heads_high") if c in layers]
+    curve = alt.Chart(inline(layers[columns])).encode(x=x, color=color)
+    chart = shade + curve.mark_line(point=True).encode(
+        y=alt.Y("weighted_cosine:Q", title="weighted cosine (mean over heads)"),
+        tooltip=["model:N", "layer:O", *[alt.Tooltip(f"{c}:Q", format="+.3f") for c in columns[3:]]])
+    if "heads_low" in layers:
+        chart += curve.mark_rule().encode(y="heads_low:Q", y2="heads_high:Q")
+    if baseline is not None:
+        chart += alt.Chart(inline(baseline[["model", "depth", "anisotropy_baseline"]])).mark_line(
+            strokeDash=[2, 2]).encode(x=x, y="anisotropy_baseline:Q", color=color,
+                                      tooltip=["model:N", alt.Tooltip("anisotropy_baseline:Q", format="+.3f")])
+    if effect is not None:
+        rules = pd.DataFrame({"y": [effect, -effect], "what": [f"verdict band ±{effect:.3f}"] * 2})
+        chart += alt.Chart(inline(rules)).mark_rule(strokeDash=[6, 3], color="gray").encode(y="y:Q", tooltip=["what:N"])
+        chart += alt.Chart(inline(rules.iloc[:1])).mark_text(align="left", dx=4, dy=-6, color="gray", fontSize=11).encode(
+            x=alt.value(0), y="y:Q", text="what:N")
+    return chart.properties(width=460, height=280, title=title)
 
 
 def basis_comparison(table: pd.DataFrame, title: str = "Weighted cosine in two bases") -> alt.FacetChart:
@@ -179,17 +196,44 @@ def fig_s3_encoder_predictor(svds: dict[str, QKSVD]) -> alt.HConcatChart:
     return alt.hconcat(*panels).resolve_scale(y="shared")
 
 
-def bias_share(table: pd.DataFrame, title: str = "What the query bias adds to the scores over keys") -> alt.LayerChart:
-    """Per model, the query-bias term's share of the key-dependent score variance against depth: the median over
-    the layer's heads (line) and the range of its heads (band). ``table``: :func:`qklib.biases.layer_table` rows."""
-    frame = inline(table[["model", "layer", "depth", "share_median", "share_low", "share_high"]])
+def bias_shift(table: pd.DataFrame, threshold: float,
+               title: str = "How far dropping the query-bias term moves attention") -> alt.LayerChart:
+    """Per model, against depth, the total variation by which attention moves when the query-bias term is dropped
+    (:func:`qklib.biases.attention_shift`): the median over the layer's heads (line), the range of its heads (band),
+    and the ledger's threshold for "negligible" (dashed, ``threshold``). ``table``: :func:`qklib.biases.layer_table`."""
+    frame = inline(table[["model", "layer", "depth", "shift_median", "shift_low", "shift_high"]])
     base = alt.Chart(frame).encode(
         x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1])),
         color=alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400)))
-    band = base.mark_area(opacity=0.2).encode(y=alt.Y("share_low:Q", title="query-bias share of the variance over keys",
-                                                      scale=alt.Scale(domain=[0, 1])), y2="share_high:Q")
+    band = base.mark_area(opacity=0.2).encode(y=alt.Y("shift_low:Q", title="attention moved (total variation)",
+                                                      scale=alt.Scale(domain=[0, 1])), y2="shift_high:Q")
     line = base.mark_line(point=True).encode(
-        y="share_median:Q",
-        tooltip=["model:N", "layer:O", alt.Tooltip("share_median:Q", format=".2f"),
-                 alt.Tooltip("share_low:Q", format=".2f"), alt.Tooltip("share_high:Q", format=".2f")])
-    return (band + line).properties(width=420, height=240, title=title)
+        y="shift_median:Q",
+        tooltip=["model:N", "layer:O", alt.Tooltip("shift_median:Q", format=".3f"),
+                 alt.Tooltip("shift_low:Q", format=".3f"), alt.Tooltip("shift_high:Q", format=".3f")])
+    rule = alt.Chart(inline(pd.DataFrame({"y": [threshold], "what": [f"negligible below {threshold}"]})))
+    rule = rule.mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q", tooltip=["what:N"])
+    return (band + line + rule).properties(width=420, height=240, title=title)
+
+
+def grouping_chart(table: pd.DataFrame, title: str = "Grouping index against the weighted cosine, per head") -> alt.Chart:
+    """One point per head (:func:`qklib.grouping.head_table`): its weighted cosine (x, from the weights) and its
+    grouping index on real tokens (y, with its 95% interval over images as a whisker), one colour per model; the
+    grey band is the widest key-permutation null band of the heads (chance grouping), the dashed line 0."""
+    frame = inline(table[["model", "layer", "head", "weighted_cosine", "grouping", "low", "high", "null_low",
+                          "null_high"]])
+    color = alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400))
+    base = alt.Chart(frame).encode(x=alt.X("weighted_cosine:Q", title="weighted cosine of the head (weights)"),
+                                   color=color)
+    points = base.mark_point(filled=True, size=30).encode(
+        y=alt.Y("grouping:Q", title="grouping index G (tokens)"),
+        tooltip=["model:N", "layer:O", "head:O", alt.Tooltip("weighted_cosine:Q", format="+.3f"),
+                 alt.Tooltip("grouping:Q", format="+.3f"), alt.Tooltip("low:Q", format="+.3f"),
+                 alt.Tooltip("high:Q", format="+.3f")])
+    whiskers = base.mark_rule(opacity=0.5).encode(y="low:Q", y2="high:Q")
+    null = pd.DataFrame({"low": [float(table["null_low"].min())], "high": [float(table["null_high"].max())],
+                         "what": ["key-permutation null (widest head)"]})
+    band = alt.Chart(inline(null)).mark_rect(color="gray", opacity=0.2).encode(y="low:Q", y2="high:Q",
+                                                                                 tooltip=["what:N"])
+    zero = alt.Chart(inline(pd.DataFrame({"y": [0.0]}))).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
+    return (band + zero + whiskers + points).properties(width=420, height=280, title=title)

@@ -25,8 +25,10 @@ from ..core.images import display_crop, open_rgb, to_pixels
 from ..core.models import depth, info
 from ..core.svd import QKSVD
 from ..modes import mode_label, mode_maps, top_modes
+from ..ledger import RANKINGS
 from ..same_object import SameObject
 from ..search import SearchResult
+from ..stats import AGREES, BORDERLINE, DISAGREES, RESAMPLES, bootstrap, bootstrap_curve, decide
 from .attention import course
 from .cosine import inline
 from .render import jpeg_bytes, mode_pictures, render_mode, thumbnail
@@ -99,21 +101,38 @@ def optimal_table(svd: QKSVD, found: SearchResult, featured: Sequence[tuple[int,
     return pd.DataFrame(rows, columns=["mode", "rank", "image", "score", "s", "cos"])
 
 
-def featured_table(svd: QKSVD, featured: Sequence[tuple[int, int, int, int]], correlations: Sequence[float]) -> pd.DataFrame:
-    """One row per featured mode: ``mode`` label, ``layer``, ``s``, ``cos`` (u_n . v_n) and ``map_corr`` (the
-    token-level correlation of its query and key maps over the gallery, :func:`qklib.modes.map_correlations`)."""
+def featured_table(svd: QKSVD, featured: Sequence[tuple[int, int, int, int]], correlations: Sequence[float],
+                   positions: Sequence[dict] | None = None) -> pd.DataFrame:
+    """One row per featured mode: ``mode`` label, ``layer``, ``s``, ``cos`` (u_n . v_n), ``map_corr`` (the
+    token-level correlation of its query and key maps over the gallery, :func:`qklib.modes.map_correlations`) and,
+    with ``positions`` (:func:`qklib.modes.position_shares`), the share of each map's variance that token
+    position explains with its null's 97.5th percentile."""
     if len(correlations) != len(featured):
         raise ValueError(f"{len(correlations)} correlations for {len(featured)} featured modes")
-    return pd.DataFrame([{"mode": mode_label(l, h, m, sg), "layer": l, "s": float(svd.S[l, h, m]),
-                          "cos": float(svd.cos[l, h, m]), "map_corr": float(r)}
-                         for (l, h, m, sg), r in zip(featured, correlations)])
+    rows = [{"mode": mode_label(l, h, m, sg), "layer": l, "s": float(svd.S[l, h, m]), "cos": float(svd.cos[l, h, m]),
+             "map_corr": float(r)} for (l, h, m, sg), r in zip(featured, correlations)]
+    for row, share in zip(rows, positions or ()):
+        row.update({"query_position_share": share["query"], "key_position_share": share["key"],
+                    "position_null": max(share["query_null"], share["key_null"])})
+    return pd.DataFrame(rows)
 
 
-def featured_findings(table: pd.DataFrame) -> dict:
-    """Glue values from :func:`featured_table`: the modes with cos and map correlation, and how often the two agree in sign."""
-    listing = "; ".join(f"{row.mode} (cos {row.cos:+.2f}, map r {row.map_corr:+.2f})" for row in table.itertuples())
+def featured_findings(table: pd.DataFrame, top_names: Sequence[Sequence[str]] = ()) -> dict:
+    """Glue values from :func:`featured_table`: the modes with cos, map correlation and (where measured) how much
+    of their maps token position explains, how often cos and map correlation agree in sign, and how many of the
+    featured modes' optimal images (``top_names``, one list of gallery paths per mode) are generated scenes."""
+    def describe(row) -> str:
+        text = f"{row.mode} (cos {row.cos:+.2f}, map r {row.map_corr:+.2f}"
+        if "query_position_share" in table:
+            text += (f"; position explains {row.query_position_share:.0%} of its query map and "
+                     f"{row.key_position_share:.0%} of its key map, null ≤ {row.position_null:.1%}")
+        return text + ")"
     agree = int((np.sign(table["cos"]) == np.sign(table["map_corr"])).sum())
-    return {"featured_modes": listing, "featured_agree": f"{agree} of {len(table)}"}
+    names = [name for top in top_names for name in top]
+    scenes = sum(name.startswith("scenes/") for name in names)
+    return {"featured_modes": "; ".join(describe(row) for row in table.itertuples()),
+            "featured_agree": f"{agree} of {len(table)}",
+            "featured_scenes": f"{scenes} of the {len(names)} optimal images shown are generated scenes"}
 
 
 def optimal_images(model, svd: QKSVD, found: SearchResult, featured: Sequence[tuple[int, int, int, int]],
@@ -177,28 +196,39 @@ def walkthrough(model, svd: QKSVD, image: Image.Image, layers: Sequence[int], he
     return pd.DataFrame(rows), sliders
 
 
-def ablation_table(rows: Sequence[dict]) -> pd.DataFrame:
-    """The ablation (:func:`qklib.modes.ablation`) per layer: mean attention change (total variation) when the top
-    modes of each ranking are removed, the share of (image, head) cases where the attention ranking's removal
-    changes more, and the mean overlap of the two top sets."""
+def ablation_table(rows: Sequence[dict], resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
+    """The ablation (:func:`qklib.modes.ablation`) per layer and ranking (``RANKINGS``; "all" pools the layers):
+    the mean attention change (total variation) when that ranking's top modes are removed, with its 95%
+    bootstrap interval over image-head cases (``low``, ``high``), and the number of cases."""
     frame = pd.DataFrame(list(rows))
     if frame.empty:
         raise ValueError("no ablation rows: pass the rows of qklib.modes.ablation for at least one image and layer")
-    frame["attention_larger"] = frame["by_attention"] > frame["by_paper_sum"]
-    return frame.groupby("layer").agg(by_attention=("by_attention", "mean"), by_paper_sum=("by_paper_sum", "mean"),
-                                      attention_larger=("attention_larger", "mean"), overlap=("overlap", "mean"),
-                                      cases=("head", "size")).reset_index()
+    out = []
+    for layer, cases in [*frame.groupby("layer"), ("all", frame)]:
+        for name, label in RANKINGS.items():
+            interval = bootstrap(cases[name].to_numpy(), resamples=resamples, seed=seed)
+            out.append({"layer": str(layer), "ranking": label, "change": interval.estimate, "low": interval.low,
+                        "high": interval.high, "cases": len(cases)})
+    return pd.DataFrame(out)
 
 
-def ablation_findings(rows: Sequence[dict]) -> dict:
-    """Numbers and a computed verdict for the ablation summary (keys become glue names with the chapter's prefix)."""
+def ablation_findings(rows: Sequence[dict], resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """Numbers and a computed verdict for the ablation summary (keys become glue names with the chapter's prefix):
+    each ranking's mean change with its interval, the paper's ranking against random modes (paired, interval over
+    cases) and against singular value alone."""
     frame = pd.DataFrame(list(rows))
-    ours, paper = float(frame["by_attention"].mean()), float(frame["by_paper_sum"].mean())
-    larger = float((frame["by_attention"] > frame["by_paper_sum"]).mean())
-    verdict = ("changes the attention more than removing the paper's top modes, as a ranking by effect on attention "
-               "should" if ours > paper else "does not change the attention more than removing the paper's top modes: "
-               "the attention-weighted ranking fails its check here")
-    return {"abl_ours": ours, "abl_paper": paper, "abl_larger": larger, "abl_verdict": verdict,
+    found = {f"abl_{name}": bootstrap(frame[name].to_numpy(), resamples=resamples, seed=seed).text()
+             for name in RANKINGS}
+    gain = bootstrap((frame["by_paper_sum"] - frame["by_random"]).to_numpy(), resamples=resamples, seed=seed)
+    versus_s = bootstrap((frame["by_paper_sum"] - frame["by_singular_value"]).to_numpy(), resamples=resamples,
+                         seed=seed)
+    picks = {AGREES: "picks modes that shape attention: removing them changes it more than removing random modes",
+             DISAGREES: "does not beat random modes", BORDERLINE: "is borderline against random modes"}
+    than_s = {AGREES: "and more than singular value alone", DISAGREES: "though less than singular value alone",
+              BORDERLINE: "and about as much as singular value alone (the interval crosses 0)"}
+    verdict = f"the paper's ranking {picks[decide(gain, 0.0)]}, {than_s[decide(versus_s, 0.0)]}"
+    return {**found, "abl_gain": gain.text(), "abl_versus_s": versus_s.text(), "abl_verdict": verdict,
+            "abl_beats_random": float((frame["by_paper_sum"] > frame["by_random"]).mean()),
             "abl_overlap": float(frame["overlap"].mean()), "abl_count": int(frame["count"].iloc[0]),
             "abl_cases": len(frame)}
 
@@ -220,35 +250,42 @@ OBJECTS = {False: "background left out", True: "background an object"}
 
 
 def same_object_table(model_runs: dict[tuple[bool, str], SameObject], control_runs: dict[tuple[bool, str], SameObject],
-                      model_label: str, num_layers: int) -> pd.DataFrame:
+                      model_label: str, num_layers: int, resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
     """Fig 6 as a tidy table from :func:`qklib.same_object.same_object_variants` of the model and of its random-init
     control: one row per variant, series and layer. Columns ``same`` (``"same instance"`` or ``"same kind"``),
     ``objects`` (the background left out or counted as an object), ``model`` (the model, ``"random-init control"``,
-    ``"chance"``), ``layer``, ``P(same)``, ``depth``."""
+    ``"chance"``), ``layer``, ``P(same)``, ``low`` / ``high`` (the 95% bootstrap interval over the layer's heads;
+    empty for chance), ``depth``."""
     frames = []
     for (background, match), run in model_runs.items():
         control = control_runs[background, match]
-        for name, layers, values in ((model_label, run.layers, run.per_layer),
-                                     ("random-init control", control.layers, control.per_layer),
-                                     ("chance", run.layers, run.chance_layer)):
-            frames.append(pd.DataFrame({"same": SAME[match], "objects": OBJECTS[background], "model": name,
-                                        "layer": layers, "P(same)": values}))
+        for name, source in ((model_label, run), ("random-init control", control), ("chance", None)):
+            values = run.chance_layer if source is None else source.per_layer
+            frame = pd.DataFrame({"same": SAME[match], "objects": OBJECTS[background], "model": name,
+                                  "layer": run.layers, "P(same)": values})
+            if source is not None:  # the 95% interval over the layer's heads
+                intervals = [bootstrap(heads, resamples=resamples, seed=seed) for heads in np.asarray(source.per_head)]
+                frame["low"], frame["high"] = [i.low for i in intervals], [i.high for i in intervals]
+            frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
     table["depth"] = depth(table["layer"], num_layers)
     return table
 
 
 def same_object_chart(table: pd.DataFrame) -> alt.FacetChart:
-    """Fig 6: P(same) against normalised depth, one line per series (model, control, chance), one panel per
-    variant of :func:`same_object_table`: same instance or same kind (rows), background left out or an object
-    (columns)."""
-    return alt.Chart(inline(table)).mark_line(point=True).encode(
+    """Fig 6: P(same) against normalised depth, one line per series (model, control, chance dashed), each with its
+    95% interval over heads as a band, one panel per variant of :func:`same_object_table`: same instance or same
+    kind (rows), background left out or an object (columns)."""
+    base = alt.Chart().encode(
         x=alt.X("depth:Q", title="normalised depth, layer / (L - 1)"),
+        color=alt.Color("model:N", title=None, legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400)))
+    band = base.mark_area(opacity=0.18).encode(y="low:Q", y2="high:Q")
+    line = base.mark_line(point=True).encode(
         y=alt.Y("P(same):Q", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("model:N", title=None, legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400)),
         strokeDash=alt.StrokeDash("model:N", legend=None),
-        tooltip=["same:N", "objects:N", "model:N", "layer:O", alt.Tooltip("P(same):Q", format=".3f")],
-    ).properties(width=260, height=180).facet(
+        tooltip=["same:N", "objects:N", "model:N", "layer:O", alt.Tooltip("P(same):Q", format=".3f"),
+                 alt.Tooltip("low:Q", format=".3f"), alt.Tooltip("high:Q", format=".3f")])
+    return alt.layer(band, line, data=inline(table)).properties(width=260, height=180).facet(
         row=alt.Row("same:N", title=None, sort=list(SAME.values())),
         column=alt.Column("objects:N", title=None, sort=list(OBJECTS.values())))
 
@@ -263,16 +300,18 @@ def _count_phrase(hits: int, total: int, what: str) -> str:
     return f"in {hits} of the {total} layers {what}"
 
 
-def same_object_findings(same: SameObject, control: SameObject) -> dict:
+def same_object_findings(same: SameObject, control: SameObject, resamples: int = RESAMPLES, seed: int = 0) -> dict:
     """Numbers and computed phrases for the Fig 6 summary (keys become glue names with the chapter's prefix)."""
     per_layer, layers = np.asarray(same.per_layer, float), list(same.layers)
     half = len(layers) // 2
     early, late = float(np.nanmean(per_layer[:half])), float(np.nanmean(per_layer[half:]))
-    if abs(early - late) < 0.02:
-        trend = "about the same in the first and the second half of the layers"
-    else:
-        trend = ("higher in the first half of the layers than in the second, the direction the paper reports"
-                 if early > late else "lower in the first half of the layers than in the second, against the paper's trend")
+    drop = bootstrap_curve(np.asarray(same.per_head, float),
+                           lambda c: np.nanmean(c[:, :half], axis=1) - np.nanmean(c[:, half:], axis=1),
+                           resamples=resamples, seed=seed)
+    trend = {AGREES: "higher in the first half of the layers than in the second, the direction the paper reports",
+             DISAGREES: "lower in the first half of the layers than in the second, against the paper's trend",
+             BORDERLINE: "borderline: the interval of the difference between the halves includes 0"}[decide(drop, 0.0)]
+    trend += f" (first half minus second {drop.text()}, 95% interval over heads)"
     peak = int(np.nanargmax(per_layer))
     above_chance = int(np.sum(per_layer > np.asarray(same.chance_layer)))
     above_control = int(np.sum(per_layer > np.asarray(control.per_layer)))
@@ -374,14 +413,17 @@ def search_summary(found: SearchResult) -> str:
 
 
 def ablation_chart(table: pd.DataFrame) -> alt.Chart:
-    """Bars per layer: mean attention change when each ranking's top modes are removed (:func:`ablation_table`)."""
-    long = table.melt(id_vars=["layer"], value_vars=["by_attention", "by_paper_sum"], var_name="removed", value_name="change")
-    long["removed"] = long["removed"].map({"by_attention": "top by attention-weighted contribution",
-                                           "by_paper_sum": "top by the paper's sum"})
-    return alt.Chart(inline(long)).mark_bar().encode(
-        x=alt.X("removed:N", title=None, axis=None),
+    """Bars per layer (and all layers pooled): mean attention change when each ranking's top modes are removed,
+    with its 95% interval over image-head cases (:func:`ablation_table`); random modes are the null."""
+    order = list(RANKINGS.values())
+    base = alt.Chart().encode(x=alt.X("ranking:N", title=None, axis=None, sort=order))
+    bars = base.mark_bar().encode(
         y=alt.Y("change:Q", title="mean TV change of attention rows"),
-        color=alt.Color("removed:N", title=None, legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400)),
-        column=alt.Column("layer:O", title="layer (0-based)"),
-        tooltip=["layer:O", "removed:N", alt.Tooltip("change:Q", format=".3f")],
-    ).properties(width=60, height=180)
+        color=alt.Color("ranking:N", title="top modes removed by", sort=order,
+                        legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400)),
+        tooltip=["layer:N", "ranking:N", alt.Tooltip("change:Q", format=".3f"), alt.Tooltip("low:Q", format=".3f"),
+                 alt.Tooltip("high:Q", format=".3f"), "cases:Q"])
+    errors = base.mark_rule(color="black").encode(y="low:Q", y2="high:Q")
+    layers = list(dict.fromkeys(table["layer"]))
+    return alt.layer(bars, errors, data=inline(table)).properties(width=70, height=180).facet(
+        column=alt.Column("layer:N", title="layer (0-based; all = every case)", sort=layers))
