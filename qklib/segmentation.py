@@ -56,6 +56,7 @@ from .core.extract import record
 from .core.models import info
 from .core.svd import QKSVD, QKWeights, append_one, one_thread, qk_svd_from_weights, qk_weights
 from .modes import RULE_DEPTHS, rule_layers
+from .stats import RESAMPLES, Interval, bootstrap
 
 
 class SegmentError(ValueError):
@@ -599,3 +600,29 @@ def _score_batch(segmenter: Segmenter, batch: list, plan, layers: list[int], att
                          "miou": miou(labels, truth), "seconds": seconds,
                          "foreground_iou": float(objects.mean()) if objects.size else float("nan")})
     return rows
+
+
+def summarise(rows: list[dict], metric: str = "miou", resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """``{(method, layer): Interval}``: the mean of ``metric`` (``"miou"`` or ``"foreground_iou"``) over images
+    for each method and layer of :func:`evaluate`'s rows, with its 95 % bootstrap interval over images
+    (:func:`qklib.stats.bootstrap`; an image's NaN, no object, is left out)."""
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["layer"]), []).append(row[metric])
+    return {key: bootstrap(np.array(values), resamples=resamples, seed=seed) for key, values in groups.items()}
+
+
+def paired_difference(rows: list[dict], first: tuple[str, int | None], second: tuple[str, int | None],
+                      metric: str = "miou", resamples: int = RESAMPLES, seed: int = 0) -> Interval:
+    """The mean over images of ``metric(first) - metric(second)``, two ``(method, layer)`` of :func:`evaluate`'s
+    rows scored on the same images, with its bootstrap interval over those images (paired: each resample draws
+    images, and both methods are scored on each drawn image, so the images' difficulty cancels)."""
+    by_key: dict[tuple, dict[str, float]] = {}
+    for row in rows:
+        by_key.setdefault((row["method"], row["layer"]), {})[row["image"]] = row[metric]
+    missing = [key for key in (first, second) if key not in by_key]
+    if missing:
+        raise SegmentError(f"no rows for {missing}; the rows hold {sorted(by_key, key=str)}")
+    images = [image for image in by_key[first] if image in by_key[second]]
+    differences = np.array([by_key[first][image] - by_key[second][image] for image in images])
+    return bootstrap(differences, resamples=resamples, seed=seed)

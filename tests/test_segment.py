@@ -296,3 +296,18 @@ def test_object_map_of_o3_photos_and_of_items_without_masks():
     Photo.target = None
     with pytest.raises(SegmentError, match="neither an object label map"):
         seg.object_map(Photo())
+
+
+def test_summaries_and_paired_differences_by_hand():
+    rows = [{"image": image, "method": method, "layer": layer, "miou": value}
+            for image, (a, b) in enumerate([(0.5, 0.25), (0.75, 0.5), (1.0, 0.5)])
+            for method, layer, value in (("modes", 1, a), ("grid", None, b))]
+    rows.append({"image": 9, "method": "grid", "layer": None, "miou": 0.0})  # no partner: left out of the pairing
+    summary = seg.summarise(rows, resamples=200)
+    assert summary["modes", 1].estimate == pytest.approx(0.75) and summary["modes", 1].units == 3
+    assert summary["grid", None].estimate == pytest.approx(1.25 / 4)
+    difference = seg.paired_difference(rows, ("modes", 1), ("grid", None), resamples=200)
+    assert difference.estimate == pytest.approx((0.25 + 0.25 + 0.5) / 3) and difference.units == 3
+    assert 0.25 <= difference.low <= difference.estimate <= difference.high <= 0.5  # differences lie in [0.25, 0.5]
+    with pytest.raises(SegmentError, match="no rows for"):
+        seg.paired_difference(rows, ("tokencut", 11), ("grid", None))
