@@ -38,30 +38,44 @@ class RecognitionError(ValueError):
 
 
 @torch.no_grad()
-def image_features(model: nn.Module, svd: QKSVD, images: Sequence, layer: int,
-                   batch_size: int = 16) -> dict[str, np.ndarray]:
-    """``{"class_token": [B, d], "modes": [B, H * r * 2]}`` float64 for PIL ``images`` (the model's own
-    preprocessing: resize and centre crop). ``layer``: whose modes (0-based). See the module docstring."""
+def image_features(model: nn.Module, svd: QKSVD, images: Sequence, layers: Sequence[int],
+                   batch_size: int = 16) -> dict:
+    """``{"class_token": [B, d], "modes": {layer: [B, H * r * 2]}}`` float64 arrays for PIL ``images`` (the model's
+    own preprocessing: resize and centre crop), from one forward pass per batch. ``layers``: whose modes
+    (0-based). See the module docstring."""
     meta = info(model)
     if meta.prefix_tokens < 1:
         raise RecognitionError(f"{meta.name} has no class token; only mode features can be probed on it")
-    if not 0 <= layer < meta.num_layers:
-        raise RecognitionError(f"layer {layer} out of range: the model has layers 0..{meta.num_layers - 1}")
+    layers = [int(layer) for layer in layers]
+    bad = [layer for layer in layers if not 0 <= layer < meta.num_layers]
+    if bad or not layers:
+        raise RecognitionError(f"layers {bad or layers} out of range: the model has layers 0..{meta.num_layers - 1}")
     device = next(model.parameters()).device
-    features = Features.select(svd, [layer], device=device)
-    tokens, modes = [], []
+    features = Features.select(svd, layers, device=device)
+    tokens, modes = [], {layer: [] for layer in layers}
     for start in range(0, len(images), batch_size):
         pixels = to_pixels(model, list(images[start: start + batch_size])).to(device)
         seen = {}
-        # One pass: the hook keeps the tokens entering block `layer`, the pass goes on to the class token.
-        hook = model.blocks[layer].norm1.register_forward_hook(lambda _m, _i, out: seen.setdefault("x", out))
+        # One pass: hooks keep the tokens entering each chosen block, and the pass goes on to the class token.
+        hooks = [model.blocks[layer].norm1.register_forward_hook(
+            lambda _m, _i, out, layer=layer: seen.setdefault(layer, out)) for layer in layers]
         try:
             tokens.append(model.forward_features(pixels)[:, 0].double().cpu())
         finally:
-            hook.remove()
-        projected = features.projected(layer, seen["x"], None, meta.prefix_tokens)  # [B, N, 2 H r]
-        modes.append(feature_scores(projected).flatten(1).double().sqrt().cpu())
-    return {"class_token": torch.cat(tokens).numpy(), "modes": torch.cat(modes).numpy()}
+            for hook in hooks:
+                hook.remove()
+        for layer in layers:
+            projected = features.projected(layer, seen[layer], None, meta.prefix_tokens)  # [B, N, 2 H r]
+            modes[layer].append(feature_scores(projected).flatten(1).double().sqrt().cpu())
+    return {"class_token": torch.cat(tokens).numpy(),
+            "modes": {layer: torch.cat(parts).numpy() for layer, parts in modes.items()}}
+
+
+def common_classes(labels, minimum: int = 2) -> np.ndarray:
+    """``[N]`` bool: the images whose class has at least ``minimum`` images (a probe needs two per class)."""
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    return np.isin(labels, classes[counts >= minimum])
 
 
 def nearest_centroid(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray) -> np.ndarray:

@@ -45,7 +45,7 @@ def test_image_features_match_a_brute_force_computation(tiny_vit):
     rng = np.random.default_rng(2)
     images = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in range(3)]
     layer = 1
-    got = rec.image_features(model, svd, images, layer, batch_size=2)
+    got = rec.image_features(model, svd, images, [0, layer], batch_size=2)
     pixels = to_pixels(model, images)
     with torch.no_grad():
         assert np.allclose(got["class_token"], model.forward_features(pixels)[:, 0].double().numpy(), atol=1e-5)
@@ -55,8 +55,8 @@ def test_image_features_match_a_brute_force_computation(tiny_vit):
     positive = query.amax(1).clamp_min(0) * key.amax(1).clamp_min(0)  # [B, H, r]
     negative = (-query.amin(1)).clamp_min(0) * (-key.amin(1)).clamp_min(0)
     expected = torch.stack([positive, negative], -1).sqrt().flatten(1).numpy()  # layout [H, r, sign]
-    assert got["modes"].shape == (3, svd.num_heads * svd.rank * 2)
-    assert np.allclose(got["modes"], expected, atol=1e-4)
+    assert got["modes"][layer].shape == (3, svd.num_heads * svd.rank * 2) and set(got["modes"]) == {0, layer}
+    assert np.allclose(got["modes"][layer], expected, atol=1e-4)
 
 
 def test_bad_probes_and_models_are_refused(tiny_vit):
@@ -68,7 +68,8 @@ def test_bad_probes_and_models_are_refused(tiny_vit):
         rec.probe(np.zeros((4, 2)), [0, 1, 0])
     model, svd = tiny_vit
     with pytest.raises(RecognitionError, match="out of range"):
-        rec.image_features(model, svd, [Image.new("RGB", (8, 8))], 7)
+        rec.image_features(model, svd, [Image.new("RGB", (8, 8))], [1, 7])
+    assert rec.common_classes(["a", "b", "a", "c", "c"]).tolist() == [True, False, True, True, True]
 
 
 def test_class_folders(tmp_path):

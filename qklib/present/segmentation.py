@@ -1,0 +1,150 @@
+"""§8's pictures, tables and charts: segmentations drawn over the images for each method side by side, the metric
+table with 95 % intervals over images, the paired differences, the time per image and the recognition probe."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import altair as alt
+import ipywidgets as widgets
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ..recognition import ProbeResult
+from ..segmentation import METHODS, Segmenter, object_map, paired_difference, summarise, upsample_labels
+from ..stats import RESAMPLES
+from .attention import outline
+from .cosine import PANELS_PER_ROW, inline
+from .render import jpeg_bytes, mosaic
+from .widgets import nested_stack, picture_html
+
+# Segment colours: distinct, readable over photos (tab20's first ten, then repeated).
+PALETTE = np.array([(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)], np.float32)
+METRICS = {"miou": "mean IoU (Hungarian)", "foreground_iou": "foreground IoU (best segment per object)"}
+
+
+def draw_segments(photo: np.ndarray, labels: np.ndarray, opacity: float = 0.55) -> np.ndarray:
+    """``[H, W, 3]`` uint8: each segment of ``labels [H, W]`` tinted with its colour over ``photo [H, W, 3]``, the
+    boundaries between segments in white."""
+    colours = PALETTE[np.asarray(labels) % len(PALETTE)]
+    out = (1 - opacity) * np.asarray(photo, np.float32) + opacity * colours
+    edges = np.zeros(labels.shape, bool)
+    edges[:-1] |= labels[:-1] != labels[1:]
+    edges[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    out[edges] = 255
+    return out.round().astype(np.uint8)
+
+
+def _truth_picture(photo: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    picture = draw_segments(photo, np.maximum(truth, 0))
+    picture[outline(truth < 0, 1)] = 0  # void outlined in black
+    return picture
+
+
+def comparison_slider(segmenter: Segmenter, items: Sequence, layers: Sequence[int], n_segments: int | None = None,
+                      methods: Sequence[str] = tuple(METHODS), size: int = 160, quality: int = 75):
+    """Image and layer sliders over rows of pictures: the image, its ground truth, then each method's segments
+    at that layer (every method on the same layer and tokens), as JPEGs that work in a static page."""
+    views = segmenter.observe([item.image for item in items], layers, attention="cls_attention" in methods)
+    tiles = []
+    for item, view in zip(items, views):
+        truth = object_map(item)
+        count = n_segments or len(np.unique(truth[truth >= 0]))
+        photo = np.asarray(item.image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+        small = upsample_labels(truth, size, size)
+        row = []
+        for layer in layers:
+            pictures = [photo, _truth_picture(photo, small)] + [
+                draw_segments(photo, upsample_labels(segmenter.token_labels(view[layer], count, m), size, size))
+                for m in methods]
+            caption = (f"{getattr(item, 'id', '')}, L{layer}, {count} segments: image, ground truth, "
+                       + ", ".join(methods))
+            row.append(picture_html(jpeg_bytes(mosaic(pictures, len(pictures), gap=4), quality),
+                                    width=len(pictures) * (size + 4), caption=caption))
+        tiles.append(row)
+    wrapped = [[widgets.HTML(tile) for tile in row] for row in tiles]
+    labels = ([str(getattr(item, "id", i)) for i, item in enumerate(items)], [f"L{layer}" for layer in layers])
+    return nested_stack(wrapped, ("image", "layer"), values=labels)
+
+
+def metric_table(rows_by_model: Mapping[str, list[dict]], resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
+    """One row per model, method, layer and metric: the mean over images with its 95 % bootstrap interval."""
+    records = []
+    for model, rows in rows_by_model.items():
+        for metric in METRICS:
+            for (method, layer), interval in summarise(rows, metric, resamples, seed).items():
+                records.append({"model": model, "method": method, "layer": layer, "metric": metric,
+                                "mean": interval.estimate, "low": interval.low, "high": interval.high,
+                                "images": interval.units})
+    return pd.DataFrame(records)
+
+
+def metric_chart(table: pd.DataFrame, metric: str = "miou") -> alt.FacetChart:
+    """Mean per layer with 95 % intervals, one line per method, one panel per model; the grid (no layer) is a
+    dashed rule with its band."""
+    rows = table[table["metric"] == metric]
+    layered, grid = rows[rows["layer"].notna()], rows[rows["layer"].isna()].drop(columns="layer")
+    x = alt.X("layer:Q", title="layer (0-based)", axis=alt.Axis(tickMinStep=1))
+    colour = alt.Color("method:N", sort=list(METHODS))
+    line = alt.Chart().mark_line(point=True).encode(x=x, y=alt.Y("mean:Q", title=METRICS[metric]), color=colour,
+                                                   tooltip=["method", "layer", "mean", "low", "high", "images"])
+    bars = alt.Chart().mark_errorbar().encode(x=x, y="low:Q", y2="high:Q", color=colour)
+    layers = [line, bars]
+    if len(grid):
+        layers.append(alt.Chart(inline(grid)).mark_rule(strokeDash=[4, 3], color="grey").encode(y="mean:Q"))
+    return alt.layer(*layers, data=inline(layered)).facet(facet="model:N", columns=PANELS_PER_ROW).properties(
+        title=f"{METRICS[metric]} per layer, 95 % intervals over images (dashed: the grid)")
+
+
+def difference_table(rows_by_model: Mapping[str, list[dict]], defaults: Mapping[str, int], layers: Sequence[int],
+                     resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
+    """The modes against each baseline on the same images (paired, 95 % interval over images): at each layer
+    against k-means on that layer's tokens (the features the modes come from), and at the methods' default
+    layers against every baseline."""
+    records = []
+    for model, rows in rows_by_model.items():
+        pairs = [(("modes", layer), ("kmeans", layer)) for layer in layers]
+        pairs += [(("modes", defaults["modes"]), (method, defaults[method])) for method in METHODS if method != "modes"]
+        for first, second in pairs:
+            for metric in METRICS:
+                interval = paired_difference(rows, first, second, metric, resamples, seed)
+                records.append({"model": model, "metric": metric, "modes_layer": first[1], "against": second[0],
+                                "against_layer": second[1], "difference": interval.estimate, "low": interval.low,
+                                "high": interval.high, "images": interval.units})
+    return pd.DataFrame(records)
+
+
+def timing_table(segmenters: Mapping[str, Segmenter], images: Sequence, n_segments: int = 6,
+                 methods: Sequence[str] = tuple(METHODS)) -> pd.DataFrame:
+    """Wall seconds per image of each method's full call (forward pass included; one warm-up call first), median
+    and largest over ``images``, per model."""
+    records = []
+    for model, segmenter in segmenters.items():
+        for method in methods:
+            segmenter(images[0], n_segments, method)
+            seconds = []
+            for image in images:
+                start = time.perf_counter()
+                segmenter(image, n_segments, method)
+                seconds.append(time.perf_counter() - start)
+            records.append({"model": model, "method": method, "layer": segmenter.default_layer(method),
+                            "median_s": float(np.median(seconds)), "max_s": float(np.max(seconds)),
+                            "images": len(seconds)})
+    return pd.DataFrame(records)
+
+
+def probe_table(results: Mapping[tuple[str, str, int | None], ProbeResult], resamples: int = RESAMPLES,
+                seed: int = 0) -> pd.DataFrame:
+    """``results[(model, features, layer)]`` -> one row each: accuracy with its 95 % interval over images, chance
+    (the largest class's share) and each class's accuracy."""
+    records = []
+    for (model, features, layer), result in results.items():
+        interval = result.interval(resamples, seed)
+        _, counts = np.unique(result.labels, return_counts=True)
+        records.append({"model": model, "features": features, "layer": layer, "accuracy": interval.estimate,
+                        "low": interval.low, "high": interval.high, "chance": counts.max() / counts.sum(),
+                        "images": interval.units, **{f"class {k}": v for k, v in result.per_class().items()}})
+    return pd.DataFrame(records)
