@@ -403,6 +403,10 @@ class Segmenter:
         """The layer ``method`` uses when none is given (see the module docstring)."""
         return _method(method).default_layer(self.info.num_layers)
 
+    def default_layers(self) -> dict[str, int | None]:
+        """``{method: its default layer}``, None for the grid (no layer): the keys of :func:`evaluate`'s rows."""
+        return {method: self.default_layer(method) if chosen.forward else None for method, chosen in METHODS.items()}
+
     def observe(self, images: Sequence, layers: Sequence[int], attention: bool = True) -> list[dict[int, LayerTokens]]:
         """One forward pass over ``images`` (PIL or uint8 arrays; whole images, see :func:`whole_image_pixels`):
         for each image, ``{layer: LayerTokens}``. ``attention=False`` skips the attention probabilities
@@ -493,10 +497,15 @@ def iou_matrix(labels: np.ndarray, masks, background: bool = True, ignore=None) 
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
         raise SegmentError(f"labels must be an integer [H, W] map, got {labels.dtype} of shape {labels.shape}")
     regions, valid = _regions(masks, labels.shape, background, ignore)
-    flat = labels.ravel()
-    segments = (flat[None] == np.unique(flat[valid])[:, None]) & valid  # [S, P]
-    inter = segments.astype(np.float64) @ regions.T.astype(np.float64)
-    union = segments.sum(1)[:, None] + regions.sum(1)[None] - inter
+    _, segment = np.unique(labels.ravel(), return_inverse=True)
+    count = int(segment.max()) + 1
+    # Counting pixels per (segment, region) with bincount: linear in the pixels, no [S, P] one-hot products.
+    inter = np.stack([np.bincount(segment[region], minlength=count) for region in regions], 1).astype(np.float64) \
+        if len(regions) else np.zeros((count, 0))
+    sizes = np.bincount(segment[valid], minlength=count).astype(np.float64)
+    present = sizes > 0  # segments that lie wholly on void pixels do not count
+    inter, sizes = inter[present], sizes[present]
+    union = sizes[:, None] + regions.sum(1)[None] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 

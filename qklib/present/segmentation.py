@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from ..core.images import ImageError, image_from_bytes
 from ..recognition import ProbeResult
 from ..segmentation import METHODS, Segmenter, object_map, paired_difference, summarise, upsample_labels
 from ..stats import RESAMPLES
@@ -90,7 +91,7 @@ def metric_chart(table: pd.DataFrame, metric: str = "miou") -> alt.FacetChart:
     x = alt.X("layer:Q", title="layer (0-based)", axis=alt.Axis(tickMinStep=1))
     colour = alt.Color("method:N", sort=list(METHODS))
     line = alt.Chart().mark_line(point=True).encode(x=x, y=alt.Y("mean:Q", title=METRICS[metric]), color=colour,
-                                                   tooltip=["method", "layer", "mean", "low", "high", "images"])
+                                                   tooltip=["method:N", "layer:Q", "mean:Q", "low:Q", "high:Q", "images:Q"])
     bars = alt.Chart().mark_errorbar().encode(x=x, y="low:Q", y2="high:Q", color=colour)
     layers = [line, bars]
     if len(grid):
@@ -99,7 +100,7 @@ def metric_chart(table: pd.DataFrame, metric: str = "miou") -> alt.FacetChart:
         title=f"{METRICS[metric]} per layer, 95 % intervals over images (dashed: the grid)")
 
 
-def difference_table(rows_by_model: Mapping[str, list[dict]], defaults: Mapping[str, int], layers: Sequence[int],
+def difference_table(rows_by_model: Mapping[str, list[dict]], defaults: Mapping[str, int | None], layers: Sequence[int],
                      resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
     """The modes against each baseline on the same images (paired, 95 % interval over images): at each layer
     against k-means on that layer's tokens (the features the modes come from), and at the methods' default
@@ -148,3 +149,97 @@ def probe_table(results: Mapping[tuple[str, str, int | None], ProbeResult], resa
                         "low": interval.low, "high": interval.high, "chance": counts.max() / counts.sum(),
                         "images": interval.units, **{f"class {k}": v for k, v in result.per_class().items()}})
     return pd.DataFrame(records)
+
+
+# --- the live explorer --------------------------------------------------------------------------------------
+
+def explore_segments(segmenters: Mapping[str, Segmenter], images: Mapping[str, Image.Image], size: int = 320,
+                     quality: int = 85) -> widgets.VBox:
+    """Live: any model, method, layer and number of segments on any of ``images`` ({name: PIL image}) or on an
+    image the reader uploads (a file that is not an image shows its reason and changes nothing)."""
+    if not images or not segmenters:
+        raise ValueError("explore_segments needs at least one segmenter and one image")
+    images = dict(images)
+    first = next(iter(segmenters.values()))
+    pick_model = widgets.Dropdown(options=list(segmenters), description="model")
+    pick_image = widgets.Dropdown(options=list(images), description="image")
+    method = widgets.Dropdown(options=list(METHODS), description="method")
+    layer = widgets.IntSlider(value=first.default_layer("modes"), min=0, max=first.info.num_layers - 1,
+                              description="layer", continuous_update=False)
+    count = widgets.IntSlider(value=4, min=1, max=16, description="segments", continuous_update=False)
+    upload = widgets.FileUpload(accept="image/*", multiple=False, description="upload")
+    picture, message = widgets.Image(format="jpeg"), widgets.HTML("")
+
+    def redraw(*_):
+        image = images[pick_image.value]
+        labels = segmenters[pick_model.value](image, count.value, method.value, layer.value)
+        photo = np.asarray(image.convert("RGB"))
+        scale = size / max(photo.shape[:2])
+        shape = (max(1, round(photo.shape[1] * scale)), max(1, round(photo.shape[0] * scale)))
+        small = np.asarray(Image.fromarray(photo).resize(shape, Image.Resampling.BILINEAR))
+        picture.value = jpeg_bytes(draw_segments(small, upsample_labels(labels, *small.shape[:2])), quality)
+
+    def uploaded(change):
+        for name, data in [(str(f.get("name", "upload")), bytes(f.get("content", b""))) for f in change["new"] or ()]:
+            try:
+                images[name] = image_from_bytes(data, name)
+            except ImageError as error:
+                message.value = f"<span style='color:#b00'>{error}</span>"
+                return
+            message.value = ""
+            pick_image.options = list(images)
+            pick_image.value = name
+
+    for control in (pick_model, pick_image, method, layer, count):
+        control.observe(redraw, names="value")
+    upload.observe(uploaded, names="value")
+    redraw()
+    return widgets.VBox([widgets.HBox([pick_model, pick_image, upload]), widgets.HBox([method, layer, count]),
+                         message, picture])
+
+
+# --- what we found ------------------------------------------------------------------------------------------
+
+QUESTION = "Do the QK modes segment objects better than the token features they come from?"
+
+
+def _verdict(interval) -> str:
+    """How a paired difference's 95 % interval reads: wholly above zero, wholly below, or across it."""
+    if interval.low > 0:
+        return "better"
+    if interval.high < 0:
+        return "worse"
+    return "not distinguishable"
+
+
+def findings(rows_by_model: Mapping[str, list[dict]], defaults: Mapping[str, int | None], layers: Sequence[int],
+             resamples: int = RESAMPLES, seed: int = 0, metric: str = "miou") -> dict:
+    """``{"text": one paragraph, "record": the numbers behind it}``: per model, the modes at their default layer
+    against k-means on the same tokens, against the best of the other training-free methods at its default
+    layer and against the grid (paired differences, 95 % intervals over images), and the layer where the modes
+    did best. ``defaults``: :meth:`Segmenter.default_layers`."""
+    sentences, record = [], {"question": QUESTION, "metric": metric, "models": {}}
+    for model, rows in rows_by_model.items():
+        summary = summarise(rows, metric, resamples, seed)
+        own, grid = ("modes", defaults["modes"]), ("grid", defaults["grid"])
+        compared = {"kmeans": ("kmeans", own[1]), "grid": grid}
+        compared["best"] = max([(m, defaults[m]) for m in METHODS if m not in ("modes", "grid")],
+                               key=lambda key: summary[key].estimate)
+        differences = {name: paired_difference(rows, own, key, metric, resamples, seed) for name, key in compared.items()}
+        best_layer = max((layer for layer in layers if ("modes", layer) in summary),
+                         key=lambda layer: summary["modes", layer].estimate)
+        best = compared["best"]
+        sentences.append(
+            f"{model}: the modes at L{own[1]} reach {METRICS[metric]} {summary[own]}; k-means on the same tokens "
+            f"{summary[compared['kmeans']]}, so the modes are {_verdict(differences['kmeans'])} (difference "
+            f"{differences['kmeans']}). The best other method at its own layer, {best[0]} L{best[1]}, reaches "
+            f"{summary[best]}: the modes are {_verdict(differences['best'])} (difference {differences['best']}); "
+            f"against the grid ({summary[grid]}) they are {_verdict(differences['grid'])}. The modes did best at "
+            f"L{best_layer} ({summary['modes', best_layer]}).")
+        record["models"][model] = {
+            "modes_layer": own[1], "modes": summary[own].as_dict(), "best_modes_layer": best_layer,
+            "best_baseline": best[0], "best_baseline_layer": best[1], "images": summary[own].units,
+            **{f"{name}_score": summary[key].as_dict() for name, key in compared.items()},
+            **{f"against_{name}": differences[name].as_dict() for name in compared},
+            **{f"against_{name}_verdict": _verdict(differences[name]) for name in compared}}
+    return {"text": " ".join(sentences), "record": record}

