@@ -165,3 +165,19 @@ def class_folders(root: str | Path, per_class: int | None = None) -> tuple[list[
             labels.append(label)
             taken[label] = taken.get(label, 0) + 1
     return paths, labels
+
+
+def probe_models(models: dict[str, nn.Module], svds: dict[str, QKSVD], images: Sequence, labels: Sequence,
+                 layers: Sequence[int], batch_size: int = 16, seed: int = 0) -> dict[tuple[str, str, int | None], ProbeResult]:
+    """``{(model, "class token", None) or (model, "modes", layer): ProbeResult}`` for every model, on the images
+    whose class has two images or more (:func:`common_classes`), one forward pass per batch per model."""
+    keep = common_classes(labels)
+    images = [image for image, kept in zip(images, keep) if kept]
+    labels = np.asarray(labels)[keep]
+    results = {}
+    for label, model in models.items():
+        found = image_features(model, svds[label], images, layers, batch_size)
+        results[label, "class token", None] = probe(found["class_token"], labels, seed=seed)
+        for layer, features in found["modes"].items():
+            results[label, "modes", layer] = probe(features, labels, seed=seed)
+    return results

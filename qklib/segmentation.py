@@ -43,6 +43,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import timm.data
@@ -52,11 +53,14 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.transforms import functional as TF
 
+from .ade20k import load_ade20k
 from .core.extract import record
 from .core.models import info
 from .core.svd import QKSVD, QKWeights, append_one, one_thread, qk_svd_from_weights, qk_weights
 from .modes import RULE_DEPTHS, rule_layers
+from .o3 import generate_scenes, load_o3
 from .stats import RESAMPLES, Interval, bootstrap
+from .voc import load_voc
 
 
 class SegmentError(ValueError):
@@ -429,7 +433,8 @@ class Segmenter:
             view = LayerTokens(0, torch.empty(0), None, self.info.prefix_tokens, self.info.grid)
         if chosen.attention and view.attention is None:
             raise SegmentError(f"method {method!r} needs the attention probabilities: observe with attention=True")
-        labels = chosen.run(self, view, n_segments, **options).reshape(view.grid)
+        with one_thread():  # [N, N] matrices of a few hundred tokens: threads cost more than they save
+            labels = chosen.run(self, view, n_segments, **options).reshape(view.grid)
         return labels if method in ("cls_attention", "grid") else first_seen_order(labels)
 
     def check_segments(self, n_segments) -> None:
@@ -635,3 +640,19 @@ def paired_difference(rows: list[dict], first: tuple[str, int | None], second: t
     images = [image for image in by_key[first] if image in by_key[second]]
     differences = np.array([by_key[first][image] - by_key[second][image] for image in images])
     return bootstrap(differences, resamples=resamples, seed=seed)
+
+
+def datasets(results_dir: str | Path, n_scenes: int, seed: int = 0, o3_dir=None, o3_layout=None, ade20k_dir=None,
+             voc_dir=None, max_images: int = 100) -> dict[str, Sequence]:
+    """§8's data, ``{description: items}``: ``n_scenes`` generated scenes with exact masks (always, written once
+    under ``results_dir``), then each folder given: O3 (a seeded choice of ``max_images``), ADE20K and Pascal
+    VOC (the first ``max_images``)."""
+    found = {f"{n_scenes} generated scenes (seed {seed})":
+             generate_scenes(Path(results_dir) / f"scenes-224px-seed{seed}", n_scenes, seed=seed)}
+    if o3_dir:
+        found[f"O3 ({max_images} at most)"] = load_o3(o3_dir, o3_layout, limit=max_images, seed=seed)
+    if ade20k_dir:
+        found[f"ADE20K ({max_images} at most)"] = load_ade20k(ade20k_dir, limit=max_images)
+    if voc_dir:
+        found[f"Pascal VOC ({max_images} at most)"] = load_voc(voc_dir, limit=max_images)
+    return found

@@ -82,3 +82,12 @@ def test_class_folders(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "stray.png")
     with pytest.raises(ImageError, match="not in a class subfolder"):
         rec.class_folders(tmp_path)
+
+
+def test_probe_models_drops_lonely_classes_and_keys_every_feature_set(tiny_vit):
+    model, svd = tiny_vit
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in range(7)]
+    results = rec.probe_models({"tiny": model}, {"tiny": svd}, images, list("aaabbbc"), [0, 2], batch_size=4)
+    assert set(results) == {("tiny", "class token", None), ("tiny", "modes", 0), ("tiny", "modes", 2)}
+    assert all(sorted(r.labels.tolist()) == list("aaabbb") for r in results.values())  # "c" has one image

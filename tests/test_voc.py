@@ -6,7 +6,7 @@ from PIL import Image
 
 import qklib
 from qklib.core.images import ImageError
-from qklib.segmentation import foreground_iou, miou
+from qklib.segmentation import datasets, foreground_iou, miou
 from qklib.voc import VOC_CLASSES, VOID, load_voc
 
 
@@ -103,3 +103,11 @@ def test_incomplete_folders_and_bad_masks_are_refused(tmp_path):
         load_voc(tmp_path, split="train")[0]
     with pytest.raises(ImageError, match="limit must be >= 1"):
         load_voc(tmp_path, split="train", limit=0)
+
+
+def test_the_chapters_datasets_hold_the_scenes_and_each_folder_given(tmp_path):
+    write_voc(tmp_path / "voc", count=2)
+    found = datasets(tmp_path / "results", 2, seed=1, voc_dir=tmp_path / "voc", max_images=1)
+    assert list(found) == ["2 generated scenes (seed 1)", "Pascal VOC (1 at most)"]
+    assert len(found["2 generated scenes (seed 1)"]) == 2 and len(found["Pascal VOC (1 at most)"]) == 1
+    assert found["2 generated scenes (seed 1)"][0].objects.max() >= 4  # exact instance masks
