@@ -45,6 +45,7 @@ def test_findings_read_the_paired_intervals():
 def test_difference_table_pairs_each_layer_and_each_default():
     table = figures.difference_table({"trained": _rows(0.5, 0.3, 0.6)}, DEFAULTS, [1], resamples=200)
     miou = table[table["metric"] == "miou"]
+    assert set(miou["method"]) == {"modes"}
     assert miou["against"].tolist() == ["kmeans", "kmeans", "tokencut", "cls_attention", "grid"]
     assert miou["against_layer"].tolist()[:4] == [1, 11, 11, 11] and np.isnan(miou["against_layer"].iloc[4])
     assert miou["difference"].tolist() == pytest.approx([0.2, -0.1, -0.1, -0.05, 0.4])

@@ -270,11 +270,19 @@ def test_a_foreign_svd_is_refused(embedded_model, tiny_vit):
 
 
 def test_evaluate_scores_every_method_and_layer_like_the_direct_calls(segmenter, scenes):
-    rows = seg.evaluate(segmenter, scenes[:3], methods=("modes", "grid", "cls_attention"), layers=[1, 11],
+    every = seg.Variant("every mode", "modes", {"cos_min": None})
+    rows = seg.evaluate(segmenter, scenes[:3], methods=("modes", "grid", "cls_attention", every), layers=[1, 11],
                         batch_size=2)
-    assert len(rows) == 3 * (2 + 1 + 2)
+    assert len(rows) == 3 * (2 + 1 + 2 + 2)
     assert {(r["method"], r["layer"]) for r in rows} == {("modes", 1), ("modes", 11), ("grid", None),
-                                                          ("cls_attention", 1), ("cls_attention", 11)}
+                                                          ("cls_attention", 1), ("cls_attention", 11),
+                                                          ("every mode", 1), ("every mode", 11)}
+    variant = next(r for r in rows if r["image"] == scenes[2].id and r["method"] == "every mode" and r["layer"] == 1)
+    truth = scenes[2].objects.astype(np.int64)
+    direct = segmenter(scenes[2].image, len(np.unique(truth)), "modes", 1, cos_min=None)
+    assert variant["miou"] == pytest.approx(miou(direct, truth))
+    with pytest.raises(SegmentError, match="takes no option"):
+        seg.evaluate(segmenter, scenes[:1], methods=(seg.Variant("x", "grid", {"tau": 1}),))
     item = scenes[1]
     truth = item.objects.astype(np.int64)
     direct = segmenter(item.image, len(np.unique(truth)), "modes", 11)

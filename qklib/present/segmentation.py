@@ -100,22 +100,29 @@ def metric_chart(table: pd.DataFrame, metric: str = "miou") -> alt.FacetChart:
         title=f"{METRICS[metric]} per layer, 95 % intervals over images (dashed: the grid)")
 
 
-def difference_table(rows_by_model: Mapping[str, list[dict]], defaults: Mapping[str, int | None], layers: Sequence[int],
-                     resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
-    """The modes against each baseline on the same images (paired, 95 % interval over images): at each layer
-    against k-means on that layer's tokens (the features the modes come from), and at the methods' default
-    layers against every baseline."""
+def pair_table(rows_by_model: Mapping[str, list[dict]], pairs: Sequence[tuple[tuple, tuple]],
+               resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
+    """For each model, pair ``(first, second)`` of ``(method, layer)`` keys and metric: the mean over images of
+    first minus second on the same images, with its paired 95 % bootstrap interval over images."""
     records = []
     for model, rows in rows_by_model.items():
-        pairs = [(("modes", layer), ("kmeans", layer)) for layer in layers]
-        pairs += [(("modes", defaults["modes"]), (method, defaults[method])) for method in METHODS if method != "modes"]
         for first, second in pairs:
             for metric in METRICS:
                 interval = paired_difference(rows, first, second, metric, resamples, seed)
-                records.append({"model": model, "metric": metric, "modes_layer": first[1], "against": second[0],
-                                "against_layer": second[1], "difference": interval.estimate, "low": interval.low,
-                                "high": interval.high, "images": interval.units})
+                records.append({"model": model, "metric": metric, "method": first[0], "layer": first[1],
+                                "against": second[0], "against_layer": second[1], "difference": interval.estimate,
+                                "low": interval.low, "high": interval.high, "images": interval.units})
     return pd.DataFrame(records)
+
+
+def difference_table(rows_by_model: Mapping[str, list[dict]], defaults: Mapping[str, int | None], layers: Sequence[int],
+                     resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
+    """The modes against each baseline on the same images (:func:`pair_table`): at each layer against k-means on
+    that layer's tokens (the features the modes come from), and at the methods' default layers against every
+    baseline. ``defaults``: :meth:`Segmenter.default_layers`."""
+    pairs = [(("modes", layer), ("kmeans", layer)) for layer in layers]
+    pairs += [(("modes", defaults["modes"]), (method, defaults[method])) for method in METHODS if method != "modes"]
+    return pair_table(rows_by_model, pairs, resamples, seed)
 
 
 def timing_table(segmenters: Mapping[str, Segmenter], images: Sequence, n_segments: int = 6,
