@@ -60,7 +60,7 @@ o3_layout = {}  # O3 folder names where they differ from qklib.o3.O3Layout
 ade20k_dir = ""  # an ADE20K folder (qklib.ade20k); empty: not used
 voc_dir = ""  # a Pascal VOC year folder (JPEGImages, SegmentationObject, SegmentationClass); empty: not used
 image_dir = ""  # an ImageNet-style folder (one subfolder per class) for the recognition probe; empty: not used
-max_images = 100  # at most this many images of each folder given
+max_images = 100  # at most this many images of each folder given (of each class for image_dir)
 layers = [1, 6, 11]  # layers every method is scored on (0-based); each method's default layer is added
 n_segments = 0  # segments per image; 0: as many as each image has ground-truth regions
 shown_images = 4  # images in the side-by-side pictures
@@ -223,7 +223,7 @@ glue("s8_slowest", float(timings["median_s"].max()), display=False)
 probes = recognition.probe_models(loaded, svds, [item.image for item in scenes], [item.info["shape"] for item in scenes],
                                   layers, p.batch_size, p.seed)
 if p.image_dir:
-    paths, labels = recognition.class_folders(p.image_dir, per_class=max(2, p.max_images // 10))
+    paths, labels = recognition.class_folders(p.image_dir, per_class=p.max_images)
     found = recognition.probe_models(loaded, svds, [open_rgb(path) for path in paths], labels, layers, p.batch_size, p.seed)
     probes |= {(f"{label} (image_dir)", features, layer): result for (label, features, layer), result in found.items()}
 probe_results = figures.probe_table(probes, p.resamples, p.seed)
