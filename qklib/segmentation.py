@@ -337,20 +337,23 @@ def _grid(segmenter, view: LayerTokens, n_segments: int) -> np.ndarray:
 @dataclass(frozen=True)
 class Method:
     """One segmenter: ``run(segmenter, view, n_segments, **options) -> [N]`` labels; its default layer as a
-    function of the model's layer count; whether it needs the attention probabilities or a forward pass."""
+    function of the model's layer count; whether it needs the attention probabilities or a forward pass; whether
+    its labels carry meaning (``ordered``: kept as they are) or are arbitrary cluster ids (renumbered in raster
+    order of first appearance)."""
 
     run: Callable
     default_layer: Callable[[int], int]
     attention: bool = False
     forward: bool = True
+    ordered: bool = False
 
 
 METHODS: dict[str, Method] = {
     "modes": Method(_modes, lambda layers: rule_layers(layers, RULE_DEPTHS[:1])[0]),
     "kmeans": Method(_kmeans, lambda layers: layers - 1),
     "tokencut": Method(_tokencut, lambda layers: layers - 1),
-    "cls_attention": Method(_cls_attention, lambda layers: layers - 1, attention=True),
-    "grid": Method(_grid, lambda layers: 0, forward=False),
+    "cls_attention": Method(_cls_attention, lambda layers: layers - 1, attention=True, ordered=True),
+    "grid": Method(_grid, lambda layers: 0, forward=False, ordered=True),
 }
 
 
@@ -438,7 +441,7 @@ class Segmenter:
             raise SegmentError(f"method {method!r} needs the attention probabilities: observe with attention=True")
         with one_thread():  # [N, N] matrices of a few hundred tokens: threads cost more than they save
             labels = chosen.run(self, view, n_segments, **options).reshape(view.grid)
-        return labels if method in ("cls_attention", "grid") else first_seen_order(labels)
+        return labels if chosen.ordered else first_seen_order(labels)
 
     def check_segments(self, n_segments) -> None:
         rows, cols = self.info.grid

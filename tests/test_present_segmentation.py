@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from qklib.present import segmentation as figures
+from qklib.recognition import ProbeResult
 
 DEFAULTS = {"modes": 1, "kmeans": 11, "tokencut": 11, "cls_attention": 11, "grid": None}
 
@@ -49,3 +50,12 @@ def test_difference_table_pairs_each_layer_and_each_default():
     assert miou["against"].tolist() == ["kmeans", "kmeans", "tokencut", "cls_attention", "grid"]
     assert miou["against_layer"].tolist()[:4] == [1, 11, 11, 11] and np.isnan(miou["against_layer"].iloc[4])
     assert miou["difference"].tolist() == pytest.approx([0.2, -0.1, -0.1, -0.05, 0.4])
+
+
+def test_probe_table_reads_accuracy_chance_and_classes():
+    results = {("m", "class token", None): ProbeResult(np.array(list("aaab")), np.array(list("aabb")), 2),
+               ("m", "modes", 3): ProbeResult(np.array(list("aaab")), np.array(list("aaab")), 2)}
+    table = figures.probe_table(results, resamples=100)
+    assert table["accuracy"].tolist() == [0.75, 1.0] and table["chance"].tolist() == [0.75, 0.75]
+    assert table["class a"].tolist() == pytest.approx([2 / 3, 1.0]) and table["class b"].tolist() == [1.0, 1.0]
+    assert table["layer"].isna().tolist() == [True, False] and table["layer"].iloc[1] == 3

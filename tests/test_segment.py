@@ -254,6 +254,8 @@ def test_unknown_methods_options_and_non_images_are_refused(embedded_model):
         qklib.segment(embedded_model, np.zeros((8, 8, 4), np.uint8), 2)
     with pytest.raises(SegmentError, match="empty"):
         qklib.segment(embedded_model, np.zeros((0, 8, 3), np.uint8), 2)
+    with pytest.raises(ValueError, match=r"out of range: the model has layers 0..11"):
+        qklib.segment(embedded_model, HALVES, 2, "modes", layer=12)
 
 
 def test_class_token_attention_needs_a_class_token():

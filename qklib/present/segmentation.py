@@ -138,10 +138,12 @@ def timing_table(segmenters: Mapping[str, Segmenter], images: Sequence, n_segmen
                 start = time.perf_counter()
                 segmenter(image, n_segments, method)
                 seconds.append(time.perf_counter() - start)
-            records.append({"model": model, "method": method, "layer": segmenter.default_layer(method),
+            records.append({"model": model, "method": method, "layer": segmenter.default_layers()[method],
                             "median_s": float(np.median(seconds)), "max_s": float(np.max(seconds)),
                             "images": len(seconds)})
-    return pd.DataFrame(records)
+    table = pd.DataFrame(records)
+    table["layer"] = table["layer"].astype("Int64")
+    return table
 
 
 def probe_table(results: Mapping[tuple[str, str, int | None], ProbeResult], resamples: int = RESAMPLES,
@@ -155,7 +157,9 @@ def probe_table(results: Mapping[tuple[str, str, int | None], ProbeResult], resa
         records.append({"model": model, "features": features, "layer": layer, "accuracy": interval.estimate,
                         "low": interval.low, "high": interval.high, "chance": counts.max() / counts.sum(),
                         "images": interval.units, **{f"class {k}": v for k, v in result.per_class().items()}})
-    return pd.DataFrame(records)
+    table = pd.DataFrame(records)
+    table["layer"] = table["layer"].astype("Int64")  # the class token has no layer: <NA>, not 1.000 beside NaN
+    return table
 
 
 # --- the live explorer --------------------------------------------------------------------------------------
