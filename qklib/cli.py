@@ -13,11 +13,12 @@ import json
 import os
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 from .core.models import DEFAULT_MODEL, RANDOM, ModelError, convert, load_model, model_name
 from .core.official import IJEPA_PARTS, PREDICTOR_ARCH
-from .core.paper_models import format_table
+from .core.paper_models import format_table, models_table
 from .core.svd import NULL_DRAWS, NULL_SEED, layer_null_band, null_band, qk_svd
 from .search import MergeError, merge, parse_shard, search, shard_filename
 from .search.checkpoint import DEFAULT_EVERY, DEFAULT_SECONDS, Checkpoint
@@ -104,12 +105,19 @@ def _cosine(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models(_args: argparse.Namespace) -> int:
-    print(format_table())
-    print("\nloads as: a timm name (python -m qklib cosine NAME), or weights=FILE (python -m qklib cosine --weights FILE "
-          "[--part predictor]); 'python -m qklib convert FILE --out model.safetensors' writes any of them once in "
-          "timm's format. bilinear: whether the score is exactly x_i^T W_q^T W_k x_j. offline now: whether the "
-          "weights are in the local cache (file: the authors' checkpoint is needed).")
+def _models(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(models_table(), indent=1))
+        return 0
+    print(format_table(wide=args.wide))
+    legend = ("loads as: a timm name (python -m qklib cosine NAME), or weights=FILE (python -m qklib cosine --weights "
+              "FILE [--part predictor]); 'python -m qklib convert FILE --out model.safetensors' writes any of them once "
+              "in timm's format. offline now: whether the weights are in the local cache (file: the authors' "
+              "checkpoint is needed). bilinear: whether the score is exactly x_i^T W_q^T W_k x_j.")
+    if not args.wide:
+        legend = ("L x H x d_k: layers x heads x head dim. " + legend.replace("offline now:", "offline:")
+                  + " --wide adds family, prefix tokens and bilinear; --json gives the table as data.")
+    print("\n" + (legend if args.wide else textwrap.fill(legend, 100)))
     return 0
 
 
@@ -205,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                     f"commands:\n{listing}\n\n'python -m qklib COMMAND --help' shows a command's options.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands above")
     models = sub.add_parser("models", description=COMMANDS["models"] + ".")
+    shape = models.add_mutually_exclusive_group()
+    shape.add_argument("--wide", action="store_true", help="every column on one line per model (about 230 columns)")
+    shape.add_argument("--json", action="store_true", help="the table as a JSON list, one object per model")
     models.set_defaults(run=_models)
     cosine = sub.add_parser("cosine", description="Per-layer weighted cosine between the left and right singular "
                             f"vectors of W_q^T W_k (paper §4). The model defaults to {DEFAULT_MODEL}.")

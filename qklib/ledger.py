@@ -198,19 +198,21 @@ def _cosine_measure(svd: QKSVD, folded: QKSVD | None, effect: float, band, resam
 def modes_record(label: str, same, control, ablation_rows: Sequence[dict], gallery_images: int, masked: str,
                  gallery: str = "default gallery", natural_gallery: bool = False,
                  variant: str = "same instance, background counted as one more object", resamples: int = RESAMPLES,
-                 seed: int = 0) -> Record:
+                 seed: int = 0, mismatched=None) -> Record:
     """§5's record for the chapter's model ``label``: same-object probability per head and layer with chance and
     the random-init control (``same``, ``control``: ``qklib.same_object.SameObject``), the ablation of four
     mode rankings per image-head case (``ablation_rows``: ``qklib.modes.ablation``), and how many images the
     optimal-image search scored (``natural_gallery``: whether they include a folder of natural images, the data
     the paper's reading of optimal images needs). ``masked``: what the images with object masks are (e.g.
-    "generated scenes"); ``gallery``: the searched folder."""
+    "generated scenes"); ``gallery``: the searched folder; ``mismatched``: the same statistic with every key
+    direction paired with another mode's (``qklib.same_object.mismatched``), a stronger null, or None."""
     rows = pd.DataFrame(list(ablation_rows))
     ablation = {"cases": {name: _floats(rows[name]) for name in RANKINGS}, "count": int(rows["count"].iloc[0]),
                 "resamples": int(resamples), "seed": int(seed)}
     entry = _entry(label, same_object={"layers": [int(v) for v in same.layers],
                                        "heads": [_floats(layer) for layer in np.asarray(same.per_head)],
                                        "chance": _floats(same.chance_layer), "control": _floats(control.per_layer),
+                                       "mismatched": None if mismatched is None else _floats(mismatched.per_layer),
                                        "variant": variant, "resamples": int(resamples), "seed": int(seed)},
                    ablation=ablation, optimal_images={"images": int(gallery_images), "natural": bool(natural_gallery)})
     layers = ", ".join(f"L{layer}" for layer in sorted(rows["layer"].unique()))
@@ -383,8 +385,16 @@ def _same_object_falls(m: dict) -> Judgement:
     return Judgement(decide(drop, 0.0), (
         f"L{layers[0]}–L{layers[half - 1]} minus L{layers[half]}–L{layers[-1]}: {drop.text()} (interval over heads); "
         f"every layer: " + " ".join(f"{v:.2f}" for v in values) + f"; chance "
-        f"{np.nanmean(_array(m['chance'])):.2f}, random-init control {np.nanmean(_array(m['control'])):.2f} "
-        f"({m['variant']})"), drop)
+        f"{np.nanmean(_array(m['chance'])):.2f}, random-init control {np.nanmean(_array(m['control'])):.2f}"
+        + _mismatched(m) + f" ({m['variant']})"), drop)
+
+
+def _mismatched(m: dict) -> str:
+    if not m.get("mismatched"):
+        return ""
+    values = _array(m["mismatched"])
+    return (f", mismatched-mode null (each query direction with another mode's key direction) "
+            f"{np.nanmin(values):.2f}–{np.nanmax(values):.2f}")
 
 
 def _biases_negligible(m: dict) -> Judgement:
@@ -581,7 +591,8 @@ CLAIMS: tuple[Claim, ...] = (
           "early layers than in late ones.", "s5_modes", "same_object",
           "P(same object) in the first half of the layers minus the second half is positive (its interval lies "
           "above 0)", _same_object_falls, statistic=f"P(same object) per head, s_n-weighted as Fig 6; {OVER_HEADS}",
-          null="chance (the two objects drawn independently) and the random-init control, both printed",
+          null="chance (the two objects drawn independently), the random-init control and, where computed, the "
+               "trained modes with mismatched query and key directions, all printed",
           paper_data="ADE20K, every object segmented (`ade20k_dir`)"),
     Claim("s5-fig5-ranking", "§5, Fig 5, S17–S19", "An image's modes ordered by their contribution to the attention "
           "score (summed over token pairs) are the modes that shape its attention.", "s5_modes", "ablation",

@@ -311,26 +311,6 @@ def map_correlation(svd: QKSVD, tokens: torch.Tensor, layer: int, head: int, mod
     return float(torch.corrcoef(torch.stack([query, key]))[0, 1])
 
 
-def map_correlations(model, svd: QKSVD, batches, chosen) -> list[float]:
-    """:func:`map_correlation` of each ``(layer, head, mode, sign)`` in ``chosen`` pooled over all image tokens
-    of all images in ``batches`` (an iterable of lists of PIL images), accumulated batch by batch."""
-    chosen = list(chosen)
-    layers = sorted({c[0] for c in chosen})
-    sums = torch.zeros(len(chosen), 6, dtype=torch.float64)  # n, q, k, qq, kk, qk
-    for images in batches:
-        recorded = record(model, to_pixels(model, list(images)), layers=layers)
-        for c, (layer, head, mode, _sign) in enumerate(chosen):
-            x = recorded.tokens[layers.index(layer)][:, recorded.prefix_tokens:].reshape(-1, svd.dim).double()
-            q, k = x @ svd.U[layer, head, :, mode], x @ svd.V[layer, head, :, mode]
-            sums[c] += torch.stack([torch.tensor(float(len(q)), dtype=torch.float64), q.sum(), k.sum(),
-                                    (q * q).sum(), (k * k).sum(), (q * k).sum()])
-    n, q, k, qq, kk, qk = sums.unbind(1)
-    if (n < 2).any():
-        raise ValueError("map_correlations needs at least one image with two or more image tokens")
-    cov, var_q, var_k = qk - q * k / n, qq - q * q / n, kk - k * k / n
-    return (cov / (var_q * var_k).sqrt()).tolist()
-
-
 def position_share(maps: np.ndarray) -> float:
     """The share of a mode's map variance that token position alone explains: over ``maps [images, tokens]``, the
     variance of the per-position mean (over images) divided by the total variance. 1: every image gives the same
@@ -343,8 +323,9 @@ def position_share(maps: np.ndarray) -> float:
 def position_shares(model, svd: QKSVD, batches, chosen, draws: int = 20, seed: int = 0) -> list[dict]:
     """For each ``(layer, head, mode, sign)`` in ``chosen``: :func:`position_share` of its query map
     (``x . u_n``) and of its key map (``x . v_n``) over all images of ``batches`` (an iterable of lists of PIL
-    images), and the 97.5th percentile of each under a null that permutes every image's tokens (``draws``
-    seeded permutations: position then carries no information)."""
+    images), the 97.5th percentile of each under a null that permutes every image's tokens (``draws``
+    seeded permutations: position then carries no information), and the maps' ``correlation`` pooled over every
+    token of every image (:func:`map_correlation` over the whole gallery, from the same pass)."""
     chosen = list(chosen)
     layers = sorted({c[0] for c in chosen})
     maps: list[list[torch.Tensor]] = [[] for _ in chosen]
@@ -359,6 +340,7 @@ def position_shares(model, svd: QKSVD, batches, chosen, draws: int = 20, seed: i
         both = torch.cat(parts, dim=1).numpy()  # [2, images, N]
         shuffled = [[position_share(rng.permuted(side, axis=1)) for _ in range(draws)] for side in both]
         rows.append({"query": position_share(both[0]), "key": position_share(both[1]),
+                     "correlation": float(np.corrcoef(both[0].ravel(), both[1].ravel())[0, 1]),
                      "query_null": float(np.percentile(shuffled[0], 97.5)),
                      "key_null": float(np.percentile(shuffled[1], 97.5)), "images": both.shape[1]})
     return rows

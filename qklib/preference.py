@@ -329,14 +329,3 @@ def per_layer(table: pd.DataFrame) -> pd.DataFrame:
     half = 1.96 * stats["std"].fillna(0) / np.sqrt(stats["count"])
     stats["low"], stats["high"] = stats["mean"] - half, stats["mean"] + half
     return stats.drop(columns=["std"]).rename(columns={"count": "images"})
-
-
-def grows_with_depth(values: Sequence[float], tolerance: float = 0.005) -> tuple[bool, int, float]:
-    """Whether a per-layer curve grows with depth, as §3's verdict and the claims ledger judge it:
-    ``(grows, rising, slope)``, where ``grows`` holds when the least-squares slope over layers is positive and the
-    last layer lies above the first, ``rising`` counts the layer steps that rise by more than ``tolerance``, and
-    ``slope`` is the slope per layer."""
-    values = np.asarray(values, dtype=float)
-    slope = float(np.polyfit(np.arange(len(values)), values, 1)[0])
-    rising = int((np.diff(values) > tolerance).sum())
-    return bool(slope > 0 and values[-1] > values[0]), rising, slope

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -283,3 +283,11 @@ def same_object_probability(model, svd: QKSVD, dataset: Sequence, k: int = 5, la
     """
     return same_object_variants(model, svd, dataset, k, layers, batch_size, min_tokens, (background,),
                                 (match,))[bool(background), match]
+
+
+def mismatched(svd: QKSVD) -> QKSVD:
+    """A null for the same-object statistic that keeps everything trained but the pairing: every mode's key
+    direction replaced by the next mode's of the same head (``v_n -> v_{n+1}``, cyclically), singular values and
+    query directions unchanged. A high P(same) that survives this pairing comes from the features themselves
+    (both maps peaking on salient objects, say), not from a mode linking a query feature to its own key feature."""
+    return replace(svd, V=svd.V.roll(-1, dims=-1), notes=[*svd.notes, "key directions paired with the next mode's"])

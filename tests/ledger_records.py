@@ -107,7 +107,8 @@ def s5_record(same_values=None, by_paper_sum=0.19, by_random=0.10, natural=False
     same_values = np.linspace(0.6, 0.3, LAYERS) if same_values is None else same_values
     return ledger.modes_record(label, same_object(same_values), same_object(np.full(LAYERS, 0.1)),
                                ablation_rows(by_paper_sum, by_random), 31, "generated scenes",
-                               natural_gallery=natural, resamples=500)
+                               natural_gallery=natural, resamples=500,
+                               mismatched=same_object(np.linspace(0.07, 0.16, LAYERS)))
 
 
 def default_records(**changes) -> dict:

@@ -306,3 +306,76 @@ def test_page_works_offline(chromium, server, book, doc):
     assert not outside, f"{doc}: requests left 127.0.0.1: {outside}"
     assert not errors, f"{doc}:\n" + "\n".join(errors)
     assert not problems, f"{doc}:\n" + "\n".join(problems)
+
+
+# ------------------------------------------------------------------------------ one look across chapters
+def chart_specs(notebook_path: Path) -> list[dict]:
+    """Every altair chart's vega-lite spec in an executed notebook's HTML outputs."""
+    import nbformat
+
+    decoder, specs = json.JSONDecoder(), []
+    for cell in nbformat.read(notebook_path, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            html = output.get("data", {}).get("text/html", "")
+            start = html.rfind("})(")
+            if "vega" in html and start != -1:
+                specs.append(decoder.raw_decode(html, start + 3)[0])
+    return specs
+
+
+def model_colour_scales(node) -> list[dict]:
+    """Every colour encoding of the ``model`` field with an explicit scale, anywhere in a spec."""
+    found = []
+    if isinstance(node, dict):
+        colour = node.get("color")
+        if isinstance(colour, dict) and colour.get("field") == "model" and "scale" in colour:
+            found.append(colour["scale"])
+        for value in node.values():
+            found += model_colour_scales(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += model_colour_scales(value)
+    return found
+
+
+def colour_problems(specs_by_chapter: dict[str, list[dict]]) -> list[str]:
+    """A model with two colours anywhere in the book, a control before a trained model, small text."""
+    from qklib.ledger import is_control
+
+    seen, problems = {}, []
+    for chapter, specs in specs_by_chapter.items():
+        for index, spec in enumerate(specs):
+            if spec.get("config", {}).get("axis", {}).get("labelFontSize", 0) < 12:
+                problems.append(f"{chapter} chart {index}: axis labels under 12 px (the book's theme is off)")
+            for scale in model_colour_scales(spec):
+                domain, colours = scale.get("domain", []), scale.get("range", [])
+                controls = [is_control(m) for m in domain]
+                if controls != sorted(controls):
+                    problems.append(f"{chapter} chart {index}: a control comes before a trained model: {domain}")
+                for model, colour in zip(domain, colours):
+                    first = seen.setdefault(model, (colour, chapter))
+                    if first[0] != colour:
+                        problems.append(f"{model}: {first[0]} in {first[1]}, {colour} in {chapter} chart {index}")
+    return problems
+
+
+def test_the_colour_check_catches_a_model_in_two_colours():
+    spec = {"config": {"axis": {"labelFontSize": 12}},
+            "encoding": {"color": {"field": "model", "scale": {"domain": ["a", "b"], "range": ["#1", "#2"]}}}}
+    other = json.loads(json.dumps(spec).replace('"#1"', '"#9"'))
+    control_first = {"config": {"axis": {"labelFontSize": 10}}, "layer": [{"encoding": {"color": {
+        "field": "model", "scale": {"domain": ["x (random init, seed 0)", "a"], "range": ["#7", "#1"]}}}}]}
+    found = colour_problems({"s3": [spec], "s4": [other, control_first]})
+    assert any(p.startswith("a: #1 in s3, #9 in s4") for p in found)
+    assert any("control comes before" in p for p in found) and any("under 12 px" in p for p in found)
+    assert colour_problems({"s3": [spec], "s4": [spec]}) == []
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_one_colour_per_model_across_the_chapters(book):
+    executed = ROOT / "executed"
+    specs = {chapter: chart_specs(executed / f"{chapter}.ipynb") for chapter in CHAPTERS}
+    assert all(specs.values()), {chapter: len(found) for chapter, found in specs.items()}
+    assert sum(len(model_colour_scales(s)) for found in specs.values() for s in found) >= 5
+    assert colour_problems(specs) == []

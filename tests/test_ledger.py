@@ -201,7 +201,8 @@ def test_section_5_verdicts_flip_with_the_measurement():
     assert tied["s5-fig5-ranking"].verdict == ledger.BORDERLINE
     same = rows_by_key(default_records())["s5-same-object-depth"].evidence[0]
     assert same.number.startswith("L0–L5 minus L6–L11: 0.16")
-    assert "chance 0.08, random-init control 0.10" in same.number
+    assert "chance 0.08, random-init control 0.10, mismatched-mode null (each query direction with another mode's " \
+           "key direction) 0.07–0.16" in same.number
     assert same.data == "24 generated scenes (24 with two or more objects)"
     ranking = rows_by_key(default_records())["s5-fig5-ranking"].evidence[0].number
     for name in ("random modes 0.1", "the paper's sum 0.19", "singular value 0.2", "attention-weighted 0.3"):

@@ -413,3 +413,30 @@ def test_an_unreachable_hub_fails_within_seconds_with_the_fix(tmp_path):
     assert "does not answer" in message and "weights='path/to/model.safetensors'" in message
     assert "HF_HUB_OFFLINE=1" in message and "random:vit_tiny_patch16_224" in message
     assert "--weights path/to/model.safetensors" in cli and "weights='" not in cli
+
+
+def test_a_converted_random_init_model_stays_a_control(tmp_path):
+    """Issue 28 item 7: the random-init provenance travels in the converted file, and the model loaded back is
+    labelled as a random-init control, which the claims ledger leaves out of its verdicts."""
+    from qklib.ledger import is_control
+
+    out = tmp_path / "x.safetensors"
+    result = run_cli("convert", "random:vit_small_patch16_224.dino", "--seed", "3", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    with safe_open(str(out), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["random_init_seed"] == "3"
+    reloaded = qklib.load_model(weights=out)
+    assert model_name(reloaded) == "vit_small_patch16_224 (random init, seed 3) [x.safetensors]"
+    assert is_control(model_name(reloaded))
+    # the same weights as the control built directly, and converting the reloaded file keeps the provenance
+    direct = qklib.load_model("random:vit_small_patch16_224.dino", seed=3)
+    _assert_same_state(direct, reloaded)
+    again, _ = convert(out, tmp_path / "again.safetensors")
+    assert is_control(model_name(qklib.load_model(weights=again)))
+    # weights from a plain file (trained, as far as qklib knows) convert without the mark
+    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), str(tmp_path / "plain.safetensors"))
+    plain, _ = convert(tmp_path / "plain.safetensors", tmp_path / "tiny.safetensors", name="vit_tiny_patch16_224")
+    with safe_open(str(plain), "pt") as handle:
+        assert "random_init_seed" not in handle.metadata()
+    assert not is_control(model_name(qklib.load_model(weights=plain)))

@@ -208,7 +208,7 @@ def test_top_modes_by_attention_and_the_image_level_helpers(tiny):
     rows = modes.ablation(model, svd, images[:2], [0, 2], count=3)
     assert len(rows) == 2 * 2 * svd.num_heads and {r["layer"] for r in rows} == {0, 2}
     chosen = [(1, 0, 0, 1), (2, 2, 5, -1)]
-    pooled = modes.map_correlations(model, svd, [images[:2], images[2:]], chosen)
+    pooled = [row["correlation"] for row in modes.position_shares(model, svd, [images[:2], images[2:]], chosen, draws=2)]
     tokens = token_embeddings(model, to_pixels(model, images), layers=[1, 2])  # [2, 3, T, d]
     assert pooled[0] == pytest.approx(modes.map_correlation(svd, tokens[0], 1, 0, 0), rel=1e-6)
     assert pooled[1] == pytest.approx(modes.map_correlation(svd, tokens[1], 2, 2, 5), rel=1e-6)
@@ -233,3 +233,5 @@ def test_position_shares_of_modes_with_their_null(tiny, tiny_tokens):
     query = (tokens @ svd.U[1, 0, :, 0]).numpy()
     assert rows[0]["query"] == pytest.approx(modes.position_share(query))
     assert rows[0]["images"] == 6 and 0 < rows[0]["query_null"] < 1
+    assert rows[1]["correlation"] == pytest.approx(modes.map_correlation(svd, token_embeddings(
+        model, to_pixels(model, images), layers=[2])[0], 2, 1, 3), rel=1e-6)

@@ -26,7 +26,7 @@ def test_chapter_runs_with_small_parameters(tmp_path, run_chapter):
     glued = {o["metadata"]["scrapbook"]["name"]: o for o in outputs if "scrapbook" in o.get("metadata", {})}
     markdown = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "markdown")
     used = set(re.findall(r"\{glue:text\}`(s3_\w+)", markdown)) | set(re.findall(r"\{glue\} (s3_\w+)", markdown))
-    assert "s3_course_same" in used and not used - set(glued)
+    assert "s3_found_same" in used and not used - set(glued)
     measured = int(glued["s3_measured"]["data"]["application/papermill.record/text/plain"])
     assert 1 <= measured <= 4
     # The claims ledger's record: §3's general claims are judged on the model from this run's curves.

@@ -31,7 +31,7 @@ def test_chapter_runs_with_small_parameters(tmp_path, run_chapter):
     assert "Read by eye" not in markdown  # readings by eye were dropped: the modes are chosen by a rule
     assert str(tmp_path) not in markdown + page  # no machine path in the page
     glued = {o["metadata"]["scrapbook"]["name"] for o in outputs if "scrapbook" in o.get("metadata", {})}
-    assert {"s5_early", "s5_trend", "s5_top_share", "s5_seconds", "s5_walk_name", "s5_abl_ours", "s5_abl_paper",
+    assert {"s5_early", "s5_trend", "s5_top_share", "s5_seconds", "s5_walk_name", "s5_abl_by_paper_sum", "s5_abl_by_random",
             "s5_featured_modes", "s5_bg_early", "s5_course_nobg_instance", "s5_course_bg_kind", "s5_kind_gap_nobg",
             "s5_background_gap", "s5_kinds"} <= glued
     prose = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "markdown")

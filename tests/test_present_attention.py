@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from qklib import ledger
+from qklib import ledger, stats
 from qklib.core.images import display_crop
 from qklib.o3 import generate_scenes
 from qklib.preference import GROUPS, PAIRS, query_maps, token_masks
@@ -202,33 +202,32 @@ def test_query_map_pictures_and_slider(embedded_model, scenes):
 
 
 # ------------------------------------------------------------------------------------ what we found
-JUDGED = {key: ledger.Judgement(outcome, f"numbers of {key}") for key, outcome in
-          (("s3-same-early", ledger.AGREES), ("s3-different-grows", ledger.BORDERLINE),
-           ("s3-background-grows", ledger.DISAGREES))}
-
-
-def test_findings_phrases_follow_the_numbers_and_state_the_ledgers_verdicts():
+def test_findings_state_the_ledgers_verdicts_with_their_numbers_and_a_per_layer_table():
     rising = {"same": [0.6, 0.5, 0.4, 0.3, 0.3, 0.2], "different": [0.1, 0.1, 0.2, 0.2, 0.3, 0.3],
               "background": [0.3, 0.4, 0.4, 0.5, 0.4, 0.5]}
     flat = {g: [CHANCE[g] + 0.01 * (i % 2) for i in range(6)] for g in GROUPS}
-    found = attention.findings(_stats({"model a": rising, "model b": flat}), CHANCE, MODELS, JUDGED)
-    assert found["s3_layers"] == 6 and "s3_thirds" not in found
-    assert found["s3_course_same"] == "falls L0→L3 (0.60→0.30), stays level L3→L4 (0.30→0.30), falls L4→L5 (0.30→0.20)"
-    assert found["s3_course_background"].startswith("rises L0→L1 (0.30→0.40), stays level L1→L2")
-    assert found["s3_verdict"] == (
-        "same-object attention dominates layer 0 per unit area: **agrees** (numbers of s3-same-early); "
-        "different-object attention grows with depth: **borderline** (numbers of s3-different-grows); "
-        "background attention grows with depth: **disagrees** (numbers of s3-background-grows)")
-    assert found["s3_peak_layer"] == 0 and found["s3_peak"] == pytest.approx(0.6)
-    assert found["s3_peak_x_chance"] == pytest.approx(6.0) and found["s3_same_last_layer"] == pytest.approx(0.2)
-    assert found["s3_controls"] == "model b stays within 0.010 of chance in every layer"
-    assert found["s3_layer_table"].shape == (6, 6)
-
-    # The reverse pattern gives the reverse phrases; one model: no control sentence.
-    falling = {g: values[::-1] for g, values in rising.items()}
-    found = attention.findings(_stats({"model a": falling}), CHANCE, ["model a"], JUDGED)
-    assert found["s3_course_same"].startswith("rises L0→L1 (0.20→0.30), stays level")
-    assert found["s3_controls"] == "no second model was run"
+    area = pd.DataFrame([{"model": m, "layer": layer, "group": g, "ratio": values[g][layer] / CHANCE[g]}
+                         for m, values in (("model a", rising), ("model b", flat)) for g in GROUPS
+                         for layer in range(6)])
+    judged = {key: ledger.Judgement(outcome, "unused", stats.Interval(1.5, 1.2, 1.8, 30)) for key, outcome in
+              (("s3-same-early", ledger.AGREES), ("s3-different-grows", ledger.BORDERLINE),
+               ("s3-background-grows", ledger.DISAGREES))}
+    found = attention.findings(_stats({"model a": rising, "model b": flat}), CHANCE, MODELS, judged, area)
+    ratio = {g: rising[g][0] / CHANCE[g] for g in GROUPS}
+    assert found["s3_found_same"] == (
+        f"**Same-object attention dominates layer 0: agrees.** Per unit area, layer 0 gives same {ratio['same']:.2f}× "
+        f"chance, different {ratio['different']:.2f}×, background {ratio['background']:.2f}×; same ÷ the larger other "
+        "1.50 [1.20, 1.80].")
+    assert found["s3_found_different"].startswith("**Different-object attention grows with depth: borderline.** Slope "
+                                                  "1.5000 [1.2000, 1.8000] per layer (raw ratio L0 0.10, L5 0.30")
+    assert found["s3_found_background"].startswith("**Background attention grows with depth: disagrees.**")
+    assert found["s3_controls"] == "model b stays within 0.010 of chance in every layer (raw ratios)"
+    table = found["s3_layer_table"]
+    assert table.shape == (6, 9) and table[("model a (× chance)", "same")].iloc[0] == pytest.approx(ratio["same"],
+                                                                                                   abs=1e-3)
+    assert table[("model a (raw ratio)", "background")].tolist() == pytest.approx(rising["background"])
+    one = attention.findings(_stats({"model a": rising}), CHANCE, ["model a"], judged, area)
+    assert one["s3_controls"] == "no second model was run"
     assert not [k for k, v in found.items() if isinstance(v, np.generic)]  # glue needs plain Python numbers
 
 
@@ -267,9 +266,7 @@ def test_variant_means_chart_and_self_token_findings():
     assert means.loc[1, ("same", "peak token, self removed")] == pytest.approx(0.35)
     found = attention.self_token_findings(means)
     assert found["s3_self_part_l0"] == pytest.approx(0.3) and found["s3_same_removed_l0"] == pytest.approx(0.25)
-    assert found["s3_self_layer"] in (0, 1, 2) and found["s3_self_part"] == pytest.approx(0.3)
-    assert (found["s3_removed_low"], found["s3_removed_high"]) == pytest.approx((0.25, 0.45))
-    assert found["s3_course_same_all"] == "rises L0→L2 (0.35→0.55)"
+    assert found["s3_same_kept_l0"] == pytest.approx(0.55) and found["s3_variants"].shape == (3, 9)
     spec = attention.variant_chart(means, "m").to_dict()
     values = next(iter(spec["datasets"].values())) if "datasets" in spec else spec["data"]["values"]
     assert len(values) == 27 and {v["variant"] for v in values} == {"peak token, self kept", "peak token, self removed",

@@ -229,6 +229,11 @@ def test_same_object_table_and_chart():
     band, line = chart["spec"]["layer"]
     assert band["mark"]["type"] == "area" and band["encoding"]["y2"]["field"] == "high"
     assert line["encoding"]["x"]["field"] == "depth"  # the encoding the two layers share
+    layers = figures.same_object_layers(table, "my model")
+    assert layers.shape == (4, 4 + 2)  # four readings of the model, then chance and control in the ledger's reading
+    assert layers["same kind, background left out"].tolist() == [0.6, 0.9, 0.5, 0.2]
+    assert layers["chance (same instance, background an object)"].tolist() == [0.3] * 4
+    assert "chance (same instance, background an object)" in layers
     mine_rows = table[table["model"] == "my model"]
     assert (mine_rows["low"] <= mine_rows["P(same)"] + 1e-12).all() and table["low"].notna().sum() == 32
     assert chart["facet"]["row"]["field"] == "same" and chart["facet"]["column"]["field"] == "objects"
@@ -311,6 +316,8 @@ def test_featured_table_and_rule(tiny):
     assert found["featured_modes"].startswith(f"{first['mode']} (cos {first['cos']:+.2f}, map r +0.50); ")
     signs = sum(np.sign(c) == np.sign(r) for c, r in zip(table["cos"], [0.5, -0.1, 0.2]))
     assert found["featured_agree"] == f"{signs} of 3"
+    assert "does not test" in figures.gallery_phrases(False)["semantic_note"]
+    assert figures.gallery_phrases(True)["gallery_text"] == "`image_dir`"
     with pytest.raises(ValueError, match="2 correlations for 3"):
         figures.featured_table(svd, chosen, [0.1, 0.2])
     assert chapter.mode_labels("featured", "rule") == "rule"

@@ -260,3 +260,11 @@ def test_generated_scenes_count_every_distractor_as_one_kind(tmp_path):
     assert same_object.has_kinds(data)
     kinds = data[0].kinds
     assert kinds[1] == 1 and {kinds[label] for label in kinds if label >= 2} == {2} and kinds[0] == 0
+
+
+def test_the_mismatched_null_pairs_each_query_direction_with_the_next_modes_key_direction(tiny):
+    _, svd = tiny
+    null = same_object.mismatched(svd)
+    assert torch.equal(null.U, svd.U) and torch.equal(null.S, svd.S)
+    assert torch.equal(null.V[..., 0], svd.V[..., 1]) and torch.equal(null.V[..., -1], svd.V[..., 0])
+    assert "next mode" in null.notes[-1] and not any("next mode" in n for n in svd.notes)

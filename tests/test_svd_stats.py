@@ -140,9 +140,14 @@ def test_null_band_table_and_chart(tiny_vit):
     assert (bands["null_band"] < bands["single_cosine_band"]).all()
     assert bands["depth"].tolist() == [0.0, 0.5, 1.0]
     layers = layer_table({"tiny": svd})
-    spec = fig3_cosine_simulated_band(layers, bands).to_dict()
-    shade, lines = spec["layer"]
+    spec = fig3_cosine_simulated_band(layers, bands, effect=0.1).to_dict()
+    shade, lines, whiskers, verdict_band, label = spec["layer"]
     assert shade["mark"]["type"] == "area" and lines["mark"]["type"] == "line"
+    # each layer's interval over heads, and the verdict band at ±effect, named
+    whisker_rows = _values(spec, whiskers)
+    assert all(r["heads_low"] <= r["weighted_cosine"] <= r["heads_high"] for r in whisker_rows)
+    assert [r["y"] for r in _values(spec, verdict_band)] == [0.1, -0.1]
+    assert _values(spec, label)[0]["what"] == "verdict band ±0.100"
     rows = _values(spec, shade)
     assert [row["high"] for row in rows] == pytest.approx(bands["null_band"].tolist(), rel=1e-3)
     assert [row["low"] for row in rows] == pytest.approx((-bands["null_band"]).tolist(), rel=1e-3)

@@ -1,20 +1,30 @@
 #!/usr/bin/env python
-"""Build the book: vendor its JavaScript, execute every chapter with papermill, build strict HTML.
+"""Build the book: vendor its JavaScript, execute the chapters whose inputs changed with papermill, build
+strict HTML.
 
 What `make book` runs. Works offline once the npm tarballs are in the cache (the first run fetches them
 with `npm pack` from the npm registry).
 
-    tools/build_book.py                                   # every chapter in _toc.yml
-    tools/build_book.py --only s4_cosine                  # re-execute one chapter; the site keeps the others
+    tools/build_book.py                                   # every chapter in _toc.yml (each reused if unchanged)
+    tools/build_book.py --only s4_cosine                  # only this chapter; the site keeps the others
     tools/build_book.py --param s4_cosine models='["vit_base_patch16_224.dino"]'
     tools/build_book.py --param all device=cuda           # a parameter for every chapter that declares it
+    tools/build_book.py --force                           # re-execute every chapter and rebuild every page
     tools/build_book.py --no-execute                      # rebuild the HTML from executed/*.ipynb
 
 Chapters are the `executed/<name>` entries of _toc.yml; each comes from the jupytext text notebook
 `notebooks/<name>.py`, converted to .ipynb in a temporary folder and executed by papermill (cwd = repo
-root) into `executed/<name>.ipynb`. The text notebook is never touched. Every build then writes the claims
-ledger, `executed/ledger.md` (included by the page `book/claims.md`), from the glued records of the executed
-chapters (`qklib.ledger`), so that it always matches the chapters in the site.
+root) into a temporary file beside `executed/<name>.ipynb`, which replaces it only when the run succeeded; a
+failed run is kept as `executed/<name>.failed.ipynb`. The text notebook is never touched.
+
+A chapter is executed again only when one of its inputs changed since its last good run: its text, qklib's
+source, the parameters given, the files and folders its parameters name (by listing: names, sizes, times), the
+models' weights files (likewise), the pinned environment (pyproject.toml). The inputs are recorded in the
+executed notebook's metadata (key `qklib_book`); the builder prints for each chapter "reused (inputs
+unchanged)" or which inputs changed. Sphinx then rewrites only the pages whose sources changed.
+
+Every build then writes the claims ledger, `executed/ledger.md` (included by the page `book/claims.md`), from
+the glued records of the executed chapters (`qklib.ledger`), so that it always matches the chapters in the site.
 """
 
 from __future__ import annotations
@@ -23,12 +33,14 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -36,13 +48,15 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from qklib import ledger  # noqa: E402
-from qklib.chapter import declared_parameters  # noqa: E402
+from qklib.chapter import SPECS, declared_parameters, default_parameters, listing_digest, output_folder  # noqa: E402
 from qklib.core.imgfocus import cache_dir as qklib_cache_dir  # noqa: E402
 from qklib.present.ledger import ledger_markdown  # noqa: E402
 NOTEBOOKS = ROOT / "notebooks"
 EXECUTED = ROOT / "executed"
 VENDOR = ROOT / "book" / "vendor"
 BUILD_HTML = ROOT / "_build" / "html"
+DOCTREES = ROOT / "_build" / ".doctrees"  # Sphinx's environment: what lets it rebuild only changed pages
+HTML_STAMP = ROOT / "_build" / "html-site.json"  # the site the last good HTML build made (see build_html)
 TOC = ROOT / "_toc.yml"
 CHAPTER_PREFIX = "executed/"
 LEDGER_PAGE = "book/claims"  # includes LEDGER, which write_ledger makes from the chapters' glued records
@@ -53,6 +67,7 @@ REQUIREJS = ("requirejs", "2.3.7")
 HTML_MANAGER = ("@jupyter-widgets/html-manager", "1.0.15")
 MATHJAX = ("mathjax", "3.2.2")
 MAX_PAGE_BYTES = 5 * 1024 * 1024
+RECORD_KEY = "qklib_book"  # the executed notebook's metadata key holding the inputs of its run
 
 
 # Appended to require.js, so it runs on widget pages only, after require.js and before embed-amd.js.
@@ -124,9 +139,18 @@ def restricted_toc(only: list[str], path: Path, leave_out: tuple[str, ...] = ())
                     prune(child)
 
     prune(toc)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# written by tools/build_book.py --only; do not edit\n" + yaml.safe_dump(toc, sort_keys=False))
+    write_if_changed(path, "# written by tools/build_book.py --only; do not edit\n" + yaml.safe_dump(toc, sort_keys=False))
     return path
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write ``text`` unless ``path`` holds it already (False): an unchanged file keeps its time, so Sphinx does
+    not rebuild the pages that depend on it."""
+    if path.is_file() and path.read_text() == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return True
 
 
 # ------------------------------------------------------------------------------------------- vendor
@@ -260,13 +284,11 @@ def chapter_parameters(pairs: list[list[str]], chapters: list[str]) -> dict[str,
     return parameters
 
 
-def execute(name: str, parameters: dict, workdir: Path) -> float:
-    """notebooks/NAME.py -> executed/NAME.ipynb through papermill; returns seconds. Raises BuildError."""
+def prepared(name: str, notebooks: Path = NOTEBOOKS):
+    """notebooks/NAME.py as the notebook papermill runs: the project's kernel, code cells collapsed."""
     import jupytext
-    import papermill
 
-    source = NOTEBOOKS / f"{name}.py"
-    notebook = jupytext.read(source, fmt="py:percent")
+    notebook = jupytext.read(notebooks / f"{name}.py", fmt="py:percent")
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     # The book reads as prose and figures: code cells start collapsed (a click shows them); the parameters
     # cell stays open, since it says what to change when rerunning a chapter.
@@ -274,26 +296,85 @@ def execute(name: str, parameters: dict, workdir: Path) -> float:
         tags = cell.metadata.setdefault("tags", [])
         if cell.cell_type == "code" and "parameters" not in tags and "hide-input" not in tags:
             tags.append("hide-input")
+    return notebook
+
+
+def shown(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def execute(name: str, parameters: dict, workdir: Path, *, notebooks: Path = NOTEBOOKS, executed: Path = EXECUTED,
+            record: Callable[[], dict] | None = None) -> float:
+    """notebooks/NAME.py -> executed/NAME.ipynb through papermill; returns seconds. Raises BuildError.
+
+    papermill writes into a temporary file beside the result, renamed onto ``executed/NAME.ipynb`` only when
+    the run succeeded (an atomic replace), so a failed or interrupted run never costs the last good chapter.
+    A failed run is kept as ``executed/NAME.failed.ipynb`` for inspection (removed by the next good run).
+    ``record()`` (the run's inputs, :func:`chapter_inputs`) is written into the notebook's metadata after the run."""
+    import jupytext
+    import papermill
+
+    notebook = prepared(name, notebooks)
     unexecuted = workdir / f"{name}.ipynb"
     jupytext.write(notebook, unexecuted, fmt="ipynb")
-    EXECUTED.mkdir(exist_ok=True)
-    output = EXECUTED / f"{name}.ipynb"
-    shown = ", ".join(f"{k}={v!r}" for k, v in parameters.items()) or "defaults"
-    print(f"execute: {source.relative_to(ROOT)} -> {output.relative_to(ROOT)} ({shown})", flush=True)
+    executed.mkdir(parents=True, exist_ok=True)
+    output, failed = executed / f"{name}.ipynb", executed / f"{name}.failed.ipynb"
+    # papermill creates this file itself, so it gets the mode any new file gets (the umask), not mkstemp's 0600.
+    running = executed / f".{name}.{os.getpid()}.running.ipynb"
+    shown_parameters = ", ".join(f"{k}={v!r}" for k, v in parameters.items()) or "defaults"
+    print(f"execute: {shown(notebooks / f'{name}.py')} -> {shown(output)} ({shown_parameters})", flush=True)
     started = time.perf_counter()
     try:
-        papermill.execute_notebook(str(unexecuted), str(output), parameters=parameters, kernel_name="python3",
+        papermill.execute_notebook(str(unexecuted), str(running), parameters=parameters, kernel_name="python3",
                                    language="python", cwd=str(ROOT), progress_bar=False)
+        displayed = displayed_errors(running)
     except papermill.PapermillExecutionError as error:
-        raise BuildError(f"chapter {name} failed in cell {error.exec_count} after "
-                         f"{time.perf_counter() - started:.0f} s: {error.ename}: {error.evalue}\n{''.join(error.traceback)}\n"
-                         f"the partial notebook is kept for inspection: {output.relative_to(ROOT)}") from None
-    displayed = displayed_errors(output)
+        os.replace(running, failed)
+        raise BuildError(f"chapter {name} failed in cell {error.exec_count} after {time.perf_counter() - started:.0f} s: "
+                         f"{cell_error(error.ename, error.evalue, error.traceback)}\n{kept(output, failed)}") from None
+    except BaseException:
+        if running.is_file():  # interrupted: what ran so far is the failed notebook
+            os.replace(running, failed)
+        raise
     if displayed:
+        os.replace(running, failed)
         raise BuildError(f"chapter {name}: a cell displayed an error instead of its output (papermill does not "
-                         f"stop on these, e.g. a chart that fails to render): {displayed[0]}\n"
-                         f"the notebook is kept for inspection: {output.relative_to(ROOT)}")
+                         f"stop on these, e.g. a chart that fails to render): {displayed[0]}\n{kept(output, failed)}")
+    finish(running, None if record is None else record())
+    os.replace(running, output)
+    failed.unlink(missing_ok=True)
     return time.perf_counter() - started
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def cell_error(ename: str, evalue: str, traceback: list[str]) -> str:
+    """A cell's error for a message: the error itself, and its traceback unless it is a wrong parameter (the
+    chapter's own check, whose message says everything)."""
+    if ename == "ParameterError":
+        return f"{ename}: {evalue}"
+    return f"{ename}: {evalue}\n{ANSI.sub('', chr(10).join(traceback))}\n(the cause, again: {ename}: {evalue})"
+
+
+def kept(output: Path, failed: Path) -> str:
+    last = (f"{shown(output)} is unchanged (the last good run)" if output.is_file()
+            else f"there is no good {shown(output)} yet")
+    return f"the failed notebook is kept for inspection: {shown(failed)}; {last}"
+
+
+def check_not_failed(names: list[str], executed: Path = EXECUTED) -> None:
+    """Stop with the failing cell's error when an executed chapter is a failed run (an older builder wrote
+    failed runs in place of the chapter), rather than letting the ledger complain about missing records."""
+    for name in names:
+        path = executed / f"{name}.ipynb"
+        for cell in json.loads(path.read_text()).get("cells", []):
+            errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+            if cell.get("cell_type") == "code" and errors:
+                error = errors[0]
+                raise BuildError(f"{shown(path)} is a failed run, left by an earlier build: cell "
+                                 f"{cell.get('execution_count')} stopped with {error.get('ename')}: "
+                                 f"{error.get('evalue')}; fix the cause and rerun it: tools/build_book.py --only {name}")
 
 
 def displayed_errors(path: Path) -> list[str]:
@@ -305,15 +386,184 @@ def displayed_errors(path: Path) -> list[str]:
             for output in cell.get("outputs", []) if output.get("output_type") == "error"]
 
 
+# -------------------------------------------------------------------------------------- incremental
+# A chapter is re-executed only when one of these inputs differs from the record kept in its executed notebook's
+# metadata (RECORD_KEY); the messages say which.
+INPUT_CHANGES = {
+    "text": "the chapter's text changed",
+    "qklib": "qklib's source changed",
+    "environment": "the environment changed (pyproject.toml)",
+    "format": "the record's format changed",
+}
+RECORD_FORMAT = 1  # bump when what the builder puts into an executed notebook changes (e.g. its cell tags)
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over the relative paths and bytes of every file under ``root`` (bytecode caches left out)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                       and p.suffix != ".pyc"):
+        digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def shared_inputs() -> dict:
+    """The inputs every chapter shares: qklib's source and the pinned environment (and the Python running it)."""
+    environment = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + sys.version.encode()).hexdigest()
+    return {"qklib": tree_digest(ROOT / "qklib"), "environment": environment}
+
+
+def path_listing(path: Path) -> str:
+    """What a data file or folder looks like without reading it: names, sizes and modification times."""
+    if path.is_file():
+        return listing_digest(path.parent, [path.name])
+    names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    return listing_digest(path, names)
+
+
+def model_weights(spec) -> tuple[str, str]:
+    """``(what, digest)`` of one ``models`` entry's weights where that is cheap: a weights file's or folder's
+    listing, timm's or the embedded model's cached file; a random-init control has none."""
+    from qklib.chapter import ParameterError, model_spec
+    from qklib.core import imgfocus
+    from qklib.core.models import DEFAULT_MODEL, cached_pretrained_file
+
+    try:
+        parsed = model_spec(spec)
+    except ParameterError:
+        return str(spec), "unreadable entry"  # the run itself stops with the chapter's message
+    if parsed.random_init:
+        return f"random:{parsed.name}", "random init"
+    if parsed.weights:
+        path = Path(parsed.weights).expanduser()
+        return parsed.weights, path_listing(path) if path.exists() else "missing"
+    if parsed.name == DEFAULT_MODEL:
+        found = imgfocus.cache_dir() / f"{imgfocus.NAME}.safetensors"
+    elif parsed.name.startswith("hf:"):
+        return parsed.name, "hf cache"  # resolved by the hub's cache; its revisions pin the weights
+    else:
+        found = cached_pretrained_file(parsed.name)
+    return parsed.name, path_listing(found) if found is not None and found.is_file() else "not cached"
+
+
+def chapter_inputs(name: str, parameters: dict, shared: dict, *, notebooks: Path = NOTEBOOKS) -> dict:
+    """Everything a chapter's run depends on: its text (as executed, cell tags included), the parameters given,
+    the listings of the files and folders its parameters name (output folders left out), the models' weights,
+    and ``shared`` (:func:`shared_inputs`). JSON-able; stored in the executed notebook's metadata."""
+    notebook = prepared(name, notebooks)
+    # Cells' sources and metadata, not their ids: jupytext draws new random cell ids on every conversion.
+    cells = [[cell.cell_type, cell.source, cell.metadata] for cell in notebook.cells]
+    text = hashlib.sha256(json.dumps([cells, notebook.metadata], sort_keys=True).encode()).hexdigest()
+    values = default_parameters(notebooks / f"{name}.py") | parameters
+    outputs = {key for key, checker in SPECS.get(name, {}).items() if checker is output_folder}
+    data = {key: path_listing(Path(value).expanduser()) for key, value in sorted(values.items())
+            if key not in outputs and key != "models" and isinstance(value, str) and value
+            and Path(value).expanduser().exists()}
+    models = values.get("models", [])
+    models = [models] if isinstance(models, str | dict) else models if isinstance(models, list) else []
+    return {"format": RECORD_FORMAT, "text": text, "parameters": json.loads(json.dumps(parameters, sort_keys=True)),
+            "data": data, "models": dict(model_weights(spec) for spec in models), **shared}
+
+
+def _differences(before: dict, after: dict, shown) -> list[str]:
+    return [shown(key, before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)]
+
+
+def changed_inputs(recorded: dict | None, current: dict) -> list[str]:
+    """Why a chapter must run again: one line per input that differs from the recorded run; [] to reuse it."""
+    if not recorded:
+        return ["no earlier run recorded its inputs"]
+    reasons = [message for key, message in INPUT_CHANGES.items() if recorded.get(key) != current.get(key)]
+    parameters = _differences(recorded.get("parameters", {}), current["parameters"], lambda key, old, new:
+                              f"{key} {'default' if old is None else json.dumps(old)} -> "
+                              f"{'default' if new is None else json.dumps(new)}")
+    if parameters:
+        reasons.append("parameters changed: " + ", ".join(parameters))
+    data = _differences(recorded.get("data", {}), current["data"], lambda key, old, new: f"{key}'s listing")
+    if data:
+        reasons.append("data changed: " + ", ".join(data))
+    models = _differences(recorded.get("models", {}), current["models"], lambda key, old, new: key)
+    if models:
+        reasons.append("model weights changed: " + ", ".join(models))
+    return reasons
+
+
+def read_record(path: Path) -> dict | None:
+    """The inputs recorded in an executed notebook (None: no notebook, or one written without a record)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("metadata", {}).get(RECORD_KEY)
+    except ValueError:
+        return None
+
+
+def _shows_nothing(cell: dict) -> bool:
+    """A code cell whose outputs the page would not show: none at all, or only values glued with
+    ``display=False`` (their data is papermill's record alone)."""
+    return all(output.get("output_type") == "display_data"
+               and all(key.startswith("application/papermill.record/") for key in output.get("data", {}))
+               for output in cell.get("outputs", []))
+
+
+def finish(path: Path, record: dict | None = None) -> None:
+    """Finish the executed notebook at ``path`` (in place: a temporary file) for the page: a collapsed code cell
+    that shows nothing loses its input too, so the page has no empty "Show code cell source" toggle (the code is
+    in the notebook download); ``record``, if given, goes into the notebook's metadata."""
+    notebook = json.loads(path.read_text())
+    for cell in notebook.get("cells", []):
+        tags = cell.get("metadata", {}).get("tags", [])
+        if cell.get("cell_type") == "code" and "hide-input" in tags and _shows_nothing(cell):
+            tags[tags.index("hide-input")] = "remove-input"
+    if record is not None:
+        notebook.setdefault("metadata", {})[RECORD_KEY] = record
+    path.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
+
+
+def execute_chapters(selected: list[str], parameters: dict[str, dict], *, force: bool = False,
+                     shared: dict | None = None, notebooks: Path = NOTEBOOKS, executed: Path = EXECUTED) -> dict:
+    """Execute each chapter of ``selected`` whose inputs changed since its last good run (every one with
+    ``force``), printing for each why it runs or that it is reused. Returns ``{chapter: seconds}`` of those run."""
+    shared = shared_inputs() if shared is None else shared
+    timings = {}
+    with tempfile.TemporaryDirectory(prefix="qklib-book-") as workdir:
+        for name in selected:
+            current = chapter_inputs(name, parameters[name], shared, notebooks=notebooks)
+            reasons = ["--force"] if force else changed_inputs(read_record(executed / f"{name}.ipynb"), current)
+            if not reasons:
+                print(f"{name}: reused (inputs unchanged)", flush=True)
+                continue
+            print(f"{name}: executing: {'; '.join(reasons)}", flush=True)
+            # Recorded after the run: a run may itself fill an input, such as the embedded model's weights cache.
+            timings[name] = execute(name, parameters[name], Path(workdir), notebooks=notebooks, executed=executed,
+                                    record=lambda name=name: chapter_inputs(name, parameters[name], shared,
+                                                                            notebooks=notebooks))
+            print(f"execute: {name} took {timings[name]:.1f} s", flush=True)
+    return timings
+
+
 # -------------------------------------------------------------------------------------------- build
-def build_html(toc: Path) -> None:
+def build_html(toc: Path, clean: bool = False) -> None:
+    """Build ``_build/html`` with jupyter-book (warnings are errors). Sphinx re-reads and rewrites only the pages
+    whose sources changed since the last good build (its environment lives in ``_build/.doctrees``); a page's
+    source is its executed notebook, which a reused chapter leaves untouched. Every page is rebuilt into a
+    fresh folder when ``clean``, after a failed or interrupted build, and when the site's pages (the toc) or
+    its vendored scripts changed since, so that no page or script is left from an earlier build."""
+    site = {"toc": toc.read_text(), "vendor": (VENDOR / "VERSIONS.json").read_text(),
+            "builder": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+    fresh = clean or not HTML_STAMP.is_file() or json.loads(HTML_STAMP.read_text()) != site
     command = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(ROOT), "--builder", "html",
-               "-W", "-n", "--keep-going", "--all", "--toc", str(toc)]
-    # A clean output folder: no page or script left from an earlier build with other chapters.
-    shutil.rmtree(BUILD_HTML, ignore_errors=True)
-    print("build:", " ".join(command), flush=True)
+               "-W", "-n", "--keep-going", "--toc", str(toc)] + (["--all"] if fresh else [])
+    HTML_STAMP.unlink(missing_ok=True)  # written back only after a good build
+    if fresh:
+        shutil.rmtree(BUILD_HTML, ignore_errors=True)
+        shutil.rmtree(DOCTREES, ignore_errors=True)
+    print(f"build ({'every page' if fresh else 'pages whose sources changed'}):", " ".join(command), flush=True)
     if subprocess.run(command, cwd=ROOT).returncode != 0:
         raise BuildError("jupyter-book build failed (warnings are errors); see the messages above")
+    HTML_STAMP.write_text(json.dumps(site))
 
 
 def report(files: list[str]) -> None:
@@ -345,9 +595,9 @@ def write_ledger(present: list[str], executed: Path = EXECUTED, target: Path = L
     which the page ``book/claims.md`` includes; True when written. It is rebuilt on every build, so it always
     matches the chapters of the site. A chapter not executed yet leaves the ledger out of the site (False, with a
     message); a chapter executed without its record stops the build (BuildError)."""
-    target.unlink(missing_ok=True)
     absent = [name for name in ledger.CHAPTERS if name not in present]
     if absent:
+        target.unlink(missing_ok=True)
         print(f"build: the claims ledger needs every chapter; not executed yet: {', '.join(absent)}; "
               f"{LEDGER_PAGE} is left out of the site (run tools/build_book.py, or --only {absent[0]})")
         return False
@@ -355,10 +605,11 @@ def write_ledger(present: list[str], executed: Path = EXECUTED, target: Path = L
         records = ledger.read_records(executed)
         text = ledger_markdown(ledger.assemble(records), records)
     except ledger.LedgerError as error:
+        target.unlink(missing_ok=True)
         raise BuildError(f"claims ledger: {error}") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("<!-- written by tools/build_book.py from the chapters' glued records; do not edit -->\n" + text)
-    print(f"build: wrote the claims ledger {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}")
+    written = write_if_changed(target, "<!-- written by tools/build_book.py from the chapters' glued records; do not "
+                                       "edit -->\n" + text)
+    print(f"build: {'wrote' if written else 'unchanged:'} the claims ledger {shown(target)}")
     return True
 
 
@@ -370,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="papermill parameter for a chapter (CHAPTER 'all': every chapter that declares NAME); "
                              "VALUE is YAML; a name the chapter does not declare is an error")
     parser.add_argument("--no-execute", action="store_true", help="reuse executed/*.ipynb, only rebuild the HTML")
+    parser.add_argument("--force", action="store_true", help="re-execute every chapter built now even when its "
+                        "inputs are unchanged, and rebuild every page")
     args = parser.parse_args(argv)
     os.environ.pop("QKLIB_VEGA_SCRIPT", None)  # set in JupyterLab's terminals by `make lab`; pages load their own vega
     os.chdir(ROOT)
@@ -392,18 +645,16 @@ def main(argv: list[str] | None = None) -> int:
             if missing:
                 raise BuildError(f"--no-execute: executed/{missing[0]}.ipynb missing; run without --no-execute first")
         else:
-            with tempfile.TemporaryDirectory(prefix="qklib-book-") as workdir:
-                for name in selected:
-                    timings[name] = execute(name, parameters[name], Path(workdir))
-                    print(f"execute: {name} took {timings[name]:.1f} s", flush=True)
+            timings = execute_chapters(selected, parameters, force=args.force)
         present, absent = site_chapters(chapters)
         if absent:
             print(f"build: not executed yet, left out of the site: {', '.join(absent)} "
                   f"(run tools/build_book.py --only {absent[0]} to add it)")
+        check_not_failed(present)
         leave_out = () if LEDGER_PAGE not in files or write_ledger(present) else (LEDGER_PAGE,)
         started = time.perf_counter()
         toc = restricted_toc(present, ROOT / "_build" / "toc-only.yml", leave_out) if absent or leave_out else TOC
-        build_html(toc)
+        build_html(toc, clean=args.force)
         print(f"build: jupyter-book took {time.perf_counter() - started:.1f} s")
         built = [f for f in files if f not in leave_out and (not f.startswith(CHAPTER_PREFIX)
                                                               or f[len(CHAPTER_PREFIX):] in present)]

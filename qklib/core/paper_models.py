@@ -8,6 +8,7 @@ only as the authors' checkpoints: ``load_model(weights=FILE)`` converts them (``
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,16 +136,56 @@ def available_offline(model: PaperModel) -> str:
     return "yes" if cached_pretrained_file(model.timm_name) is not None else "no"
 
 
-def format_table() -> str:
-    """The registry as a text table (``python -m qklib models``)."""
-    rows = [("model", "family", "loads as", "layers x heads x head dim", "prefix", "bilinear", "offline now", "note")]
-    for m in all_models():
-        rows.append((m.label, m.family, m.loads, f"{m.layers} x {m.heads} x {m.head_dim}", str(m.prefix_tokens),
-                     "yes" if m.bilinear else "no", available_offline(m), m.note))
+def models_table() -> list[dict]:
+    """The registry as data (``python -m qklib models --json``): one dict per model, ``offline_now`` as in
+    :func:`available_offline`."""
+    return [{"label": m.label, "family": m.family, "objective": m.objective, "loads": m.loads, "layers": m.layers,
+             "heads": m.heads, "head_dim": m.head_dim, "prefix_tokens": m.prefix_tokens, "bilinear": m.bilinear,
+             "offline_now": available_offline(m), "note": m.note} for m in all_models()]
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows as left-aligned columns two spaces apart, a dashed rule under the header row."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return lines
+
+
+def _split_loads(text: str, room: int) -> list[str]:
+    """``text`` on one line, or broken after its last ``", "`` or ``=`` that leaves the first part within
+    ``room`` (a file name is never cut)."""
+    if len(text) <= room:
+        return [text]
+    for mark in (", ", "="):
+        cut = text.rfind(mark, 0, room)
+        if cut > 0:
+            return [text[: cut + len(mark)].rstrip(), text[cut + len(mark):]]
+    return [text]
+
+
+def format_table(wide: bool = False, width: int = 100) -> str:
+    """The registry as a text table (``python -m qklib models``). By default it fits ``width`` columns: model,
+    geometry, whether it loads offline now and how it loads (broken over two lines where long), each note on a
+    line of its own; ``wide=True`` puts every column, family, prefix tokens and bilinearity included, on one line."""
+    if wide:
+        rows = [("model", "family", "loads as", "layers x heads x head dim", "prefix", "bilinear", "offline now", "note")]
+        rows += [(m.label, m.family, m.loads, f"{m.layers} x {m.heads} x {m.head_dim}", str(m.prefix_tokens),
+                  "yes" if m.bilinear else "no", available_offline(m), m.note) for m in all_models()]
+        return "\n".join(_aligned(rows))
+    models = all_models()
+    rows = [("model", "L x H x d_k", "offline")]
+    rows += [(m.label, f"{m.layers} x {m.heads} x {m.head_dim}", available_offline(m)) for m in models]
+    lines = _aligned(rows)
+    column = len(lines[1]) + 2  # "loads as" starts after the other columns and their separator
+    loads = [_split_loads(m.loads, width - column) for m in models]
+    out = [lines[0].ljust(column) + "loads as", lines[1] + "  " + "-" * max(len(p) for parts in loads for p in parts)]
+    for model, line, (first, *rest) in zip(models, lines[2:], loads):
+        out.append(line.ljust(column) + first)
+        out += [" " * column + part for part in rest]
+        if model.note:
+            out += textwrap.wrap(f"note: {model.note}", width, initial_indent="  ", subsequent_indent="        ")
+    return "\n".join(out)
 
 
 def ijepa_encoder_predictor(checkpoint: str | Path, device: str | torch.device = "cpu") -> dict[str, QKSVD]:

@@ -20,6 +20,9 @@ from torch import nn
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".tar", ".ckpt")
 META_ARCH, META_KWARGS, META_SOURCE, META_DATA = "arch", "arch_kwargs", "source", "data_config"
+# Present only in the file of a random-init control: its seed. The model loaded back is labelled as the control
+# (``arch (random init, seed N) [file]``), so a converted control never passes for trained weights.
+META_RANDOM = "random_init_seed"
 DATA_KEYS = ("mean", "std", "crop_pct", "interpolation")
 
 
@@ -43,7 +46,8 @@ class Converted:
     ``source``: a short label of where the weights came from (a file name, ``hf:ORG/NAME``); ``notes``:
     what was left out (decoders, mask tokens, poolers); ``data_config``: the preprocessing the weights were
     trained with where it differs from the architecture's timm default (``mean``, ``std``, ``crop_pct``,
-    ``interpolation``), applied to the model's ``pretrained_cfg``.
+    ``interpolation``), applied to the model's ``pretrained_cfg``; ``random_seed``: the seed of a random-init
+    control written by ``convert`` (None for trained weights).
     """
 
     arch: str
@@ -52,6 +56,7 @@ class Converted:
     source: str
     notes: list[str] = field(default_factory=list)
     data_config: dict = field(default_factory=dict)
+    random_seed: int | None = None
 
 
 class _ConfigStandIn:
@@ -157,10 +162,26 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     model.load_state_dict(state, strict=True)
 
 
-def converted_metadata(arch: str, kwargs: dict, source: str, data_config: dict) -> dict[str, str]:
-    """Safetensors metadata of a converted file (strings only, as the format requires)."""
-    return {"format": "pt", META_ARCH: arch, META_KWARGS: json.dumps(kwargs, sort_keys=True), META_SOURCE: source,
-            META_DATA: json.dumps(data_config, sort_keys=True)}
+def converted_metadata(arch: str, kwargs: dict, source: str, data_config: dict,
+                       random_seed: int | None = None) -> dict[str, str]:
+    """Safetensors metadata of a converted file (strings only, as the format requires); ``random_seed``: the
+    seed of a random-init control (recorded so that the file stays a control)."""
+    metadata = {"format": "pt", META_ARCH: arch, META_KWARGS: json.dumps(kwargs, sort_keys=True), META_SOURCE: source,
+                META_DATA: json.dumps(data_config, sort_keys=True)}
+    if random_seed is not None:
+        metadata[META_RANDOM] = str(random_seed)
+    return metadata
+
+
+def random_seed_from_metadata(metadata: dict[str, str], path: str | Path) -> int | None:
+    """The seed of the random-init control a converted file holds, or None for trained weights."""
+    seed = metadata.get(META_RANDOM)
+    if seed is None:
+        return None
+    try:
+        return int(seed)
+    except ValueError:
+        raise ModelError(f"{str(path)!r}: metadata {META_RANDOM!r} must be an integer seed, got {seed!r}") from None
 
 
 def _json_object(metadata: dict[str, str], key: str, path: str | Path) -> dict:

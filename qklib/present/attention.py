@@ -28,6 +28,7 @@ from ..ledger import Judgement
 from ..stats import RESAMPLES
 from .cosine import inline
 from .render import jpeg_bytes
+from .style import CHANCE, model_colour, model_order
 from .widgets import download_link, nested_stack, picture_html
 
 GROUP_ORDER = list(GROUPS)
@@ -111,8 +112,7 @@ def layer_chart(stats: pd.DataFrame, models: Sequence[str], scenes: int) -> alt.
     over images and the chance level dashed. ``stats``: :func:`layer_stats`; ``scenes``: images measured."""
     base = alt.Chart().encode(
         x=alt.X("depth:Q", title="normalised layer", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("model:N", sort=list(models),
-                        legend=alt.Legend(orient="bottom", direction="vertical", title=None, labelLimit=400)),
+        color=model_colour(models),
     )
     band = base.mark_area(opacity=0.2).encode(y="low:Q", y2="high:Q")
     line = base.mark_line(point=True).encode(
@@ -120,10 +120,12 @@ def layer_chart(stats: pd.DataFrame, models: Sequence[str], scenes: int) -> alt.
         tooltip=["model:N", "layer:O", alt.Tooltip("mean:Q", format=".3f"), alt.Tooltip("low:Q", format=".3f"),
                  alt.Tooltip("high:Q", format=".3f"), "images:Q"],
     )
-    rule = alt.Chart().mark_rule(strokeDash=[4, 4], color="gray").encode(y="mean(chance):Q")
+    rule = alt.Chart().mark_rule(strokeDash=[4, 4], color=CHANCE).encode(y="mean(chance):Q")
+    label = alt.Chart().mark_text(align="right", dx=-2, dy=-7, color=CHANCE).encode(
+        x=alt.datum(1), y="mean(chance):Q", text=alt.value("chance"))
     # One data set for every layer, so the facet splits lines, bands and the chance rule alike.
     return (
-        alt.layer(band, line, rule, data=inline(stats))
+        alt.layer(band, line, rule, label, data=inline(stats))
         .properties(width=165, height=200)
         .facet(column=alt.Column("group:N", sort=GROUP_ORDER, title=None))
         .properties(title=f"Attention preference per layer ({scenes} scenes)")
@@ -156,8 +158,7 @@ def area_chart(area: pd.DataFrame, models: Sequence[str], scenes: int) -> alt.Fa
     """Fig 2 per unit area: each group's attention over its chance level against depth on a log axis, one line per
     model with its 95% interval over images as a band; the dashed line at 1 is chance (uniform attention over the
     key tokens). ``area``: :func:`area_table`."""
-    color = alt.Color("model:N", sort=list(models),
-                      legend=alt.Legend(orient="bottom", direction="vertical", title=None, labelLimit=400))
+    color = model_colour(models)
     base = alt.Chart().encode(x=alt.X("depth:Q", title="normalised layer", scale=alt.Scale(domain=[0, 1])),
                               color=color)
     y = alt.Y("ratio:Q", title="attention ÷ chance (log scale)", scale=alt.Scale(type="log"))
@@ -165,8 +166,10 @@ def area_chart(area: pd.DataFrame, models: Sequence[str], scenes: int) -> alt.Fa
     line = base.mark_line(point=True).encode(
         y=y, tooltip=["model:N", "layer:O", "group:N", alt.Tooltip("ratio:Q", format=".2f"),
                       alt.Tooltip("low:Q", format=".2f"), alt.Tooltip("high:Q", format=".2f")])
-    rule = alt.Chart().mark_rule(strokeDash=[4, 4], color="black").encode(y=alt.datum(1))
-    return (alt.layer(band, line, rule, data=inline(area)).properties(width=165, height=200)
+    rule = alt.Chart().mark_rule(strokeDash=[4, 4], color=CHANCE).encode(y=alt.datum(1))
+    label = alt.Chart().mark_text(align="right", dx=-2, dy=-7, color=CHANCE).encode(
+        x=alt.datum(1), y=alt.datum(1), text=alt.value("chance"))
+    return (alt.layer(band, line, rule, label, data=inline(area)).properties(width=165, height=200)
             .facet(column=alt.Column("group:N", sort=GROUP_ORDER, title=None))
             .properties(title=f"Attention per unit area, × chance ({scenes} scenes; dashed: chance = 1)"))
 
@@ -190,7 +193,7 @@ def head_heatmap(table: pd.DataFrame, models: Sequence[str]) -> alt.FacetChart:
         )
         .properties(width=110, height=200)
         .facet(column=alt.Column("group:N", sort=GROUP_ORDER, title=None),
-               row=alt.Row("model:N", sort=list(models), title=None, header=alt.Header(labelLimit=300)))
+               row=alt.Row("model:N", sort=model_order(models), title=None, header=alt.Header(labelLimit=300)))
     )
 
 
@@ -330,36 +333,47 @@ def course(values: Sequence[float], tolerance: float = 0.005) -> str:
     return ", ".join(runs)
 
 
-def findings(stats: pd.DataFrame, chance: pd.Series, models: Sequence[str],
-             judged: Mapping[str, Judgement]) -> dict[str, object]:
-    """The numbers and computed phrases of "What we found", keyed by glue name (``s3_...``).
+FINDINGS = {"same": ("s3-same-early", "Same-object attention dominates layer 0"),
+            "different": ("s3-different-grows", "Different-object attention grows with depth"),
+            "background": ("s3-background-grows", "Background attention grows with depth")}
+
+
+def findings(stats: pd.DataFrame, chance: pd.Series, models: Sequence[str], judged: Mapping[str, Judgement],
+             area: pd.DataFrame) -> dict[str, object]:
+    """The numbers and sentences of "What we found", keyed by glue name (``s3_...``).
 
     ``stats``: :func:`layer_stats` of one variant (the chapter's headline); ``judged``: the claims ledger's
     judgements of the first model (``qklib.ledger.judge_model`` of the chapter's record), so the chapter states
-    the same verdicts, by the same rules and intervals, as the ledger. Everything is stated layer by layer:
-    ``s3_course_<group>`` (:func:`course` of the first model's curve), ``s3_verdict`` (each of the paper's three
-    Fig 2 observations with its statistic, interval and outcome), ``s3_controls`` (each further model's largest
-    distance from chance), ``s3_layer_table`` (every layer).
+    the same verdicts, by the same rules and intervals, as the ledger; ``area``: :func:`area_table`. Returns one
+    sentence per Fig 2 observation (``s3_found_<group>``: the outcome and its deciding statistic),
+    ``s3_controls`` (each further model's largest distance from chance) and ``s3_layer_table`` (every layer:
+    attention per unit area of every model, and the first model's raw ratios).
     """
     wide = layer_means(stats, models)
     distance = {(m, g): float((wide[(m, g)] - float(chance[g])).abs().max()) for m in models for g in GROUP_ORDER}
     first = models[0]
-    curve = {g: wide[(first, g)].to_numpy() for g in GROUP_ORDER}
-    names = {"s3-same-early": "same-object attention dominates layer 0 per unit area",
-             "s3-different-grows": "different-object attention grows with depth",
-             "s3-background-grows": "background attention grows with depth"}
-    verdict = "; ".join(f"{names[key]}: **{judged[key].outcome}** ({judged[key].number})" for key in names)
-    same = wide[(first, "same")]
+    per_area = area.pivot_table(index="layer", columns=["model", "group"], values="ratio")
+    at_zero = {g: float(per_area[(first, g)].iloc[0]) for g in GROUP_ORDER}
+    sentences = {}
+    for group, (key, name) in FINDINGS.items():
+        verdict = judged[key]
+        if group == "same":
+            detail = (f"per unit area, layer 0 gives same {at_zero['same']:.2f}× chance, different "
+                      f"{at_zero['different']:.2f}×, background {at_zero['background']:.2f}×; same ÷ the larger "
+                      f"other {verdict.interval.text(2)}")
+        else:
+            curve = wide[(first, group)]
+            detail = (f"slope {verdict.interval.text(4)} per layer (raw ratio L0 {curve.iloc[0]:.2f}, "
+                      f"L{len(curve) - 1} {curve.iloc[-1]:.2f}; every layer in the table below)")
+        sentences[f"s3_found_{group}"] = f"**{name}: {verdict.outcome}.** {detail[0].upper()}{detail[1:]}."
+    table = pd.concat({f"{m} (× chance)": per_area[m][GROUP_ORDER] for m in models}
+                      | {f"{first} (raw ratio)": wide[first][GROUP_ORDER]}, axis=1)
     return {
-        "s3_model": first, "s3_layers": len(wide),
-        **{f"s3_course_{g}": course(curve[g]) for g in GROUP_ORDER},
-        "s3_verdict": verdict,
-        "s3_peak_layer": int(same.idxmax()), "s3_peak": float(same.max()),
-        "s3_peak_x_chance": float(same.max() / float(chance["same"])), "s3_same_last_layer": float(same.iloc[-1]),
+        "s3_model": first, "s3_layers": len(wide), **sentences,
         "s3_chance_same": float(chance["same"]), "s3_chance_background": float(chance["background"]),
         "s3_controls": "; ".join(f"{m} stays within {max(distance[(m, g)] for g in GROUP_ORDER):.3f} of chance "
-                                 "in every layer" for m in models[1:]) or "no second model was run",
-        "s3_layer_table": wide.round(3),
+                                 "in every layer (raw ratios)" for m in models[1:]) or "no second model was run",
+        "s3_layer_table": table.round(3),
     }
 
 
@@ -393,19 +407,9 @@ def variant_chart(means: pd.DataFrame, model: str) -> alt.FacetChart:
 
 def self_token_findings(means: pd.DataFrame) -> dict[str, object]:
     """Glue values on the query's own token from :func:`variant_means` (needs both peak-token variants):
-    same-object attention in layer 0 with and without it, their difference (the self term), the range of the
-    self-removed curve over layers and the course of the kept and all-covered-token curves; the same three in the
-    layer where the self token adds most (``s3_self_layer``)."""
+    same-object attention in layer 0 with and without it and their difference (the self term), and the variants'
+    table (``s3_variants``)."""
     removed = means[("same", VARIANT_NAMES[("peak", "removed")])]
     kept = means[("same", VARIANT_NAMES[("peak", "kept")])]
-    gap = kept - removed
-    most = int(gap.idxmax())
-    found = {"s3_same_kept_l0": float(kept.iloc[0]), "s3_same_removed_l0": float(removed.iloc[0]),
-             "s3_self_part_l0": float(gap.iloc[0]), "s3_self_layer": most, "s3_self_part": float(gap[most]),
-             "s3_same_kept_self_layer": float(kept[most]), "s3_same_removed_self_layer": float(removed[most]),
-             "s3_removed_low": float(removed.min()), "s3_removed_high": float(removed.max()),
-             "s3_course_same_kept": course(kept.to_numpy())}
-    name = VARIANT_NAMES[("all", "removed")]
-    found["s3_course_same_all"] = course(means[("same", name)].to_numpy()) if ("same", name) in means else "not measured"
-    found["s3_variants"] = means.round(3)
-    return found
+    return {"s3_same_kept_l0": float(kept.iloc[0]), "s3_same_removed_l0": float(removed.iloc[0]),
+            "s3_self_part_l0": float(kept.iloc[0] - removed.iloc[0]), "s3_variants": means.round(3)}

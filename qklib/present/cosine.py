@@ -13,6 +13,7 @@ from IPython.display import Markdown
 
 from ..core.svd import QKSVD
 from ..cosine import layer_table, null_band_table
+from .style import model_colour, model_order
 
 # Facetted charts wrap after this many panels, so that they fit the book's text column.
 PANELS_PER_ROW = 2
@@ -46,7 +47,7 @@ def fig3_cosine(layers: pd.DataFrame, band: float, title: str = "Weighted cosine
     lines = alt.Chart(inline(layers)).mark_line(point=True).encode(
         x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1])),
         y=alt.Y("weighted_cosine:Q", title="weighted cosine (mean over heads)"),
-        color=alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400)),
+        color=model_colour(layers["model"]),
         tooltip=["model:N", "layer:O", alt.Tooltip("weighted_cosine:Q", format="+.3f"),
                  alt.Tooltip("unweighted_cosine:Q", format="+.3f")],
     )
@@ -59,7 +60,8 @@ def heads_heatmap(heads: pd.DataFrame) -> alt.Chart:
         x=alt.X("head:O"), y=alt.Y("layer:O"),
         color=alt.Color("weighted_cosine:Q", scale=alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True)),
         tooltip=["model:N", "layer:O", "head:O", alt.Tooltip("weighted_cosine:Q", format="+.3f")],
-    ).properties(width=160, height=220).facet(facet=alt.Facet("model:N", title=None), columns=PANELS_PER_ROW)
+    ).properties(width=160, height=220).facet(facet=alt.Facet("model:N", title=None, sort=model_order(heads["model"])),
+                                              columns=PANELS_PER_ROW)
 
 
 def s1_histograms(histograms: pd.DataFrame) -> alt.Chart:
@@ -68,7 +70,7 @@ def s1_histograms(histograms: pd.DataFrame) -> alt.Chart:
     return alt.Chart(inline(histograms)).mark_bar(opacity=0.6, binSpacing=0).encode(
         x=alt.X("bin_start:Q", title="cos_n = u_n . v_n", scale=alt.Scale(domain=[-1, 1])), x2="bin_end:Q",
         y=alt.Y("fraction:Q", title="fraction of modes", stack=None), y2=alt.datum(0),
-        color=alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400)),
+        color=model_colour(histograms["model"]),
         tooltip=["model:N", "layer:O", alt.Tooltip("bin_start:Q", format="+.2f"), alt.Tooltip("fraction:Q", format=".3f")],
     ).add_params(layer).transform_filter(alt.datum.layer == layer).properties(
         width=460, height=240, title="cos_n of every mode of every head in the chosen layer")
@@ -81,7 +83,7 @@ def s2_spectrum(modes: pd.DataFrame, num_layers: int, num_heads: int) -> alt.HCo
     modes = modes[["model", "layer", "head", "mode", "singular_value", "weight", "cos"]]
     base = alt.Chart(inline(modes)).add_params(layer, head).transform_filter(
         (alt.datum.layer == layer) & (alt.datum.head == head))
-    color = alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400))
+    color = model_colour(modes["model"])
     spectrum = base.mark_line(point=alt.OverlayMarkDef(size=12)).encode(
         x=alt.X("mode:Q", title="mode n (0-based)"),
         y=alt.Y("weight:Q", title="s_n / sum_m s_m", scale=alt.Scale(type="log")),
@@ -95,10 +97,12 @@ def s2_spectrum(modes: pd.DataFrame, num_layers: int, num_heads: int) -> alt.HCo
     return alt.hconcat(spectrum, cosines)
 
 
-S4_QUANTITIES = {"weighted_cosine": "weighted cosine (u.v)",
-                 "anisotropy_baseline": "baseline: tokens of different photos",
-                 "centre_token_baseline": "baseline: centre tokens (the paper's)",
-                 "relative_cosine": "relative cosine = weighted - baseline"}
+# S4 puts a cosine between weight vectors and cosines between token embeddings on one axis, as the paper does;
+# each label says which space its quantity lives in.
+S4_QUANTITIES = {"weighted_cosine": "weights: weighted cosine of u_n and v_n",
+                 "anisotropy_baseline": "tokens: baseline, tokens of different photos",
+                 "centre_token_baseline": "tokens: baseline, centre tokens (the paper's)",
+                 "relative_cosine": "weights minus tokens: relative cosine"}
 
 
 def s4_relative(frame: pd.DataFrame) -> alt.FacetChart:
@@ -110,14 +114,14 @@ def s4_relative(frame: pd.DataFrame) -> alt.FacetChart:
     base = alt.Chart().encode(x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)"))
     band = base.mark_area(opacity=0.25, color="gray").encode(y="baseline_low:Q", y2="baseline_high:Q")
     lines = base.mark_line(point=True).encode(
-        y=alt.Y("value:Q", title="cosine"),
+        y=alt.Y("value:Q", title="cosine (weight or token space: see the legend)"),
         color=alt.Color("quantity:N", sort=list(S4_QUANTITIES.values()),
                         legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400)),
         tooltip=["model:N", "layer:O", "quantity:N", alt.Tooltip("value:Q", format="+.3f"),
                  alt.Tooltip("baseline_low:Q", format="+.3f"), alt.Tooltip("baseline_high:Q", format="+.3f")],
     )
     return alt.layer(band, lines, data=inline(long)).properties(width=260, height=240).facet(
-        facet=alt.Facet("model:N", title=None), columns=PANELS_PER_ROW).properties(
+        facet=alt.Facet("model:N", title=None, sort=model_order(frame["model"])), columns=PANELS_PER_ROW).properties(
         title="relative cosine = weighted cosine - anisotropy baseline (grey: the baseline's 95% interval)")
 
 
@@ -130,7 +134,7 @@ def model_summary(svds: dict[str, QKSVD]) -> Markdown:
 
 
 def fig3_cosine_simulated_band(layers: pd.DataFrame, bands: pd.DataFrame,
-                               title: str = "Weighted cosine between u_n and v_n", effect: float | None = None,
+                               title: str | list[str] = "Weighted cosine between u_n and v_n", effect: float | None = None,
                                baseline: pd.DataFrame | None = None) -> alt.LayerChart:
     """Fig 3 with each model's own per-layer null band (:func:`qklib.cosine.null_band_table`): a shaded
     ``[-null_band, +null_band]`` strip per model, in the model's colour, instead of one flat single-cosine band.
@@ -143,7 +147,7 @@ def fig3_cosine_simulated_band(layers: pd.DataFrame, bands: pd.DataFrame,
     """
     strip = bands[["model", "layer", "depth", "null_band"]].copy()
     strip["low"], strip["high"] = -strip["null_band"], strip["null_band"]
-    color = alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400))
+    color = model_colour(layers["model"])
     x = alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1]))
     shade = alt.Chart(inline(strip)).mark_area(opacity=0.2).encode(
         x=x, y=alt.Y("low:Q"), y2="high:Q", color=color,
@@ -175,7 +179,7 @@ def basis_comparison(table: pd.DataFrame, title: str = "Weighted cosine in two b
     return alt.Chart(inline(frame)).mark_line(point=True).encode(
         x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1])),
         y=alt.Y("weighted_cosine:Q", title="weighted cosine (mean over heads)"),
-        color=alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400)),
+        color=model_colour(frame["model"]),
         tooltip=["model:N", "basis_label:N", "layer:O", alt.Tooltip("weighted_cosine:Q", format="+.3f")],
     ).properties(width=220, height=240).facet(
         column=alt.Column("basis:N", sort=order, title=None)).resolve_scale(y="shared").properties(title=title)
@@ -204,7 +208,7 @@ def bias_shift(table: pd.DataFrame, threshold: float,
     frame = inline(table[["model", "layer", "depth", "shift_median", "shift_low", "shift_high"]])
     base = alt.Chart(frame).encode(
         x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400)))
+        color=model_colour(table["model"]))
     band = base.mark_area(opacity=0.2).encode(y=alt.Y("shift_low:Q", title="attention moved (total variation)",
                                                       scale=alt.Scale(domain=[0, 1])), y2="shift_high:Q")
     line = base.mark_line(point=True).encode(
@@ -222,7 +226,7 @@ def grouping_chart(table: pd.DataFrame, title: str = "Grouping index against the
     grey band is the widest key-permutation null band of the heads (chance grouping), the dashed line 0."""
     frame = inline(table[["model", "layer", "head", "weighted_cosine", "grouping", "low", "high", "null_low",
                           "null_high"]])
-    color = alt.Color("model:N", legend=alt.Legend(orient="bottom", columns=1, labelLimit=400))
+    color = model_colour(table["model"])
     base = alt.Chart(frame).encode(x=alt.X("weighted_cosine:Q", title="weighted cosine of the head (weights)"),
                                    color=color)
     points = base.mark_point(filled=True, size=30).encode(

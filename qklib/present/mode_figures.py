@@ -32,6 +32,7 @@ from ..stats import AGREES, BORDERLINE, DISAGREES, RESAMPLES, bootstrap, bootstr
 from .attention import course
 from .cosine import inline
 from .render import jpeg_bytes, mode_pictures, render_mode, thumbnail
+from .style import CHANCE, CONTROLS, TRAINED
 from .widgets import nested_stack, picture_html
 
 PICTURE_PX = 160  # shown width of every picture (a click enlarges it)
@@ -104,7 +105,7 @@ def optimal_table(svd: QKSVD, found: SearchResult, featured: Sequence[tuple[int,
 def featured_table(svd: QKSVD, featured: Sequence[tuple[int, int, int, int]], correlations: Sequence[float],
                    positions: Sequence[dict] | None = None) -> pd.DataFrame:
     """One row per featured mode: ``mode`` label, ``layer``, ``s``, ``cos`` (u_n . v_n), ``map_corr`` (the
-    token-level correlation of its query and key maps over the gallery, :func:`qklib.modes.map_correlations`) and,
+    token-level correlation of its query and key maps over the gallery, :func:`qklib.modes.position_shares`) and,
     with ``positions`` (:func:`qklib.modes.position_shares`), the share of each map's variance that token
     position explains with its null's 97.5th percentile."""
     if len(correlations) != len(featured):
@@ -133,6 +134,20 @@ def featured_findings(table: pd.DataFrame, top_names: Sequence[Sequence[str]] = 
     return {"featured_modes": "; ".join(describe(row) for row in table.itertuples()),
             "featured_agree": f"{agree} of {len(table)}",
             "featured_scenes": f"{scenes} of the {len(names)} optimal images shown are generated scenes"}
+
+
+def gallery_phrases(natural: bool) -> dict:
+    """What the run's gallery is, for the prose (``natural``: the gallery is the user's ``image_dir``, else the
+    default of shipped photos and generated scenes): ``gallery_text`` and ``semantic_note``, the latter saying
+    whether this run can test the paper's semantic reading of optimal images at all."""
+    if natural:
+        return {"gallery_text": "`image_dir`",
+                "semantic_note": "The gallery is `image_dir`; whether a mode's optimal images share a feature is a "
+                                 "reading of the pictures above."}
+    return {"gallery_text": "the photos shipped in installed packages and the generated scenes",
+            "semantic_note": "The gallery holds no folder of natural images (`image_dir` is empty), so this run does "
+                             "not test the paper's semantic reading of optimal images (§5, Fig 4); the claims ledger "
+                             "marks it not tested."}
 
 
 def optimal_images(model, svd: QKSVD, found: SearchResult, featured: Sequence[tuple[int, int, int, int]],
@@ -250,16 +265,21 @@ OBJECTS = {False: "background left out", True: "background an object"}
 
 
 def same_object_table(model_runs: dict[tuple[bool, str], SameObject], control_runs: dict[tuple[bool, str], SameObject],
-                      model_label: str, num_layers: int, resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
+                      model_label: str, num_layers: int, resamples: int = RESAMPLES, seed: int = 0,
+                      null_runs: dict[tuple[bool, str], SameObject] | None = None) -> pd.DataFrame:
     """Fig 6 as a tidy table from :func:`qklib.same_object.same_object_variants` of the model and of its random-init
     control: one row per variant, series and layer. Columns ``same`` (``"same instance"`` or ``"same kind"``),
     ``objects`` (the background left out or counted as an object), ``model`` (the model, ``"random-init control"``,
-    ``"chance"``), ``layer``, ``P(same)``, ``low`` / ``high`` (the 95% bootstrap interval over the layer's heads;
+    ``"chance"``, and ``"mismatched-mode null"`` where ``null_runs``, :func:`qklib.same_object.mismatched`, holds
+    the variant), ``layer``, ``P(same)``, ``low`` / ``high`` (the 95% bootstrap interval over the layer's heads;
     empty for chance), ``depth``."""
     frames = []
     for (background, match), run in model_runs.items():
         control = control_runs[background, match]
-        for name, source in ((model_label, run), ("random-init control", control), ("chance", None)):
+        series = [(model_label, run), ("random-init control", control), ("chance", None)]
+        if null_runs and (background, match) in null_runs:
+            series.append(("mismatched-mode null", null_runs[background, match]))
+        for name, source in series:
             values = run.chance_layer if source is None else source.per_layer
             frame = pd.DataFrame({"same": SAME[match], "objects": OBJECTS[background], "model": name,
                                   "layer": run.layers, "P(same)": values})
@@ -272,13 +292,35 @@ def same_object_table(model_runs: dict[tuple[bool, str], SameObject], control_ru
     return table
 
 
+def same_object_layers(table: pd.DataFrame, model_label: str) -> pd.DataFrame:
+    """Fig 6 layer by layer, compactly (index: layer): the model's P(same) in every variant of
+    :func:`same_object_table`, then chance, the random-init control and the mismatched-mode null in the claims
+    ledger's variant (same instance, the background one more object)."""
+    model = table[table["model"] == model_label]
+    wide = model.pivot_table(index="layer", columns=["same", "objects"], values="P(same)")
+    wide.columns = [f"{same}, {objects}" for same, objects in wide.columns]
+    ledger_rows = table[(table["same"] == SAME["instance"]) & (table["objects"] == OBJECTS[True])
+                        & (table["model"] != model_label)]
+    references = ledger_rows.pivot_table(index="layer", columns="model", values="P(same)")
+    references.columns = [f"{name} ({SAME['instance']}, {OBJECTS[True]})" for name in references.columns]
+    return pd.concat([wide, references], axis=1).round(2)
+
+
+# Fig 6's series other than the model: the control grey as everywhere in the book, chance black.
+SERIES_COLOURS = {"random-init control": CONTROLS[0], "chance": CHANCE, "mismatched-mode null": "#b0306b"}
+
+
 def same_object_chart(table: pd.DataFrame) -> alt.FacetChart:
     """Fig 6: P(same) against normalised depth, one line per series (model, control, chance dashed), each with its
     95% interval over heads as a band, one panel per variant of :func:`same_object_table`: same instance or same
     kind (rows), background left out or an object (columns)."""
+    series = list(dict.fromkeys(table["model"]))
+    colours = {name: SERIES_COLOURS.get(name, TRAINED[0]) for name in series}
     base = alt.Chart().encode(
         x=alt.X("depth:Q", title="normalised depth, layer / (L - 1)"),
-        color=alt.Color("model:N", title=None, legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400)))
+        color=alt.Color("model:N", title=None, sort=series,
+                        scale=alt.Scale(domain=series, range=[colours[name] for name in series]),
+                        legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400)))
     band = base.mark_area(opacity=0.18).encode(y="low:Q", y2="high:Q")
     line = base.mark_line(point=True).encode(
         y=alt.Y("P(same):Q", scale=alt.Scale(domain=[0, 1])),
