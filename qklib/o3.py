@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .core.images import IMAGE_SUFFIXES, images_by_stem
+from .core.images import IMAGE_SUFFIXES, LazyItems, images_by_stem
 
 FEATURES = ("colour", "shape", "size", "orientation")
 SHAPES = ("disc", "square", "triangle", "cross", "ellipse", "bar")
@@ -124,20 +124,14 @@ def _read_manifest(root: Path) -> dict[str, dict]:
     return rows
 
 
-class O3Set(Sequence):
+class O3Set(LazyItems):
     """The scenes of an O3-layout folder, read lazily (O3 has ~2000 large photos): ``len``, index, iterate."""
 
     def __init__(self, root: Path, layout: O3Layout, ids: list[str], files: dict[str, tuple[Path, Path, Path, Path | None]]):
         self.root, self.layout, self.ids, self._files = root, layout, ids, files
         self._manifest = _read_manifest(root)
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        key = self.ids[index]
+    def read(self, key: str) -> O3Sample:
         image_path, target_path, distractor_path, objects_path = self._files[key]
         with Image.open(image_path) as handle:
             image = handle.convert("RGB")

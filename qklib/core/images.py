@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +95,24 @@ def _composite(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     rgba = image.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+
+
+class LazyItems(Sequence):
+    """A data set read on demand, item by item (photo collections are large): ``ids`` in order and ``read(id)``
+    give ``len``, indexing, slicing (a list) and iteration."""
+
+    ids: list[str]
+
+    def read(self, key: str):
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self.read(self.ids[index])
 
 
 def list_images(folder: str | Path) -> list[Path]:
