@@ -241,6 +241,11 @@ SPECS: dict[str, dict[str, Callable]] = {
         "explorer_modes": count(1), "featured": mode_labels, "walkthrough_image": text, "live_explorer": flag, **COMMON,
     },
     "s6_values": {"models": models(), "null_draws": count(1), **COMMON, "live_explorer": flag},
+    "s8_segmentation": {
+        "models": models(), "n_scenes": count(12), "o3_dir": folder(), "o3_layout": o3_layout, "ade20k_dir": folder(),
+        "voc_dir": folder(), "image_dir": folder(), "max_images": count(1), "layers": indices, "n_segments": count(0),
+        "shown_images": count(1), "live_explorer": flag, **COMMON,
+    },
 }
 
 

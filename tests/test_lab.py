@@ -49,6 +49,7 @@ FAST = {
     "s5_modes": {"n_scenes": 6, "max_images": 12, "top_k": 2, "layers": [4], "heads": [0, 1], "explorer_modes": 1,
                  "batch_size": 6},
     "s6_values": {"models": [DEFAULT], "null_draws": 5},
+    "s8_segmentation": {"models": [DEFAULT], "n_scenes": 12, "layers": [1], "shown_images": 1, "batch_size": 6},
 }
 EDIT = " Edited in JupyterLab."
 SLIDER_SECONDS = 10.0  # a live picture must change within this after a slider moves (measured: see the output)
@@ -117,7 +118,8 @@ def test_charts_use_the_served_vega_only_when_make_lab_says_where(monkeypatch):
 def test_every_chapter_has_the_live_explorer_parameter_off(name):
     assert "live_explorer" in chapter.SPECS[name]
     text = (ROOT / "notebooks" / f"{name}.py").read_text()
-    assert re.search(r"^live_explorer = False  # .+", text, flags=re.M), "declare `live_explorer = False  # ...`"
+    assert re.search(r"^live_explorer(: bool)? = False  # .+", text, flags=re.M), \
+        "declare `live_explorer: bool = False  # ...`"
     assert set(FAST[name]) <= set(chapter.SPECS[name])
 
 

