@@ -45,7 +45,7 @@ from myst_nb import glue
 
 import qklib
 from IPython.display import display
-from qklib import chapter, values
+from qklib import chapter, ledger, values
 from qklib.present import values as figures
 from qklib.present.cosine import model_summary
 from qklib.present import style
@@ -106,7 +106,8 @@ if p.live_explorer:
 
 # %%
 copying = values.layer_table(heads, "copying", p.resamples, p.seed)
-copying_null = values.copying_null_table(ovs, p.null_draws, seed=p.seed)
+copying_draws = values.copying_nulls(ovs, p.null_draws, seed=p.seed)
+copying_null = values.copying_null_table(ovs, copying_draws)
 glue("s6_null_draws", p.null_draws, display=False)
 figures.layer_interval(copying, "Copying score of the OV matrix", "positive-real eigenvalue share", copying_null)
 
@@ -129,6 +130,9 @@ summary = values.composition_summary(pairs)
 glue("s6_chance", 1 / (p.null_draws + 1), display=False)
 glue("s6_summary", summary.style.format(precision=3).hide(axis="index"), display=False)
 glue("s6_findings", values.findings(heads, summary, p.resamples, p.seed), display=False)
+glue("s6_ledger", ledger.question_record(  # for the claims ledger's "Beyond the paper" table
+    "s6_values", {"composition": "the query-key and value-output weights", "copying": "the value-output weights"},
+    values.ledger_measures(heads, summary, copying_draws)), display=False)
 figures.composition_heatmap(pairs, next(iter(ovs.values())).num_heads)
 
 # %% [markdown]

@@ -78,7 +78,7 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 import qklib
-from qklib import chapter, recognition, segmentation
+from qklib import chapter, ledger, recognition, segmentation
 from qklib.core.images import open_rgb
 from qklib.present import segmentation as figures
 from qklib.present.widgets import download_link
@@ -248,12 +248,14 @@ if p.live_explorer:
 #
 # Data: {glue:text}`s8_data`. The answer, in numbers from this run: {glue:text}`s8_answer`
 #
-# The slowest method took {glue:text}`s8_slowest:.2f` s per image (median). The embedded model is a DINOv2
-# backbone whose possible fine-tuning for saliency is unknown; the random-init control shows what the
-# architecture alone gives.
+# The slowest method took {glue:text}`s8_slowest:.2f` s per image (median). {glue:text}`s8_caveat` The random-init
+# control shows what the architecture alone gives.
 
 # %%
 answer = figures.findings(scored, defaults, layers, p.resamples, p.seed)
 glue("s8_answer", answer["text"], display=False)
-glue("s8_ledger", answer["record"], display=False)  # for the claims ledger's "Beyond the paper" table
+glue("s8_caveat", chapter.embedded_caveat(loaded), display=False)
+glue("s8_ledger", ledger.question_record(  # for the claims ledger's "Beyond the paper" table
+    "s8_segmentation", {"segmentation": ", ".join(datasets)},
+    {label: {"segmentation": measures} for label, measures in answer["record"]["models"].items()}), display=False)
 print(f"chapter ran in {time.perf_counter() - started:.0f} s")

@@ -47,13 +47,18 @@ def layer_table(heads: pd.DataFrame, column: str, resamples: int = RESAMPLES, se
     return pd.DataFrame(rows)
 
 
-def copying_null_table(ovs: dict[str, QKSVD], draws: int, seed: int = 0) -> pd.DataFrame:
+def copying_nulls(ovs: dict[str, QKSVD], draws: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``{label: [draws, L, H]}``: every head's copying score under ``draws`` Haar draws (``copying_null``)."""
+    return {label: copying_null(ov, count=draws, seed=seed) for label, ov in ovs.items()}
+
+
+def copying_null_table(ovs: dict[str, QKSVD], nulls: dict[str, torch.Tensor]) -> pd.DataFrame:
     """Per model and layer: the central 95% of the layer's mean copying score over heads when every head's read
-    and write directions are Haar-random and its spectrum kept (``copying_null`` with ``draws`` draws):
+    and write directions are Haar-random and its spectrum kept (``nulls``: :func:`copying_nulls`):
     ``null_low``, ``null_high``, and the null's mean."""
     rows = []
     for label, ov in ovs.items():
-        layer_means = copying_null(ov, count=draws, seed=seed).mean(-1).cpu().numpy()  # [draws, L]
+        layer_means = nulls[label].mean(-1).cpu().numpy()  # [draws, L]
         low, high = np.percentile(layer_means, [2.5, 97.5], axis=0)
         for layer in range(ov.num_layers):
             rows.append({"model": label, "layer": layer, "depth": depth(layer, ov.num_layers),
@@ -140,3 +145,19 @@ def findings(heads: pd.DataFrame, summary: pd.DataFrame, resamples: int = RESAMP
             f"{int(group['rank'].iloc[0])}); copying score {copying.text()} over {copying.units} heads; pairs of "
             f"heads composing beyond chance: {shares} (chance alone: {kinds['chance_share'].iloc[0]:.1%}).")
     return " ".join(sentences)
+
+
+def ledger_measures(heads: pd.DataFrame, summary: pd.DataFrame, nulls: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """The claims ledger's "Beyond the paper" measures per model (``qklib.ledger.question_record``): the pairs of
+    heads composing beyond chance per kind (:func:`composition_summary`) and every head's copying score with the
+    null's draws of their mean (``nulls``: :func:`copying_nulls`)."""
+    measures = {}
+    for label, group in heads.groupby("model", sort=False):
+        kinds = summary[summary.model == label].set_index("kind")
+        measures[label] = {
+            "composition": {"kinds": {kind: {"beyond": int(kinds.loc[kind, "beyond"]), "pairs": int(kinds.loc[kind, "pairs"])}
+                                      for kind in COMPOSITION_KINDS},
+                            "chance": float(kinds["chance_share"].iloc[0])},
+            "copying": {"heads": [float(v) for v in group["copying"]],
+                        "null": [float(v) for v in nulls[label].mean((1, 2)).cpu()]}}
+    return measures

@@ -119,3 +119,24 @@ def default_records(**changes) -> dict:
         "s5_modes": s5_record(),
     }
     return records | changes
+
+
+def s6_record(beyond: int = 60, pairs: int = 300, copying: float = 0.08, null: float = 0.04, draws: int = 20) -> dict:
+    """§6's record: ``beyond`` of ``pairs`` head pairs compose beyond chance in each kind; every head's copying
+    score spread ±0.01 around ``copying``, the null's draws of the mean spread ±0.002 around ``null``."""
+    heads = list(copying + 0.01 * np.linspace(-1, 1, 72))
+    measures = {"composition": {"kinds": {k: {"beyond": beyond, "pairs": pairs} for k in "qkv"},
+                                "chance": 1 / (draws + 1)},
+                "copying": {"heads": heads, "null": list(null + 0.002 * np.linspace(-1, 1, draws))}}
+    return ledger.question_record("s6_values", {"composition": "the weights", "copying": "the weights"},
+                                  {EMBEDDED_NAME: measures, CONTROL: measures})
+
+
+def s8_record(difference: tuple[float, float, float] = (0.07, 0.055, 0.088)) -> dict:
+    interval = lambda e, lo, hi: {"estimate": e, "low": lo, "high": hi, "units": 32}  # noqa: E731
+    measures = {"modes_layer": 1, "modes": interval(0.156, 0.137, 0.178), "kmeans_score": interval(0.086, 0.076, 0.096),
+                "best_baseline": "tokencut", "best_baseline_layer": 11, "best_score": interval(0.14, 0.12, 0.16),
+                "grid_score": interval(0.125, 0.115, 0.135), "against_kmeans": interval(*difference),
+                "against_best": interval(0.016, -0.01, 0.04), "images": 32}
+    return ledger.question_record("s8_segmentation", {"segmentation": "32 generated scenes"},
+                                  {EMBEDDED_NAME: {"segmentation": measures}})

@@ -595,8 +595,9 @@ def site_chapters(chapters: list[str], executed: Path = EXECUTED) -> tuple[list[
 def write_ledger(present: list[str], executed: Path = EXECUTED, target: Path = LEDGER) -> bool:
     """Write the claims ledger (``qklib.ledger``) from the glued records of the executed chapters to ``target``,
     which the page ``book/claims.md`` includes; True when written. It is rebuilt on every build, so it always
-    matches the chapters of the site. A chapter not executed yet leaves the ledger out of the site (False, with a
-    message); a chapter executed without its record stops the build (BuildError)."""
+    matches the chapters of the site. A chapter of the paper's claims not executed yet leaves the ledger out of the
+    site (False, with a message); a "Beyond the paper" chapter not executed leaves its questions "not tested"; a
+    chapter executed without its record stops the build (BuildError)."""
     absent = [name for name in ledger.CHAPTERS if name not in present]
     if absent:
         target.unlink(missing_ok=True)
@@ -605,7 +606,9 @@ def write_ledger(present: list[str], executed: Path = EXECUTED, target: Path = L
         return False
     try:
         records = ledger.read_records(executed)
-        text = ledger_markdown(ledger.assemble(records), records)
+        beyond = ledger.read_records(executed, [name for name in ledger.QUESTION_CHAPTERS if name in present])
+        text = ledger_markdown(ledger.assemble(records), records | beyond,
+                               ledger.assemble(beyond, ledger.QUESTIONS, missing_ok=True))
     except ledger.LedgerError as error:
         target.unlink(missing_ok=True)
         raise BuildError(f"claims ledger: {error}") from None

@@ -13,6 +13,10 @@ from ..core.paper_models import EMBEDDED
 from ..ledger import AGREES, BORDERLINE, BY_EYE, DISAGREES, MIXED, NOT_TESTED, RULE, THRESHOLDS, Evidence, Row
 
 
+ANSWERS = {AGREES: "yes", DISAGREES: "no"}  # a question's outcome in words; borderline and the rest unchanged
+NEEDS = {False: "*A test as the paper's needs*", True: "*A test on the paper's models needs*"}
+
+
 def chapter_link(chapter: str) -> str:
     """A link to the chapter's page, labelled with its section (``s4_cosine`` -> §4)."""
     return f"{{doc}}`§{chapter.split('_')[0].lstrip('s')} </executed/{chapter}>`"
@@ -27,15 +31,17 @@ def model_text(model: str, paper_model: str | None) -> str:
     return f"`{model}` (not a paper model)"
 
 
-def verdict_text(row: Row) -> str:
+def verdict_text(row: Row, answers: bool = False) -> str:
+    words = ANSWERS if answers else {}
     if row.verdict == MIXED:
-        counts = ", ".join(f"{row.count(o)} {o}" for o in (AGREES, DISAGREES, BORDERLINE) if row.count(o))
+        counts = ", ".join(f"{row.count(o)} {words.get(o, o)}" for o in (AGREES, DISAGREES, BORDERLINE) if row.count(o))
         return f"**mixed** across {len(row.evidence)} models: {counts}"
-    return f"**{row.verdict}**"
+    return f"**{words.get(row.verdict, row.verdict)}**"
 
 
-def evidence_text(evidence: Evidence) -> str:
-    outcome = "" if evidence.outcome == BY_EYE else f" → **{evidence.outcome}**"
+def evidence_text(evidence: Evidence, answers: bool = False) -> str:
+    words = ANSWERS if answers else {}
+    outcome = "" if evidence.outcome == BY_EYE else f" → **{words.get(evidence.outcome, evidence.outcome)}**"
     return (f"{chapter_link(evidence.chapter)} · {model_text(evidence.model, evidence.paper_model)} · "
             f"{evidence.data}: {evidence.number}{outcome}")
 
@@ -77,24 +83,36 @@ def run_text(records: Mapping[str, Mapping]) -> str:
     return "\n".join(parts)
 
 
-def ledger_markdown(rows: Sequence[Row], records: Mapping[str, Mapping]) -> str:
-    """The page fragment: the summary, a list-table with one row per claim (the claim, its rule, statistic and null;
-    the verdict with each model's statistic and interval), how verdicts are decided with the thresholds, and what
-    each chapter ran."""
-    lines = [summary(rows), "", ":::{list-table}", ":header-rows: 1", ":widths: 4 44 52", "",
-             "* - \\#", "  - The paper's claim; the rule that judges it, the statistic and its null",
+def _table(rows: Sequence[Row], head: str, answers: bool = False) -> list[str]:
+    """A list-table with one row per claim (or question): the claim, its rule, statistic and null; the verdict with
+    each model's statistic and interval; what a test needs."""
+    lines = [":::{list-table}", ":header-rows: 1", ":widths: 4 44 52", "",
+             "* - \\#", f"  - {head}; the rule that judges it, the statistic and its null",
              "  - This run: the verdict; chapter · model · data: the statistic with its 95% interval → the outcome. "
              "A test as the paper's needs"]
     for number, row in enumerate(rows, 1):
         claim = row.claim
-        rule = "*Agrees when*" if claim.judge else "*Not computed:*"
+        rule = ("*Yes when*" if answers else "*Agrees when*") if claim.judge else "*Not computed:*"
         details = (f"\n\n*Statistic:* {claim.statistic}. *Null:* {claim.null}." if claim.statistic else "")
-        evidence = "".join(f"\n- {evidence_text(e)}" for e in row.evidence) + ("\n" if row.evidence else "")
+        evidence = "".join(f"\n- {evidence_text(e, answers)}" for e in row.evidence) + ("\n" if row.evidence else "")
         untested = "".join(f"\n- not tested: {text}" for text in row.untested) + ("\n" if row.untested else "")
         lines += [f"* - {number}",
                   *_cell(f"**{claim.paper}.** {claim.statement}\n\n{rule} {claim.criterion}.{details}"),
-                  *_cell(f"{verdict_text(row)}\n{evidence}{untested}\n*A test as the paper's needs* {claim.needs}.")]
-    lines += [":::", "", "**How a verdict is decided.** " + RULE, "", "**The thresholds**, each with its reason:", "",
-              thresholds_text(), "", "**What the chapters ran** (the records this page is built from):", "",
-              run_text(records), ""]
+                  *_cell(f"{verdict_text(row, answers)}\n{evidence}{untested}\n"
+                         f"{NEEDS[answers]} {claim.needs}.")]
+    return lines + [":::"]
+
+
+def ledger_markdown(rows: Sequence[Row], records: Mapping[str, Mapping], questions: Sequence[Row] = ()) -> str:
+    """The page fragment: the summary, the table of the paper's claims, how verdicts are decided with the
+    thresholds, the table "Beyond the paper" (the book's answers to the paper's open questions, by the same
+    machinery) where ``questions`` are given, and what each chapter ran."""
+    lines = [summary(rows), "", *_table(rows, "The paper's claim"), "", "**How a verdict is decided.** " + RULE, "",
+             "**The thresholds**, each with its reason:", "", thresholds_text(), ""]
+    if questions:
+        lines += ["## Beyond the paper", "", "The paper's own future research (its closing section) names open "
+                  "questions; the book's second part answers some of them, each with the same statistics as the "
+                  "claims above. An answer is *yes* when the rule agrees, *no* when it disagrees, *borderline* when "
+                  "the interval cannot decide.", "", *_table(questions, "The question", answers=True), ""]
+    lines += ["**What the chapters ran** (the records this page is built from):", "", run_text(records), ""]
     return "\n".join(lines)
