@@ -119,7 +119,7 @@ def difference_table(rows_by_model: Mapping[str, list[dict]], defaults: Mapping[
                      resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
     """The modes against each baseline on the same images (:func:`pair_table`): at each layer against k-means on
     that layer's tokens (the features the modes come from), and at the methods' default layers against every
-    baseline. ``defaults``: :meth:`Segmenter.default_layers`."""
+    baseline. ``defaults``: :meth:`qklib.segmentation.Segmenter.default_layers`."""
     pairs = [(("modes", layer), ("kmeans", layer)) for layer in layers]
     pairs += [(("modes", defaults["modes"]), (method, defaults[method])) for method in METHODS if method != "modes"]
     return pair_table(rows_by_model, pairs, resamples, seed)
@@ -228,7 +228,7 @@ def findings(rows_by_model: Mapping[str, list[dict]], defaults: Mapping[str, int
     """``{"text": one paragraph, "record": the numbers behind it}``: per model, the modes at their default layer
     against k-means on the same tokens, against the best of the other training-free methods at its default
     layer and against the grid (paired differences, 95 % intervals over images), and the layer where the modes
-    did best. ``defaults``: :meth:`Segmenter.default_layers`."""
+    did best. ``defaults``: :meth:`qklib.segmentation.Segmenter.default_layers`."""
     sentences, record = [], {"question": QUESTION, "metric": metric, "models": {}}
     for model, rows in rows_by_model.items():
         summary = summarise(rows, metric, resamples, seed)
