@@ -174,5 +174,7 @@ download_link(figures.pairs_download(pairs), "s6_composition_pairs.csv")
 # ```
 #
 # A random-init control should compose beyond chance in about the chance share of its pairs: it checks the
-# null. Whether composing pairs connect heads that group tokens (§5) with heads that copy is the next question
-# of this chapter (issue 24, items 2 and 4), not answered here.
+# null. Two questions of the value side stay open in this version of the chapter: what a head writes when it
+# attends along one QK mode (the OV image of $v_n$, drawn on images), and whether attention groups tokens (the
+# change in within-object against between-object token similarity that a head's output causes, and whether
+# grouping heads are copying heads). The claims ledger's "Beyond the paper" table lists only what is answered.
