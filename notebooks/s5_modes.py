@@ -167,11 +167,13 @@ chosen = figures.featured_table(svd, p.featured, corr, positions)
 display(chosen.round(3), download_link(chosen, "s5_featured_modes.csv"))
 
 # %% [markdown]
-# Each featured mode with its top images (file name and score under each picture):
+# Each featured mode with its top images (file name and score under each picture), and below each row the same
+# images with the mode's per-position mean maps taken out (over the same 200 gallery images): what remains is the
+# part of the maps that position alone does not explain, each normalised between its own percentiles again.
 
 # %%
 optimal = figures.optimal_table(svd, found, p.featured)
-display(figures.optimal_images(net, svd, found, p.featured, correlations=corr),
+display(figures.optimal_images(net, svd, found, p.featured, correlations=corr, positions=positions),
         download_link(optimal, "s5_optimal_images.csv"))
 
 # %% [markdown]

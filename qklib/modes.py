@@ -324,8 +324,10 @@ def position_shares(model, svd: QKSVD, batches, chosen, draws: int = 20, seed: i
     """For each ``(layer, head, mode, sign)`` in ``chosen``: :func:`position_share` of its query map
     (``x . u_n``) and of its key map (``x . v_n``) over all images of ``batches`` (an iterable of lists of PIL
     images), the 97.5th percentile of each under a null that permutes every image's tokens (``draws``
-    seeded permutations: position then carries no information), and the maps' ``correlation`` pooled over every
-    token of every image (:func:`map_correlation` over the whole gallery, from the same pass)."""
+    seeded permutations: position then carries no information), the maps' ``correlation`` pooled over every
+    token of every image (:func:`map_correlation` over the whole gallery, from the same pass), and the
+    per-position mean maps ``query_mean``, ``key_mean`` (``[N]``, sign +1: the part of each map that position
+    explains, which :func:`qklib.present.render.mode_pictures` can take out)."""
     chosen = list(chosen)
     layers = sorted({c[0] for c in chosen})
     maps: list[list[torch.Tensor]] = [[] for _ in chosen]
@@ -340,6 +342,7 @@ def position_shares(model, svd: QKSVD, batches, chosen, draws: int = 20, seed: i
         both = torch.cat(parts, dim=1).numpy()  # [2, images, N]
         shuffled = [[position_share(rng.permuted(side, axis=1)) for _ in range(draws)] for side in both]
         rows.append({"query": position_share(both[0]), "key": position_share(both[1]),
+                     "query_mean": both[0].mean(axis=0), "key_mean": both[1].mean(axis=0),
                      "correlation": float(np.corrcoef(both[0].ravel(), both[1].ravel())[0, 1]),
                      "query_null": float(np.percentile(shuffled[0], 97.5)),
                      "key_null": float(np.percentile(shuffled[1], 97.5)), "images": both.shape[1]})

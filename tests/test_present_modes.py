@@ -14,6 +14,7 @@ from ipywidgets.widgets.widget import _instances
 from ipywidgets.widgets.widget_link import Link
 from PIL import Image
 
+from qklib.core.images import open_rgb
 from qklib import chapter, modes, search
 from qklib.core.extract import record
 from qklib.core.images import to_pixels
@@ -147,6 +148,10 @@ def test_optimal_images_table_and_pictures_follow_the_search(tiny, folder):
     assert not any(str(folder) in name for name in table["image"])  # relative paths only
     shown = figures.optimal_images(model, svd, found, featured, size=64).data
     assert len(_images(shown)) == len(table)
+    positions = modes.position_shares(model, svd, [[open_rgb(found.path(n)) for n, _ in found.top(0, 0, 0, 1)]],
+                                      featured, draws=2)
+    with_content = figures.optimal_images(model, svd, found, featured, size=64, positions=positions).data
+    assert len(_images(with_content)) == 2 * len(table) and with_content.count("position explains") == 2
     assert "L2 H1 M3-" in shown and str(folder) not in shown
     summary = figures.search_summary(found)
     assert summary.startswith("Scored 3 of 4 images") and "broken.jpg" in summary and str(folder) not in summary

@@ -61,6 +61,13 @@ def test_mode_pictures_draw_the_modes_own_projections(embedded_model, embedded_s
     assert np.array_equal(flipped[0], render.red_cyan(crop, render.normalize_map(-query), render.normalize_map(-key)))
     assert not np.array_equal(pictures[0], flipped[0])
     assert np.array_equal(small[0], render.thumbnail(pictures[0], 112))
+    # the per-position mean maps taken out (sign +1 means, applied to either sign)
+    mean_q, mean_k = np.linspace(-1, 1, 256), np.linspace(1, -1, 256)
+    content = render.mode_pictures(embedded_model, embedded_svd, [cat_photo], 10, 3, 0, sign=-1,
+                                   position=(mean_q, mean_k))
+    expected = render.red_cyan(crop, render.normalize_map(-(query - torch.tensor(mean_q).reshape(16, 16))),
+                               render.normalize_map(-(key - torch.tensor(mean_k).reshape(16, 16))))
+    assert np.array_equal(content[0], expected)
 
 
 def test_jpeg_bytes_decode_to_the_picture():

@@ -150,11 +150,17 @@ def gallery_phrases(natural: bool) -> dict:
                              "marks it not tested."}
 
 
+CONTENT_PX = 112  # the position-removed rows of Fig 4 are drawn small (the page's size budget)
+
+
 def optimal_images(model, svd: QKSVD, found: SearchResult, featured: Sequence[tuple[int, int, int, int]],
-                   size: int = 224, correlations: Sequence[float] | None = None) -> HTML:
+                   size: int = 224, correlations: Sequence[float] | None = None,
+                   positions: Sequence[dict] | None = None) -> HTML:
     """Fig 4: for each featured ``(layer, head, mode, sign)``, a row of its top images with the mode drawn
     over them (``size`` px pictures shown ``PICTURE_PX`` wide), captioned with file name and score;
-    ``correlations`` (one per featured mode: query/key map correlation over the gallery) go into the titles."""
+    ``correlations`` (one per featured mode: query/key map correlation over the gallery) go into the titles.
+    With ``positions`` (:func:`qklib.modes.position_shares`), each row is followed by the same images with the
+    mode's per-position mean maps taken out (the content part), drawn small."""
     if correlations is not None and len(correlations) != len(featured):
         raise ValueError(f"{len(correlations)} correlations for {len(featured)} featured modes")
     blocks = []
@@ -169,6 +175,13 @@ def optimal_images(model, svd: QKSVD, found: SearchResult, featured: Sequence[tu
         pictures = mode_pictures(model, svd, images, layer, head, mode, sign=sign, size=size)
         captions = [f"{html.escape(name.rsplit('/', 1)[-1].rsplit('.', 1)[0])} ({score:.1f})" for name, score in top]
         blocks.append(picture_row(pictures, captions, title, quality=85))
+        if positions is not None:
+            share = positions[i]
+            content = mode_pictures(model, svd, images, layer, head, mode, sign=sign, size=CONTENT_PX,
+                                    position=(share["query_mean"], share["key_mean"]))
+            blocks.append(picture_row(content, captions, f"the same, the mean map of each token position taken out "
+                                      f"(position explains {share['query']:.0%} of the query map, {share['key']:.0%} "
+                                      "of the key map)", width=CONTENT_PX, quality=80))
     return HTML("<div style='display:grid;gap:12px'>" + "".join(blocks) + "</div>")
 
 

@@ -76,12 +76,19 @@ def thumbnail(array: np.ndarray, size: int = 112) -> np.ndarray:
 
 
 def mode_pictures(model, svd: QKSVD, images, layer: int, head: int, mode: int, sign: int = 1,
-                  size: int | None = None, tokens: torch.Tensor | None = None) -> list[np.ndarray]:
-    """Red/cyan pictures of one mode for a list of PIL images (tokens computed unless given as ``[B, T, d]``)."""
+                  size: int | None = None, tokens: torch.Tensor | None = None,
+                  position: tuple | None = None) -> list[np.ndarray]:
+    """Red/cyan pictures of one mode for a list of PIL images (tokens computed unless given as ``[B, T, d]``).
+    ``position``: ``(query_mean, key_mean)``, the mode's per-position mean maps (``[N]``, sign +1;
+    :func:`qklib.modes.position_shares`), subtracted first: the pictures then show the content part of the maps,
+    what position alone does not explain."""
     meta = info(model)
     if tokens is None:
         tokens = token_embeddings(model, to_pixels(model, list(images)), layers=[layer])[0]
     query, key = mode_maps(svd, tokens, layer, head, mode, meta.prefix_tokens, sign, meta.grid)
+    if position is not None:
+        query, key = (m - sign * torch.as_tensor(np.asarray(mean), dtype=m.dtype).reshape(m.shape[-2:])
+                      for m, mean in zip((query, key), position))
     pictures = [render_mode(display_crop(model, image), q, k) for image, q, k in zip(images, query, key)]
     return [thumbnail(p, size) for p in pictures] if size else pictures
 
