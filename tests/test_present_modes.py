@@ -14,10 +14,9 @@ from ipywidgets.widgets.widget import _instances
 from ipywidgets.widgets.widget_link import Link
 from PIL import Image
 
-from qklib.core.images import open_rgb
 from qklib import chapter, modes, search
 from qklib.core.extract import record
-from qklib.core.images import to_pixels
+from qklib.core.images import open_rgb, to_pixels
 from qklib.present import mode_figures as figures
 from qklib.present.widgets import nested_stack
 from qklib.same_object import SameObject
