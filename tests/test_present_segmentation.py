@@ -1,10 +1,14 @@
 """qklib.present.segmentation: the pictures and the findings' verdicts from rows whose answer is known."""
 
+from datetime import datetime, timezone
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from qklib.present import segmentation as figures
 from qklib.recognition import ProbeResult
+from qklib.segmentation import Segmenter
 
 DEFAULTS = {"modes": 1, "kmeans": 11, "tokencut": 11, "cls_attention": 11, "grid": None}
 
@@ -59,3 +63,18 @@ def test_probe_table_reads_accuracy_chance_and_classes():
     assert table["accuracy"].tolist() == [0.75, 1.0] and table["chance"].tolist() == [0.75, 0.75]
     assert table["class a"].tolist() == pytest.approx([2 / 3, 1.0]) and table["class b"].tolist() == [1.0, 1.0]
     assert table["layer"].isna().tolist() == [True, False] and table["layer"].iloc[1] == 3
+
+
+def test_the_live_explorer_redraws_and_refuses_a_file_that_is_not_an_image(tiny_vit):
+    model, svd = tiny_vit
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray((rng.random((48, 64, 3)) * 255).astype(np.uint8))
+    live = figures.explore_segments({"tiny": Segmenter(model, svd)}, {"noise": photo}, size=64)
+    assert "qk-live-explorer" in live._dom_classes and live.message.value == ""
+    first = live.pictures["segments"].value
+    live.controls["method"].value = "grid"
+    assert live.pictures["segments"].value != first  # a grid of 4 cells, not the modes' segments
+    data = b"not an image"
+    live.controls["upload"].value = ({"name": "notes.txt", "type": "", "size": len(data), "content": memoryview(data),
+                                      "last_modified": datetime.now(timezone.utc)},)
+    assert "notes.txt" in live.message.value and live.controls["image"].value == "noise"

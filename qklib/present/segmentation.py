@@ -18,6 +18,7 @@ from ..segmentation import METHODS, Segmenter, object_map, paired_difference, su
 from ..stats import RESAMPLES
 from .attention import outline
 from .cosine import PANELS_PER_ROW, inline
+from .explore import Live
 from .render import jpeg_bytes, mosaic
 from .widgets import nested_stack, picture_html
 
@@ -165,7 +166,7 @@ def probe_table(results: Mapping[tuple[str, str, int | None], ProbeResult], resa
 # --- the live explorer --------------------------------------------------------------------------------------
 
 def explore_segments(segmenters: Mapping[str, Segmenter], images: Mapping[str, Image.Image], size: int = 320,
-                     quality: int = 85) -> widgets.VBox:
+                     quality: int = 85) -> Live:
     """Live: any model, method, layer and number of segments on any of ``images`` ({name: PIL image}) or on an
     image the reader uploads (a file that is not an image shows its reason and changes nothing)."""
     if not images or not segmenters:
@@ -180,8 +181,10 @@ def explore_segments(segmenters: Mapping[str, Segmenter], images: Mapping[str, I
     count = widgets.IntSlider(value=4, min=1, max=16, description="segments", continuous_update=False)
     upload = widgets.FileUpload(accept="image/*", multiple=False, description="upload")
     picture, message = widgets.Image(format="jpeg"), widgets.HTML("")
+    picture.add_class("qk-live-picture")
+    message.add_class("qk-live-message")
 
-    def redraw(*_):
+    def draw():
         image = images[pick_image.value]
         labels = segmenters[pick_model.value](image, count.value, method.value, layer.value)
         photo = np.asarray(image.convert("RGB"))
@@ -190,23 +193,26 @@ def explore_segments(segmenters: Mapping[str, Segmenter], images: Mapping[str, I
         small = np.asarray(Image.fromarray(photo).resize(shape, Image.Resampling.BILINEAR))
         picture.value = jpeg_bytes(draw_segments(small, upsample_labels(labels, *small.shape[:2])), quality)
 
+    controls = {"model": pick_model, "image": pick_image, "method": method, "layer": layer, "segments": count,
+                "upload": upload}
+    live = Live([widgets.HBox([pick_model, pick_image, upload]), widgets.HBox([method, layer, count]), message,
+                 picture], controls, {"segments": picture}, {}, message, draw)
+
     def uploaded(change):
         for name, data in [(str(f.get("name", "upload")), bytes(f.get("content", b""))) for f in change["new"] or ()]:
             try:
                 images[name] = image_from_bytes(data, name)
             except ImageError as error:
-                message.value = f"<span style='color:#b00'>{error}</span>"
+                live.show_error(str(error))
                 return
-            message.value = ""
             pick_image.options = list(images)
             pick_image.value = name
 
     for control in (pick_model, pick_image, method, layer, count):
-        control.observe(redraw, names="value")
+        control.observe(live.redraw, names="value")
     upload.observe(uploaded, names="value")
-    redraw()
-    return widgets.VBox([widgets.HBox([pick_model, pick_image, upload]), widgets.HBox([method, layer, count]),
-                         message, picture])
+    live.redraw()
+    return live
 
 
 # --- what we found ------------------------------------------------------------------------------------------
