@@ -453,7 +453,8 @@ def _segments(m: dict) -> Judgement:
         f"mIoU after Hungarian matching, modes at L{m['modes_layer']} {score('modes')} against k-means on the same "
         f"tokens {score('kmeans_score')}: difference {against.text()}; the best other method, {m['best_baseline']} "
         f"L{m['best_baseline_layer']}, {score('best_score')} (modes minus it "
-        f"{Interval.from_dict(m['against_best']).text()}); the grid {score('grid_score')}; {m['images']} images"),
+        f"{Interval.from_dict(m['against_best']).text()}); the grid {score('grid_score')} (modes minus it "
+        f"{Interval.from_dict(m['against_grid']).text()}); {m['images']} images"),
         against)
 
 
