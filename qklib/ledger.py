@@ -1,11 +1,14 @@
 """The claims ledger: each headline claim of the paper, and what this book's run says about it.
 
 A claim (``CLAIMS``) is data: the paper's statement in our words, where the paper makes it, the chapter that
-tests it, the models it is about, the data the paper measured it on, and the rule that decides whether one
-model's measurement agrees. The measurements come from the run: each chapter glues one :class:`Record`
-(:func:`attention_record`, :func:`cosine_record`, :func:`modes_record`) under the name in ``RECORD_NAMES``;
-the book builder reads them back from the executed notebooks (:func:`read_records`), and :func:`assemble`
-judges every claim on every model of the run that it concerns. Nothing in a verdict or a number is typed.
+tests it, the models it is about, the data the paper measured it on, and the rule that judges one model's
+measurement: a statistic with its 95% bootstrap interval compared with a named threshold (``THRESHOLDS``), so
+each model agrees, disagrees or is borderline (``qklib.stats.decide``). The measurements come from the run: each
+chapter glues one :class:`Record` (:func:`attention_record`, :func:`cosine_record`, :func:`modes_record`,
+:func:`question_record`) under the name in ``RECORD_NAMES``; the book builder reads them back from the executed
+notebooks (:func:`read_records`), and :func:`assemble` judges every claim on every model of the run that it
+concerns. Nothing in a verdict or a number is typed. ``QUESTIONS`` are the paper's open questions that the
+book's second part answers, judged by the same machinery ("Beyond the paper").
 
 Which models a claim concerns: a claim about named models (the DINO, DeiT, huge ViT, SimMIM or I-JEPA models)
 is judged only on those, recognised by their timm name or by the authors' checkpoint file
