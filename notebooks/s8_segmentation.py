@@ -74,6 +74,7 @@ results_dir: str = "results"  # where the generated scenes are written
 # %%
 import time
 
+import altair as alt
 from IPython.display import Markdown, display
 from myst_nb import glue
 
@@ -81,10 +82,12 @@ import qklib
 from qklib import chapter, ledger, recognition, segmentation
 from qklib.core.images import open_rgb
 from qklib.present import segmentation as figures
+from qklib.present import style
 from qklib.present.widgets import download_link
 
 started = time.perf_counter()
 p = chapter.check("s8_segmentation", globals())
+alt.theme.enable(style.THEME)  # one look across the book: text sizes, set in qklib.present.style
 
 # %% [markdown]
 # ## The models and the images

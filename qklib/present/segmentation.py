@@ -20,6 +20,7 @@ from .attention import outline
 from .cosine import PANELS_PER_ROW, inline
 from .explore import Live
 from .render import jpeg_bytes, mosaic
+from .style import model_order
 from .widgets import nested_stack, picture_html
 
 # Segment colours: distinct, readable over photos (tab20's first ten, then repeated).
@@ -97,7 +98,8 @@ def metric_chart(table: pd.DataFrame, metric: str = "miou") -> alt.FacetChart:
     layers = [line, bars]
     if len(grid):
         layers.append(alt.Chart(inline(grid)).mark_rule(strokeDash=[4, 3], color="grey").encode(y="mean:Q"))
-    return alt.layer(*layers, data=inline(layered)).facet(facet="model:N", columns=PANELS_PER_ROW).properties(
+    return alt.layer(*layers, data=inline(layered)).facet(
+        facet=alt.Facet("model:N", sort=model_order(layered["model"])), columns=PANELS_PER_ROW).properties(
         title=f"{METRICS[metric]} per layer, 95 % intervals over images (dashed: the grid)")
 
 

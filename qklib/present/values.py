@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .cosine import PANELS_PER_ROW, inline
-from .style import model_colour
+from .style import model_colour, model_order
 
 
 def layer_interval(layers: pd.DataFrame, title: str, y_title: str,
@@ -141,7 +141,7 @@ def composition_layers(table: pd.DataFrame) -> alt.FacetChart:
         x=alt.X("layer2:O", title="later layer"), y=alt.Y("layer1:O", title="earlier layer"),
         color=alt.Color("share_beyond:Q", scale=alt.Scale(scheme="greys", domain=[0, 1]), title="share beyond"),
         tooltip=["model:N", "kind:N", "layer1:O", "layer2:O", alt.Tooltip("share_beyond:Q", format=".2f")],
-    ).properties(width=150, height=150).facet(row=alt.Row("model:N", title=None),
+    ).properties(width=150, height=150).facet(row=alt.Row("model:N", title=None, sort=model_order(shares["model"])),
                                                column=alt.Column("kind:N", title="composition", sort=["q", "k", "v"]))
 
 
