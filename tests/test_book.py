@@ -251,11 +251,12 @@ def _check_widgets(page, problems: list[str]) -> str:
             moved += 1
             if not _changed(shot, before):
                 problems.append(f"widget area {i}: slider {label!r} ({key}) changed nothing in its output")
-            # The readout names what the slider selects (L7, H3, M0), and the picture shown carries that label.
+            # The readout names what the slider selects (L7, H3, M0, or an image's name), not a position, and the
+            # picture shown carries that name.
             readout = slider.locator(".widget-readout").first.inner_text().strip()
-            if not re.fullmatch(r"[LHM]\d+", readout):
-                problems.append(f"widget area {i}: slider {label!r} reads {readout!r}, not the layer/head/mode it selects")
-            elif not re.search(rf"\b{readout}\b", area.inner_text()):
+            if re.fullmatch(r"\d+", readout):
+                problems.append(f"widget area {i}: slider {label!r} reads {readout!r}, a position, not what it selects")
+            elif not re.search(rf"(?<![\w-]){re.escape(readout)}(?![\w-])", area.inner_text()):
                 problems.append(f"widget area {i}: slider {label!r} reads {readout!r} but no shown caption names it")
     return f"{views} widget areas, {moved} widget sliders moved"
 

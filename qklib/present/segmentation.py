@@ -98,7 +98,7 @@ def metric_chart(table: pd.DataFrame, metric: str = "miou") -> alt.FacetChart:
     layers = [line, bars]
     if len(grid):
         layers.append(alt.Chart(inline(grid)).mark_rule(strokeDash=[4, 3], color="grey").encode(y="mean:Q"))
-    return alt.layer(*layers, data=inline(layered)).facet(
+    return alt.layer(*layers, data=inline(layered)).properties(width=220, height=200).facet(
         facet=alt.Facet("model:N", sort=model_order(layered["model"])), columns=PANELS_PER_ROW).properties(
         title=f"{METRICS[metric]} per layer, 95 % intervals over images (dashed: the grid)")
 
