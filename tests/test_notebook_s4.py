@@ -24,8 +24,8 @@ def test_s4_runs_with_other_models_and_images(tmp_path, run_chapter):
     text = "\n".join(str(o.get("data", {})) for o in outputs)
     assert "deit_tiny_distilled_patch16_224 (random init, seed 3)" in text
     assert "astronaut.png, chelsea.png, coffee.png" in text  # the baseline used the folder's images (sorted)
-    # Fig 3, the two bases, the head map, S1, S2, S4 and the query bias (S3 needs a checkpoint)
-    assert sum("vegaEmbed" in o.get("data", {}).get("text/html", "") for o in outputs) == 7
+    # Fig 3, the two bases, the head map, S1, S2, S4, the query bias and the grouping index (S3 needs a checkpoint)
+    assert sum("vegaEmbed" in o.get("data", {}).get("text/html", "") for o in outputs) == 8
     assert "its query biases are zero, so the query-bias term is absent" in text  # random init: zero biases
 
 
