@@ -245,7 +245,8 @@ figures.bias_shift(bias_table, ledger.BIAS_SHIFT_MAX)
 # subtracts the layer's anisotropy by construction. Its null permutes the keys of each photo (20 draws, seeded),
 # which keeps every attention row's weights but breaks which token gets which. Each point is a head: its
 # weighted cosine against its $G$ (mean over photos, whisker: 95% bootstrap interval over photos); grey: the
-# null band.
+# null band. With hundreds of tokens per photo the null is narrow, so compare the size of $G$ as well as how
+# many heads pass it; the random-init control shows what the untrained architecture gives.
 
 # %%
 grouping_table = grouping.head_table(loaded, photo_pixels, {label: svd.weighted_cosine() for label, svd in svds.items()},
