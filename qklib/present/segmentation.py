@@ -91,7 +91,7 @@ def metric_chart(table: pd.DataFrame, metric: str = "miou") -> alt.FacetChart:
     rows = table[table["metric"] == metric]
     layered, grid = rows[rows["layer"].notna()], rows[rows["layer"].isna()].drop(columns="layer")
     x = alt.X("layer:Q", title="layer (0-based)", axis=alt.Axis(tickMinStep=1))
-    colour = alt.Color("method:N", sort=list(METHODS))
+    colour = alt.Color("method:N", sort=list(METHODS), legend=alt.Legend(orient="bottom", title=None))
     line = alt.Chart().mark_line(point=True).encode(x=x, y=alt.Y("mean:Q", title=METRICS[metric]), color=colour,
                                                    tooltip=["method:N", "layer:Q", "mean:Q", "low:Q", "high:Q", "images:Q"])
     bars = alt.Chart().mark_errorbar().encode(x=x, y="low:Q", y2="high:Q", color=colour)
