@@ -94,12 +94,12 @@ def metric_chart(table: pd.DataFrame, metric: str = "miou") -> alt.FacetChart:
     colour = alt.Color("method:N", sort=list(METHODS), legend=alt.Legend(orient="bottom", title=None))
     line = alt.Chart().mark_line(point=True).encode(x=x, y=alt.Y("mean:Q", title=METRICS[metric]), color=colour,
                                                    tooltip=["method:N", "layer:Q", "mean:Q", "low:Q", "high:Q", "images:Q"])
-    bars = alt.Chart().mark_errorbar().encode(x=x, y="low:Q", y2="high:Q", color=colour)
+    bars = alt.Chart().mark_errorbar().encode(x=x, y=alt.Y("low:Q", title=METRICS[metric]), y2="high:Q", color=colour)
     layers = [line, bars]
     if len(grid):
         layers.append(alt.Chart(inline(grid)).mark_rule(strokeDash=[4, 3], color="grey").encode(y="mean:Q"))
     return alt.layer(*layers, data=inline(layered)).properties(width=220, height=200).facet(
-        facet=alt.Facet("model:N", sort=model_order(layered["model"])), columns=PANELS_PER_ROW).properties(
+        facet=alt.Facet("model:N", sort=model_order(layered["model"]), title=None), columns=PANELS_PER_ROW).properties(
         title=f"{METRICS[metric]} per layer, 95 % intervals over images (dashed: the grid)")
 
 
