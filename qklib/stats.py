@@ -1,16 +1,14 @@
-"""The statistics every verdict of the book rests on: bootstrap intervals, nulls and one decision rule.
+"""The statistics every verdict of the book rests on: bootstrap intervals and one decision rule.
 
 A verdict compares a statistic with a stated threshold. The statistic is computed from units that vary
 independently (images, scenes, heads or mode-image cases); its 95% interval comes from a seeded percentile
-bootstrap over those units (:func:`bootstrap`, :func:`bootstrap_ratio`), so it is exactly reproducible, and the
-number of resamples is a parameter. :func:`decide` turns the interval and the threshold into one of three
-outcomes: the claim's side of the threshold holds for the whole interval (agrees), the other side holds for the
-whole interval (disagrees), or the interval crosses it (borderline). A fourth outcome, "not tested", is the
-ledger's for a claim that no model of a run concerns.
-
-Nulls are what the statistic would be by chance: :func:`permutation_null` draws it under a permutation that
-destroys the structure tested (keys shuffled within an image, say), and :func:`exceedance` says how often the
-null reaches the measured value.
+bootstrap over those units (:func:`bootstrap`, :func:`bootstrap_slope`, and :func:`bootstrap_curve` for curves
+whose layer values are means over heads), so it is exactly reproducible, and the number of resamples is a
+parameter. :func:`decide` turns the interval and the threshold into one of three outcomes: the claim's side of
+the threshold holds for the whole interval (agrees), the other side holds for the whole interval (disagrees), or
+the interval crosses it (borderline). A fourth outcome, "not tested", is the ledger's for a claim that no model of
+a run concerns. Nulls are the analyses' own (a random-init control, Haar rotations, permuted keys), each named
+where its statistic is.
 """
 
 from __future__ import annotations
@@ -95,21 +93,6 @@ def bootstrap(values, statistic: Callable[[np.ndarray], np.ndarray] | None = Non
     return _interval(float(statistic(values[None])[0]), np.asarray(draws, dtype=float), len(values), level, resamples)
 
 
-def bootstrap_ratio(numerator, denominator, *, resamples: int = RESAMPLES, seed: int = 0,
-                    level: float = LEVEL) -> Interval:
-    """The interval of ``sum(numerator) / sum(denominator)`` over paired units (a ratio of means, e.g. the
-    attention an object receives over the attention its area would receive by chance, pooled over images)."""
-    numerator, denominator = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
-    if numerator.shape != denominator.shape or numerator.ndim != 1:
-        raise ValueError(f"numerator and denominator must be paired 1-d arrays, got {numerator.shape} and "
-                         f"{denominator.shape}")
-    index = _indices(len(numerator), resamples, seed)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        draws = numerator[index].sum(axis=1) / denominator[index].sum(axis=1)
-        estimate = numerator.sum() / denominator.sum()
-    return _interval(float(estimate), draws, len(numerator), level, resamples)
-
-
 def bootstrap_slope(curves, *, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> Interval:
     """The interval of the least-squares slope per layer of the mean curve, resampling the units (rows of
     ``curves`` ``[units, layers]``, e.g. one per-layer curve per image)."""
@@ -133,24 +116,14 @@ def bootstrap_curve(per_unit, statistic: Callable[[np.ndarray], np.ndarray], *, 
     if per_unit.ndim != 2:
         raise ValueError(f"per_unit must be [layers, units], got shape {per_unit.shape}")
     layers, units = per_unit.shape
-    index = np.random.default_rng(seed).integers(0, units, size=(resamples, layers, units)) if units else None
-    if index is None:
+    if units == 0:
         raise ValueError("bootstrap_curve needs at least one unit per layer")
+    index = np.random.default_rng(seed).integers(0, units, size=(resamples, layers, units))
     drawn = per_unit[np.arange(layers)[None, :, None], index]  # [resamples, layers, units]
     with np.errstate(invalid="ignore"):
         draws = statistic(np.nanmean(drawn, axis=2))
         estimate = statistic(np.nanmean(per_unit, axis=1)[None])[0]
     return _interval(float(estimate), np.asarray(draws, dtype=float), units, level, resamples)
-
-
-def bootstrap_difference(first, second, *, resamples: int = RESAMPLES, seed: int = 0,
-                         level: float = LEVEL) -> Interval:
-    """The interval of ``mean(first) - mean(second)`` for two independent samples, each resampled on its own."""
-    first, second = (np.asarray(v, dtype=float) for v in (first, second))
-    first, second = first[np.isfinite(first)], second[np.isfinite(second)]
-    a, b = _indices(len(first), resamples, seed), _indices(len(second), resamples, seed + 1)
-    draws = first[a].mean(axis=1) - second[b].mean(axis=1)
-    return _interval(float(first.mean() - second.mean()), draws, len(first) + len(second), level, resamples)
 
 
 def decide(interval: Interval, threshold: float, holds_above: bool = True) -> str:
@@ -185,18 +158,3 @@ def combine(outcomes) -> str:
     if any(o == DISAGREES for o in outcomes):
         return DISAGREES
     return AGREES if outcomes and all(o == AGREES for o in outcomes) else BORDERLINE
-
-
-def permutation_null(statistic: Callable[[np.random.Generator], float], draws: int = 200, seed: int = 0) -> np.ndarray:
-    """``draws`` values of ``statistic(rng)``, each computed on data the statistic permutes with ``rng`` (a
-    seeded ``numpy.random.Generator``): the statistic's distribution when the tested structure is destroyed."""
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
-    rng = np.random.default_rng(seed)
-    return np.asarray([statistic(rng) for _ in range(draws)], dtype=float)
-
-
-def exceedance(null: np.ndarray, value: float) -> float:
-    """The permutation p-value: the share of the null (with the measured value counted in) at least ``value``."""
-    null = np.asarray(null, dtype=float)
-    return float((1 + (null >= value).sum()) / (1 + null.size))
