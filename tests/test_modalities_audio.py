@@ -13,7 +13,8 @@ from huggingface_hub import constants
 import qklib
 from qklib.core import modalities
 from qklib.core.modalities import (attention_from_weights, attention_inputs, frame_word_ids, log_mel, mel_filters,
-                                   model_attention, read_ct2, resample, synthesise, whisper_attention)
+                                   model_attention, read_ct2, resample, speech_tokens, synthesise,
+                                   whisper_attention)
 from qklib.core.models import model_name
 from qklib.core.weights import ModelError
 
@@ -217,3 +218,16 @@ def test_encoder_tokens_map_to_the_word_spoken_at_their_centre():
     assert ids.tolist() == [0, 0, 0, -1, -1, 1, 1, 1, 1, 1, -1, -1]
     with pytest.raises(ValueError, match="not an interval"):
         frame_word_ids([(0.3, 0.2)])
+
+
+def test_speech_tokens_count_the_tokens_before_the_padding():
+    assert [speech_tokens(s) for s in (0.0, 0.01, 0.02, 0.021, 2.0, 45.0)] == [0, 1, 1, 2, 100, 1500]
+
+
+def test_the_random_control_of_the_encoder_is_seeded_with_whispers_position_table(tiny_en):
+    control = qklib.random_control(tiny_en, seed=0)
+    assert model_name(control) == f"{WHISPER} (random init, seed 0)"
+    assert control.config.to_dict() == tiny_en.config.to_dict()
+    assert not torch.equal(control.layers[0].self_attn.q_proj.weight, tiny_en.layers[0].self_attn.q_proj.weight)
+    # Whisper's positions are fixed sinusoids, not learned: the control has the trained model's table.
+    assert (control.embed_positions.weight - tiny_en.embed_positions.weight).abs().max() < 1e-3

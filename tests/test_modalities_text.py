@@ -175,3 +175,18 @@ def test_the_pydoc_corpus_is_prose_in_whole_sentences_within_the_word_budget():
     assert len({s.topic for s in snippets}) > 40
     with pytest.raises(ValueError, match="max_words must be >= 1"):
         pydoc_corpus(max_words=0)
+
+
+def test_the_random_control_keeps_the_config_and_the_tokenizer_and_is_seeded(minilm):
+    state = torch.random.get_rng_state()
+    control = qklib.random_control(minilm, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert model_name(control) == f"{MINILM} (random init, seed 3)"
+    assert control.config.to_dict() == minilm.config.to_dict()
+    query = control.encoder.layer[0].attention.self.query.weight
+    assert not torch.equal(query, minilm.encoder.layer[0].attention.self.query.weight)
+    assert 0.015 < float(query.detach().std()) < 0.025  # BERT's initializer_range 0.02
+    assert torch.equal(query, qklib.random_control(minilm, seed=3).encoder.layer[0].attention.self.query.weight)
+    text = tokenise(control, TEXT)
+    assert text.input_ids.tolist() == tokenise(minilm, TEXT).input_ids.tolist()
+    assert model_attention(control, text).shape == (6, 12, len(text.tokens), len(text.tokens))

@@ -453,6 +453,8 @@ def random_control(name_or_model: str | nn.Module = DEFAULT_MODEL, seed: int = 0
 
     ``name_or_model``: a name (``NAME`` or ``random:NAME``) or a loaded model, whose architecture (and
     geometry, for converted checkpoints) is reused. Same as ``load_model('random:NAME', seed=seed)``."""
+    if isinstance(name_or_model, nn.Module) and hasattr(name_or_model, "qklib_provenance"):
+        return modalities.random_like(name_or_model, seed, device)  # a text or audio model: its transformers config
     if isinstance(name_or_model, nn.Module):
         model = name_or_model
         arch = getattr(model, "qklib_arch", None) or model.pretrained_cfg["architecture"]

@@ -65,10 +65,11 @@ def _projections(query: nn.Linear, key: nn.Linear, value: nn.Linear, output: nn.
     """One layer's per-head tensors: wq, wk, wv ``[H, r, d]``, bq, bk, bv ``[H, r]``, wo ``[H, d, r]``, bo ``[d]``."""
     wo = output.weight.detach().to("cpu", torch.float64)
     d, width = wo.shape
+    bo = output.bias.detach().to("cpu", torch.float64) if output.bias is not None else torch.zeros(d, dtype=torch.float64)
     return {"wq": _heads(query.weight, heads), "wk": _heads(key.weight, heads), "wv": _heads(value.weight, heads),
             "bq": _bias(query, heads), "bk": _bias(key, heads), "bv": _bias(value, heads),
             "wo": wo.reshape(d, heads, width // heads).permute(1, 0, 2).contiguous(),
-            "bo": output.bias.detach().to("cpu", torch.float64) if output.bias is not None else torch.zeros(d, dtype=torch.float64)}
+            "bo": bo}
 
 
 def _norm(norm: nn.LayerNorm) -> dict:

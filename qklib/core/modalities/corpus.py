@@ -52,7 +52,8 @@ def _prose_paragraphs(text: str) -> list[str]:
     found = []
     for block in re.split(r"\n\s*\n", text):
         lines = [line for line in block.splitlines() if line.strip()]
-        if not lines or any(line.startswith((" ", "\t")) for line in lines) or any(_RULE.match(l.strip()) for l in lines):
+        indented = any(line.startswith((" ", "\t")) for line in lines)
+        if not lines or indented or any(_RULE.match(line.strip()) for line in lines):
             continue
         paragraph = " ".join(line.strip() for line in lines)
         if re.search(r"[.!?][\"')\]]?$", paragraph) and ">>>" not in paragraph:

@@ -57,6 +57,7 @@ class _Cursor:
         self.data, self.offset, self.path = data, 0, path
 
     def take(self, size: int) -> memoryview:
+        """The next ``size`` bytes; a ModelError when the file ends first."""
         if self.offset + size > len(self.data):
             raise ModelError(f"{str(self.path)!r} ends at byte {len(self.data)} inside a field that needs byte "
                              f"{self.offset + size}: the file is truncated; copy or reinstall it")
@@ -65,9 +66,11 @@ class _Cursor:
         return view
 
     def number(self, fmt: str) -> int:
+        """The next little-endian number of ``struct`` format ``fmt`` (``I`` uint32, ``H`` uint16, ``B`` uint8)."""
         return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
+        """The next string: uint16 length counting its terminating NUL, then the UTF-8 bytes and the NUL."""
         raw = bytes(self.take(self.number("H")))
         if not raw.endswith(b"\0"):
             raise ModelError(f"{str(self.path)!r}: a name at byte {self.offset} lacks its NUL; not a CTranslate2 file")
@@ -80,7 +83,8 @@ def _variable(cursor: _Cursor) -> tuple[str, torch.Tensor]:
     code = cursor.number("B")
     if code not in CT2_DTYPES:
         raise ModelError(f"{str(cursor.path)!r}: variable {name!r} has dtype code {code}, which qklib does not know "
-                         f"(known: {sorted(CT2_DTYPES)}); convert the model again with ctranslate2 in float16 or float32")
+                         f"(known: {sorted(CT2_DTYPES)}); convert the model again with ctranslate2 in float16 or "
+                         "float32")
     dtype = CT2_DTYPES[code]
     size = cursor.number("I")
     expected = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()

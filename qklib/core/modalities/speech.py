@@ -122,6 +122,7 @@ class Utterance:
 
     @property
     def seconds(self) -> float:
+        """The utterance's duration."""
         return self.audio.numel() / self.sample_rate
 
 

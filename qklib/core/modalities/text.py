@@ -45,7 +45,8 @@ def read_folder_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             content = read_checkpoint(folder / name)[0]
             if isinstance(content, dict):
                 return config, content
-    raise ModelError(f"{str(folder)!r} has a config.json but no model.safetensors or pytorch_model.bin with a state dict")
+    raise ModelError(f"{str(folder)!r} has a config.json but no model.safetensors or pytorch_model.bin with a state "
+                     "dict")
 
 
 def bert_from_folder(folder: Path) -> tuple[nn.Module, list[str]]:
@@ -77,7 +78,8 @@ def _tokenizer(folder: str) -> tokenizers.Tokenizer:
     if (path / "tokenizer.json").is_file():
         tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
     elif (path / "vocab.txt").is_file():
-        settings = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").is_file() else {}
+        config = path / "tokenizer_config.json"
+        settings = json.loads(config.read_text()) if config.is_file() else {}
         tokenizer = tokenizers.implementations.BertWordPieceTokenizer(
             str(path / "vocab.txt"), lowercase=settings.get("do_lower_case", True))._tokenizer
     else:
