@@ -23,8 +23,11 @@ SENTENCE = "The quick brown fox, jumps over the lazy dog. It was raining!"
 
 
 @pytest.fixture(scope="module")
-def tiny_en():
-    return qklib.load_model(WHISPER)
+def tiny_en(tmp_path_factory):
+    """The shipped CTranslate2 copy, whatever the user's Hugging Face cache holds."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hub")))
+        return qklib.load_model(WHISPER)
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +186,8 @@ def test_log_mel_equals_whispers_feature_extractor(utterance):
         log_mel(torch.tensor([0.0, float("nan")]))
     with pytest.raises(ValueError, match="one channel"):
         log_mel(torch.zeros(2, 100))
+    with pytest.raises(ValueError, match="lasts 31.0 s; Whisper's encoder hears at most 30 s"):
+        log_mel(torch.zeros(31 * 16_000))
 
 
 def test_speech_is_deterministic_with_ordered_word_spans_inside_the_audio(utterance):

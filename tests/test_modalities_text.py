@@ -20,8 +20,11 @@ TEXT = "Attention maps are not explanations. Tokenisation splits rare words into
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    return qklib.load_model(MINILM)
+def minilm(tmp_path_factory):
+    """The shipped copy, whatever the user's Hugging Face cache holds."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hub")))
+        return qklib.load_model(MINILM)
 
 
 def _random_bert_folder(folder, prefix_model=False):

@@ -2,7 +2,7 @@
 token (one per 20 ms) falls in which word.
 
 As openai/whisper (``whisper.audio.log_mel_spectrogram``) and transformers' ``WhisperFeatureExtractor`` do:
-the audio is zero-padded (or cut) to 30 s; a 400-sample (25 ms) periodic Hann window every 160 samples (10 ms),
+the audio is zero-padded to 30 s; a 400-sample (25 ms) periodic Hann window every 160 samples (10 ms),
 centred frames with reflect padding, the power spectrum's last frame dropped; 80 mel filters on Slaney's scale
 with Slaney's area normalisation (librosa's default, 0-8 kHz); ``log10`` of the power clamped at 1e-10, floored
 at the spectrogram's maximum minus 8 (80 dB), then ``(x + 4) / 4``.
@@ -54,14 +54,17 @@ def mel_filters(n_mels: int = N_MELS, n_fft: int = N_FFT, sample_rate: int = SAM
 
 
 def log_mel(audio: torch.Tensor | np.ndarray, n_mels: int = N_MELS) -> torch.Tensor:
-    """``[n_mels, 3000]`` float32: Whisper's input for ``audio`` (``[N]`` samples at 16 kHz in [-1, 1]), padded
-    with silence (or cut) to 30 s. The 80 dB floor is taken over the whole padded spectrogram, as Whisper does."""
+    """``[n_mels, 3000]`` float32: Whisper's input for ``audio`` (``[N]`` samples at 16 kHz in [-1, 1], at most
+    30 s: longer audio is an error, never cut), padded with silence to 30 s. The 80 dB floor is taken over the whole padded spectrogram, as Whisper does."""
     audio = torch.as_tensor(audio, dtype=torch.float32)
     if audio.ndim != 1 or audio.numel() == 0:
         raise ValueError(f"log_mel takes one channel of samples, shape [N] with N > 0; got {tuple(audio.shape)}")
     if not torch.isfinite(audio).all():
         raise ValueError("the audio has NaN or infinite samples; check the file or the synthesiser's output")
-    audio = torch.nn.functional.pad(audio[:CHUNK_SAMPLES], (0, max(0, CHUNK_SAMPLES - audio.numel())))
+    if audio.numel() > CHUNK_SAMPLES:
+        raise ValueError(f"the audio lasts {audio.numel() / SAMPLE_RATE:.1f} s; Whisper's encoder hears at most 30 s: "
+                         "synthesise shorter text, or cut the audio into 30-s windows")
+    audio = torch.nn.functional.pad(audio, (0, CHUNK_SAMPLES - audio.numel()))
     spectrum = torch.stft(audio, N_FFT, HOP, window=torch.hann_window(N_FFT), center=True, pad_mode="reflect",
                           return_complex=True)
     power = spectrum[:, :-1].abs() ** 2
