@@ -14,7 +14,7 @@ import qklib
 from qklib.core import modalities
 from qklib.core.modalities import (attention_from_weights, attention_inputs, frame_word_ids, log_mel, mel_filters,
                                    model_attention, read_ct2, resample, speech_tokens, synthesise,
-                                   whisper_attention)
+                                   whisper_attention, whisper_sites)
 from qklib.core.models import model_name
 from qklib.core.weights import ModelError
 
@@ -137,6 +137,15 @@ def test_random_whisper_attention_equals_its_maps_and_the_weights_softmax(tmp_pa
     assert maps.shape == (2, 4, 1500, 1500)
     assert (attention_from_weights(weights, attention_inputs(model, features)) - maps.double()).abs().max() < 1e-5
     assert torch.count_nonzero(weights["bk"]) == 0 and weights["norm_position"] == "pre"
+    assert weights["has_bias"] == {"q": True, "k": False, "v": True, "o": True} and weights["special_tokens"] == 0
+    sites = whisper_sites(model)
+    seen = []
+    handles = [module.register_forward_hook(lambda _m, _args, out: seen.append(out[0])) for module in sites["inputs"]]
+    with torch.no_grad():
+        sites["forward"](features[None])
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(torch.stack(seen), attention_inputs(model, features))
     layer = model.layers[1]
     assert torch.equal(weights["norm_gamma"][1], layer.self_attn_layer_norm.weight.double())
     assert torch.equal(torch.cat(list(weights["wo"][1]), dim=1), layer.self_attn.out_proj.weight.double())

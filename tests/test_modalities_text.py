@@ -10,12 +10,15 @@ from huggingface_hub import constants
 
 import qklib
 from qklib.core import modalities
-from qklib.core.modalities import (attention_from_weights, attention_inputs, bert_attention, model_attention,
-                                   pydoc_corpus, split_sentences, tokenise)
+from qklib.core.modalities import (attention_from_weights, attention_inputs, bert_attention, bert_sites,
+                                   model_attention, pydoc_corpus, split_sentences, tokenise)
 from qklib.core.models import model_name
 from qklib.core.weights import ModelError
 
 MINILM = "hf:sentence-transformers/all-MiniLM-L6-v2"
+# The fields of qklib.core.reader's AttentionWeights an adapter fills (the reader adds "family").
+READER_FIELDS = {"wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo", "norm_gamma", "norm_beta", "norm_position", "scale",
+                 "special_tokens", "has_bias", "model"}
 TEXT = "Attention maps are not explanations. Tokenisation splits rare words into pieces!"
 
 
@@ -78,6 +81,8 @@ def test_random_bert_attention_equals_the_models_maps_and_the_weights_softmax(tm
     assert {key: tuple(weights[key].shape) for key in ("wq", "bk", "wo", "bo", "norm_gamma")} == {
         "wq": (3, 4, 12, 48), "bk": (3, 4, 12), "wo": (3, 4, 48, 12), "bo": (3, 48), "norm_gamma": (3, 48)}
     assert (weights["norm_position"], weights["special_tokens"], weights["scale"]) == ("post", 1, pytest.approx(12 ** -0.5))
+    assert set(weights) == READER_FIELDS and weights["has_bias"] == dict.fromkeys("qkvo", True)
+    assert weights["model"] == "tiny-bert [folder]"
 
 
 def test_bert_adapter_heads_rebuild_the_projections_and_name_the_layernorm_each_layer_reads(tmp_path):
@@ -98,7 +103,7 @@ def test_bert_adapter_heads_rebuild_the_projections_and_name_the_layernorm_each_
         handle.remove()
     for index, stream in enumerate(before):
         normed = torch.nn.functional.layer_norm(stream, (48,), weights["norm_gamma"][index], weights["norm_beta"][index],
-                                                weights["norm_eps"])
+                                                model.embeddings.LayerNorm.eps)
         assert (normed - read[index]).abs().max() < 1e-5, index
 
 
@@ -193,3 +198,18 @@ def test_the_random_control_keeps_the_config_and_the_tokenizer_and_is_seeded(min
     text = tokenise(control, TEXT)
     assert text.input_ids.tolist() == tokenise(minilm, TEXT).input_ids.tolist()
     assert model_attention(control, text).shape == (6, 12, len(text.tokens), len(text.tokens))
+
+
+def test_bert_sites_name_the_modules_whose_outputs_the_attention_reads(tmp_path):
+    _random_bert_folder(tmp_path / "tiny-bert")
+    model = qklib.load_model(weights=tmp_path / "tiny-bert")
+    sites = bert_sites(model)
+    assert (sites["num_heads"], sites["head_dim"], len(sites["blocks"])) == (4, 12, 3)
+    text = tokenise(model, TEXT)
+    seen = []
+    handles = [module.register_forward_hook(lambda _m, _args, out: seen.append(out[0])) for module in sites["inputs"]]
+    with torch.no_grad(), sites["explicit_softmax"]():
+        sites["forward"](text.input_ids[None])
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(torch.stack(seen), attention_inputs(model, text))

@@ -1,5 +1,7 @@
 """Attention of the text and audio encoders: the maps the model itself computes, the token vectors each layer's
-attention reads, and each family's weights as stacked per-head tensors (the adapters of the attention reader).
+attention reads, and each family's weights as stacked per-head tensors and its hook sites (the adapters of the
+attention reader, ``qklib.core.reader``: ``bert_attention``/``whisper_attention`` return the fields of its
+AttentionWeights, ``bert_sites``/``whisper_sites`` those of its AttentionSites).
 
 Conventions, as for the vision transformers: column vectors, ``q = W_q x + b_q`` with ``x`` the normalised token
 the attention reads; head h owns rows ``h*r:(h+1)*r`` of W_q, W_k, W_v and the same columns of W_o; the logit of
@@ -13,6 +15,7 @@ query token i on key token j is ``scale * q_i . k_j`` with ``scale = 1/sqrt(r)``
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -23,8 +26,8 @@ from .logmel import N_FRAMES
 from .text import TokenisedText
 from .whisper import whisper_encoder_class
 
-__all__ = ["attention_from_weights", "attention_inputs", "attention_weights", "bert_attention", "model_attention",
-           "whisper_attention"]
+__all__ = ["attention_from_weights", "attention_inputs", "attention_weights", "bert_attention", "bert_sites",
+           "model_attention", "whisper_attention", "whisper_sites"]
 
 
 def _bert(model: nn.Module) -> nn.Module:
@@ -77,38 +80,75 @@ def _norm(norm: nn.LayerNorm) -> dict:
             "norm_beta": norm.bias.detach().to("cpu", torch.float64)}
 
 
+def _has_bias(query: nn.Linear, key: nn.Linear, value: nn.Linear, output: nn.Linear) -> dict[str, bool]:
+    return {name: linear.bias is not None for name, linear in zip("qkvo", (query, key, value, output))}
+
+
+def _bert_norms(bert: nn.Module) -> list[nn.Module]:
+    """The LayerNorm whose output each layer's attention reads (post-LN: the previous layer's output norm)."""
+    return [bert.embeddings.LayerNorm] + [layer.output.LayerNorm for layer in bert.encoder.layer[:-1]]
+
+
 def bert_attention(model: nn.Module) -> dict:
-    """A BERT encoder's attention as stacked float64 tensors: ``wq, wk, wv [L, H, r, d]``, ``bq, bk, bv [L, H, r]``,
-    ``wo [L, H, d, r]``, ``bo [L, d]``, ``norm_gamma, norm_beta [L, d]`` (the LayerNorm whose output layer l
-    reads: the embeddings' for l = 0, else layer l-1's output LayerNorm), ``norm_eps``, ``norm_position``
-    ``"post"``, ``scale`` (1/sqrt(r)), ``special_tokens`` 1 ([CLS] at 0) and ``trailing_special_tokens`` 1 ([SEP])."""
+    """A BERT encoder's attention as the fields of the reader's AttentionWeights, stacked float64: ``wq, wk, wv
+    [L, H, r, d]``, ``bq, bk, bv [L, H, r]``, ``wo [L, H, d, r]``, ``bo [L, d]``, ``norm_gamma, norm_beta [L, d]``
+    (the LayerNorm whose output layer l reads: the embeddings' for l = 0, else layer l-1's output LayerNorm),
+    ``norm_position`` ``"post"``, ``scale`` (1/sqrt(r)), ``special_tokens`` 1 ([CLS] at 0; the [SEP] that ends
+    the sequence is marked by ``TokenisedText.word_ids == -1``), ``has_bias`` and ``model`` (the label)."""
     bert = _bert(model)
     heads = bert.config.num_attention_heads
-    layers, norms = [], [bert.embeddings.LayerNorm] + [layer.output.LayerNorm for layer in bert.encoder.layer[:-1]]
-    for layer, norm in zip(bert.encoder.layer, norms):
-        attention = layer.attention
-        projections = _projections(attention.self.query, attention.self.key, attention.self.value,
-                                   attention.output.dense, heads)
-        layers.append({**projections, **_norm(norm)})
+    layers = []
+    for layer, norm in zip(bert.encoder.layer, _bert_norms(bert)):
+        linears = (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
+                   layer.attention.output.dense)
+        layers.append({**_projections(*linears, heads), **_norm(norm)})
     r = layers[0]["wq"].shape[1]
-    return _stacked(layers, {"norm_eps": float(norms[0].eps), "norm_position": "post", "scale": 1.0 / math.sqrt(r),
-                             "special_tokens": 1, "trailing_special_tokens": 1})
+    return _stacked(layers, {"norm_position": "post", "scale": 1.0 / math.sqrt(r), "special_tokens": 1,
+                             "has_bias": _has_bias(*linears), "model": _label(model)})
 
 
 def whisper_attention(model: nn.Module) -> dict:
-    """Whisper's encoder attention in the same stacked form as ``bert_attention`` (``bk`` zeros: Whisper's key
-    projection has no bias); ``norm_gamma, norm_beta``: each layer's own ``self_attn_layer_norm``;
-    ``norm_position`` ``"pre"``; ``special_tokens`` and ``trailing_special_tokens`` 0."""
+    """Whisper's encoder attention in the same form as ``bert_attention`` (``bk`` zeros and ``has_bias["k"]``
+    False: Whisper's key projection has no bias); ``norm_gamma, norm_beta``: each layer's own
+    ``self_attn_layer_norm``; ``norm_position`` ``"pre"``; ``special_tokens`` 0."""
     encoder = _whisper(model)
     heads = encoder.config.encoder_attention_heads
     layers = []
     for layer in encoder.layers:
-        attention = layer.self_attn
-        projections = _projections(attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj, heads)
-        layers.append({**projections, **_norm(layer.self_attn_layer_norm)})
+        linears = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.out_proj)
+        layers.append({**_projections(*linears, heads), **_norm(layer.self_attn_layer_norm)})
     r = layers[0]["wq"].shape[1]
-    return _stacked(layers, {"norm_eps": float(encoder.layers[0].self_attn_layer_norm.eps), "norm_position": "pre",
-                             "scale": 1.0 / math.sqrt(r), "special_tokens": 0, "trailing_special_tokens": 0})
+    return _stacked(layers, {"norm_position": "pre", "scale": 1.0 / math.sqrt(r), "special_tokens": 0,
+                             "has_bias": _has_bias(*linears), "model": _label(model)})
+
+
+def _label(model: nn.Module) -> str:
+    return getattr(model, "qklib_name", "") or type(model).__name__
+
+
+def bert_sites(model: nn.Module) -> dict:
+    """The fields of the reader's AttentionSites for a BERT encoder: ``inputs[l]`` the LayerNorm whose output
+    layer l reads, ``blocks[l]`` the layer, ``forward(input_ids [B, T])``; eager attention computes its softmax
+    in a function, not a module (``probabilities`` None), and q and k are separate Linears (``fused_qk`` None)."""
+    bert = _bert(model)
+    count = len(bert.encoder.layer)
+    return {"num_heads": bert.config.num_attention_heads,
+            "head_dim": bert.config.hidden_size // bert.config.num_attention_heads, "qk_norm": False,
+            "blocks": tuple(bert.encoder.layer), "inputs": tuple(_bert_norms(bert)), "probabilities": (None,) * count,
+            "fused_qk": (None,) * count, "forward": lambda input_ids: bert(input_ids=input_ids),
+            "explicit_softmax": contextlib.nullcontext}
+
+
+def whisper_sites(model: nn.Module) -> dict:
+    """``bert_sites`` for Whisper's encoder: ``inputs[l]`` is layer l's ``self_attn_layer_norm``,
+    ``forward(features [B, 80, 3000])``."""
+    encoder = _whisper(model)
+    count = len(encoder.layers)
+    return {"num_heads": encoder.config.encoder_attention_heads,
+            "head_dim": encoder.config.d_model // encoder.config.encoder_attention_heads, "qk_norm": False,
+            "blocks": tuple(encoder.layers), "inputs": tuple(layer.self_attn_layer_norm for layer in encoder.layers),
+            "probabilities": (None,) * count, "fused_qk": (None,) * count, "forward": lambda features: encoder(features),
+            "explicit_softmax": contextlib.nullcontext}
 
 
 def attention_weights(model: nn.Module) -> dict:
