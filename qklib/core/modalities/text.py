@@ -49,9 +49,9 @@ def read_folder_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
                      "dict")
 
 
-def bert_from_folder(folder: Path) -> tuple[nn.Module, list[str]]:
-    """``(BertModel in eval mode with eager attention, notes)`` from a BERT model folder; every encoder tensor
-    must be present and every tensor placed, or a ModelError names the first offender."""
+def bert_from_folder(folder: Path) -> tuple[nn.Module, list[str], str]:
+    """``(BertModel in eval mode with eager attention, float32; notes; the stored dtype)`` from a BERT model
+    folder; every encoder tensor must be present and every tensor placed, or a ModelError names the offenders."""
     config, state = read_folder_state(folder)
     if config.get("model_type") != "bert":
         raise ModelError(f"{str(folder)!r}: config.json says model_type {config.get('model_type')!r}, not 'bert'")
@@ -62,6 +62,9 @@ def bert_from_folder(folder: Path) -> tuple[nn.Module, list[str]]:
     else:
         notes = []
     state = {key: value for key, value in state.items() if key not in _DROPPED_BERT}
+    stored = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()}))
+    if stored != "float32":
+        notes.append(f"the weights are stored as {stored}, cast to float32")
     # Eager attention: output_attentions needs the explicit softmax (SDPA returns no maps).
     bert_config = transformers.BertConfig.from_dict(config, attn_implementation="eager")
     model = transformers.BertModel(bert_config, add_pooling_layer="pooler.dense.weight" in state)
@@ -69,7 +72,7 @@ def bert_from_folder(folder: Path) -> tuple[nn.Module, list[str]]:
     if missing or unexpected:
         raise ModelError(f"{str(folder)!r}: not a BertModel checkpoint of this config.json (missing "
                          f"{missing[:4]}, unexpected {unexpected[:4]}); pass the folder save_pretrained wrote")
-    return model.eval(), notes
+    return model.eval(), notes, stored
 
 
 @lru_cache(maxsize=8)
