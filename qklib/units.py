@@ -12,6 +12,13 @@ least one other token and some other unit has a token, so both groups have a cha
 Per input the sums over eligible queries are kept (:func:`unit_sums`), so inputs are the units of the bootstrap
 and every ratio is pooled (sum of attention over sum of chance: attention per unit area, 1 = chance), exactly as
 §3's ``preference.per_area``.
+
+The null. Units of text and speech are runs of neighbouring tokens, and attention in both kinds of model favours
+neighbours whatever the boundaries: a head that only looks at the next few tokens scores far above chance on
+"same word". So every ratio is also computed for shifted units (:func:`shifted_units`): the same labels rolled
+along the sequence by a random offset, which keeps every unit's length and the gaps between units but puts the
+boundaries where there are none. The excess of the true units' preference over the shifted ones'
+(:func:`layer_table`'s ``excess``, 1 = attention follows position only) is what says that attention groups by unit.
 """
 
 from __future__ import annotations
@@ -55,6 +62,29 @@ def unit_sums(attention: torch.Tensor, units) -> np.ndarray:
     return torch.stack(sums, dim=-1).numpy()
 
 
+def shifted_units(units, shift: int) -> np.ndarray:
+    """The labels rolled by ``shift`` positions within the span from the first to the last labelled token (tokens
+    outside it, such as [CLS], [SEP] or trailing padding, keep :data:`NOT_A_UNIT`)."""
+    labels = np.asarray(units).copy()
+    inside = np.flatnonzero(labels != NOT_A_UNIT)
+    if inside.size:
+        first, last = inside[0], inside[-1] + 1
+        labels[first:last] = np.roll(labels[first:last], shift)
+    return labels
+
+
+def null_sums(attention: torch.Tensor, units, shifts: int = 8, seed: int = 0) -> np.ndarray:
+    """``[L, H, 4]``: :func:`unit_sums` averaged over ``shifts`` shifted segmentations (offsets drawn uniformly
+    from 1 .. span - 1 with ``seed``)."""
+    labels = np.asarray(units)
+    inside = np.flatnonzero(labels != NOT_A_UNIT)
+    span = inside[-1] + 1 - inside[0] if inside.size else 0
+    if span < 2:
+        return unit_sums(attention, labels) * 0.0
+    offsets = np.random.default_rng(seed).integers(1, span, size=shifts)
+    return np.mean([unit_sums(attention, shifted_units(labels, int(o))) for o in offsets], axis=0)
+
+
 def _pooled(sample: np.ndarray) -> np.ndarray:
     """``[..., inputs, L, 4]`` (heads already summed) -> ``[..., L, 2]``: same and other attention per unit area,
     pooled over inputs."""
@@ -63,43 +93,66 @@ def _pooled(sample: np.ndarray) -> np.ndarray:
         return np.stack([totals[..., 0] / totals[..., 1], totals[..., 2] / totals[..., 3]], axis=-1)
 
 
-def layer_table(sums: np.ndarray, label: str = "", resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
-    """Per layer, same-unit and other-unit attention per unit area and their ratio (``dominance``: same over
-    other; 1 = no preference), each with its 95% bootstrap interval over inputs.
+def _curves(sample: np.ndarray) -> dict[str, np.ndarray]:
+    """``[..., inputs, L, 4 or 8]`` (true sums, then the null's) -> the per-layer statistics ``[..., L]``."""
+    true = _pooled(sample[..., :4])
+    curves = {"same": true[..., 0], "other": true[..., 1], "dominance": true[..., 0] / true[..., 1]}
+    if sample.shape[-1] == 8:
+        null = _pooled(sample[..., 4:])
+        curves["null_dominance"] = null[..., 0] / null[..., 1]
+        curves["excess"] = curves["dominance"] / curves["null_dominance"]
+    return curves
 
-    ``sums``: ``[inputs, L, H, 4]``, one :func:`unit_sums` per input."""
-    sums = _checked(sums)
+
+def layer_table(sums: np.ndarray, null: np.ndarray | None = None, label: str = "", resamples: int = RESAMPLES,
+                seed: int = 0) -> pd.DataFrame:
+    """Per layer, same-unit and other-unit attention per unit area and their ratio (``dominance``: same over
+    other; 1 = no preference), each with its 95% bootstrap interval over inputs; with ``null`` (the shifted
+    units' sums, :func:`null_sums`) also ``null_dominance`` and ``excess`` (dominance over null_dominance: 1 =
+    attention follows position only), resampled jointly with the true sums.
+
+    ``sums``, ``null``: ``[inputs, L, H, 4]``, one :func:`unit_sums` / :func:`null_sums` per input."""
+    data = _joined(sums, null)
+    names = ("same", "other", "dominance") + (("null_dominance", "excess") if null is not None else ())
     rows = []
-    for layer in range(sums.shape[1]):
-        stats = {"same": lambda s, l=layer: _pooled(s)[:, l, 0], "other": lambda s, l=layer: _pooled(s)[:, l, 1],
-                 "dominance": lambda s, l=layer: _pooled(s)[:, l, 0] / _pooled(s)[:, l, 1]}
-        row = {"model": label, "layer": layer, "depth": layer / max(sums.shape[1] - 1, 1)}
-        for name, statistic in stats.items():
-            interval = bootstrap(sums, statistic, resamples=resamples, seed=seed)
+    for layer in range(data.shape[1]):
+        row = {"model": label, "layer": layer, "depth": layer / max(data.shape[1] - 1, 1)}
+        for name in names:
+            interval = bootstrap(data, lambda s, n=name, l=layer: _curves(s)[n][:, l], resamples=resamples, seed=seed)
             row.update({name: interval.estimate, f"{name}_low": interval.low, f"{name}_high": interval.high})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def early_minus_late(sums: np.ndarray, column: str = "dominance", resamples: int = RESAMPLES,
-                     seed: int = 0) -> Interval:
-    """The mean of ``column`` (``same``, ``other`` or ``dominance``) over the first half of the layers minus its
-    mean over the second half (the middle layer of an odd count left out), with its bootstrap interval over
-    inputs: positive when the preference falls with depth."""
+def _joined(sums, null) -> np.ndarray:
+    """``[inputs, L, 4]`` or, with a null, ``[inputs, L, 8]``: heads pooled."""
     sums = _checked(sums)
-    layers = sums.shape[1]
+    if null is None:
+        return sums
+    null = _checked(null)
+    if null.shape != sums.shape:
+        raise ValueError(f"the null's sums {null.shape} must match the true sums {sums.shape}")
+    return np.concatenate([sums, null], axis=-1)
+
+
+def early_minus_late(sums: np.ndarray, null: np.ndarray | None = None, column: str = "dominance",
+                     resamples: int = RESAMPLES, seed: int = 0) -> Interval:
+    """The mean of ``column`` (a :func:`layer_table` statistic; ``excess`` and ``null_dominance`` need ``null``)
+    over the first half of the layers minus its mean over the second half (the middle layer of an odd count left
+    out), with its bootstrap interval over inputs: positive when the preference falls with depth."""
+    data = _joined(sums, null)
+    layers = data.shape[1]
     if layers < 2:
         raise ValueError("early minus late needs at least two layers")
+    if column not in _curves(data[None]):
+        raise ValueError(f"column must be one of {sorted(_curves(data[None]))}, got {column!r}")
     half = layers // 2
 
     def statistic(sample: np.ndarray) -> np.ndarray:
-        pooled = _pooled(sample)
-        curve = {"same": pooled[..., 0], "other": pooled[..., 1], "dominance": pooled[..., 0] / pooled[..., 1]}[column]
+        curve = _curves(sample)[column]
         return curve[:, :half].mean(axis=1) - curve[:, layers - half:].mean(axis=1)
 
-    if column not in ("same", "other", "dominance"):
-        raise ValueError(f"column must be 'same', 'other' or 'dominance', got {column!r}")
-    return bootstrap(sums, statistic, resamples=resamples, seed=seed)
+    return bootstrap(data, statistic, resamples=resamples, seed=seed)
 
 
 def _checked(sums) -> np.ndarray:

@@ -77,3 +77,34 @@ def test_bad_shapes_are_refused():
         units.unit_sums(_maps(torch.ones(4, 4)), [0, 0, 1])
     with pytest.raises(ValueError, match=r"\[layers, heads, T, T\]"):
         units.unit_sums(torch.ones(4, 4), [0, 0, 1, 1])
+
+
+def test_shifted_units_roll_inside_the_labelled_span_only():
+    labels = [-1, 0, 0, 1, 1, 1, 2, -1]
+    rolled = units.shifted_units(labels, 2)
+    assert list(rolled) == [-1, 1, 2, 0, 0, 1, 1, -1]
+    assert list(units.shifted_units(labels, 6)) == labels[:1] + labels[1:7] + labels[7:]
+
+
+def _band_and_block(labels: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.arange(len(labels))
+    band = ((t[:, None] - t[None, :]).abs() <= width).double() * 5 + 1
+    block = (labels[:, None] == labels[None, :]).double() * 5 + 1
+    return band[None, None], block[None, None]
+
+
+def test_the_shifted_null_tells_locality_from_grouping():
+    labels = torch.arange(60) // 4  # fifteen units of four neighbouring tokens
+    band, block = _band_and_block(labels, 2)
+    sums = {name: np.stack([units.unit_sums(maps / maps.sum(-1, keepdim=True), labels)]) for name, maps in
+            (("band", band), ("block", block))}
+    nulls = {name: np.stack([units.null_sums(maps / maps.sum(-1, keepdim=True), labels, shifts=16)]) for name, maps
+             in (("band", band), ("block", block))}
+    band_table = units.layer_table(sums["band"], nulls["band"], resamples=20)
+    block_table = units.layer_table(sums["block"], nulls["block"], resamples=20)
+    # attention to the +-2 neighbours prefers the own unit of four about as much as any run of four neighbours
+    assert band_table.loc[0, "dominance"] > 2 and 0.8 < band_table.loc[0, "excess"] < 1.25
+    # attention that follows the unit boundaries beats the shifted units by far
+    assert block_table.loc[0, "excess"] > 1.5
+    with pytest.raises(ValueError, match="must match"):
+        units.layer_table(sums["band"], np.concatenate([nulls["band"]] * 2))
