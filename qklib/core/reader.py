@@ -9,7 +9,7 @@ one adapter, a ``matches`` test and a ``read`` function returning the fields of 
 dict (and, for families whose forward passes qklib hooks, a ``sites`` function).
 
 The layout follows TransformerLens's stacked weights, in column-vector convention as everywhere in qklib: for
-layer l, head h and a token x (the LayerNorm output, a column vector of width d)
+layer l, head h and a token x (the LayerNorm output, a column vector of width d)::
 
     q = wq[l, h] @ x + bq[l, h]        k = wk[l, h] @ x + bk[l, h]        v = wv[l, h] @ x + bv[l, h]
     score = scale * q . k              out = sum_h wo[l, h] @ (sum_j a_ij v_j) + bo[l]
