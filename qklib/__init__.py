@@ -3,9 +3,11 @@
 The package has three floors; each imports only from the floors below it (``tests/test_layout.py``):
 
 * ``qklib.core``: load a ViT (``models``; converters ``weights``, ``hf``, ``official``, ``imgfocus``; the paper's
-  table ``paper_models``), images in (``images``, ``stream``), what meets W_q and W_k (``extract``), the exact QK
-  SVD with its statistics (``svd``), the value side (``ov``: the exact OV SVD, composition and copying scores,
-  their Haar nulls) and atomic writes (``files``).
+  table ``paper_models``), the one reader of every model family's attention weights and hook sites (``reader``),
+  images in (``images``, ``stream``), what meets W_q and W_k (``extract``), the exact QK SVD (``svd``: the
+  container and the bases; ``lowrank``: the fast thin-factor SVD; ``nulls``: the cosines' null statistics), the
+  value side (``ov``: the exact OV SVD, composition and copying scores, their Haar nulls) and atomic writes
+  (``files``).
 * analyses, one per paper section: §3 ``o3`` (data) and ``preference``; §4 ``cosine``, ``biases`` and ``grouping``;
   §5 ``modes``, ``search`` (optimal images), ``ade20k`` (data) and ``same_object``; across them ``stats`` (the
   intervals, nulls and decision rule of every verdict) and ``ledger``, the paper's headline claims judged from the

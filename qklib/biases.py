@@ -21,7 +21,7 @@ from torch import nn
 
 from .core.extract import image_tokens, token_embeddings
 from .core.models import depth, prefix_tokens
-from .core.svd import qk_weights
+from .core.reader import read_attention
 
 
 @torch.no_grad()
@@ -43,10 +43,8 @@ def score_variance_parts(model: nn.Module, pixels: torch.Tensor, batch_size: int
     ``Var_j g_ij = (W_q x_i)^T Sigma (W_q x_i)``, ``Var_j c_j = b_q^T Sigma b_q``. The 1/sqrt(d_k) scale is
     left out (it scales all three alike).
     """
-    weights = qk_weights(model, with_bias=True)
-    d = weights.wq.shape[-1] - 1
-    wq, bq = weights.wq[..., :d], weights.wq[..., d]  # [L, H, r, d], [L, H, r]
-    wk = weights.wk[..., :d]
+    attention = read_attention(model)
+    wq, bq, wk = attention.wq, attention.bq, attention.wk  # [L, H, r, d], [L, H, r], [L, H, r, d]
     prefix = prefix_tokens(model)
     sums = {"bias_free": 0.0, "query_bias": 0.0, "score": 0.0}
     queries = images = 0
@@ -105,10 +103,9 @@ def attention_shift(model: nn.Module, pixels: torch.Tensor, batch_size: int = 8)
     decomposes). 0: the term changes nothing; 1: disjoint attention. Unlike a cosine on ``[x; c]`` it depends on
     no choice of basis or of a constant coordinate. ``pixels``: ``[N, 3, S, S]``; every token is a query and a
     key (prefix tokens included: the softmax normalises over them)."""
-    weights = qk_weights(model, with_bias=True)
-    d = weights.wq.shape[-1] - 1
-    wq, bq, wk = weights.wq[..., :d], weights.wq[..., d], weights.wk[..., :d]  # [L, H, r, d], [L, H, r]
-    scale = wq.shape[-2] ** -0.5
+    attention = read_attention(model)
+    wq, bq, wk = attention.wq, attention.bq, attention.wk  # [L, H, r, d], [L, H, r], [L, H, r, d]
+    scale = attention.scale
     shifts = []
     for start in range(0, len(pixels), batch_size):
         x = token_embeddings(model, pixels[start : start + batch_size]).double()  # [L, B, T, d]

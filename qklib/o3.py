@@ -266,28 +266,41 @@ def _instance_paint(rng: np.random.Generator, hue: float, saturation: float, val
             return paint
 
 
-def render_scene(seed: int, index: int, size: int = 224) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Scene ``index`` of ``seed`` -> ``(rgb [S, S, 3] uint8, labels [S, S] uint8, info)``.
+@dataclass(frozen=True)
+class _Look:
+    """How a scene's objects look: the distractors' shape, paint (from hue, saturation, value), radius and angle,
+    and the target's, which differ from them in the scene's one feature."""
 
-    ``labels``: 0 background, 1 target, 2.. distractors. ``info``: feature, shapes, background, and
-    ``instances``: one dict per object (``label``, ``paint`` RGB, ``radius`` px, ``angle`` degrees), the target first.
-    """
-    rng = np.random.default_rng([seed, index])
-    feature = FEATURES[index % len(FEATURES)]
+    shape: str
+    target_shape: str
+    hue: float
+    saturation: float
+    value: float
+    target_paint: tuple[int, int, int]
+    radius: float
+    target_radius: float
+    angle: float
+    target_angle: float
+
+
+def _layout(rng: np.random.Generator, feature: str, size: int) -> tuple[int, float, np.ndarray, int]:
+    """``(cells per side, cell size px, occupied cells, the target's cell)``: a 3x3 to 5x5 array, about 80 %
+    of its cells occupied, at least four."""
     cells_per_side = int(rng.integers(3, 6))
     if feature == "size" and cells_per_side == 5:
         cells_per_side = 4  # a shrunken target in a 5x5 array would be about one token wide
-    cell = size / cells_per_side
     keep = rng.random(cells_per_side ** 2) < 0.8
     while keep.sum() < 4:  # a target and at least three distractors
         keep[rng.integers(keep.size)] = True
     cells = np.flatnonzero(keep)
-    target_cell = int(rng.choice(cells))
+    return cells_per_side, size / cells_per_side, cells, int(rng.choice(cells))
 
+
+def _look(rng: np.random.Generator, feature: str, cell: float) -> _Look:
+    """The scene's :class:`_Look`, the target odd in ``feature`` (the draws in a fixed order: scenes stay as they
+    were for a given seed)."""
     shape = str(rng.choice(ORIENTED_SHAPES if feature == "orientation" else SHAPES))
-    target_shape = shape
-    if feature == "shape":
-        target_shape = str(rng.choice([s for s in SHAPES if s != shape]))
+    target_shape = str(rng.choice([s for s in SHAPES if s != shape])) if feature == "shape" else shape
     hue, saturation, value = rng.random(), rng.uniform(0.65, 1.0), rng.uniform(0.65, 1.0)
     target_paint = _paint(_colour(hue, saturation, value))
     if feature == "colour":
@@ -300,24 +313,26 @@ def render_scene(seed: int, index: int, size: int = 224) -> tuple[np.ndarray, np
     target_angle = angle
     if feature == "orientation":
         target_angle = angle + (math.pi / 3 if shape == "triangle" else math.pi / 2)
+    return _Look(shape, target_shape, hue, saturation, value, target_paint, radius, target_radius, angle, target_angle)
 
-    rgb, background = _background(rng, size)
-    labels = np.zeros((size, size), dtype=np.uint8)
+
+def _draw_objects(rng: np.random.Generator, variation: np.random.Generator, look: _Look, cells: np.ndarray,
+                  target_cell: int, cells_per_side: int, cell: float, rgb: np.ndarray, labels: np.ndarray) -> list[dict]:
+    """Paint every object into ``rgb`` and ``labels`` (in place; target label 1, distractors 2.. in reading
+    order) and return one dict per object, by label. Each distractor's own paint, size and angle come from
+    ``variation``, a stream of their own, so that the layout draws from ``rng`` stay in step."""
+    size = labels.shape[0]
     ys, xs = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
-    # The distractors' variations come from a stream of their own, so the layout draws stay in step.
-    variation = np.random.default_rng([seed, index, 1])
-    taken = {target_paint}
-    instances = {}
-    next_label = 2
+    taken, instances, next_label = {look.target_paint}, {}, 2
     for c in cells:  # row-major, so distractor labels follow reading order
         row, col = divmod(int(c), cells_per_side)
         if int(c) == target_cell:
-            label, kind, r, a, paint = 1, target_shape, target_radius, target_angle, target_paint
+            label, kind, r, a, paint = 1, look.target_shape, look.target_radius, look.target_angle, look.target_paint
         else:
-            label, kind, next_label = next_label, shape, next_label + 1
-            paint = _instance_paint(variation, hue, saturation, value, taken)
-            r = radius * (1 + variation.uniform(-INSTANCE_SIZE, INSTANCE_SIZE))
-            a = angle + variation.uniform(-INSTANCE_ANGLE, INSTANCE_ANGLE)
+            label, kind, next_label = next_label, look.shape, next_label + 1
+            paint = _instance_paint(variation, look.hue, look.saturation, look.value, taken)
+            r = look.radius * (1 + variation.uniform(-INSTANCE_SIZE, INSTANCE_SIZE))
+            a = look.angle + variation.uniform(-INSTANCE_ANGLE, INSTANCE_ANGLE)
         slack = max(cell / 2 - r * 1.05 - 1, 0)
         cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
         cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
@@ -326,9 +341,25 @@ def render_scene(seed: int, index: int, size: int = 224) -> tuple[np.ndarray, np
         rgb[inside] = paint
         instances[label] = {"label": label, "paint": list(paint), "radius": round(r, 2),
                             "angle": round(math.degrees(a), 1)}
-    info = {"feature": feature, "shape": shape, "target_shape": target_shape, "objects": len(cells),
-            "grid": cells_per_side, "background": background,
-            "instances": [instances[label] for label in sorted(instances)]}
+    return [instances[label] for label in sorted(instances)]
+
+
+def render_scene(seed: int, index: int, size: int = 224) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Scene ``index`` of ``seed`` -> ``(rgb [S, S, 3] uint8, labels [S, S] uint8, info)``.
+
+    ``labels``: 0 background, 1 target, 2.. distractors. ``info``: feature, shapes, background, and
+    ``instances``: one dict per object (``label``, ``paint`` RGB, ``radius`` px, ``angle`` degrees), the target first.
+    """
+    rng = np.random.default_rng([seed, index])
+    feature = FEATURES[index % len(FEATURES)]
+    cells_per_side, cell, cells, target_cell = _layout(rng, feature, size)
+    look = _look(rng, feature, cell)
+    rgb, background = _background(rng, size)
+    labels = np.zeros((size, size), dtype=np.uint8)
+    instances = _draw_objects(rng, np.random.default_rng([seed, index, 1]), look, cells, target_cell, cells_per_side,
+                              cell, rgb, labels)
+    info = {"feature": feature, "shape": look.shape, "target_shape": look.target_shape, "objects": len(cells),
+            "grid": cells_per_side, "background": background, "instances": instances}
     return np.clip(rgb, 0, 255).round().astype(np.uint8), labels, info
 
 

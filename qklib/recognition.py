@@ -28,6 +28,7 @@ from torch import nn
 
 from .core.images import ImageError, list_images, to_pixels
 from .core.models import info
+from .core.reader import attention_sites
 from .core.svd import QKSVD
 from .search import Features, feature_scores
 from .stats import RESAMPLES, Interval, bootstrap
@@ -52,12 +53,13 @@ def image_features(model: nn.Module, svd: QKSVD, images: Sequence, layers: Seque
         raise RecognitionError(f"layers {bad or layers} out of range: the model has layers 0..{meta.num_layers - 1}")
     device = next(model.parameters()).device
     features = Features.select(svd, layers, device=device)
+    inputs = attention_sites(model).inputs  # per layer, the norm whose output the attention reads
     tokens, modes = [], {layer: [] for layer in layers}
     for start in range(0, len(images), batch_size):
         pixels = to_pixels(model, list(images[start: start + batch_size])).to(device)
         seen = {}
-        # One pass: hooks keep the tokens entering each chosen block, and the pass goes on to the class token.
-        hooks = [model.blocks[layer].norm1.register_forward_hook(
+        # One pass: hooks keep the tokens entering each chosen layer, and the pass goes on to the class token.
+        hooks = [inputs[layer].register_forward_hook(
             lambda _m, _i, out, layer=layer: seen.setdefault(layer, out)) for layer in layers]
         try:
             tokens.append(model.forward_features(pixels)[:, 0].double().cpu())

@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from torchvision import transforms as T
 
 from .core.images import ImageError, model_transform, view_steps
@@ -153,6 +154,154 @@ def _chances(kinds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.stack([1 / count, pairs.sum((1, 2)).float() / count**2], 1)
 
 
+@dataclass
+class _Pending:
+    """One image waiting for the next forward pass: its pixels, object coverage ``[K, T_img]``, object ids ``[K]``
+    (0 = background) and kinds ``[K]``."""
+
+    pixels: torch.Tensor
+    coverage: np.ndarray
+    ids: np.ndarray
+    kinds: np.ndarray
+
+
+@dataclass
+class _Tally:
+    """What :func:`same_object_variants` accumulates over the dataset: per background setting (``background``,
+    the variants ``V``) a running top-k of every feature's images with their (same, chance) payload, and how many
+    images it could use; ``seen``: images scored so far (their stream positions), ``skipped``: images with fewer
+    than two objects under every setting."""
+
+    model: nn.Module
+    device: torch.device
+    features: Features
+    prefix_tokens: int
+    background: tuple[bool, ...]
+    match: tuple[str, ...]
+    tops: list[RunningTopK]
+    used: list[int]
+    seen: int = 0
+    skipped: int = 0
+
+
+def _check_variants(k: int, background: Sequence[bool], match: Sequence[str]) -> tuple[tuple[bool, ...], tuple[str, ...]]:
+    """The variants asked for, deduplicated in order; ValueError for anything else."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    background, match = tuple(dict.fromkeys(bool(b) for b in background)), tuple(dict.fromkeys(match))
+    unknown = [m for m in match if m not in MATCHES]
+    if unknown or not match or not background:
+        raise ValueError(f"match must be a non-empty subset of {MATCHES} and background of (False, True); "
+                         f"got {match!r}, {background!r}")
+    return background, match
+
+
+def _pending(model, item, transform, min_tokens: float, tally: _Tally) -> _Pending | None:
+    """The item ready for a batch, or None (counted as skipped) when no setting finds two objects in it."""
+    labels = getattr(item, "objects", None)
+    if labels is None:
+        raise ImageError(f"image {getattr(item, 'id', '?')!r} has no object label map; same-object "
+                         "probability needs instance masks (generated scenes or ADE20K)")
+    coverage, ids = token_coverage(model, labels, min_tokens, background=True)
+    enough = max((ids != 0).sum() if not bg else len(ids) for bg in tally.background)
+    if enough < 2:
+        tally.skipped += 1
+        return None
+    kinds = _object_kinds(item, ids) if "kind" in tally.match else np.zeros(len(ids), np.int64)
+    return _Pending(transform(item.image.convert("RGB")), coverage, ids, kinds)
+
+
+def _batch_objects(batch: list[_Pending]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(coverage [B, K, T_img], kinds [B, K], present [B, K])`` of a batch. Row 0 of every image is its
+    background (empty where it covers too little), rows 1.. its objects, so "background left out" is the same
+    argmax over rows 1..; ``present`` is False for padding and a missing background."""
+    count = 1 + max(int((b.ids != 0).sum()) for b in batch)
+    coverage = torch.zeros(len(batch), count, batch[0].coverage.shape[1])
+    kinds = torch.full((len(batch), count), _PADDING_KIND, dtype=torch.long)
+    for row, pending in enumerate(batch):
+        slots = torch.from_numpy(np.where(pending.ids == 0, 0, np.cumsum(pending.ids != 0)))
+        coverage[row, slots] = torch.from_numpy(pending.coverage)
+        kinds[row, slots] = torch.from_numpy(pending.kinds)
+    return coverage, kinds, coverage.sum(-1) > 0
+
+
+def _same_picks(means: torch.Tensor, absent: torch.Tensor, kinds: torch.Tensor, starts: list[int],
+                match: tuple[str, ...]) -> torch.Tensor:
+    """``[V, B, F, 2, M]``: whether each feature's query and key sides pick the same object (the object with the
+    highest mean projection for sign +, the lowest for sign -), per background setting (``starts``: its first
+    object row) and match. ``means``: ``[B, K, 2F]`` each object's mean projection (u columns then v columns)."""
+    batch, f = means.shape[0], means.shape[-1] // 2
+    hi, lo = means.masked_fill(absent, float("-inf")), means.masked_fill(absent, float("inf"))
+    rows = torch.arange(batch, device=means.device)[None, :, None]
+    found = []
+    for s in starts:
+        best = torch.cat([hi[:, s:].argmax(1), lo[:, s:].argmin(1)], 1) + s  # [B, 4F]: q+, k+, q-, k-
+        picks = best.view(batch, 4, f).transpose(0, 1)  # [4, B, F]
+        same = {"instance": picks[0::2] == picks[1::2]}  # [2 signs, B, F]
+        if "kind" in match:
+            picked = kinds[rows, picks]  # [4, B, F]
+            same["kind"] = picked[0::2] == picked[1::2]
+        found.append(torch.stack([same[m] for m in match], -1).permute(1, 2, 0, 3))  # [B, F, 2, M]
+    return torch.stack(found)
+
+
+def _flush(tally: _Tally, batch: list[_Pending]) -> None:
+    """One forward pass over ``batch``: every feature's score and same-object picks, into the running top-ks."""
+    if not batch:
+        return
+    device = tally.device
+    pixels = torch.stack([b.pixels for b in batch]).to(device)
+    coverage, kinds, present = _batch_objects(batch)
+    starts = [0 if bg else 1 for bg in tally.background]
+    eligible = torch.stack([present[:, s:].sum(-1) >= 2 for s in starts])  # [V, B]
+    chances = torch.stack([_chances(kinds[:, s:], present[:, s:]) for s in starts])  # [V, B, 2]
+    coverage, kinds, absent = coverage.to(device), kinds.to(device), ~present.to(device)[..., None]
+    area = coverage.sum(-1, keepdim=True).clamp_min(1e-9)  # [B, K, 1]
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on_layer(layer, x, qkv):
+        projected = tally.features.projected(layer, x, qkv, tally.prefix_tokens)  # [B, T, 2F]
+        means = (coverage @ projected) / area  # [B, K, 2F]
+        out[layer] = (feature_scores(projected), _same_picks(means, absent, kinds, starts, tally.match))
+
+    tally.features.run(tally.model, pixels, on_layer)
+    layers, width = tally.features.layers, 2 * len(tally.match)
+    scores = torch.cat([out[layer][0] for layer in layers], 1).reshape(len(batch), -1)  # [B, F]
+    same = torch.cat([out[layer][1] for layer in layers], 2)
+    same = same.reshape(len(tally.background), len(batch), -1, len(tally.match)).float()  # [V, B, F, M]
+    positions = torch.arange(tally.seen, tally.seen + len(batch), device=device)
+    for i, top in enumerate(tally.tops):
+        chance = chances[i][:, [MATCHES.index(m) for m in tally.match]].to(device)[:, None].expand_as(same[i])
+        payload = torch.stack([same[i], chance], -1).reshape(len(batch), -1, width).transpose(0, 1)
+        top.update(scores.T * eligible[i].to(device), positions, payload)  # score 0: never kept
+        tally.used[i] += int(eligible[i].sum())
+    tally.seen += len(batch)
+    batch.clear()
+
+
+def _results(tally: _Tally, weights: np.ndarray, k: int, seconds: float) -> dict[tuple[bool, str], SameObject]:
+    """Each variant's :class:`SameObject` from its top-k: P(same) and chance per feature over the kept images,
+    then s_n-weighted per head (``weights [L', H, r]``) and averaged per layer."""
+    shape = (*tally.features.shape, k)
+    results = {}
+    for bg, top, n_used in zip(tally.background, tally.tops, tally.used):
+        top = top.cpu()
+        valid = (top.position >= 0).reshape(shape).numpy()
+        payload = top.payload.reshape(*shape, len(tally.match), 2).numpy()
+        count = valid.sum(-1)
+        for m, name in enumerate(tally.match):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                same = np.where(valid, payload[..., m, 0], 0).sum(-1) / count
+                chance = np.where(valid, payload[..., m, 1], 0).sum(-1) / count
+            same[count == 0] = np.nan
+            chance[count == 0] = np.nan
+            per_head, chance_head = _weighted(same, weights), _weighted(chance, weights)
+            results[bg, name] = SameObject(tally.features.layers, k, same, chance, per_head, chance_head,
+                                           np.nanmean(per_head, 1), np.nanmean(chance_head, 1), n_used,
+                                           tally.seen + tally.skipped - n_used, seconds, bg, name)
+    return results
+
+
 @torch.no_grad()
 def same_object_variants(model, svd: QKSVD, dataset: Sequence, k: int = 5, layers=None, batch_size: int = 16,
                          min_tokens: float = 0.5, background: Sequence[bool] = (False, True),
@@ -165,113 +314,23 @@ def same_object_variants(model, svd: QKSVD, dataset: Sequence, k: int = 5, layer
     or ``qklib.ade20k.load_ade20k(root)``. Streams: memory does not grow with its length. The top-k of each
     background setting is taken over the images it can use (two or more objects).
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    background, match = tuple(dict.fromkeys(bool(b) for b in background)), tuple(dict.fromkeys(match))
-    unknown = [m for m in match if m not in MATCHES]
-    if unknown or not match or not background:
-        raise ValueError(f"match must be a non-empty subset of {MATCHES} and background of (False, True); "
-                         f"got {match!r}, {background!r}")
-    meta = info(model)
+    background, match = _check_variants(k, background, match)
     device = next(model.parameters()).device
     features = Features.select(svd, layers, None, None, device=device, model=model)  # projections read from q, k
-    transform = model_transform(model)
-    width = 2 * len(match)  # (same, chance) per match
-    tops = [RunningTopK(features.count, k, payload_dtype=torch.float32, payload_width=width, device=device)
+    tops = [RunningTopK(features.count, k, payload_dtype=torch.float32, payload_width=2 * len(match), device=device)
             for _ in background]
-    used, seen, skipped = [0] * len(background), 0, 0
-    start = time.perf_counter()
-    batch: list[tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]] = []
-
-    def flush():
-        nonlocal seen
-        if not batch:
-            return
-        pixels = torch.stack([b[0] for b in batch]).to(device)
-        # Row 0 of every image is its background (empty where it covers too little), rows 1.. its objects, so
-        # "background left out" is the same argmax over rows 1..
-        count = 1 + max(int((b[2] != 0).sum()) for b in batch)
-        coverage = torch.zeros(len(batch), count, batch[0][1].shape[1])
-        kinds = torch.full((len(batch), count), _PADDING_KIND, dtype=torch.long)
-        for row, (_, cov, ids, kind) in enumerate(batch):
-            slots = torch.from_numpy(np.where(ids == 0, 0, np.cumsum(ids != 0)))
-            coverage[row, slots] = torch.from_numpy(cov)
-            kinds[row, slots] = torch.from_numpy(kind)
-        present = coverage.sum(-1) > 0  # [B, K]; False for padding and a missing background
-        starts = [0 if bg else 1 for bg in background]
-        eligible = torch.stack([present[:, s:].sum(-1) >= 2 for s in starts])  # [V, B]
-        chances = torch.stack([_chances(kinds[:, s:], present[:, s:]) for s in starts])  # [V, B, 2]
-        coverage, kinds, absent = coverage.to(device), kinds.to(device), ~present.to(device)[..., None]
-        area = coverage.sum(-1, keepdim=True).clamp_min(1e-9)  # [B, K, 1]
-        rows = torch.arange(len(batch), device=device)[None, :, None]
-        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def on_layer(layer, x, qkv):
-            projected = features.projected(layer, x, qkv, meta.prefix_tokens)  # [B, T, 2F]
-            means = (coverage @ projected) / area  # [B, K, 2F]
-            f = projected.shape[-1] // 2
-            hi, lo = means.masked_fill(absent, float("-inf")), means.masked_fill(absent, float("inf"))
-            found = []
-            for s in starts:  # each background setting: the rows it counts as objects
-                best = torch.cat([hi[:, s:].argmax(1), lo[:, s:].argmin(1)], 1) + s  # [B, 4F]: q+, k+, q-, k-
-                picks = best.view(len(batch), 4, f).transpose(0, 1)  # [4, B, F]
-                same = {"instance": picks[0::2] == picks[1::2]}  # [2 signs, B, F]
-                if "kind" in match:
-                    picked = kinds[rows, picks]  # [4, B, F]
-                    same["kind"] = picked[0::2] == picked[1::2]
-                found.append(torch.stack([same[m] for m in match], -1).permute(1, 2, 0, 3))  # [B, F, 2, M]
-            out[layer] = (feature_scores(projected), torch.stack(found))  # [B, F, 2], [V, B, F, 2, M]
-
-        features.run(model, pixels, on_layer)
-        scores = torch.cat([out[layer][0] for layer in features.layers], 1).reshape(len(batch), -1)  # [B, F]
-        same = torch.cat([out[layer][1] for layer in features.layers], 2)
-        same = same.reshape(len(background), len(batch), -1, len(match)).float()  # [V, B, F, M]
-        positions = torch.arange(seen, seen + len(batch), device=device)
-        for i, top in enumerate(tops):
-            chance = chances[i][:, [MATCHES.index(m) for m in match]].to(device)[:, None].expand_as(same[i])
-            payload = torch.stack([same[i], chance], -1).reshape(len(batch), -1, width).transpose(0, 1)
-            top.update(scores.T * eligible[i].to(device), positions, payload)  # score 0: never kept
-            used[i] += int(eligible[i].sum())
-        seen += len(batch)
-        batch.clear()
-
+    tally = _Tally(model, device, features, info(model).prefix_tokens, background, match, tops, [0] * len(background))
+    transform, start, batch = model_transform(model), time.perf_counter(), []
     for item in dataset:
-        labels = getattr(item, "objects", None)
-        if labels is None:
-            raise ImageError(f"image {getattr(item, 'id', '?')!r} has no object label map; same-object "
-                             "probability needs instance masks (generated scenes or ADE20K)")
-        coverage, ids = token_coverage(model, labels, min_tokens, background=True)
-        enough = max((ids != 0).sum() if not bg else len(ids) for bg in background)
-        if enough < 2:
-            skipped += 1
-            continue
-        kind = _object_kinds(item, ids) if "kind" in match else np.zeros(len(ids), np.int64)
-        batch.append((transform(item.image.convert("RGB")), coverage, ids, kind))
+        pending = _pending(model, item, transform, min_tokens, tally)
+        if pending is not None:
+            batch.append(pending)
         if len(batch) == batch_size:
-            flush()
-    flush()
-    if max(used, default=0) == 0:
+            _flush(tally, batch)
+    _flush(tally, batch)
+    if max(tally.used, default=0) == 0:
         raise ImageError("no image had two or more objects large enough to compare; check the masks")
-    seconds = time.perf_counter() - start
-    weights = svd.S[features.layers].numpy()
-    shape = (*features.shape, k)
-    results = {}
-    for bg, top, n_used in zip(background, tops, used):
-        top = top.cpu()
-        valid = (top.position >= 0).reshape(shape).numpy()
-        payload = top.payload.reshape(*shape, len(match), 2).numpy()
-        count = valid.sum(-1)
-        for m, name in enumerate(match):
-            with np.errstate(invalid="ignore", divide="ignore"):
-                same = np.where(valid, payload[..., m, 0], 0).sum(-1) / count
-                chance = np.where(valid, payload[..., m, 1], 0).sum(-1) / count
-            same[count == 0] = np.nan
-            chance[count == 0] = np.nan
-            per_head, chance_head = _weighted(same, weights), _weighted(chance, weights)
-            results[bg, name] = SameObject(features.layers, k, same, chance, per_head, chance_head,
-                                           np.nanmean(per_head, 1), np.nanmean(chance_head, 1), n_used,
-                                           seen + skipped - n_used, seconds, bg, name)
-    return results
+    return _results(tally, svd.S[features.layers].numpy(), k, time.perf_counter() - start)
 
 
 def same_object_probability(model, svd: QKSVD, dataset: Sequence, k: int = 5, layers=None, batch_size: int = 16,

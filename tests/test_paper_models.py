@@ -19,7 +19,8 @@ from qklib.cli import main
 from official_layouts import ijepa_encoder, ijepa_predictor, simmim_vit, write_ijepa
 from qklib.core import official, paper_models
 from qklib.core.extract import record
-from qklib.core.models import ModelError, query_key_weights
+from qklib.core.models import ModelError
+from qklib.core.reader import attention_sites
 from qklib.core.weights import strip_prefix
 from qklib.present import cosine as charts
 
@@ -66,9 +67,9 @@ def test_full_architecture_matches_the_registry(entry):
     with torch.device("meta"):
         net = qklib.core.models.build(arch, kwargs)
     assert len(net.blocks) == entry.layers
-    attn = net.blocks[0].attn
-    wq, wk = query_key_weights(attn)
-    assert attn.num_heads == entry.heads and wq.shape[0] // attn.num_heads == entry.head_dim
+    sites = attention_sites(net)  # structure only: the meta device has no weights to read
+    assert sites.num_heads == entry.heads and sites.head_dim == entry.head_dim
+    assert net.blocks[0].attn.qkv.out_features == 3 * entry.heads * entry.head_dim
     if entry is not paper_models.IJEPA_PREDICTOR:
         assert qklib.core.models.prefix_tokens(net) == entry.prefix_tokens
 
@@ -102,10 +103,13 @@ def test_full_size_official_layouts_convert_to_the_registry_architectures():
 
 
 def _exact_reconstruction(net: nn.Module, svd: qklib.QKSVD) -> float:
-    """Largest relative error of U S V^T against W_q,h^T W_k,h computed here from the module's own weights."""
+    """Largest relative error of U S V^T against W_q,h^T W_k,h computed here from the module's own fused qkv
+    weight (rows [0, D) W_q, [D, 2D) W_k: every paper model has one), not through qklib's reader."""
     worst = 0.0
     for layer, block in enumerate(net.blocks):
-        wq, wk = (w.double() for w in query_key_weights(block.attn))
+        weight = block.attn.qkv.weight.detach().double()
+        width = weight.shape[0] // 3
+        wq, wk = weight[:width], weight[width : 2 * width]
         heads = block.attn.num_heads
         wq, wk = wq.reshape(heads, -1, wq.shape[1]), wk.reshape(heads, -1, wk.shape[1])
         for head in range(heads):

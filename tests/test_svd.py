@@ -8,7 +8,7 @@ import torch
 import qklib
 from qklib.core.extract import token_embeddings
 from qklib.core.images import to_pixels
-from qklib.core import svd as svd_module
+from qklib.core import lowrank
 from qklib.core.svd import QKWeights, qk_svd_from_weights
 
 
@@ -205,11 +205,11 @@ def test_ill_conditioned_heads_take_the_second_pass_and_stay_exact(monkeypatch):
     wq, wk = _conditioned_stack(conds), _conditioned_stack(conds[::-1], seed=6)
     mixed = qk_svd_from_weights(QKWeights(wq, wk))
     _assert_exact(mixed, wq, wk, error=1e-10, ortho=1e-12, rtol=1e-10)
-    monkeypatch.setattr(svd_module, "ONE_PASS_COND", 0.0)  # second pass everywhere
+    monkeypatch.setattr(lowrank, "ONE_PASS_COND", 0.0)  # second pass everywhere
     everywhere = qk_svd_from_weights(QKWeights(wq, wk))
     assert torch.allclose(mixed.matrix(0, 2), everywhere.matrix(0, 2), atol=1e-12)
     assert torch.allclose(mixed.S, everywhere.S, rtol=1e-12)
-    monkeypatch.setattr(svd_module, "ONE_PASS_COND", float("inf"))  # never a second pass
+    monkeypatch.setattr(lowrank, "ONE_PASS_COND", float("inf"))  # never a second pass
     _error, ortho_one_pass = _dense_error(qk_svd_from_weights(QKWeights(wq, wk)), wq, wk)
     assert ortho_one_pass > 1e-6
 
@@ -223,9 +223,9 @@ def test_well_conditioned_cores_take_the_cross_product_and_stay_exact(monkeypatc
     wq, wk = _conditioned_stack(conds), _conditioned_stack([1.0] * len(conds), seed=6)
     mixed = qk_svd_from_weights(QKWeights(wq, wk))
     _assert_exact(mixed, wq, wk, error=1e-12, ortho=1e-13, rtol=1e-12)
-    monkeypatch.setattr(svd_module, "CROSS_PRODUCT_COND", 0.0)  # the SVD everywhere
+    monkeypatch.setattr(lowrank, "CROSS_PRODUCT_COND", 0.0)  # the SVD everywhere
     by_svd = qk_svd_from_weights(QKWeights(wq, wk))
-    monkeypatch.setattr(svd_module, "CROSS_PRODUCT_COND", float("inf"))  # the cross product everywhere
+    monkeypatch.setattr(lowrank, "CROSS_PRODUCT_COND", float("inf"))  # the cross product everywhere
     by_cross = qk_svd_from_weights(QKWeights(wq, wk))
     assert torch.allclose(mixed.S, by_svd.S, rtol=1e-12)
     for head in range(len(conds)):
@@ -246,7 +246,7 @@ def test_every_mode_has_a_positive_sum_whichever_route_computed_it(monkeypatch, 
     wq, wk = _conditioned_stack([2.0, 1e3]), _conditioned_stack([1.0, 1.0], seed=6)
     cases = {"embedded": embedded_svd}
     for route, threshold in (("cross product", float("inf")), ("SVD", 0.0)):
-        monkeypatch.setattr(svd_module, "CROSS_PRODUCT_COND", threshold)
+        monkeypatch.setattr(lowrank, "CROSS_PRODUCT_COND", threshold)
         cases[route] = qk_svd_from_weights(QKWeights(wq, wk))
     deficient = wq.clone()
     deficient[0, 0, -1] = deficient[0, 0, 0]  # Cholesky fails: Householder QR
@@ -265,7 +265,7 @@ def test_chunks_and_rank_deficient_heads(monkeypatch):
     wq = torch.randn(3, 4, 8, 40, dtype=torch.float64)
     wk = torch.randn(3, 4, 8, 40, dtype=torch.float64)
     whole = qk_svd_from_weights(QKWeights(wq, wk))
-    monkeypatch.setattr(svd_module, "_CHUNK_BYTES", 1)  # one head per chunk
+    monkeypatch.setattr(lowrank, "_CHUNK_BYTES", 1)  # one head per chunk
     single = qk_svd_from_weights(QKWeights(wq, wk))
     assert torch.allclose(whole.S, single.S, rtol=1e-13)
     assert torch.allclose(whole.U.abs(), single.U.abs(), atol=1e-12)

@@ -1,11 +1,12 @@
 """What meets W_q and W_k inside the model: normed token embeddings and attention probabilities.
 
-The token embeddings that enter a block's qkv projection are the block input after ``norm1``
-(LayerNorm). The authors' code projected the un-normalised residual stream instead; the normed input is
-what the model really multiplies by W_q and W_k.
+The token embeddings that enter a block's query and key projections are the block input after its LayerNorm.
+The authors' code projected the un-normalised residual stream instead; the normed input is what the model really
+multiplies by W_q and W_k.
 
-Attention probabilities are read from the model's own softmax: timm's fused attention
-(scaled_dot_product_attention) never materialises them, so it is switched off for the read and restored.
+Attention probabilities are read from the model's own softmax: fused attention kernels
+(scaled_dot_product_attention) never materialise them, so they are switched off for the read and restored.
+Where to hook either comes from the model family's adapter (``core.reader.attention_sites``).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import torch
 from torch import nn
 
 from .models import prefix_tokens
+from .reader import AttentionSites, attention_sites
 
 
 @dataclass
 class Record:
     """One forward pass, per layer.
 
-    ``tokens``: ``[L, B, T, d]`` normed block inputs (what qkv sees), or None.
+    ``tokens``: ``[L, B, T, d]`` normed layer inputs (what W_q, W_k and W_v see), or None.
     ``attention``: ``[L, B, H, T, T]`` attention probabilities (rows: queries, columns: keys), or None.
     ``prefix_tokens``: how many of the T tokens come before the image tokens (CLS, distillation, registers).
     """
@@ -36,21 +38,13 @@ class Record:
 
 @contextmanager
 def unfused_attention(model: nn.Module):
-    """Switch every block's fused attention off (so the softmax is computed explicitly), then restore."""
-    saved = []
-    for block in model.blocks:
-        if hasattr(block.attn, "fused_attn"):
-            saved.append((block.attn, block.attn.fused_attn))
-            block.attn.fused_attn = False
-    try:
+    """Switch every layer's fused attention off (so the softmax is computed explicitly), then restore."""
+    with attention_sites(model).explicit_softmax():
         yield
-    finally:
-        for attn, flag in saved:
-            attn.fused_attn = flag
 
 
-def _layers(model: nn.Module, layers) -> list[int]:
-    count = len(model.blocks)
+def _layers(sites: AttentionSites, layers) -> list[int]:
+    count = len(sites.blocks)
     if layers is None:
         return list(range(count))
     chosen = [int(layer) for layer in layers]
@@ -65,30 +59,31 @@ def stream_layers(model: nn.Module, pixels: torch.Tensor, layers: list[int] | No
                   on_tokens: Callable[[int, torch.Tensor], None] | None = None,
                   on_attention: Callable[[int, torch.Tensor], None] | None = None) -> None:
     """Run the model once on ``pixels [B, 3, S, S]``, calling ``on_tokens(layer, x [B, T, d])`` with the normed
-    tokens entering each chosen block's qkv and ``on_attention(layer, p [B, H, T, T])`` with its attention
+    tokens entering each chosen layer's attention and ``on_attention(layer, p [B, H, T, T])`` with its attention
     probabilities, as they are computed (nothing is kept here). The pass stops after the last chosen block."""
-    chosen = _layers(model, layers)
+    sites = attention_sites(model)
+    chosen = _layers(sites, layers)
     handles = []
     for index in chosen:
-        block = model.blocks[index]
         if on_tokens is not None:
-            handles.append(block.norm1.register_forward_hook(
+            handles.append(sites.inputs[index].register_forward_hook(
                 lambda _m, _i, out, index=index: on_tokens(index, out.detach())))
         if on_attention is not None:
-            if not isinstance(getattr(block.attn, "attn_drop", None), nn.Module):
-                raise TypeError(f"block {index}: cannot read attention probabilities from {type(block.attn).__name__}")
-            # attn_drop receives the softmax output (identity in eval mode): the probabilities the model uses.
-            handles.append(block.attn.attn_drop.register_forward_hook(
+            if sites.probabilities[index] is None:
+                raise TypeError(f"layer {index}: this model's attention does not expose its probabilities "
+                                f"({type(sites.blocks[index]).__name__}); attention maps need a module that outputs "
+                                "the softmax")
+            handles.append(sites.probabilities[index].register_forward_hook(
                 lambda _m, _i, out, index=index: on_attention(index, out.detach())))
 
     def stop(_module, _inputs, _output):
         raise _Stop
 
-    handles.append(model.blocks[max(chosen)].register_forward_hook(stop))
+    handles.append(sites.blocks[max(chosen)].register_forward_hook(stop))
     device = next(model.parameters()).device
     try:
-        with unfused_attention(model) if on_attention is not None else nullcontext():
-            model.forward_features(pixels.to(device))
+        with sites.explicit_softmax() if on_attention is not None else nullcontext():
+            sites.forward(pixels.to(device))
     except _Stop:
         pass
     finally:
@@ -103,14 +98,15 @@ class _Stop(Exception):
 def record(model: nn.Module, pixels: torch.Tensor, tokens: bool = True, attention: bool = False,
            layers: list[int] | None = None) -> Record:
     """Run the model once on ``pixels [B, 3, S, S]`` and keep the requested per-layer tensors (on the CPU)."""
-    chosen = _layers(model, layers)
+    chosen = _layers(attention_sites(model), layers)
     token_out: dict[int, torch.Tensor] = {}
     attn_out: dict[int, torch.Tensor] = {}
     stream_layers(model, pixels, chosen,
                   on_tokens=(lambda i, x: token_out.__setitem__(i, x.float().cpu())) if tokens else None,
                   on_attention=(lambda i, p: attn_out.__setitem__(i, p.float().cpu())) if attention else None)
     if attention and len(attn_out) != len(chosen):
-        raise RuntimeError("attention probabilities were not captured; does this model use timm's Attention?")
+        raise RuntimeError("attention probabilities were not captured: the module that its family's adapter names "
+                           "(core.reader) never ran")
     return Record(
         tokens=torch.stack([token_out[i] for i in chosen]) if tokens else None,
         attention=torch.stack([attn_out[i] for i in chosen]) if attention else None,
@@ -119,7 +115,7 @@ def record(model: nn.Module, pixels: torch.Tensor, tokens: bool = True, attentio
 
 
 def token_embeddings(model: nn.Module, pixels: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:
-    """``[L, B, T, d]`` normed token embeddings entering each chosen block's qkv (prefix tokens included)."""
+    """``[L, B, T, d]`` normed token embeddings entering each chosen layer's attention (prefix tokens included)."""
     return record(model, pixels, tokens=True, attention=False, layers=layers).tokens
 
 

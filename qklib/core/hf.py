@@ -39,12 +39,12 @@ _ACTIVATIONS = {"gelu": None, "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh
 SUPPORTED = ("vit", "deit", "dinov2", "ijepa", "clip", "clip_vision_model")
 
 # Per-block tensors, legacy (what save_pretrained writes and the hub holds) and transformers-5 module names.
-_VIT_BLOCK = {
+VIT_BLOCK = {
     "layernorm_before": "norm1", "layernorm_after": "norm2", "norm1": "norm1", "norm2": "norm2",
     "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
     "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
 }
-_VIT_QKV = {"attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
+VIT_QKV = {"attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
             "attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v"}
 _CLIP_BLOCK = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.out_proj": "attn.proj",
                "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
@@ -162,8 +162,10 @@ def _arch(kind: str, kwargs: dict, default: str) -> str:
     return name if size and timm.is_model(name) else default
 
 
-def _blocks(state, prefix: str, plain: dict, qkv: dict, what: str) -> tuple[dict, set]:
-    """Map ``{prefix}{i}.{module}.{weight|bias}`` tensors to timm block keys; q, k, v fused into ``attn.qkv``."""
+def block_tensors(state, prefix: str, plain: dict, qkv: dict, what: str) -> tuple[dict, set]:
+    """Map ``{prefix}{i}.{module}.{weight|bias|lambda1}`` tensors to timm block keys (``plain``: module name to
+    timm's; ``qkv``: module name to "q", "k" or "v", fused into ``attn.qkv``; DINOv2's ``layer_scaleN.lambda1``
+    to ``lsN.gamma``). Returns ``(timm state, the keys used)``. Also the embedded model's converter (``imgfocus``)."""
     out, used, parts = {}, set(), {}
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.(.+)\.(weight|bias|lambda1)$")
     for key, tensor in state.items():
@@ -207,7 +209,7 @@ def convert_folder(folder: str | Path, source: str | None = None) -> Converted:
     inner = {k[len(base):]: v for k, v in state.items() if k.startswith(base)}
     outer = {k: v for k, v in state.items() if not k.startswith(base)}
     encoder = "encoder.layer." if any(k.startswith("encoder.layer.") for k in inner) else "layers."
-    out, used = _blocks(inner, encoder, _VIT_BLOCK, _VIT_QKV, what)
+    out, used = block_tensors(inner, encoder, VIT_BLOCK, VIT_QKV, what)
     simple = {"embeddings.cls_token": "cls_token", "embeddings.distillation_token": "dist_token",
               "embeddings.position_embeddings": "pos_embed", "embeddings.patch_embeddings.projection.weight":
               "patch_embed.proj.weight", "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
@@ -246,7 +248,7 @@ def _convert_clip(config: dict, state: dict[str, torch.Tensor], source: str) -> 
     vision = config.get("vision_config", config) if config["model_type"] == "clip" else config
     base = _prefix(state, "embeddings.class_embedding", ("vision_model.", ""))
     inner = {k[len(base):]: v for k, v in state.items() if k.startswith(base)}
-    out, used = _blocks(inner, "encoder.layers.", _CLIP_BLOCK, _CLIP_QKV, what)
+    out, used = block_tensors(inner, "encoder.layers.", _CLIP_BLOCK, _CLIP_QKV, what)
     simple = {"embeddings.patch_embedding.weight": "patch_embed.proj.weight", "pre_layrnorm.weight": "norm_pre.weight",
               "pre_layrnorm.bias": "norm_pre.bias", "post_layernorm.weight": "norm.weight",
               "post_layernorm.bias": "norm.bias"}

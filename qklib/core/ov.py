@@ -28,7 +28,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .models import attention_blocks, layer_scale_gamma, model_name, norm1_affine, value_output_weights
+from .models import model_name
+from .reader import AttentionWeights, read_attention
 from .svd import QKSVD, QKWeights, one_thread, qk_svd, qk_svd_from_weights
 
 COMPOSITION_KINDS = ("q", "k", "v")
@@ -43,7 +44,7 @@ class OVWeights:
 
     ``wv``: ``[L, H, r, d]``, the head's rows of the value projection; ``wo``: ``[L, H, d, r]``, its columns of the
     output projection, so that the head writes ``wo[l, h] @ (wv[l, h] @ x)``.
-    ``fold_gamma``: norm1's gamma folded in (``W_V diag(gamma)``, the OV reads the standardised token z);
+    ``fold_gamma``: the LayerNorm's gamma folded in (``W_V diag(gamma)``, the OV reads the standardised token z);
     ``layer_scale``: the block's LayerScale folded in (``diag(ls) W_O``, what joins the residual stream);
     ``has_layer_scale``: whether the model has one; ``head_norm``: True where the model normalises the heads'
     outputs before the output projection (timm's ``scale_norm``), so that the OV map is not exactly linear.
@@ -57,38 +58,24 @@ class OVWeights:
     head_norm: bool = False
 
 
-def ov_weights(model: nn.Module, fold_gamma: bool = False, layer_scale: bool = False) -> OVWeights:
-    """Stack every block's per-head W_V and W_O of a timm vision transformer (fused ``qkv`` or separate
-    ``v``/``v_proj``, and ``proj``/``o_proj``/``out_proj``: ``core.models.value_output_weights``).
+def ov_weights_from(attention: AttentionWeights, fold_gamma: bool = False, layer_scale: bool = False) -> OVWeights:
+    """:func:`ov_weights` on weights the reader already gave (``core.reader.read_attention``)."""
+    wv, wo = attention.wv, attention.wo
+    if fold_gamma:
+        wv = wv * attention.norm_affine("fold_gamma")[0][:, None, None, :]
+    if layer_scale and attention.layer_scale is not None:
+        wo = attention.layer_scale[:, None, :, None] * wo
+    return OVWeights(wv=wv, wo=wo, fold_gamma=fold_gamma, layer_scale=layer_scale,
+                     has_layer_scale=attention.layer_scale is not None, head_norm=attention.head_norm)
 
-    ``fold_gamma``: ``W_V diag(gamma)`` with norm1's gamma (beta left out, as ``qk_weights`` does).
+
+def ov_weights(model: nn.Module, fold_gamma: bool = False, layer_scale: bool = False) -> OVWeights:
+    """Stack every layer's per-head W_V and W_O of a model, as the reader gives them (``core.reader``).
+
+    ``fold_gamma``: ``W_V diag(gamma)`` with the LayerNorm's gamma (beta left out, as ``qk_weights`` does).
     ``layer_scale``: ``diag(ls) W_O`` with the block's LayerScale (a no-op, and said so, where there is none).
     """
-    wvs, wos, has_scale, head_norm = [], [], False, False
-    for index, block, attn in attention_blocks(model, "ov_weights"):
-        pair = value_output_weights(attn)
-        if pair is None:
-            raise TypeError(f"block {index}: no output projection ('proj', 'o_proj' or 'out_proj' Linear) beside the "
-                            "value projection; ov_weights needs both")
-        wv, wo = (w.to("cpu", torch.float64) for w in pair)
-        heads, (d_attn, d) = attn.num_heads, wv.shape
-        if d_attn % heads or wo.shape != (d, d_attn):
-            raise ValueError(f"block {index}: value width {d_attn} and output projection {tuple(wo.shape)} do not "
-                             f"split into {heads} heads of a width-{d} model")
-        if fold_gamma:
-            wv = wv * norm1_affine(block, index, d)[0]
-        gamma = layer_scale_gamma(block, d)
-        has_scale |= gamma is not None
-        if layer_scale and gamma is not None:
-            wo = gamma[:, None] * wo
-        wvs.append(wv.reshape(heads, d_attn // heads, d))
-        wos.append(wo.reshape(d, heads, d_attn // heads).transpose(0, 1))
-        norm = getattr(attn, "norm", None)  # timm's scale_norm: a LayerNorm between the heads and W_O
-        head_norm |= isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity)
-    if len({tuple(w.shape) for w in wvs}) != 1:
-        raise ValueError("blocks differ in head count or width; stacked analysis needs a uniform transformer")
-    return OVWeights(wv=torch.stack(wvs), wo=torch.stack(wos), fold_gamma=fold_gamma, layer_scale=layer_scale,
-                     has_layer_scale=has_scale, head_norm=head_norm)
+    return ov_weights_from(read_attention(model), fold_gamma=fold_gamma, layer_scale=layer_scale)
 
 
 def ov_notes(weights: OVWeights) -> list[str]:
@@ -124,7 +111,7 @@ def ov_svd(model: nn.Module, fold_gamma: bool = False, layer_scale: bool = False
 
     Returns a ``QKSVD``: ``S [L, H, r]`` descending, ``U [L, H, d, r]`` the written directions, ``V [L, H, d, r]``
     the read directions, with the sign convention of ``QKSVD`` (each u_n sums positive). Default: the attention
-    module's own projections, on the LayerNorm output. ``fold_gamma``: norm1's gamma folded into W_V;
+    module's own projections, on the LayerNorm output. ``fold_gamma``: the LayerNorm's gamma folded into W_V;
     ``layer_scale``: the block's LayerScale folded into W_O. ``notes`` states both options.
     """
     return ov_svd_from_weights(ov_weights(model, fold_gamma=fold_gamma, layer_scale=layer_scale),
@@ -205,7 +192,7 @@ def composition_scores(model_or_svds, fold_gamma: bool = False, layer_scale: boo
     ``q = |QK_2^T OV_1|_F``, ``k = |QK_2 OV_1|_F``, ``v = |OV_2 OV_1|_F``, each over the product of the two
     matrices' Frobenius norms, with ``QK = W_q^T W_k`` and ``OV = W_O W_V`` (the module docstring maps this onto
     TransformerLens's row-vector ``QK_TL = W_Q W_K^T = QK`` and ``OV_TL = W_V W_O = OV^T``). Each lies in [0, 1].
-    ``model_or_svds``: a timm ViT (then ``fold_gamma`` folds norm1's gamma into both W_q, W_k and W_V, and
+    ``model_or_svds``: a timm ViT (then ``fold_gamma`` folds the LayerNorm's gamma into both W_q, W_k and W_V, and
     ``layer_scale`` LayerScale into W_O), or the pair ``(qk_svd(model), ov_svd(model))``. Computed from r x r
     cores of the thin factors (``composition_from``).
     """

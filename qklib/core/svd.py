@@ -1,27 +1,31 @@
-"""Exact SVD of every head's query-key interaction matrix, and the paper's cosine statistics.
+"""The QK decomposition: every head's query-key interaction matrix, its exact SVD, and the container of the modes.
 
 Per head, the attention score between tokens i and j (biases left out, 1/sqrt(d_k) dropped) is
-``x_i^T (W_q^T W_k) x_j``. ``W_q^T W_k`` is d x d but has rank <= d_k, and is the product of two thin
-d x d_k factors, so its SVD is computed from the factors (thin QR of each, then the SVD of the small
-d_k x d_k core) in O(d d_k^2) per head -- never a dense d x d SVD. The thin QR is Cholesky-QR: one pass
-(two batched matrix products per factor) for heads whose factor has condition number <= 100, a second pass
-(CholeskyQR2, orthonormal to float64 rounding up to condition numbers ~1e7) for the others, and Householder
-QR as the fallback beyond that. Heads run in chunks of a few MB, so the intermediates stay in cache.
+``x_i^T (W_q^T W_k) x_j``. :func:`qk_weights` takes W_q and W_k from the model's attention as the reader gives
+them (``core.reader``), in the basis asked for (raw, gamma-folded, with biases); :func:`qk_svd` decomposes them
+exactly with the fast thin-factor SVD (``core.lowrank``) and returns a :class:`QKSVD`, whose methods give the
+paper's cosine statistics. The nulls of those statistics live in ``core.nulls`` (re-exported here).
 
 Shapes used throughout: L layers, H heads, d model width, r = d_k head dim (= number of modes).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from scipy.stats import beta
 from torch import nn
 
-from .models import attention_blocks, model_name, norm1_affine, query_key_weights
+from .lowrank import CROSS_PRODUCT_COND, ONE_PASS_COND, one_thread, product_svd
+from .models import model_name
+from .nulls import (NULL_DRAWS, NULL_SEED, haar_diagonals, layer_null_band_from, layer_null_sd, null_band,
+                    simulate_layer_null)
+from .reader import AttentionWeights, read_attention
+
+__all__ = ["BIAS_OPTIONS", "CROSS_PRODUCT_COND", "NULL_DRAWS", "NULL_SEED", "ONE_PASS_COND", "QKSVD", "QKWeights",
+           "append_one", "basis_name", "basis_notes", "haar_diagonals", "layer_null_band", "layer_null_band_from",
+           "layer_null_sd", "mode_scores", "null_band", "one_thread", "qk_svd", "qk_svd_from_weights", "qk_weights",
+           "qk_weights_from", "simulate_layer_null"]
 
 
 @dataclass
@@ -41,7 +45,7 @@ class QKWeights:
     qk_norm: bool = False
     rope: bool = False
     rel_pos_bias: bool = False
-    fold_gamma: bool = False  # True: norm1's gamma folded in, W diag(gamma), acting on the standardised token z
+    fold_gamma: bool = False  # True: the LayerNorm's gamma folded in, W diag(gamma), acting on the standardised token z
     with_bias: bool | str = False  # True / "query": the last of d+1 columns is the bias, on [x; 1] (``qk_weights``)
 
     @property
@@ -124,193 +128,8 @@ class QKSVD:
         return (u * s) @ v.T
 
 
-@contextmanager
-def one_thread(device: torch.device | str = "cpu"):
-    """For batched LAPACK calls on small matrices (r x r Cholesky, inverse, SVD, least squares): they run one
-    matrix at a time, so extra threads only cost synchronisation (10x slower measured on a shared 2-core
-    machine). On the CPU, torch uses one thread inside this block; elsewhere it does nothing."""
-    device = torch.device(device)
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-# Pass 1 of Cholesky-QR loses orthogonality ~ eps * cond^2 (rounding of the Gram matrix). Heads whose factor has
-# condition number at most this keep pass 1 (loss ~1e-12); the others take a second pass (CholeskyQR2). Random-init
-# ViT factors (cond ~2) and most heads of trained ones (the embedded DINOv2 ViT-S/14: median ~4) take one pass;
-# near-degenerate trained heads (cond up to ~2e4 there) take two.
-ONE_PASS_COND = 100.0
-
-# The r x r core's SVD comes from the eigendecomposition of core^T core (symmetric eigensolver: about half the cost
-# of LAPACK's SVD, measured 37 against 70 ms for 144 64x64 cores) where the core's condition number is at most this;
-# the left vectors' orthonormality is then lost by ~eps * cond^2 (~1e-14), and the reconstruction is exact to ~eps
-# whatever the condition. Random-init cores (cond ~3) take it, and 34 of the embedded model's 72; the others take
-# the SVD.
-CROSS_PRODUCT_COND = 10.0
-
-# Heads go through the SVD in chunks of about this many bytes of float64 factor: the chunk's intermediates stay in
-# cache and are reused by the allocator, instead of page-faulting in fresh [L*H, d_k, d] buffers on every call.
-_CHUNK_BYTES = 1 << 22
-
-
-def _empty_output(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """An uninitialised float64 tensor for the SVD's two ``[L*H, r, d]`` outputs (56 MB each on ViT-B/16).
-
-    On the CPU it is allocated by numpy, which asks the kernel for transparent huge pages on large arrays (numpy's
-    default on Linux since 1.16); torch's own allocator does so only with ``THP_MEM_ALLOC_ENABLE=1``. Writing the
-    outputs then page-faults 2 MB pages instead of 4 KB ones: measured 26 -> 5 ms per 56 MB output on a 2-core
-    EPYC, about 15 % of ``qk_svd`` on ViT-B/16. The tensor shares the array's memory and keeps it alive."""
-    if device.type == "cpu":
-        return torch.from_numpy(np.empty(shape, dtype=np.float64))
-    return torch.empty(shape, dtype=torch.float64, device=device)
-
-
-def _condition_numbers(gram: torch.Tensor) -> torch.Tensor:
-    """cond_2 of each factor ``w`` from its Gram matrix ``w w^T`` (eigenvalues are squared singular values;
-    inf where the smallest is not positive). Accurate enough to compare with :data:`ONE_PASS_COND`: the Gram's
-    rounding moves its smallest eigenvalue by ~eps * the largest, far below largest / ONE_PASS_COND^2."""
-    with one_thread(gram.device):
-        eig = torch.linalg.eigvalsh(gram)
-    return torch.where(eig[..., 0] > 0, (eig[..., -1] / eig[..., 0].clamp_min(1e-300)).sqrt(), torch.inf)
-
-
-def _thin_qr_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Cholesky-QR of the rows of ``w [N, r, d]`` (float64, r <= d), with a second pass for the heads that need it.
-
-    Returns ``(basis [N, r, d], fix [N, r, r], tri [N, r, r])`` with ``w^T = Q tri`` (thin QR, ``tri`` upper
-    triangular) and ``Q = basis^T fix`` (orthonormal columns), so that ``Q A`` costs one product on ``[r, d]``.
-    Pass 1: ``w w^T = R1^T R1`` (Cholesky), ``Q1^T = R1^{-T} w``; for a head whose factor has condition number
-    at most :data:`ONE_PASS_COND` that is orthonormal to ~1e-12 and its ``basis = w``, ``fix = R1^{-1}``. The
-    condition number is bounded first by ``||R1||_F ||R1^-1||_F`` (between cond_2 and r cond_2, free) and
-    computed exactly (eigenvalues of the Gram) only where the bound cannot decide. The other heads repeat it on
-    ``Q1`` (pass 2, CholeskyQR2: orthonormal to ~eps for condition numbers up to ~1e7). None when a Cholesky
-    fails or pass 1 lost too much: use Householder QR then.
-    """
-    r = w.shape[-2]
-    eye = torch.eye(r, dtype=w.dtype, device=w.device)
-    gram = w @ w.mT
-    with one_thread(w.device):
-        r1, info = torch.linalg.cholesky_ex(gram, upper=True)  # w w^T = r1^T r1
-        if bool(info.any()):
-            return None
-        r1_inv = torch.linalg.solve_triangular(r1, eye, upper=True)
-    bound = torch.linalg.matrix_norm(r1) * torch.linalg.matrix_norm(r1_inv)  # cond_2 <= bound <= r cond_2
-    second = bound > ONE_PASS_COND
-    undecided = second & (bound <= ONE_PASS_COND * r)
-    if bool(undecided.any()):
-        second[undecided] = _condition_numbers(gram[undecided]) > ONE_PASS_COND
-    if not bool(second.any()):
-        return w, r1_inv, r1
-    index = second.nonzero().squeeze(1)
-    q1t = r1_inv[index].mT @ w[index]  # rows orthonormal up to ~eps * cond(w)^2
-    gram2 = q1t @ q1t.mT
-    if float((gram2 - eye).abs().amax()) > 0.5:
-        return None
-    with one_thread(w.device):
-        r2, info = torch.linalg.cholesky_ex(gram2, upper=True)
-        if bool(info.any()):
-            return None
-        r2_inv = torch.linalg.solve_triangular(r2, eye, upper=True)
-    basis = w.clone()
-    basis[index] = q1t
-    r1_inv[index] = r2_inv
-    r1[index] = r2 @ r1[index]
-    return basis, r1_inv, r1
-
-
-def _core_svd(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``core = A diag(s) B^T`` for each r x r core (``[N, r, r]``), ``s`` descending.
-
-    From ``core^T core = B diag(s^2) B^T`` (eigh), ``A = core B diag(1/s)`` with ``s`` the column norms of
-    ``core B``, for the cores whose condition number is at most :data:`CROSS_PRODUCT_COND` (decided from the
-    eigenvalues); LAPACK's SVD for the others. ``core B B^T = core`` to rounding, so ``A diag(s) B^T`` reconstructs
-    the core exactly either way; ``A^T A`` is off the identity by the eigensolver's residual over ``s_i s_j``,
-    ~eps * cond^2. ``s_i`` is a norm, accurate to second order in the eigenvector's error."""
-    with one_thread(core.device):
-        lam, b = torch.linalg.eigh(core.mT @ core)  # ascending
-        cross = (lam[..., 0] > 0) & (lam[..., 0] * CROSS_PRODUCT_COND**2 >= lam[..., -1])
-        w = core @ b
-        s, order = torch.linalg.vector_norm(w, dim=-2).sort(dim=-1, descending=True)
-        columns = order.unsqueeze(-2).expand_as(b)
-        b, a = b.gather(-1, columns), w.gather(-1, columns) / s.unsqueeze(-2)
-        if not bool(cross.all()):
-            index = (~cross).nonzero().squeeze(1)
-            a[index], s[index], b_t = torch.linalg.svd(core[index])
-            b[index] = b_t.mT
-    return a, s, b
-
-
-def _positive_sums(basis_sums: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """The sign convention of :class:`QKSVD`, in place: flip column n of ``left`` and ``right`` (``[N, r, m]``)
-    where ``u_n = basis^T left[:, n]`` has a negative sum of entries. ``basis_sums`` (``[N, r]``): the sums of the
-    basis's rows, so that ``basis_sums @ left`` are those sums without forming ``u``."""
-    sums = (basis_sums.unsqueeze(-2) @ left).squeeze(-2)
-    sign = torch.where(sums < 0, -1.0, 1.0).to(left.dtype).unsqueeze(-2)
-    left.mul_(sign)
-    right.mul_(sign)
-
-
-def _householder_svd(wq: torch.Tensor, wk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fallback for factors of (nearly) deficient rank, or more modes than dimensions: Householder QR of both
-    (``wq``, ``wk``: ``[N, r, d]`` float64) and the SVD of the core. ``(U [N, d, m], S [N, m], V [N, d, m])``,
-    ``m = min(r, d)``."""
-    q1, r1 = torch.linalg.qr(wq.mT)  # [N, d, m], [N, m, r]
-    q2, r2 = torch.linalg.qr(wk.mT)
-    a, s, b_t = torch.linalg.svd(r1 @ r2.mT)
-    b = b_t.mT
-    _positive_sums(q1.sum(-2), a, b)
-    return q1 @ a, s, q2 @ b
-
-
-def _svd_chunk(wq: torch.Tensor, wk: torch.Tensor, s: torch.Tensor, ut: torch.Tensor, vt: torch.Tensor) -> None:
-    """SVD of ``wq[n]^T wk[n]`` for a chunk of heads (``[N, r, d]`` each, r <= d), written into ``s [N, r]`` and
-    the transposed singular vectors ``ut``, ``vt`` (``[N, r, d]``)."""
-    wq, wk = wq.to(torch.float64), wk.to(torch.float64)
-    qr_q = _thin_qr_rows(wq)
-    qr_k = _thin_qr_rows(wk) if qr_q is not None else None
-    if qr_q is not None and qr_k is not None:
-        with one_thread(wq.device):
-            a, s_chunk, b = _core_svd(qr_q[2] @ qr_k[2].mT)  # [N, r, r] core; W_q^T W_k = Q1 core Q2^T
-            fix_q, fix_k = qr_q[1] @ a, qr_k[1] @ b
-            _positive_sums(qr_q[0].sum(-1), fix_q, fix_k)
-        torch.matmul(fix_q.mT, qr_q[0], out=ut)  # U^T = (Q1 A)^T, computed as (fix A)^T basis
-        torch.matmul(fix_k.mT, qr_k[0], out=vt)
-    else:  # a factor of (nearly) deficient rank
-        u, s_chunk, v = _householder_svd(wq, wk)
-        ut.copy_(u.mT)
-        vt.copy_(v.mT)
-    s.copy_(s_chunk)
-
-
-def qk_svd_from_weights(weights: QKWeights, model: str = "") -> QKSVD:
-    """Exact SVD of ``wq[l,h]^T wk[l,h]`` for all heads, in batched chunks of heads.
-
-    With ``W_q^T = Q_1 R_1`` and ``W_k^T = Q_2 R_2`` (thin QR) and the SVD ``R_1 R_2^T = A S B^T`` of the
-    r x r core, ``U = Q_1 A`` and ``V = Q_2 B``.
-    """
-    layers, heads, r, d = weights.wq.shape
-    count = layers * heads
-    wq, wk = (w.reshape(count, r, d) for w in (weights.wq, weights.wk))
-    device = wq.device
-    if r > d:  # more modes than dimensions (never in a ViT): Householder QR on the whole stack
-        u, s, v = _householder_svd(wq.to(torch.float64), wk.to(torch.float64))
-        u, v = u.reshape(layers, heads, d, -1), v.reshape(layers, heads, d, -1)
-        s = s.reshape(layers, heads, -1)
-    else:
-        s = torch.empty(count, r, dtype=torch.float64, device=device)
-        ut, vt = _empty_output((count, r, d), device), _empty_output((count, r, d), device)
-        step = max(1, _CHUNK_BYTES // (8 * r * d)) if device.type == "cpu" else count
-        for start in range(0, count, step):
-            part = slice(start, start + step)
-            _svd_chunk(wq[part], wk[part], s[part], ut[part], vt[part])
-        u, v = ut.mT.reshape(layers, heads, d, r), vt.mT.reshape(layers, heads, d, r)
-        s = s.reshape(layers, heads, r)
+def _inexact_notes(weights: QKWeights) -> list[str]:
+    """Why the scores of this model are not exactly the bilinear form ``x_i^T W_q^T W_k x_j`` (none when they are)."""
     notes = []
     if weights.qk_norm:
         notes.append(
@@ -328,8 +147,15 @@ def qk_svd_from_weights(weights: QKWeights, model: str = "") -> QKSVD:
             "x_i^T W_q^T W_k x_j plus a term that depends only on where the two tokens are, so the modes describe "
             "the content part of the score only"
         )
-    exact = not (weights.qk_norm or weights.rope or weights.rel_pos_bias)
-    return QKSVD(S=s, U=u, V=v, model=model, exact=exact, notes=notes)
+    return notes
+
+
+def qk_svd_from_weights(weights: QKWeights, model: str = "") -> QKSVD:
+    """Exact SVD of ``wq[l,h]^T wk[l,h]`` for all heads (``core.lowrank.product_svd``), with the notes that say
+    where the model's scores are not exactly this bilinear form."""
+    s, u, v = product_svd(weights.wq, weights.wk)
+    notes = _inexact_notes(weights)
+    return QKSVD(S=s, U=u, V=v, model=model, exact=not notes, notes=notes)
 
 
 BIAS_OPTIONS = (False, True, "query")
@@ -378,35 +204,37 @@ def basis_notes(fold_gamma: bool = False, with_bias: bool | str = False) -> list
     return notes
 
 
-def _query_key_biases(attn: nn.Module, d_attn: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(b_q, b_k)``, each ``[D_attn]`` float64 (zeros where the model has none): a fused ``qkv`` bias, separate
-    ``q``/``k`` (``q_proj``/``k_proj``) biases, or BEiT's ``q_bias`` (its key bias is zero)."""
-    zeros = torch.zeros(d_attn, dtype=torch.float64)
+def _times(w: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """``[L, H, r]``: ``w[l] @ vector[l]`` for ``w [L, H, r, d]``, ``vector [L, d]``, one matrix-vector product per
+    layer over all its heads' rows (the rounding of one product per layer, whatever the head count)."""
+    layers, heads, r, d = w.shape
+    return torch.stack([(w[layer].reshape(heads * r, d) @ vector[layer]).reshape(heads, r) for layer in range(layers)])
 
-    def as64(bias):
-        return zeros if bias is None else bias.detach().to("cpu", torch.float64)
 
-    qkv = getattr(attn, "qkv", None)
-    if isinstance(qkv, nn.Linear) and qkv.bias is not None:
-        bias = as64(qkv.bias)
-        return bias[:d_attn], bias[d_attn : 2 * d_attn]
-    for q_name, k_name in (("q", "k"), ("q_proj", "k_proj")):
-        q, k = getattr(attn, q_name, None), getattr(attn, k_name, None)
-        if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
-            return as64(q.bias), as64(k.bias)
-    q_bias = getattr(attn, "q_bias", None)
-    if isinstance(q_bias, torch.Tensor):  # BEiT: q_bias and v_bias learnt, the key bias fixed at zero
-        return as64(q_bias), as64(getattr(attn, "k_bias", None))
-    return zeros, zeros
+def qk_weights_from(attention: AttentionWeights, fold_gamma: bool = False, with_bias: bool | str = False) -> QKWeights:
+    """:func:`qk_weights` on weights the reader already gave (``core.reader.read_attention``)."""
+    _check_bias_option(with_bias)
+    wq, wk = attention.wq, attention.wk
+    if with_bias:
+        bq = attention.bq
+        bk = attention.bk if with_bias is True else torch.zeros_like(attention.bk)
+    if fold_gamma:
+        gamma, beta = attention.norm_affine("fold_gamma")
+        if with_bias:  # beta moves into the biases before gamma is folded into the weights
+            bq = bq + _times(wq, beta)
+            bk = bk + _times(wk, beta) if with_bias is True else bk
+        wq, wk = wq * gamma[:, None, None, :], wk * gamma[:, None, None, :]
+    if with_bias:
+        wq, wk = torch.cat([wq, bq.unsqueeze(-1)], dim=-1), torch.cat([wk, bk.unsqueeze(-1)], dim=-1)
+    return QKWeights(wq=wq, wk=wk, qk_norm=attention.qk_norm, rope=attention.rope,
+                     rel_pos_bias=attention.rel_pos_bias, fold_gamma=fold_gamma, with_bias=with_bias)
 
 
 def qk_weights(model: nn.Module, fold_gamma: bool = False, with_bias: bool | str = False) -> QKWeights:
-    """Stack every block's per-head W_q and W_k from a timm vision transformer.
+    """Stack every layer's per-head W_q and W_k of a model (any family ``core.reader`` reads: timm ViTs with a
+    fused ``qkv`` or separate q/k/v projections, the I-JEPA predictor, converted Hugging Face models).
 
-    Handles timm's fused ``attn.qkv`` (rows [0:D) are W_q, [D:2D) W_k, head h owns rows
-    h*d_k:(h+1)*d_k of each) and separate ``q``/``k`` (or ``q_proj``/``k_proj``) projections.
-
-    ``fold_gamma``: fold ``norm1``'s gamma into both projections, ``W_q diag(gamma)`` and ``W_k diag(gamma)``:
+    ``fold_gamma``: fold the LayerNorm's gamma into both projections, ``W_q diag(gamma)`` and ``W_k diag(gamma)``:
     the form on the standardised token z, with ``x = gamma * z + beta`` (TransformerLens's default). Without
     ``with_bias`` beta is left out: ``z_i^T (W_q diag g)^T (W_k diag g) z_j = (x_i - beta)^T W_q^T W_k (x_j - beta)``.
     ``with_bias``: append each head's bias as a last column, ``[W_q | b_q]`` and ``[W_k | b_k]``, so the form
@@ -416,44 +244,11 @@ def qk_weights(model: nn.Module, fold_gamma: bool = False, with_bias: bool | str
     score less the per-query constant ``q_i . b_k`` (which the softmax over keys discards).
     """
     _check_bias_option(with_bias)
-    blocks = attention_blocks(model, "qk_weights")
-    wqs, wks, qk_norm = [], [], False
-    for index, block, attn in blocks:
-        heads = attn.num_heads
-        wq, wk = (w.to("cpu", torch.float64) for w in query_key_weights(attn))
-        d_attn, d = wq.shape
-        if d_attn % heads:
-            raise ValueError(f"block {index}: attention width {d_attn} is not divisible by {heads} heads")
-        head_dim = d_attn // heads
-        if with_bias:
-            bq, bk = _query_key_biases(attn, d_attn)
-            if with_bias == "query":
-                bk = torch.zeros_like(bk)
-        if fold_gamma:
-            gamma, beta = norm1_affine(block, index, d)
-            if with_bias:  # beta moves into the biases before gamma is folded into the weights
-                bq = bq + wq @ beta
-                bk = bk + wk @ beta if with_bias is True else bk
-            wq, wk = wq * gamma, wk * gamma
-        if with_bias:
-            wq, wk = torch.cat([wq, bq[:, None]], dim=1), torch.cat([wk, bk[:, None]], dim=1)
-        wqs.append(wq.reshape(heads, head_dim, wq.shape[1]))
-        wks.append(wk.reshape(heads, head_dim, wk.shape[1]))
-        for norm_name in ("q_norm", "k_norm"):
-            norm = getattr(attn, norm_name, None)
-            if norm is not None and not isinstance(norm, nn.Identity):
-                qk_norm = True
-    if len({tuple(w.shape) for w in wqs}) != 1:
-        raise ValueError("blocks differ in head count or width; stacked analysis needs a uniform transformer")
-    rel_pos_bias = getattr(model, "rel_pos_bias", None) is not None or any(
-        getattr(attn, "relative_position_bias_table", None) is not None for _index, _block, attn in blocks)
-    return QKWeights(wq=torch.stack(wqs), wk=torch.stack(wks), qk_norm=qk_norm,
-                     rope=getattr(model, "rope", None) is not None, rel_pos_bias=rel_pos_bias,
-                     fold_gamma=fold_gamma, with_bias=with_bias)
+    return qk_weights_from(read_attention(model), fold_gamma=fold_gamma, with_bias=with_bias)
 
 
 def qk_svd(model: nn.Module, fold_gamma: bool = False, with_bias: bool | str = False) -> QKSVD:
-    """Exact SVD of every head's W_q^T W_k of a timm ViT: ``S [L,H,r]``, ``U``/``V [L,H,d,r]``, float64.
+    """Exact SVD of every head's W_q^T W_k of a model: ``S [L,H,r]``, ``U``/``V [L,H,d,r]``, float64.
 
     Default: the raw weights, the form on the LayerNorm output x (the paper's basis). ``fold_gamma`` and
     ``with_bias`` change the basis as in ``qk_weights`` (``with_bias=True`` or ``"query"``: ``U``/``V
@@ -473,107 +268,6 @@ def append_one(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
 
 
-def null_band(dim: int, level: float = 0.95) -> float:
-    """Half-width of the central ``level`` interval of the cosine of two independent random unit vectors
-    in R^dim. Exact: (cos + 1) / 2 ~ Beta((dim-1)/2, (dim-1)/2); sd is ~ 1/sqrt(dim)."""
-    if dim < 2:
-        raise ValueError(f"dim must be >= 2, got {dim}")
-    a = (dim - 1) / 2
-    return float(2 * beta.ppf(0.5 + level / 2, a, a) - 1)
-
-
-# The null for what Fig 3 plots: a layer's mean over heads of each head's s-weighted mean of cos_n = u_n . v_n
-# when U and V are Haar-random (uniform orthonormal d x r frames, independent per head) and each head keeps its
-# own singular values. Because U^T V of independent Haar frames is distributed as the top r x r block of one Haar
-# d x r frame (rotate U onto the first r axes), cos_n has the law of that block's n-th diagonal entry.
-NULL_DRAWS = 2000  # draws of each head's r cosines (shared by all layers: the layers' bands are marginals); the 95%
-# half-width's Monte Carlo error is about 0.95 / sqrt(draws) of itself (~2% at 2000) for a near-normal statistic
-NULL_SEED = 0
-_NULL_MATRICES_PER_CHUNK = 1536  # memory bound only; part of what fixes the random stream (keep it fixed)
-
-
-def haar_diagonals(count: int, dim: int, rank: int, rng: np.random.Generator) -> np.ndarray:
-    """``[count, rank]``: the diagonal of the top ``rank x rank`` block of ``count`` independent Haar-random
-    ``dim x rank`` orthonormal frames, i.e. the ``rank`` cosines ``u_n . v_n`` of two independent Haar frames.
-
-    Exact, and O(rank^3) per frame instead of O(dim rank^2): the frame is Q = G R^{-1} for Gaussian G = [G1; G2]
-    and R the Cholesky factor of G^T G = G1^T G1 + G2^T G2 (the QR factor with positive diagonal, which makes Q
-    Haar). Only the top block G1 R^{-1} is needed, and it depends on G2 only through the Wishart_rank(dim - rank)
-    matrix G2^T G2, drawn by Bartlett's decomposition when dim - rank >= rank.
-    """
-    if not 1 <= rank <= dim:
-        raise ValueError(f"need 1 <= rank <= dim, got rank {rank}, dim {dim}")
-    g1 = rng.standard_normal((count, rank, rank))
-    rest = dim - rank
-    if rest >= rank:  # Bartlett: G2^T G2 = A A^T, A lower triangular, A_ii^2 ~ chi2(rest - i), A_ij ~ N(0, 1)
-        a = np.tril(rng.standard_normal((count, rank, rank)), -1)
-        chi = np.sqrt(rng.chisquare(rest - np.arange(rank), size=(count, rank)))
-        a[:, np.arange(rank), np.arange(rank)] = chi
-        stacked = np.concatenate([g1, a.transpose(0, 2, 1)], axis=1)  # [count, 2 rank, rank]
-    else:
-        stacked = np.concatenate([g1, rng.standard_normal((count, rest, rank))], axis=1)
-    gram = torch.from_numpy(stacked).transpose(-1, -2) @ torch.from_numpy(stacked)  # G^T G, [count, rank, rank]
-    lower = np.linalg.cholesky(gram.numpy())  # G^T G = L L^T, R = L^T
-    # diag(G1 R^{-1})_n = sum_m G1[n, m] (L^{-1})[n, m]
-    return np.einsum("cnm,cnm->cn", g1, np.linalg.inv(lower))
-
-
-def _head_weights(S: torch.Tensor) -> np.ndarray:
-    s = S.detach().to("cpu", torch.float64).numpy()
-    if s.ndim != 3:
-        raise ValueError(f"singular values must be [L, H, r], got shape {tuple(s.shape)}")
-    if (s < 0).any() or (s.sum(-1) <= 0).any():
-        raise ValueError("singular values must be >= 0 with a positive sum in every head")
-    return s / s.sum(-1, keepdims=True)
-
-
-def simulate_layer_null(S: torch.Tensor, dim: int, draws: int = NULL_DRAWS, seed: int = NULL_SEED) -> torch.Tensor:
-    """``[draws, L]``: draws of the layer statistic of Fig 3, ``mean_h sum_n (s_hn / sum_m s_hm) cos_hn``, with
-    each head's own singular values ``S [L, H, r]`` and Haar-random U and V in R^dim (independent per head).
-
-    Exactly reproducible for given (S's shape, dim, draws, seed): numpy's PCG64 generator seeded with ``seed``.
-    Each draw holds H independent heads' r cosines (:func:`haar_diagonals`), shared by the L layers (each layer
-    has its own weights): every layer's column is a correct sample of that layer's null, the layers' errors are
-    correlated.
-    """
-    weights = _head_weights(S)  # [L, H, r]
-    _layers, heads, rank = weights.shape
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
-    rng = np.random.default_rng(seed)
-    per_chunk = max(1, _NULL_MATRICES_PER_CHUNK // heads)
-    out = []
-    for start in range(0, draws, per_chunk):
-        count = min(per_chunk, draws - start)
-        cosines = haar_diagonals(count * heads, dim, rank, rng).reshape(count, heads, rank)
-        out.append(np.einsum("chr,lhr->cl", cosines, weights) / heads)
-    return torch.from_numpy(np.concatenate(out))
-
-
-def layer_null_sd(S: torch.Tensor, dim: int) -> torch.Tensor:
-    """``[L]``: the exact standard deviation of the layer statistic under the Haar null (no simulation).
-
-    Each cos_n has mean 0 and variance 1/dim, and the r cosines of one head are uncorrelated (E[O_11 O_22] = 0
-    for a Haar orthogonal O), heads independent: Var = sum_h sum_n w_hn^2 / (dim H^2), w_hn = s_hn / sum_m s_hm.
-    """
-    weights = _head_weights(S)
-    heads = weights.shape[1]
-    return torch.from_numpy(np.sqrt((weights**2).sum((-1, -2)) / dim) / heads)
-
-
-def layer_null_band_from(S: torch.Tensor, dim: int, level: float = 0.95, draws: int = NULL_DRAWS,
-                         seed: int = NULL_SEED) -> torch.Tensor:
-    """``[L]``: half-width of the central ``level`` band of the layer statistic (see ``simulate_layer_null``).
-
-    The null is symmetric about 0 (V -> -V preserves the Haar law and flips the sign), so the band is
-    ``[-h, +h]`` with ``h`` the ``level`` quantile of the absolute statistic over the draws (which uses that symmetry).
-    """
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    samples = simulate_layer_null(S, dim, draws=draws, seed=seed)
-    return torch.quantile(samples.abs(), level, dim=0)
-
-
 def layer_null_band(svd: QKSVD, level: float = 0.95, draws: int = NULL_DRAWS, seed: int = NULL_SEED) -> torch.Tensor:
     """``[L]``: per layer, the half-width of the simulated ``level`` null band of Fig 3's statistic (the head mean
     of the s-weighted cosine) for this model's own singular values and width. ``null_band`` is the band of
@@ -591,4 +285,3 @@ def mode_scores(svd: QKSVD, layer: int, head: int, x_query: torch.Tensor, x_key:
     qp = x_query.to(u) @ u  # [Tq, r]
     kp = x_key.to(v) @ v  # [Tk, r]
     return torch.einsum("ir,r,jr->rij", qp, s, kp)
-

@@ -140,6 +140,81 @@ def _models(models) -> dict[str, nn.Module]:
 
 
 # ------------------------------------------------------------------------------------------------- §3
+class _AttentionExplorer:
+    """The state and callbacks of :func:`explore_attention`: the models, the scenes and images (``entries``:
+    ``{name: (image, target mask or None, distractor mask or None)}``), two caches and the widgets."""
+
+    def __init__(self, models: dict[str, nn.Module], entries: dict, size: int, quality: int):
+        self.models, self.entries, self.size, self.quality = models, entries, size, quality
+        self.attention = _Cache(6)  # (model, image) -> [L, H, T, T]; ~19 MB each for ViT-S/14
+        self.views = _Cache(32)  # (model, image) -> view, outlines, masks, query tokens
+        first = info(next(iter(models.values())))
+        self.pick_model = widgets.Dropdown(options=list(models), description="model")
+        self.pick_image = widgets.Dropdown(options=list(entries), description="image")
+        self.layer, self.head = _slider("layer", first.num_layers - 1), _slider("head", first.num_heads - 1)
+        self.row, self.col = _slider("query row", first.grid[0] - 1), _slider("query col", first.grid[1] - 1)
+        self.to_target = widgets.Button(description="query on target")
+        self.to_distractor = widgets.Button(description="query on distractor")
+        self.caption, self.message, self.picture = widgets.HTML(), _message(), _picture("qk-live-picture", size)
+        self.box = Live([self.pick_model, self.pick_image, self.layer, self.head, self.row, self.col,
+                         widgets.HBox([self.to_target, self.to_distractor]), self.caption, self.message, self.picture],
+                        {"model": self.pick_model, "image": self.pick_image, "layer": self.layer, "head": self.head,
+                         "row": self.row, "col": self.col, "target": self.to_target, "distractor": self.to_distractor},
+                        {"attention": self.picture}, {"caption": self.caption}, self.message, self.draw)
+
+    def view(self, label: str, name: str):
+        """The model's view at ``size`` px, the target and distractor outlines, token masks and query tokens."""
+        model, (image, target, distractor), size = self.models[label], self.entries[name], self.size
+        shown = np.asarray(Image.fromarray(display_crop(model, image)).resize((size, size), Image.Resampling.BILINEAR))
+        if target is None:
+            none = np.zeros((size, size), dtype=bool)
+            return shown, (none, none), None, None
+        masks = token_masks(model, [target], [distractor])
+        queries, _ = query_tokens(masks, 0.0)
+        edges = (outline(view_mask(model, target, size)), outline(view_mask(model, distractor, size)))
+        return shown, edges, masks, queries[0].tolist()
+
+    def draw(self) -> None:
+        label, name = self.pick_model.value, self.pick_image.value
+        model, meta = self.models[label], info(self.models[label])
+        probs = self.attention.get((label, name), lambda: record(
+            model, to_pixels(model, self.entries[name][0]), tokens=False, attention=True).attention[:, 0])
+        shown, edges, masks, _ = self.views.get((label, name), lambda: self.view(label, name))
+        query = self.row.value * meta.grid[1] + self.col.value
+        rows = probs[self.layer.value, self.head.value, meta.prefix_tokens + query, meta.prefix_tokens:].double()
+        rows = rows / rows.sum()
+        self.picture.value = jpeg_bytes(overlay(shown, rows.reshape(meta.grid).numpy(), query, *edges), self.quality)
+        where = f"<b>{html.escape(name)}</b>, {html.escape(label)}: layer {self.layer.value}, head {self.head.value}, " \
+                f"query token row {self.row.value}, col {self.col.value}"
+        if masks is not None:
+            shares = (masks.stacked()[0].double() @ rows).tolist()
+            where += " ({:.0%} on the target, {:.0%} on distractors, {:.0%} on background)".format(*shares)
+        self.caption.value = where
+
+    def fit_sliders(self, _change=None) -> None:
+        meta = info(self.models[self.pick_model.value])
+        with self.box.hold():
+            self.layer.max, self.head.max = meta.num_layers - 1, meta.num_heads - 1
+            self.row.max, self.col.max = meta.grid[0] - 1, meta.grid[1] - 1
+            self.move_query(0)
+
+    def move_query(self, which: int) -> None:
+        """Put the query token on the scene's target (0) or first distractor (1); images without masks: nothing."""
+        label, name = self.pick_model.value, self.pick_image.value
+        _, _, _, queries = self.views.get((label, name), lambda: self.view(label, name))
+        if queries is None:
+            return
+        grid_w = info(self.models[label]).grid[1]
+        with self.box.hold():
+            self.row.value, self.col.value = divmod(queries[which], grid_w)
+
+    def on_image(self, _change) -> None:
+        if self.entries[self.pick_image.value][1] is not None:
+            self.move_query(0)
+        else:
+            self.box.redraw()
+
+
 def explore_attention(models, scenes: Sequence = (), images: Mapping[str, Image.Image] | None = None, size: int = 320,
                       quality: int = 85) -> Live:
     """§3 live: any scene or image, model, layer and head; the query token by its row and column.
@@ -154,73 +229,16 @@ def explore_attention(models, scenes: Sequence = (), images: Mapping[str, Image.
     entries.update({name: (image, None, None) for name, image in (images or {}).items()})
     if not entries:
         raise ValueError("explore_attention needs at least one scene or image")
-    first = info(next(iter(models.values())))
-    attention = _Cache(6)  # (model, image) -> [L, H, T, T]; ~19 MB each for ViT-S/14
-    views = _Cache(32)  # (model, image) -> view, outlines, masks, query tokens
-
-    pick_model = widgets.Dropdown(options=list(models), description="model")
-    pick_image = widgets.Dropdown(options=list(entries), description="image")
-    layer, head = _slider("layer", first.num_layers - 1), _slider("head", first.num_heads - 1)
-    row, col = _slider("query row", first.grid[0] - 1), _slider("query col", first.grid[1] - 1)
-    to_target, to_distractor = widgets.Button(description="query on target"), widgets.Button(description="query on distractor")
-    caption, message, picture = widgets.HTML(), _message(), _picture("qk-live-picture", size)
-
-    def view(label: str, name: str):
-        """The model's view at ``size`` px, the target and distractor outlines, token masks and query tokens."""
-        model, (image, target, distractor) = models[label], entries[name]
-        shown = np.asarray(Image.fromarray(display_crop(model, image)).resize((size, size), Image.Resampling.BILINEAR))
-        if target is None:
-            none = np.zeros((size, size), dtype=bool)
-            return shown, (none, none), None, None
-        masks = token_masks(model, [target], [distractor])
-        queries, _ = query_tokens(masks, 0.0)
-        edges = (outline(view_mask(model, target, size)), outline(view_mask(model, distractor, size)))
-        return shown, edges, masks, queries[0].tolist()
-
-    def draw():
-        label, name = pick_model.value, pick_image.value
-        model, meta = models[label], info(models[label])
-        probs = attention.get((label, name), lambda: record(model, to_pixels(model, entries[name][0]), tokens=False,
-                                                            attention=True).attention[:, 0])
-        shown, edges, masks, _ = views.get((label, name), lambda: view(label, name))
-        query = row.value * meta.grid[1] + col.value
-        rows = probs[layer.value, head.value, meta.prefix_tokens + query, meta.prefix_tokens:].double()
-        rows = rows / rows.sum()
-        picture.value = jpeg_bytes(overlay(shown, rows.reshape(meta.grid).numpy(), query, *edges), quality)
-        where = f"<b>{html.escape(name)}</b>, {html.escape(label)}: layer {layer.value}, head {head.value}, " \
-                f"query token row {row.value}, col {col.value}"
-        if masks is not None:
-            shares = (masks.stacked()[0].double() @ rows).tolist()
-            where += " ({:.0%} on the target, {:.0%} on distractors, {:.0%} on background)".format(*shares)
-        caption.value = where
-
-    def fit_sliders(_change=None):
-        meta = info(models[pick_model.value])
-        with box.hold():
-            layer.max, head.max = meta.num_layers - 1, meta.num_heads - 1
-            row.max, col.max = meta.grid[0] - 1, meta.grid[1] - 1
-            move_query(0)
-
-    def move_query(which: int):
-        _, _, _, queries = views.get((pick_model.value, pick_image.value), lambda: view(pick_model.value, pick_image.value))
-        if queries is None:
-            return
-        grid_w = info(models[pick_model.value]).grid[1]
-        with box.hold():
-            row.value, col.value = divmod(queries[which], grid_w)
-
-    box = Live([pick_model, pick_image, layer, head, row, col, widgets.HBox([to_target, to_distractor]), caption,
-                message, picture], {"model": pick_model, "image": pick_image, "layer": layer, "head": head,
-                                    "row": row, "col": col, "target": to_target, "distractor": to_distractor},
-               {"attention": picture}, {"caption": caption}, message, draw)
-    box.watch(layer, head, row, col)
-    pick_model.observe(fit_sliders, names="value")
-    pick_image.observe(lambda _change: move_query(0) if entries[pick_image.value][1] is not None else box.redraw(), names="value")
-    to_target.on_click(lambda _button: move_query(0))
-    to_distractor.on_click(lambda _button: move_query(1))
+    explorer = _AttentionExplorer(models, entries, size, quality)
+    box = explorer.box
+    box.watch(explorer.layer, explorer.head, explorer.row, explorer.col)
+    explorer.pick_model.observe(explorer.fit_sliders, names="value")
+    explorer.pick_image.observe(explorer.on_image, names="value")
+    explorer.to_target.on_click(lambda _button: explorer.move_query(0))
+    explorer.to_distractor.on_click(lambda _button: explorer.move_query(1))
     if len(models) == 1:
-        pick_model.layout.display = "none"
-    fit_sliders()
+        explorer.pick_model.layout.display = "none"
+    explorer.fit_sliders()
     return box
 
 
@@ -372,6 +390,109 @@ def _upload_files(value) -> list[tuple[str, bytes]]:
     return [(str(item.get("name", "upload")), bytes(item.get("content", b""))) for item in value or ()]
 
 
+class _ModeExplorer:
+    """The state and callbacks of :func:`explore`: the model and its SVD, the images (``{name: PIL image or file}``,
+    uploads added), the saved search, three caches and the widgets."""
+
+    def __init__(self, model, svd: QKSVD, images: dict, found: SearchResult | None, top: int, size: int, thumb: int,
+                 quality: int):
+        self.model, self.svd, self.images, self.found = model, svd, images, found
+        self.top, self.size, self.thumb, self.quality = top, size, thumb, quality
+        self.meta = info(model)
+        self.opened = _Cache(64)  # name or search path -> PIL image
+        self.tokens = _Cache(512)  # (image key, layer) -> [T, d]; ~0.4 MB each for ViT-S/14
+        self.crops = _Cache(64)  # image key -> the model's view, [S, S, 3] uint8
+        self.cosines = svd.cos  # [L, H, r], computed once
+        searched = found.layers if found is not None else []
+        self.pick = widgets.Dropdown(options=list(images), description="image")
+        self.upload = widgets.FileUpload(accept="image/*", multiple=False, description="your image",
+                                         tooltip="draw the mode on an image of yours (PNG, JPEG, ...)")
+        self.upload.layout.width = "auto"
+        self.layer = _slider("layer", svd.num_layers - 1, searched[0] if searched else 0)
+        self.head, self.mode = _slider("head", svd.num_heads - 1), _slider("mode", svd.rank - 1)
+        self.sign = widgets.ToggleButtons(options=[("+", 1), ("-", -1)], description="sign")
+        self.caption, self.optimal_caption, self.message = widgets.HTML(), widgets.HTML(), _message()
+        self.picture, self.optimal = _picture("qk-live-picture", size), _picture("qk-live-optimal")
+        self.box = Live([widgets.HBox([self.pick, self.upload]), self.layer, self.head, self.mode, self.sign,
+                         self.caption, self.message, self.picture, self.optimal_caption, self.optimal],
+                        {"image": self.pick, "upload": self.upload, "layer": self.layer, "head": self.head,
+                         "mode": self.mode, "sign": self.sign},
+                        {"image": self.picture, "optimal": self.optimal},
+                        {"caption": self.caption, "optimal": self.optimal_caption}, self.message, self.draw)
+
+    def image(self, key: str) -> Image.Image:
+        value = self.images[key] if key in self.images else key
+        return value if isinstance(value, Image.Image) else self.opened.get(key, lambda: open_rgb(value))
+
+    def layer_tokens(self, keys: list[str], l: int) -> torch.Tensor:
+        """``[B, T, d]`` for images ``keys`` (names of ``images`` or search paths) at layer ``l``, the missing ones
+        computed in one batch."""
+        missing = [key for key in keys if (key, l) not in self.tokens]
+        if missing:
+            pixels = to_pixels(self.model, [self.image(key) for key in missing])
+            computed = token_embeddings(self.model, pixels, layers=[l])[0]
+            for key, x in zip(missing, computed):
+                self.tokens.get((key, l), lambda x=x: x)
+        return torch.stack([self.tokens.get((key, l), None) for key in keys])
+
+    def pictures(self, keys: list[str], l: int, h: int, n: int, s: int) -> list[np.ndarray]:
+        query, key = mode_maps(self.svd, self.layer_tokens(keys, l), l, h, n, self.meta.prefix_tokens, s,
+                               self.meta.grid)
+        views = [self.crops.get(k, lambda k=k: display_crop(self.model, self.image(k))) for k in keys]
+        return [render_mode(view, q, kk) for view, q, kk in zip(views, query, key)]
+
+    def draw(self) -> None:
+        l, h, n, s = self.layer.value, self.head.value, self.mode.value, self.sign.value
+        main = self.pictures([self.pick.value], l, h, n, s)[0]
+        resized = Image.fromarray(main).resize((self.size, self.size), Image.Resampling.LANCZOS)
+        self.picture.value = jpeg_bytes(np.asarray(resized), self.quality)
+        self.caption.value = (f"<b>{html.escape(self.pick.value)}</b>, {mode_label(l, h, n, s)}: query map red, key "
+                              f"map cyan; s = {float(self.svd.S[l, h, n]):.3g}, cos = {float(self.cosines[l, h, n]):+.3f}")
+        self.draw_optimal(l, h, n, s)
+
+    def draw_optimal(self, l: int, h: int, n: int, s: int) -> None:
+        """The mode's ``top`` optimal images from the saved search, or why there are none."""
+        found, label = self.found, mode_label(l, h, n, s)
+        if found is None:
+            best, why = [], "no saved search given"
+        elif l in found.layers and h in found.heads and n in found.modes:
+            best, why = found.top(l, h, n, s)[: self.top], "no gallery image scored above 0"
+        else:
+            best, why = [], (f"{label} was not searched (searched layers {found.layers}, heads {found.heads}, "
+                             f"modes {found.modes[0]}..{found.modes[-1]})")
+        if not best:
+            self.optimal.layout.display = "none"
+            self.optimal_caption.value = f"Optimal images: {html.escape(why)}."
+            return
+        keys = [str(found.path(name)) for name, _ in best]
+        thumbs = [thumbnail(p, self.thumb) for p in self.pictures(keys, l, h, n, s)]
+        self.optimal.value = jpeg_bytes(mosaic(thumbs, columns=len(thumbs)), self.quality)
+        self.optimal.layout.display = ""
+        self.optimal_caption.value = (
+            f"Optimal images of {label} in the saved search ({found.n_images} images), best first: "
+            + ", ".join(f"{html.escape(Path(name).stem)} ({score:.3g})" for name, score in best))
+
+    def on_upload(self, change) -> None:
+        files = _upload_files(change["new"])
+        if not files:
+            return
+        name, data = files[-1]
+        try:
+            uploaded = image_from_bytes(data, name)
+        except ImageError as error:
+            self.box.show_error(f"Upload {error}")
+        else:
+            key = f"upload: {name}"
+            self.images[key] = uploaded
+            for stale in [k for k in self.tokens if k[0] == key]:
+                del self.tokens[stale]
+            self.crops.pop(key, None)
+            with self.box.hold():
+                self.pick.options = list(self.images)
+                self.pick.value = key
+        self.upload.value = ()  # the same file can be uploaded again
+
+
 def explore(model, svd: QKSVD, images: Mapping[str, Image.Image | str | Path], found: SearchResult | None = None,
             top: int = 4, size: int = 320, thumb: int = 160, quality: int = 85) -> Live:
     """§5 live: any layer, head, mode and sign on any of ``images`` ({name: PIL image or image file, opened when
@@ -383,91 +504,9 @@ def explore(model, svd: QKSVD, images: Mapping[str, Image.Image | str | Path], f
     images = dict(images)
     if not images:
         raise ValueError("explore needs at least one image")
-    meta = info(model)
-    opened = _Cache(64)  # name or search path -> PIL image
-    tokens = _Cache(512)  # (image key, layer) -> [T, d]; ~0.4 MB each for ViT-S/14
-    crops = _Cache(64)  # image key -> the model's view, [S, S, 3] uint8
-    cosines = svd.cos  # [L, H, r], computed once
-
-    searched = found.layers if found is not None else []
-    pick = widgets.Dropdown(options=list(images), description="image")
-    upload = widgets.FileUpload(accept="image/*", multiple=False, description="your image",
-                                tooltip="draw the mode on an image of yours (PNG, JPEG, ...)")
-    upload.layout.width = "auto"
-    layer = _slider("layer", svd.num_layers - 1, searched[0] if searched else 0)
-    head, mode = _slider("head", svd.num_heads - 1), _slider("mode", svd.rank - 1)
-    sign = widgets.ToggleButtons(options=[("+", 1), ("-", -1)], description="sign")
-    caption, optimal_caption, message = widgets.HTML(), widgets.HTML(), _message()
-    picture, optimal = _picture("qk-live-picture", size), _picture("qk-live-optimal")
-
-    def image(key: str) -> Image.Image:
-        value = images[key] if key in images else key
-        return value if isinstance(value, Image.Image) else opened.get(key, lambda: open_rgb(value))
-
-    def layer_tokens(keys: list[str], l: int) -> torch.Tensor:
-        """``[B, T, d]`` for images ``keys`` (names of ``images`` or search paths) at layer ``l``, the missing ones
-        computed in one batch."""
-        missing = [key for key in keys if (key, l) not in tokens]
-        if missing:
-            computed = token_embeddings(model, to_pixels(model, [image(key) for key in missing]), layers=[l])[0]
-            for key, x in zip(missing, computed):
-                tokens.get((key, l), lambda x=x: x)
-        return torch.stack([tokens.get((key, l), None) for key in keys])
-
-    def pictures(keys: list[str], l: int, h: int, n: int, s: int) -> list[np.ndarray]:
-        query, key = mode_maps(svd, layer_tokens(keys, l), l, h, n, meta.prefix_tokens, s, meta.grid)
-        views = [crops.get(k, lambda k=k: display_crop(model, image(k))) for k in keys]
-        return [render_mode(view, q, kk) for view, q, kk in zip(views, query, key)]
-
-    def draw():
-        l, h, n, s = layer.value, head.value, mode.value, sign.value
-        main = pictures([pick.value], l, h, n, s)[0]
-        picture.value = jpeg_bytes(np.asarray(Image.fromarray(main).resize((size, size), Image.Resampling.LANCZOS)), quality)
-        label = mode_label(l, h, n, s)
-        caption.value = (f"<b>{html.escape(pick.value)}</b>, {label}: query map red, key map cyan; "
-                         f"s = {float(svd.S[l, h, n]):.3g}, cos = {float(cosines[l, h, n]):+.3f}")
-        if found is None:
-            best, why = [], "no saved search given"
-        elif l in found.layers and h in found.heads and n in found.modes:
-            best, why = found.top(l, h, n, s)[:top], "no gallery image scored above 0"
-        else:
-            best, why = [], (f"{label} was not searched (searched layers {found.layers}, heads {found.heads}, "
-                             f"modes {found.modes[0]}..{found.modes[-1]})")
-        if not best:
-            optimal.layout.display = "none"
-            optimal_caption.value = f"Optimal images: {html.escape(why)}."
-            return
-        keys = [str(found.path(name)) for name, _ in best]
-        thumbs = [thumbnail(p, thumb) for p in pictures(keys, l, h, n, s)]
-        optimal.value = jpeg_bytes(mosaic(thumbs, columns=len(thumbs)), quality)
-        optimal.layout.display = ""
-        optimal_caption.value = (f"Optimal images of {label} in the saved search ({found.n_images} images), best first: "
-                                 + ", ".join(f"{html.escape(Path(name).stem)} ({score:.3g})" for name, score in best))
-
-    def on_upload(change):
-        files = _upload_files(change["new"])
-        if not files:
-            return
-        name, data = files[-1]
-        try:
-            uploaded = image_from_bytes(data, name)
-        except ImageError as error:
-            box.show_error(f"Upload {error}")
-        else:
-            key = f"upload: {name}"
-            images[key] = uploaded
-            for stale in [k for k in tokens if k[0] == key]:
-                del tokens[stale]
-            crops.pop(key, None)
-            with box.hold():
-                pick.options = list(images)
-                pick.value = key
-        upload.value = ()  # the same file can be uploaded again
-
-    box = Live([widgets.HBox([pick, upload]), layer, head, mode, sign, caption, message, picture, optimal_caption,
-                optimal], {"image": pick, "upload": upload, "layer": layer, "head": head, "mode": mode, "sign": sign},
-               {"image": picture, "optimal": optimal}, {"caption": caption, "optimal": optimal_caption}, message, draw)
-    box.watch(pick, layer, head, mode, sign)
-    upload.observe(on_upload, names="value")
+    explorer = _ModeExplorer(model, svd, images, found, top, size, thumb, quality)
+    box = explorer.box
+    box.watch(explorer.pick, explorer.layer, explorer.head, explorer.mode, explorer.sign)
+    explorer.upload.observe(explorer.on_upload, names="value")
     box.redraw()
     return box

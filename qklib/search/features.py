@@ -10,13 +10,14 @@ one of two ways, with the same result up to float32 rounding:
   ``u_n = Q_1 a_n``, ``x . u_n = (W_q,h x)^T C_n`` with ``C_n = R_1^{-1} a_n``, the exact least-squares solution
   of ``W_q,h^T C_n = u_n`` (``u_n`` lies in the row space of ``W_q,h``); likewise for keys with ``W_k,h`` and
   ``v_n``. ``W_q,h x`` is the query the model computes anyway, read (bias removed) from the output of the
-  block's fused ``qkv`` Linear: ``2 r`` multiply-adds per token and column instead of ``2 d``.
+  layer's fused q/k/v Linear (``core.reader``'s ``fused_qk``): ``2 r`` multiply-adds per token and column
+  instead of ``2 d``.
 
 Rounding: the model's float32 query carries an error ~ eps (|W_q,h| |x| + |b_q,h|) that ``C_n`` multiplies by
 ``|C_n|``; relative to the direct projection's ~ eps |x| that is a factor
 ``gamma_n = |C_n| (sigma_max(W_q,h) + |b_q,h| / |x|)``. Columns with ``gamma_n > GAMMA_MAX`` (a few percent of a
 trained model's modes, those in directions the query barely carries) and columns the weights cannot reproduce
-(an SVD of another model) are projected directly; so are layers whose q and k cannot be read (no fused ``qkv``
+(an SVD of another model) are projected directly; so are layers whose q and k cannot be read (no fused q/k/v
 Linear, or one the attention module does not call).
 """
 
@@ -30,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.models import attention_module, prefix_tokens
+from ..core.models import prefix_tokens
+from ..core.reader import AttentionWeights, attention_sites, read_attention
 from ..core.svd import QKSVD, one_thread
 from .indices import parse_indices
 
@@ -41,7 +43,7 @@ PRECISIONS = ("fp32", "bf16", "tf32")
 
 @dataclass
 class QKReader:
-    """How one layer's projections are read from the output of its fused ``qkv`` Linear (``[B, T, 3 D]``).
+    """How one layer's projections are read from the output of its fused q/k/v Linear (``[B, T, 3 D]``).
 
     ``coeff_t``: ``[2 H', M', r]`` (the features' dtype), ``C^T`` per chosen head, queries then keys;
     ``offset``: ``[2 H', M', 1]``, the bias term ``-C^T b``. ``direct_index``: ``[n]`` columns of the ``2F`` layout
@@ -135,11 +137,12 @@ class Features:
     def run(self, model: nn.Module, pixels: torch.Tensor,
             on_layer: Callable[[int, torch.Tensor, torch.Tensor | None], None], layers: list[int] | None = None) -> None:
         """One forward pass of ``pixels [B, 3, S, S]``, calling ``on_layer(layer, x [B, T, d], qkv [B, T, 3D] or
-        None)`` for every chosen layer (``qkv`` where the layer has a reader), and stopping right after the last
-        one: the rest of the network is not computed. A reader whose ``qkv`` Linear was not called (an attention
+        None)`` for every chosen layer (``qkv``, the fused q/k/v output, where the layer has a reader), and stopping
+        right after the last one: the rest of the network is not computed. A reader whose Linear was not called (an attention
         module that uses its weight otherwise) is dropped and that layer read directly."""
         layers = self.layers if layers is None else layers
         last, done, hooks = max(layers), set(), []
+        sites = attention_sites(model)
 
         def call(layer, x, out):
             on_layer(layer, x.detach(), None if out is None else out.detach())
@@ -152,11 +155,11 @@ class Features:
                 hooks.append(self.readers[layer].module.register_forward_hook(
                     lambda _m, args, out, layer=layer: call(layer, args[0], out)))
             else:
-                hooks.append(model.blocks[layer].norm1.register_forward_hook(
+                hooks.append(sites.inputs[layer].register_forward_hook(
                     lambda _m, _args, out, layer=layer: call(layer, out, None)))
         try:
             with torch.no_grad():
-                model.forward_features(pixels)
+                sites.forward(pixels)
         except _Enough:
             pass
         finally:
@@ -165,7 +168,7 @@ class Features:
         missing = [layer for layer in layers if layer not in done]
         if missing:
             if any(layer not in self.readers for layer in missing):
-                raise RuntimeError(f"layers {missing}: the forward pass never ran their norm1; is this a timm ViT?")
+                raise RuntimeError(f"layers {missing}: the forward pass never ran the norm in front of their attention")
             for layer in missing:
                 del self.readers[layer]
             self.run(model, pixels, on_layer, missing)
@@ -235,42 +238,36 @@ def qk_readers(model: nn.Module, layers: list[int], heads: list[int], u: torch.T
     A head whose Cholesky fails, or whose ``W^T C`` misses ``u`` on a random probe (an SVD of another model),
     has all its columns projected directly; so have columns with ``gamma > GAMMA_MAX`` (module docstring).
     """
-    blocks = getattr(model, "blocks", None)
-    found = []  # (index into layers, layer, qkv Linear, heads)
+    sites = attention_sites(model)
+    found = []  # (index into layers, layer, fused Linear)
     for index, layer in enumerate(layers):
-        attn = attention_module(blocks[layer]) if blocks is not None and layer < len(blocks) else None
-        module = getattr(attn, "qkv", None)
-        if isinstance(module, nn.Linear) and hasattr(blocks[layer], "norm1") and module.in_features == u.shape[2]:
-            found.append((index, layer, module, int(attn.num_heads)))
-    shapes = {(module.out_features, count) for _, _, module, count in found}
-    if len(shapes) != 1:  # no fused qkv anywhere, or layers that differ: read those layers directly
-        return {}
-    out_features, num_heads = shapes.pop()
-    width, dim = out_features // 3, u.shape[2]
-    if out_features != 3 * width or width % num_heads:
-        return {}
-    head_dim = width // num_heads
+        module = sites.fused_qk[layer] if layer < len(sites.fused_qk) else None
+        if module is not None and module.in_features == u.shape[2]:
+            found.append((index, layer, module))
+    num_heads, head_dim = sites.num_heads, sites.head_dim
+    if not found or {module.out_features for _, _, module in found} != {3 * num_heads * head_dim}:
+        return {}  # no fused q/k/v anywhere, or layers that differ: read those layers directly
+    attention = read_attention(model)
     chosen = torch.tensor(heads)
     all_heads = heads == list(range(num_heads))
     probe = torch.randn(u.shape[-1], 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     coeffs, offsets, directs = [], [], []
     with one_thread():  # small float64 linear algebra, once per search, one layer at a time (contiguous, in cache)
-        for index, layer, module, _ in found:
-            # W_q and W_k (rows [0, 2D) of the qkv weight), per head: [2H', r, d], query heads then key heads
-            w = module.weight.detach()[: 2 * width].to("cpu", torch.float64).unflatten(0, (2 * num_heads, head_dim))
-            b = (module.bias.detach()[: 2 * width].to("cpu", torch.float64) if module.bias is not None
-                 else torch.zeros(2 * width, dtype=torch.float64)).unflatten(0, (2 * num_heads, head_dim))
+        for index, layer, _ in found:
+            # W_q and W_k per head: [2H', r, d], query heads then key heads; biases [2H', r]
+            w = torch.cat([attention.wq[layer], attention.wk[layer]])
+            b = torch.cat([attention.bq[layer], attention.bk[layer]])
             if not all_heads:
                 keep = torch.cat([chosen, chosen + num_heads])
                 w, b = w[keep], b[keep]
-            scale = _norm_scale(blocks[layer].norm1, dim)
+            scale = _norm_scale(attention, layer)
             parts = [_reader_coefficients(w[: len(heads)], b[: len(heads)], u[index], probe, scale),
                      _reader_coefficients(w[len(heads) :], b[len(heads) :], v[index], probe, scale)]
             coeffs.append(torch.cat([c for c, _, _ in parts]))  # [2H', M', r]
             offsets.append(torch.cat([o for _, o, _ in parts]))  # [2H', M', 1]
             directs.append(torch.cat([bad for _, _, bad in parts]))  # [2H', M']
     readers = {}
-    for (_, layer, module, _), coeff, offset, direct in zip(found, coeffs, offsets, directs):
+    for (_, layer, module), coeff, offset, direct in zip(found, coeffs, offsets, directs):
         mask = direct.flatten()  # [2H' M'] in the 2F layout order
         if bool(mask.all()):
             continue
@@ -303,11 +300,12 @@ def _reader_coefficients(w: torch.Tensor, b: torch.Tensor, target: torch.Tensor,
     return c.mT, -(c.mT @ b.unsqueeze(-1)), bad
 
 
-def _norm_scale(norm: nn.Module, dim: int) -> float:
-    """About |x| for the output x = w * z + beta of a LayerNorm (z: zero mean, unit variance over d):
+def _norm_scale(attention: AttentionWeights, layer: int) -> float:
+    """About |x| for the output x = w * z + beta of the layer's LayerNorm (z: zero mean, unit variance over d):
     sqrt(|w|^2 + |beta|^2); sqrt(d) for a norm without parameters."""
-    params = [p.detach().to("cpu", torch.float64).flatten() for p in norm.parameters()]
-    return float(torch.linalg.vector_norm(torch.cat(params))) if params else dim**0.5
+    if attention.norm_gamma is None:
+        return attention.dim**0.5
+    return float(torch.linalg.vector_norm(torch.cat([attention.norm_gamma[layer], attention.norm_beta[layer]])))
 
 
 def _token_extremes(x: torch.Tensor, columns: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
