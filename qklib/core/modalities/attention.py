@@ -22,6 +22,7 @@ import torch
 import transformers
 from torch import nn
 
+from ..reader import AttentionSites, register
 from .logmel import N_FRAMES
 from .text import TokenisedText
 from .whisper import whisper_encoder_class
@@ -211,3 +212,21 @@ def attention_from_weights(weights: dict, tokens: torch.Tensor) -> torch.Tensor:
     queries = torch.einsum("lhrd,ltd->lhtr", weights["wq"], x) + weights["bq"][:, :, None, :]
     keys = torch.einsum("lhrd,ltd->lhtr", weights["wk"], x) + weights["bk"][:, :, None, :]
     return torch.softmax(weights["scale"] * queries @ keys.transpose(-1, -2), dim=-1)
+
+
+def _is_bert(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "bert", model), transformers.BertModel)
+
+
+def _is_whisper_encoder(model: nn.Module) -> bool:
+    try:
+        _whisper(model)
+    except TypeError:
+        return False
+    return True
+
+
+# The two families join the one reader of attention weights, so qk_svd, ov_svd and composition_scores take them.
+register("bert", _is_bert, bert_attention, lambda model: AttentionSites(**bert_sites(model)))
+register("whisper-encoder", _is_whisper_encoder, whisper_attention,
+         lambda model: AttentionSites(**whisper_sites(model)))
