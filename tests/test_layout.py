@@ -137,7 +137,11 @@ ATTENTION_NAMES = {"qkv", "q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "p
                    "ls1", "gamma_1", "q_bias", "v_bias", "attn_drop", "fused_attn", "attn"}
 HF_PROJECTIONS = {"query", "key", "value"}  # too common alone; in a key next to "attention" they name HF's Linears
 READER_AND_LOADERS = {"qklib.core.reader", "qklib.core.models", "qklib.core.hf", "qklib.core.imgfocus",
-                      "qklib.core.official", "qklib.core.weights"}
+                      "qklib.core.official", "qklib.core.weights",
+                      # the text and speech families: their loaders and their adapters to the reader
+                      "qklib.core.modalities.attention", "qklib.core.modalities.whisper",
+                      "qklib.core.modalities.ct2_weights", "qklib.core.modalities.text",
+                      "qklib.core.modalities.loading"}
 
 
 def attention_names(path: Path) -> list[str]:
