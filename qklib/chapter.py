@@ -33,6 +33,7 @@ from .core.files import atomic_write
 from .core.images import ImageError, images_by_stem, load_folder, open_rgb, shipped_photos
 from .core.models import ModelError, check_name, load_model, random_control
 from .core.paper_models import EMBEDDED
+from .core.reader import family_of
 from .core.svd import QKSVD
 from .modes import parse_label, rule_modes
 from .o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
@@ -241,6 +242,10 @@ SPECS: dict[str, dict[str, Callable]] = {
         "explorer_modes": count(1), "featured": mode_labels, "walkthrough_image": text, "live_explorer": flag, **COMMON,
     },
     "s6_values": {"models": models(), "null_draws": count(1), **COMMON, "live_explorer": flag},
+    "s7_modalities": {
+        "vision_models": models(), "text_models": models(), "speech_models": models(), "n_texts": count(4),
+        "n_utterances": count(4), "shifts": count(1), "top_inputs": count(1), **COMMON, "live_explorer": flag,
+    },
     "s8_segmentation": {
         "models": models(), "n_scenes": count(12), "o3_dir": folder(), "o3_layout": o3_layout, "ade20k_dir": folder(),
         "voc_dir": folder(), "image_dir": folder(), "max_images": count(1), "layers": indices, "n_segments": count(0),
@@ -345,6 +350,16 @@ def fit_to_model(p: SimpleNamespace, svd: QKSVD) -> SimpleNamespace:
 
 
 # --- loading, the gallery and scenes on disk -------------------------------------------------------------
+
+def check_family(loaded: dict, family: str, parameter: str) -> dict:
+    """``loaded`` unchanged if every model is of the reader's ``family`` (``qklib.core.reader.family_of``), else a
+    ParameterError naming the parameter that took the wrong kind of model."""
+    wrong = {label: family_of(model) for label, model in loaded.items() if family_of(model) != family}
+    if wrong:
+        raise ParameterError(f"parameter {parameter!r} takes {family} models; got " +
+                             ", ".join(f"{label} ({kind or 'not a model qklib reads'})" for label, kind in wrong.items()))
+    return loaded
+
 
 def load_models(specs, device: str = "cpu", seed: int = 0) -> dict:
     """Load checked model specs -> ``{label: model}``; a random-init control (seeded with ``seed``) is

@@ -32,13 +32,14 @@ import pandas as pd
 from .core.paper_models import EMBEDDED, IJEPA_FILE, IJEPA_PREDICTOR, PAPER_MODELS, PaperModel
 from .core.svd import QKSVD, null_band
 from .preference import GROUPS, image_curves, per_area
+from .units import curves as unit_curves, early_minus_late, first_half_mean, pooled_heads
 from .stats import (AGREES, BORDERLINE, DISAGREES, NOT_TESTED, RESAMPLES, Interval, bootstrap, bootstrap_curve,
                     bootstrap_slope, combine, decide, decide_within)
 
 FORMAT = 2  # the records' layout; a record of another format is refused
 MIME = "application/vnd.qklib.ledger+json"  # a +json type: nbformat stores the glued record as JSON
 RECORD_NAMES = {"s3_attention": "s3_ledger", "s4_cosine": "s4_ledger", "s5_modes": "s5_ledger",
-                "s6_values": "s6_ledger", "s8_segmentation": "s8_ledger"}
+                "s6_values": "s6_ledger", "s7_modalities": "s7_ledger", "s8_segmentation": "s8_ledger"}
 MIXED, BY_EYE = "mixed", "judged by eye"
 RANKINGS = {"by_random": "random modes", "by_paper_sum": "the paper's sum", "by_singular_value": "singular value",
             "by_attention": "attention-weighted"}  # the four mode rankings of §5's ablation, in the page's order
@@ -47,6 +48,7 @@ RANKINGS = {"by_random": "random modes", "by_paper_sum": "the paper's sum", "by_
 CHANCE_RATIO = 1.0
 LEVEL_STEP = 0.005
 BIAS_SHIFT_MAX = 0.05
+UNIT_EXCESS = 1.05  # §7: the least excess of the own unit over shifted units that counts as grouping
 THRESHOLDS = {
     "chance (per unit area)": (CHANCE_RATIO, "attention spread uniformly over the key tokens gives every region "
                                "exactly its area's share, a ratio of 1 to chance"),
@@ -57,6 +59,9 @@ THRESHOLDS = {
     "bias shift": (BIAS_SHIFT_MAX, "dropping a term that moves each query's attention by less than 5% of its "
                    "mass (total variation) changes no conclusion drawn from attention maps"),
     "difference": (0.0, "a fall, or a gain over random modes, holds when its interval lies above 0"),
+    "excess over shifted units": (UNIT_EXCESS, "attention counts as grouping by word when the own word gets at least "
+                                  "5% more attention per unit area, relative to other words, than a shifted word "
+                                  "does; a smaller excess, however sure, is position doing nearly all the work"),
     "display step": (LEVEL_STEP, "only for counting the rising steps of a curve in the text; no verdict uses it"),
 }
 
@@ -231,6 +236,21 @@ def question_record(chapter: str, data: Mapping[str, str], measures: Mapping[str
     """A "Beyond the paper" chapter's record: ``measures`` maps each model label to ``{measure: {...}}`` (JSON-safe
     numbers, intervals as ``qklib.stats.Interval.as_dict``), ``data`` each measure to what it was measured on."""
     return _record(chapter, dict(data), [_entry(label, **per_model) for label, per_model in measures.items()])
+
+
+def modalities_record(svds: Mapping[str, tuple[QKSVD, QKSVD]], units: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                      data: Mapping[str, str], unit: str = "word", resamples: int = RESAMPLES, seed: int = 0) -> Record:
+    """§7's record: per text or speech model (and control), the per-head weighted cosines in the raw and the
+    gamma-folded basis, and the same-unit attention sums per input with their shifted-units null (``qklib.units``;
+    heads pooled), from which the ledger judges §7's "Beyond the paper" questions."""
+    entries = []
+    for label, (svd, folded) in svds.items():
+        sums, null = units[label]
+        measure = {"sums": pooled_heads(sums).tolist(), "null": pooled_heads(null).tolist(), "unit": unit,
+                   "resamples": int(resamples), "seed": int(seed)}
+        entries.append(_entry(label, cosine=_cosine_measure(svd, folded, null_band(svd.dim), None, resamples, seed),
+                              same_unit=measure))
+    return _record("s7_modalities", dict(data), entries)
 
 
 # --- the judges: one model's measurement -> its outcome, the statistic and its interval ------------------------
@@ -461,13 +481,38 @@ def _segments(m: dict) -> Judgement:
         against)
 
 
-def judge_model(record: Mapping, label: str) -> dict[str, Judgement]:
+def _unit_arrays(m: dict) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(m["sums"], dtype=float), np.asarray(m["null"], dtype=float)
+
+
+def _unit_curve(m: dict) -> str:
+    sums, null = _unit_arrays(m)
+    excess = unit_curves(sums, null)["excess"]
+    return "every layer's excess: " + " ".join(f"{v:.2f}" for v in excess) + f" ({len(sums)} inputs, unit: {m['unit']})"
+
+
+def _unit_early(m: dict) -> Judgement:
+    sums, null = _unit_arrays(m)
+    early = first_half_mean(sums, null, "excess", **_boot(m))
+    return Judgement(decide(early, UNIT_EXCESS), f"first half of the layers: excess {early.text()} (counts beyond "
+                     f"{UNIT_EXCESS}); " + _unit_curve(m), early)
+
+
+def _unit_falls(m: dict) -> Judgement:
+    sums, null = _unit_arrays(m)
+    fall = early_minus_late(sums, null, "excess", **_boot(m))
+    return Judgement(decide(fall, 0.0), f"first half minus second half of the excess {fall.text()}; "
+                     + _unit_curve(m), fall)
+
+
+def judge_model(record: Mapping, label: str, claims: Sequence[Claim] | None = None) -> dict[str, Judgement]:
     """Every general claim (about no named model) of the record's chapter judged on the model ``label`` of the
-    record, whatever the model: a chapter's own summary states the ledger's verdicts with its rules."""
+    record, whatever the model: a chapter's own summary states the ledger's verdicts with its rules. ``claims``:
+    the paper's (default) or ``QUESTIONS``."""
     entry = next((e for e in record["models"] if e["label"] == label), None)
     if entry is None:
         raise LedgerError(f"the record of {record['chapter']} has no model {label!r}")
-    return {claim.key: claim.judge(entry[claim.measure]) for claim in CLAIMS
+    return {claim.key: claim.judge(entry[claim.measure]) for claim in (CLAIMS if claims is None else claims)
             if claim.chapter == record["chapter"] and claim.judge and not claim.about and claim.measure in entry}
 
 
@@ -664,6 +709,25 @@ QUESTIONS: tuple[Claim, ...] = (
           _copies, statistic="the share of each head's OV eigenvalue mass that is positive real, mean over heads; 95% "
                              "bootstrap interval over heads",
           null="every head's read and write directions Haar-random, its singular values kept"),
+    Claim("s7-symmetric", "§7 (other modalities)", "Are the QK modes of text and speech encoders symmetric early and "
+          "less so with depth (the weighted cosine high in the first layers and falling), as in ViTs (§4.2, Fig 3)?",
+          "s7_modalities", "cosine", "the *drop* exceeds one random cosine's spread", _falls, statistic=SHAPE_STAT,
+          null=SHAPE_NULL),
+    Claim("s7-same-unit", "§7 (other modalities)", "Do text and speech encoders attend to the query's own word beyond "
+          "what attention to neighbouring tokens gives, in their first half of layers (as ViTs attend within objects "
+          "early, §3, Fig 2)?", "s7_modalities", "same_unit", "the mean excess over the first half of the layers "
+          f"lies above {UNIT_EXCESS} (its interval wholly above)", _unit_early,
+          statistic="excess = (attention per unit area to the own word over that to other words) divided by the "
+                    "same ratio for shifted words; 95% bootstrap interval over inputs",
+          null="shifted words: the word labels rolled along the sequence (same lengths and gaps, boundaries moved), "
+               "so that a preference for neighbours scores 1; the random-init control, printed",
+          paper_data="text from pydoc_data.topics; the same sentences spoken by eSpeak NG"),
+    Claim("s7-same-unit-falls", "§7 (other modalities)", "Does that preference for the own word fall with depth, "
+          "as same-object attention does in ViTs (§3, Fig 2)?", "s7_modalities", "same_unit",
+          "the excess in the first half of the layers minus the second half is positive (its interval lies above 0)",
+          _unit_falls, statistic="the excess as above, first half minus second half of the layers; 95% bootstrap "
+                                 "interval over inputs", null="no change with depth (0); the random-init control",
+          paper_data="text from pydoc_data.topics; the same sentences spoken by eSpeak NG"),
     Claim("s8-segmentation", "§8 (modes at work)", "Do the QK modes segment objects better than the token features "
           "they come from?", "s8_segmentation", "segmentation",
           "the modes' mIoU minus k-means' on the same layer's tokens is positive (its interval lies above 0)",

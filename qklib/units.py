@@ -40,26 +40,38 @@ def unit_sums(attention: torch.Tensor, units) -> np.ndarray:
     ``attention``: ``[L, H, T, T]`` (rows: queries, columns: keys) of one input; ``units``: ``[T]`` integer
     labels, :data:`NOT_A_UNIT` for tokens to leave out. Inputs with no eligible query give zeros (no weight in
     the pooled ratios)."""
+    return _sums(*_inputs(attention, units))
+
+
+def _inputs(attention: torch.Tensor, units) -> tuple[torch.Tensor, torch.Tensor]:
+    """The maps as float64 and the labels as int64, checked against each other."""
     if attention.ndim != 4 or attention.shape[-1] != attention.shape[-2]:
         raise ValueError(f"attention must be [layers, heads, T, T], got {tuple(attention.shape)}")
     labels = torch.as_tensor(np.asarray(units), dtype=torch.long)
     if labels.shape != (attention.shape[-1],):
         raise ValueError(f"units must give one label per token ({attention.shape[-1]}), got {tuple(labels.shape)}")
+    return attention.to(torch.float64), labels
+
+
+def _sums(attention: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """:func:`unit_sums` on float64 maps and checked labels. Each row's mass on the keys splits into the own
+    unit's and the other units', so the other units' share is one minus the own unit's."""
     valid = labels != NOT_A_UNIT
     same = (labels[:, None] == labels[None, :]) & valid[:, None] & valid[None, :]
     same.fill_diagonal_(False)
     keys = valid[None, :] & valid[:, None] & ~torch.eye(len(labels), dtype=torch.bool)
-    other = keys & ~same
-    eligible = same.any(dim=1) & other.any(dim=1)
+    eligible = same.any(dim=1) & (keys & ~same).any(dim=1)
     if not eligible.any():
         return np.zeros((*attention.shape[:2], 4))
-    a = attention.to(torch.float64)[..., eligible, :] * keys[eligible]  # [L, H, Q, T] rows cut to the keys
-    a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-300)
-    same_q, other_q, keys_q = (m[eligible].to(torch.float64) for m in (same, other, keys))
-    count = keys_q.sum(dim=1)
-    sums = [(a * same_q).sum(dim=(-1, -2)), (same_q.sum(dim=1) / count).sum().expand(a.shape[:2]),
-            (a * other_q).sum(dim=(-1, -2)), (other_q.sum(dim=1) / count).sum().expand(a.shape[:2])]
-    return torch.stack(sums, dim=-1).numpy()
+    rows = attention[..., eligible, :]  # [L, H, Q, T]
+    keys_q, same_q = keys[eligible].to(torch.float64), same[eligible].to(torch.float64)
+    total = torch.einsum("lhqt,qt->lhq", rows, keys_q).clamp_min(1e-300)
+    same_share = (torch.einsum("lhqt,qt->lhq", rows, same_q) / total).sum(dim=-1)  # [L, H]
+    queries = float(eligible.sum())
+    same_chance = float((same_q.sum(dim=1) / keys_q.sum(dim=1)).sum())
+    columns = [same_share, torch.full_like(same_share, same_chance), queries - same_share,
+               torch.full_like(same_share, queries - same_chance)]
+    return torch.stack(columns, dim=-1).numpy()
 
 
 def shifted_units(units, shift: int) -> np.ndarray:
@@ -76,13 +88,13 @@ def shifted_units(units, shift: int) -> np.ndarray:
 def null_sums(attention: torch.Tensor, units, shifts: int = 8, seed: int = 0) -> np.ndarray:
     """``[L, H, 4]``: :func:`unit_sums` averaged over ``shifts`` shifted segmentations (offsets drawn uniformly
     from 1 .. span - 1 with ``seed``)."""
-    labels = np.asarray(units)
-    inside = np.flatnonzero(labels != NOT_A_UNIT)
+    maps, labels = _inputs(attention, units)
+    inside = np.flatnonzero(labels.numpy() != NOT_A_UNIT)
     span = inside[-1] + 1 - inside[0] if inside.size else 0
     if span < 2:
-        return unit_sums(attention, labels) * 0.0
+        return np.zeros((*attention.shape[:2], 4))
     offsets = np.random.default_rng(seed).integers(1, span, size=shifts)
-    return np.mean([unit_sums(attention, shifted_units(labels, int(o))) for o in offsets], axis=0)
+    return np.mean([_sums(maps, torch.as_tensor(shifted_units(labels.numpy(), int(o)))) for o in offsets], axis=0)
 
 
 def _pooled(sample: np.ndarray) -> np.ndarray:
@@ -163,3 +175,26 @@ def _checked(sums) -> np.ndarray:
         raise ValueError("no input has an eligible query (a token whose unit has another token, with another unit "
                          "present): give inputs with several multi-token units")
     return sums.sum(axis=2)  # [inputs, L, 4]: heads pooled, as the ratios pool them
+
+
+def first_half_mean(sums: np.ndarray, null: np.ndarray | None = None, column: str = "excess",
+                    resamples: int = RESAMPLES, seed: int = 0) -> Interval:
+    """The mean of ``column`` (a :func:`layer_table` statistic) over the first half of the layers (the middle
+    layer of an odd count left out), with its bootstrap interval over inputs."""
+    data = _joined(sums, null)
+    if column not in _curves(data[None]):
+        raise ValueError(f"column must be one of {sorted(_curves(data[None]))}, got {column!r}")
+    half = max(data.shape[1] // 2, 1)
+    return bootstrap(data, lambda s: _curves(s)[column][:, :half].mean(axis=1), resamples=resamples, seed=seed)
+
+
+def pooled_heads(sums: np.ndarray) -> np.ndarray:
+    """``[inputs, L, H, 4]`` -> ``[inputs, L, 1, 4]``: the heads summed (every statistic here pools them), the form
+    the claims ledger stores."""
+    sums = np.asarray(sums, dtype=float)
+    return sums.sum(axis=2, keepdims=True)
+
+
+def curves(sums: np.ndarray, null: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every :func:`layer_table` statistic per layer (``[L]`` each), without intervals."""
+    return {name: values[0] for name, values in _curves(_joined(sums, null)[None]).items()}

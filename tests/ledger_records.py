@@ -140,3 +140,44 @@ def s8_record(difference: tuple[float, float, float] = (0.07, 0.055, 0.088)) -> 
                 "against_best": interval(0.016, -0.01, 0.04), "against_grid": interval(0.03, 0.01, 0.05), "images": 32}
     return ledger.question_record("s8_segmentation", {"segmentation": "32 generated scenes"},
                                   {EMBEDDED_NAME: {"segmentation": measures}})
+
+
+TEXT_NAME = "hf:sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _symmetric_then_random(layers: int = 4, symmetric: int = 2, heads: int = 3, r: int = 4, d: int = 16, seed: int = 0):
+    """A QKSVD whose first ``symmetric`` layers have W_q = W_k (cosine 1) and the rest independent random W_q, W_k."""
+    from qklib.core.svd import QKWeights, qk_svd_from_weights
+
+    gen = torch.Generator().manual_seed(seed)
+    wq = torch.randn(layers, heads, r, d, generator=gen, dtype=torch.float64)
+    wk = torch.randn(layers, heads, r, d, generator=gen, dtype=torch.float64)
+    wk[:symmetric] = wq[:symmetric]
+    return qk_svd_from_weights(QKWeights(wq, wk))
+
+
+def _unit_sums(strengths, inputs: int = 10, seed: int = 0):
+    """Per input, unit sums and their shifted null for attention that adds ``strengths[l]`` to the own word's tokens
+    in layer l (words of three tokens), plus noise."""
+    from qklib import units
+
+    labels = torch.arange(30) // 3
+    within = (labels[:, None] == labels[None, :]).double()
+    rng = np.random.default_rng(seed)
+    sums, nulls = [], []
+    for _ in range(inputs):
+        rows = torch.stack([torch.ones(30, 30) + max(s + rng.normal(0, 0.1), 0) * within for s in strengths])[:, None]
+        maps = rows / rows.sum(dim=-1, keepdim=True)
+        sums.append(units.unit_sums(maps, labels))
+        nulls.append(units.null_sums(maps, labels, shifts=4))
+    return np.stack(sums), np.stack(nulls)
+
+
+def s7_record(strengths=(3.0, 2.0, 0.5, 0.0), symmetric: int = 2) -> dict:
+    """§7's record: a text model whose attention prefers the own word by ``strengths`` per layer and whose first
+    ``symmetric`` layers are symmetric, and its control (no preference, random weights)."""
+    svd, control = _symmetric_then_random(symmetric=symmetric), _symmetric_then_random(symmetric=0, seed=1)
+    return ledger.modalities_record(
+        {TEXT_NAME: (svd, svd), f"{TEXT_NAME} (random init, seed 0)": (control, control)},
+        {TEXT_NAME: _unit_sums(strengths), f"{TEXT_NAME} (random init, seed 0)": _unit_sums((0.0,) * 4)},
+        {"cosine": "the weights", "same_unit": "10 generated inputs"}, resamples=200)

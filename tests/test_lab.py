@@ -49,6 +49,9 @@ FAST = {
     "s5_modes": {"n_scenes": 6, "max_images": 12, "top_k": 2, "layers": [4], "heads": [0, 1], "explorer_modes": 1,
                  "batch_size": 6},
     "s6_values": {"models": [DEFAULT], "null_draws": 5},
+    "s7_modalities": {"vision_models": [DEFAULT], "text_models": ["hf:sentence-transformers/all-MiniLM-L6-v2"],
+                      "speech_models": ["hf:openai/whisper-tiny.en"], "n_texts": 4, "n_utterances": 4, "shifts": 1,
+                      "resamples": 200},
     "s8_segmentation": {"models": [DEFAULT], "n_scenes": 12, "layers": [1], "shown_images": 1, "batch_size": 6},
 }
 EDIT = " Edited in JupyterLab."

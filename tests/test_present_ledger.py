@@ -74,14 +74,15 @@ def test_summary_and_the_run_name_what_was_tested_and_the_controls():
 
 
 def test_the_open_questions_get_their_own_table_with_yes_and_no():
-    from ledger_records import s6_record, s8_record
+    from ledger_records import s6_record, s7_record, s8_record
 
     records = default_records()
-    questions = ledger.assemble({"s6_values": s6_record(beyond=0), "s8_segmentation": s8_record()}, ledger.QUESTIONS)
+    questions = ledger.assemble({"s6_values": s6_record(beyond=0), "s7_modalities": s7_record(),
+                                 "s8_segmentation": s8_record()}, ledger.QUESTIONS)
     text = ledger_markdown(ledger.assemble(records), records, questions)
     paper, beyond = text.split("## Beyond the paper")
     assert len(table_rows(paper)) == len(ledger.CLAIMS) and "→ **agrees**" in paper
     rows = re.split(r"^\* - ", beyond.split(":::{list-table}", 1)[1].split("\n:::", 1)[0], flags=re.M)[2:]
     assert len(rows) == len(ledger.QUESTIONS)
     assert "  - **no**" in rows[0] and "→ **no**" in rows[0]  # no pair composes beyond chance
-    assert "  - **yes**" in rows[2] and "*Yes when*" in rows[2] and "*A test on the paper's models needs*" in rows[2]
+    assert "  - **yes**" in rows[-1] and "*Yes when*" in rows[-1] and "*A test on the paper's models needs*" in rows[-1]

@@ -369,6 +369,8 @@ def random_control(name_or_model: str | nn.Module = DEFAULT_MODEL, seed: int = 0
     else:
         name = name_or_model[len(RANDOM):] if str(name_or_model).startswith(RANDOM) else name_or_model
         check_name(name)
+        if name.startswith(HF) and modalities.handles_name(name[len(HF):]):  # a text or speech encoder: its config
+            return modalities.random_like(load_model(name, device=device), seed, device)
         if name.startswith(HF):
             raise ModelError(f"random_control({name!r}): load the checkpoint first, then pass the model, "
                              "random_control(load_model(...)), so that its architecture is known",
