@@ -240,7 +240,8 @@ SPECS: dict[str, dict[str, Callable]] = {
         "ade20k_limit": count(1), "n_scenes": count(6), "top_k": count(1), "layers": indices, "heads": indices,
         "explorer_modes": count(1), "featured": mode_labels, "walkthrough_image": text, "live_explorer": flag, **COMMON,
     },
-    "s6_values": {"models": models(), "null_draws": count(1), **COMMON, "live_explorer": flag},
+    "s6_values": {"models": models(), "null_draws": count(1), "n_scenes": count(2), "ade20k_dir": folder(),
+                  "ade20k_limit": count(1), "permutations": count(100), **COMMON, "live_explorer": flag},
     "s8_segmentation": {
         "models": models(), "n_scenes": count(12), "o3_dir": folder(), "o3_layout": o3_layout, "ade20k_dir": folder(),
         "voc_dir": folder(), "image_dir": folder(), "max_images": count(1), "layers": indices, "n_segments": count(0),
