@@ -196,9 +196,11 @@ HTML(figures.ov_image_pictures(loaded[shown_model], qks[shown_model], ovs[shown_
 # object minus that between tokens of different objects, of the residual stream $x$ entering the block and of
 # $x$ plus the head's output (LayerScale included, as it joins the stream; `qklib.object_contrast`). A positive
 # change means the head makes objects more distinct. The dashed band is the same head attending uniformly (its
-# OV and scale kept, its choice of keys taken away); the random-init control's LayerScale starts at $10^{-5}$
-# in timm, so its heads add almost nothing. Line: the mean over the layer's heads; shaded: the 95% bootstrap
-# interval over images. The images are ADE20K's when `ade20k_dir` is set, else {glue:text}`s6_masked`.
+# OV and scale kept, its choice of keys taken away). How much LayerScale scales the heads' outputs,
+# $|\mathrm{diag}(ls)\,W_O|_F / |W_O|_F$ averaged over layers: {glue:text}`s6_scales`; a random-init control keeps
+# the scale timm initialises. Line: the mean over the layer's heads; shaded: the 95% bootstrap
+# interval over images. The images: {glue:text}`s6_masked` (ADE20K's when `ade20k_dir` is set, else the
+# generated odd-one-out scenes of §3, whose masks are exact; a token belongs to an object covering half its patch).
 
 # %%
 if p.ade20k_dir:
@@ -211,6 +213,9 @@ run = next(iter(runs.values()))
 masked_text = (f"{run.images_used + run.images_skipped} {masked_kind} ({run.images_used} with two objects of two "
                "tokens or more)")
 glue("s6_masked", masked_text, display=False)
+scales = {label: object_contrast.output_scale(model) for label, model in loaded.items()}
+glue("s6_scales", "; ".join(f"{label} {'no LayerScale' if v is None else f'{v:.2g}'}" for label, v in scales.items()),
+     display=False)
 figures.layer_interval(contrast[contrast.quantity == "per head"], "What one head's output does to object contrast",
                        "change in within- minus between-object cosine",
                        figures.as_null(contrast[contrast.quantity == "uniform"]))

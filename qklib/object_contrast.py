@@ -246,3 +246,13 @@ def ledger_measures(runs: dict[str, ObjectContrast], heads: pd.DataFrame, contro
                                  "copying": rows["copying"].tolist(), "layers": rows["layer"].astype(int).tolist(),
                                  "permutations": int(permutations), "resamples": int(resamples), "seed": int(seed)}}
     return measures
+
+
+def output_scale(model: nn.Module) -> float | None:
+    """How much the block's LayerScale scales the heads' outputs as they join the residual stream:
+    ``|diag(ls) W_O|_F / |W_O|_F`` averaged over layers; None for a model without LayerScale. A random-init
+    control starts it where timm initialises it, which can make its heads' contributions vanish."""
+    raw, scaled = ov_weights(model), ov_weights(model, layer_scale=True)
+    if not raw.has_layer_scale:
+        return None
+    return float((scaled.wo.flatten(1).norm(dim=1) / raw.wo.flatten(1).norm(dim=1)).mean())

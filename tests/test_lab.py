@@ -48,7 +48,7 @@ FAST = {
     "s4_cosine": {"models": [DEFAULT], "max_images": 4, "batch_size": 4},
     "s5_modes": {"n_scenes": 6, "max_images": 12, "top_k": 2, "layers": [4], "heads": [0, 1], "explorer_modes": 1,
                  "batch_size": 6},
-    "s6_values": {"models": [DEFAULT], "null_draws": 5},
+    "s6_values": {"models": [DEFAULT], "null_draws": 5, "n_scenes": 4, "permutations": 100},
     "s8_segmentation": {"models": [DEFAULT], "n_scenes": 12, "layers": [1], "shown_images": 1, "batch_size": 6},
 }
 EDIT = " Edited in JupyterLab."

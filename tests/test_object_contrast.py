@@ -139,3 +139,13 @@ def test_token_objects_and_measure_on_masked_images(small_model):
     assert np.allclose(run.delta[0], run.delta[1])  # the same image twice, in two batches
     with pytest.raises(ValueError, match="none of the 1 images has two objects"):
         oc.measure(small_model, [Item(photo, lonely)])
+
+
+def test_output_scale_reads_the_layer_scale(small_model):
+    gammas = [block.ls1.gamma.detach().double() for block in small_model.blocks]
+    weights = ov_weights(small_model)
+    expected = np.mean([float((g[:, None] * w.reshape(48, -1)).norm() / w.norm())
+                        for g, w in zip(gammas, weights.wo.transpose(1, 2).reshape(2, 48, -1))])
+    assert oc.output_scale(small_model) == pytest.approx(expected)
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1).eval()
+    assert oc.output_scale(plain) is None
