@@ -149,3 +149,22 @@ def test_output_scale_reads_the_layer_scale(small_model):
     assert oc.output_scale(small_model) == pytest.approx(expected)
     plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1).eval()
     assert oc.output_scale(plain) is None
+
+
+def test_measure_reads_an_ade20k_style_folder_with_non_square_images(small_model, tmp_path):
+    """``ade20k_dir`` in the chapter: any folder of images/ and objects/ label maps, cropped like the images."""
+    from qklib import ade20k
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "objects").mkdir()
+    rng = np.random.default_rng(2)
+    for name in ("a", "b"):
+        labels = np.zeros((64, 96), np.uint8)  # resized to 64 high, then the centre 64 x 64 is kept
+        labels[:, 16:48] = 1  # columns 16..47 become the crop's columns 0..31: its two left tokens per row
+        labels[:, 48:80] = 2
+        Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{name}.png")
+        Image.fromarray(labels).save(tmp_path / "objects" / f"{name}.png")
+    masked = ade20k.load_ade20k(tmp_path)
+    assert oc.token_objects(small_model, masked[0].objects).reshape(4, 4).tolist() == [[0, 0, 1, 1]] * 4
+    run = oc.measure(small_model, masked)
+    assert (run.images_used, run.images_skipped) == (2, 0) and np.isfinite(run.delta).all()
