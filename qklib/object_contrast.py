@@ -191,13 +191,13 @@ def measure(model: nn.Module, dataset: Sequence, batch_size: int = 16, min_cover
 def layer_table(runs: dict[str, ObjectContrast], resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
     """Per model and layer: the change in contrast, mean over the layer's heads (``quantity`` "per head"), the
     same with each head attending uniformly ("uniform", the null) and for the whole attention block ("block"),
-    each with its 95% bootstrap interval over images (``low``,
-    ``high``), in the layout of ``qklib.values.layer_table``."""
+    and the contrast of the block's input itself ("before"), each with its 95% bootstrap interval over images
+    (``low``, ``high``), in the layout of ``qklib.values.layer_table``."""
     rows = []
     for label, run in runs.items():
         layers = run.delta.shape[1]
         for quantity, values in (("per head", run.delta.mean(-1)), ("uniform", run.uniform.mean(-1)),
-                                 ("block", run.block)):
+                                 ("block", run.block), ("before", run.before)):
             for layer in range(layers):
                 interval = bootstrap(values[:, layer], resamples=resamples, seed=seed)
                 rows.append({"model": label, "layer": layer, "depth": depth(layer, layers), "quantity": quantity,

@@ -168,3 +168,16 @@ def test_measure_reads_an_ade20k_style_folder_with_non_square_images(small_model
     assert oc.token_objects(small_model, masked[0].objects).reshape(4, 4).tolist() == [[0, 0, 1, 1]] * 4
     run = oc.measure(small_model, masked)
     assert (run.images_used, run.images_skipped) == (2, 0) and np.isfinite(run.delta).all()
+
+
+def test_the_layer_table_is_the_image_mean_with_its_interval():
+    rng = np.random.default_rng(4)
+    run = oc.ObjectContrast(delta=rng.normal(size=(5, 2, 3)), uniform=rng.normal(size=(5, 2, 3)),
+                            block=rng.normal(size=(5, 2)), before=rng.normal(size=(5, 2)),
+                            attention=rng.normal(size=(5, 2, 3)), images_used=5, images_skipped=0)
+    table = oc.layer_table({"m": run}, resamples=200).set_index(["quantity", "layer"])
+    assert table.loc[("per head", 1), "mean"] == pytest.approx(run.delta[:, 1].mean())
+    assert table.loc[("uniform", 0), "mean"] == pytest.approx(run.uniform[:, 0].mean())
+    assert table.loc[("block", 1), "mean"] == pytest.approx(run.block[:, 1].mean())
+    assert table.loc[("before", 0), "mean"] == pytest.approx(run.before[:, 0].mean())
+    assert bool(((table["low"] <= table["mean"]) & (table["mean"] <= table["high"])).all())
