@@ -173,6 +173,12 @@ figures.layer_interval(values.layer_table(key_value_heads, "key_value", p.resamp
                        values.copying_null_table(ovs, key_value_draws))
 
 # %% [markdown]
+# Mode by mode, in any head (sliders; dashed: $r/d$):
+
+# %%
+figures.key_value_modes(key_value)
+
+# %% [markdown]
 # And what does the head write when it attends along the mode? Its OV image $OV\,v_n$, drawn as §5 draws a mode:
 # **red** is the key map $z \cdot v_n$ (the tokens the mode attends to), **cyan** the tokens' projection on the
 # unit OV image (the tokens that already hold what the head writes), **white** both, which is what a head that

@@ -21,8 +21,9 @@ def test_s6_runs_on_another_model(run_chapter):
     text = "\n".join(str(o.get("data", {})) for o in outputs)
     assert "vit_tiny_patch16_224 (random init, seed 2)" in text
     # effective rank, spectra, copying, the composition heatmap, the layer-pair shares, the mode alignment, the
-    # key features read by the value, the object contrast per layer and grouping against copying
-    assert sum("vegaEmbed" in o.get("data", {}).get("text/html", "") for o in outputs) == 9
+    # key features read by the value per layer and per mode, the object contrast per layer and grouping against
+    # copying
+    assert sum("vegaEmbed" in o.get("data", {}).get("text/html", "") for o in outputs) == 10
     assert text.count("data:text/csv;base64") == 5
     # the OV images: 3 rule layers x 2 modes x 4 photos, red/cyan, with the captions' numbers
     pictures = next(o["data"]["text/html"] for o in outputs if "of v_n read by the value" in o.get("data", {}).get(

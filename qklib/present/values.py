@@ -147,6 +147,29 @@ def alignment(table: pd.DataFrame) -> alt.LayerChart:
                                        title="key features of one head against earlier heads' written directions")
 
 
+def key_value_modes(table: pd.DataFrame) -> alt.LayerChart:
+    """For one head (layer and head sliders, model menu), every QK mode's share of its key feature read by the
+    head's own value (``qklib.values.key_value_table`` rows), against the mode index; the dashed rule is r / d,
+    the mean share for a random direction."""
+    coded, labels, _expr = _coded(table[["model", "layer", "head", "mode", "alignment"]])
+    keys = ["m", "layer", "head"]
+    model = alt.param(name="model", value=0, bind=alt.binding_select(
+        options=list(range(len(labels))), labels=labels, name="model "))
+    layer = alt.param(name="layer", value=0, bind=alt.binding_range(
+        min=0, max=int(table["layer"].max()), step=1, name="layer "))
+    head = alt.param(name="head", value=0, bind=alt.binding_range(
+        min=0, max=int(table["head"].max()), step=1, name="head "))
+    chart = alt.Chart(_arrays(coded, keys, "mode", ["alignment"])).add_params(model, layer, head).transform_filter(
+        (alt.datum.m == model) & (alt.datum.layer == layer) & (alt.datum.head == head))
+    line = _unpacked(chart, ["alignment"], keys, "mode").mark_line(point=True).encode(
+        x=alt.X("mode:Q", title="QK mode n (0-based, by singular value)"),
+        y=alt.Y("alignment:Q", title="share of v_n read by the value", scale=alt.Scale(domain=[0, 1])),
+        tooltip=["mode:Q", alt.Tooltip("alignment:Q", format=".3f")])
+    chance = alt.Chart(pd.DataFrame({"chance": [float(table["chance"].iloc[0])]})).mark_rule(
+        strokeDash=[4, 3], color="black").encode(y="chance:Q")
+    return (line + chance).properties(width=460, height=240, title="each QK mode's key feature against the value")
+
+
 def composition_layers(table: pd.DataFrame) -> alt.FacetChart:
     """Per pair of layers and kind, the share of head pairs beyond chance, one panel per model and kind."""
     shares = table.groupby(["model", "kind", "layer1", "layer2"], sort=False)["beyond"].mean().rename(
