@@ -83,14 +83,14 @@ def contrast(tokens: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
     pairs. ``tokens``: ``[..., N, d]``; ``objects``: ``[..., N]`` (broadcast against the tokens' leading axes) the
     object index per token, -1 for none; every image needs two objects of two tokens at least. From each object's
     sum of unit vectors ``S_k``: within pairs sum to ``sum_k |S_k|^2 - n_k``, all pairs to ``|sum_k S_k|^2 - n``;
-    no N x N matrix."""
+    no N x N matrix, and the tokens are never copied (each token's 1 / |t_i| goes into the K x N membership)."""
     objects = torch.as_tensor(objects)
     onehot = (objects[..., None, :] == torch.arange(int(objects.max()) + 1)[:, None]).to(tokens.dtype)  # [..., K, N]
     sizes = onehot.sum(-1).double()  # [..., K]
     if int((sizes >= 2).sum(-1).min()) < 2:
         raise ValueError("contrast needs two objects of two tokens or more in every image")
-    unit = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    sums = (onehot @ unit).double()  # [..., K, d]
+    inverse = 1 / tokens.norm(dim=-1).clamp_min(1e-12)  # [..., N]
+    sums = ((onehot * inverse[..., None, :]) @ tokens).double()  # [..., K, d]
     within = (sums.square().sum(-1) - sizes).sum(-1)
     total = sums.sum(-2).square().sum(-1) - sizes.sum(-1)
     within_pairs, all_pairs = (sizes * (sizes - 1)).sum(-1), sizes.sum(-1) ** 2 - sizes.sum(-1)
