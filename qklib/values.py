@@ -2,7 +2,9 @@
 
 The numbers come from ``qklib.core.ov`` (the exact OV SVD, composition and copying scores, their Haar nulls);
 this module arranges them per model, layer and head for the chapter, and attaches intervals
-(``qklib.stats.bootstrap`` over heads) and null thresholds.
+(``qklib.stats.bootstrap`` over heads) and null thresholds. Within one head it sets each QK mode's key feature
+``v_n`` against the head's own OV: how much of it the value reads, and what the head writes from it (``OV v_n``).
+What the heads' outputs do to the tokens of images is ``qklib.object_contrast``'s.
 """
 
 from __future__ import annotations
