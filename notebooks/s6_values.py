@@ -263,8 +263,9 @@ download_link(heads, "s6_ov_heads.csv")
 download_link(figures.pairs_download(pairs), "s6_composition_pairs.csv")
 
 # %% [markdown]
-# Every QK mode's share read by its head's value and its OV image, and every head's grouping, copying and change
-# in object contrast, per layer the contrast changes with their intervals over images:
+# Every QK mode's share read by its head's value, the strength of its OV image and that image's cosine with
+# $v_n$; every head's same-object attention, weighted cosine, copying score and change in object contrast; per
+# layer, the contrast and its changes with their intervals over images:
 
 # %%
 download_link(figures.modes_download(key_value), "s6_key_value_modes.csv")
