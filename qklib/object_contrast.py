@@ -83,7 +83,7 @@ def contrast(tokens: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
     pairs. ``tokens``: ``[..., N, d]``; ``objects``: ``[..., N]`` (broadcast against the tokens' leading axes) the
     object index per token, -1 for none; every image needs two objects of two tokens at least. From each object's
     sum of unit vectors ``S_k``: within pairs sum to ``sum_k |S_k|^2 - n_k``, all pairs to ``|sum_k S_k|^2 - n``;
-    no N x N matrix, and the tokens are never copied (each token's 1 / |t_i| goes into the K x N membership)."""
+    no N x N matrix, and the tokens are never copied (each token's ``1 / |t_i|`` goes into the K x N membership)."""
     objects = torch.as_tensor(objects)
     onehot = (objects[..., None, :] == torch.arange(int(objects.max()) + 1)[:, None]).to(tokens.dtype)  # [..., K, N]
     sizes = onehot.sum(-1).double()  # [..., K]
