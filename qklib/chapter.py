@@ -241,7 +241,8 @@ SPECS: dict[str, dict[str, Callable]] = {
         "ade20k_limit": count(1), "n_scenes": count(6), "top_k": count(1), "layers": indices, "heads": indices,
         "explorer_modes": count(1), "featured": mode_labels, "walkthrough_image": text, "live_explorer": flag, **COMMON,
     },
-    "s6_values": {"models": models(), "null_draws": count(1), **COMMON, "live_explorer": flag},
+    "s6_values": {"models": models(), "null_draws": count(1), "n_scenes": count(2), "ade20k_dir": folder(),
+                  "ade20k_limit": count(1), "permutations": count(100), **COMMON, "live_explorer": flag},
     "s7_modalities": {
         "vision_models": models(), "text_models": models(), "speech_models": models(), "n_texts": count(4),
         "n_utterances": count(4), "shifts": count(1), "top_inputs": count(1), **COMMON, "live_explorer": flag,

@@ -31,10 +31,11 @@ import pandas as pd
 
 from .core.paper_models import EMBEDDED, IJEPA_FILE, IJEPA_PREDICTOR, PAPER_MODELS, PaperModel
 from .core.svd import QKSVD, null_band
+from .object_contrast import grouping_score
 from .preference import GROUPS, image_curves, per_area
 from .units import curves as unit_curves, early_minus_late, first_half_mean, pooled_heads
 from .stats import (AGREES, BORDERLINE, DISAGREES, NOT_TESTED, RESAMPLES, Interval, bootstrap, bootstrap_curve,
-                    bootstrap_slope, combine, decide, decide_within)
+                    bootstrap_slope, combine, decide, decide_within, permutation_band, rank_correlation)
 
 FORMAT = 2  # the records' layout; a record of another format is refused
 MIME = "application/vnd.qklib.ledger+json"  # a +json type: nbformat stores the glued record as JSON
@@ -469,6 +470,44 @@ def _copies(m: dict) -> Judgement:
         f"{float(np.mean(null)):.3f}, 97.5th percentile {high:.3f}"), mean)
 
 
+def _reads_keys(m: dict) -> Judgement:
+    heads, null = _array(m["heads"]), _array(m["null"])
+    mean = bootstrap(heads, **_boot(m))
+    high = float(np.percentile(null, 97.5))
+    return Judgement(decide(mean, high), (
+        f"share of a QK mode's key feature inside its own head's OV read subspace, mean over modes and {len(heads)} "
+        f"heads, {mean.text()}; a random direction {m['chance']:.3f}; Haar null (read directions random) "
+        f"{float(np.mean(null)):.3f}, 97.5th percentile {high:.3f}"), mean)
+
+
+def _groups(m: dict) -> Judgement:
+    delta, uniform = _matrix(m["images"]), _matrix(m["uniform"])  # [images, L]
+    first = _first(delta.shape[1])
+    change = bootstrap(delta[:, :first].mean(axis=1), **_boot(m))
+    beyond = bootstrap((delta - uniform)[:, :first].mean(axis=1), **_boot(m))
+    control = ("" if not m.get("control") else
+               f"; random-init control {np.nanmean(_matrix(m['control'])[:, :first]):+.4f}")
+    return Judgement(combine([decide(change, 0.0), decide(beyond, 0.0)]), (
+        f"first {first} layers, change of within- minus between-object cosine by one head's output (mean over "
+        f"heads, interval over {len(delta)} images) {change.text(4)}; minus the same head attending uniformly "
+        f"{beyond.text(4)}{control}; every layer: " + " ".join(f"{v:+.3f}" for v in np.nanmean(delta, axis=0))),
+        change)
+
+
+def _groupers_copy(m: dict) -> Judgement:
+    attention, cosine, copying = _array(m["attention"]), _array(m["weighted_cosine"]), _array(m["copying"])
+    score = grouping_score(attention, cosine)
+    rho = rank_correlation(score, copying, **_boot(m))
+    band = permutation_band(score, copying, draws=m["permutations"], seed=m.get("seed", 0))
+    layered = permutation_band(score, copying, draws=m["permutations"], seed=m.get("seed", 0), groups=m["layers"])
+    parts = {"same-object attention": attention, "weighted cosine": cosine}
+    return Judgement(decide(rho, 0.0), (
+        f"Spearman correlation over {len(copying)} heads between grouping (mean rank of same-object attention and "
+        f"weighted cosine) and copying score {rho.text(2)}; no association (copying shuffled over heads) "
+        f"[{band[0]:.2f}, {band[1]:.2f}], shuffled within layers [{layered[0]:.2f}, {layered[1]:.2f}]; each alone: "
+        + ", ".join(f"{name} {rank_correlation(v, copying, **_boot(m)).text(2)}" for name, v in parts.items())), rho)
+
+
 def _segments(m: dict) -> Judgement:
     against = Interval.from_dict(m["against_kmeans"])
     score = lambda key: Interval.from_dict(m[key]).text()  # noqa: E731 (a local formatter)
@@ -505,15 +544,25 @@ def _unit_falls(m: dict) -> Judgement:
                      + _unit_curve(m), fall)
 
 
-def judge_model(record: Mapping, label: str, claims: Sequence[Claim] | None = None) -> dict[str, Judgement]:
+def judge_model(record: Mapping, label: str) -> dict[str, Judgement]:
     """Every general claim (about no named model) of the record's chapter judged on the model ``label`` of the
-    record, whatever the model: a chapter's own summary states the ledger's verdicts with its rules. ``claims``:
-    the paper's (default) or ``QUESTIONS``."""
+    record, whatever the model: a chapter's own summary states the ledger's verdicts with its rules."""
     entry = next((e for e in record["models"] if e["label"] == label), None)
     if entry is None:
         raise LedgerError(f"the record of {record['chapter']} has no model {label!r}")
-    return {claim.key: claim.judge(entry[claim.measure]) for claim in (CLAIMS if claims is None else claims)
+    return {claim.key: claim.judge(entry[claim.measure]) for claim in CLAIMS
             if claim.chapter == record["chapter"] and claim.judge and not claim.about and claim.measure in entry}
+
+
+def judge_questions(record: Mapping, label: str, keys: Sequence[str] | None = None) -> dict[str, Judgement]:
+    """The open questions (``QUESTIONS``; ``keys``: only these) of the record's chapter judged on the model
+    ``label``, as the ledger's "Beyond the paper" table judges them: a chapter states these answers itself."""
+    entry = next((e for e in record["models"] if e["label"] == label), None)
+    if entry is None:
+        raise LedgerError(f"the record of {record['chapter']} has no model {label!r}")
+    return {question.key: question.judge(entry[question.measure]) for question in QUESTIONS
+            if question.chapter == record["chapter"] and question.measure in entry
+            and (keys is None or question.key in keys)}
 
 
 def _semantic(m: dict) -> Judgement | None:
@@ -709,6 +758,30 @@ QUESTIONS: tuple[Claim, ...] = (
           _copies, statistic="the share of each head's OV eigenvalue mass that is positive real, mean over heads; 95% "
                              "bootstrap interval over heads",
           null="every head's read and write directions Haar-random, its singular values kept"),
+    Claim("s6-key-value", "§6 (the value side)", "Does a head's value read what its QK modes look for in the keys "
+          "(the key feature v_n inside the head's OV read subspace) beyond chance?", "s6_values", "key_value",
+          "the mean share over heads lies above the null's 97.5th percentile (its interval wholly above)", _reads_keys,
+          statistic="|V_ov^T v_n|^2 per QK mode, mean over the head's modes, mean over heads; 95% bootstrap interval "
+                    "over heads", null="every head's OV read directions Haar-random (spectrum kept); r / d for one "
+                                       "random direction, printed"),
+    Claim("s6-grouping", "§6 (the value side); §3, Fig 2", "Where early layers attend within objects (§3), does what "
+          "the heads write make the tokens of one object more alike than tokens of different objects?", "s6_values",
+          "grouping", "in the first layers (a sixth, at least two) one head's output raises the within- minus "
+          "between-object cosine of the tokens (interval above 0) and raises it more than the same head attending "
+          "uniformly (paired difference's interval above 0)", _groups,
+          statistic="per image: contrast(x + head output) - contrast(x), contrast = mean cosine of token pairs within "
+                    "an object minus between objects, mean over heads and the first layers; 95% bootstrap interval "
+                    "over images", null="the same head with uniform attention (its OV kept); the random-init control, "
+                                        "printed", paper_data="images with exact object masks: the generated scenes, "
+                                                              "or ADE20K (`ade20k_dir`)"),
+    Claim("s6-grouping-copying", "§6 (the value side)", "Are the grouping heads (high same-object attention, high "
+          "weighted cosine) also copying heads?", "s6_values", "grouping_copying",
+          "the rank correlation across heads between grouping and the copying score is positive (its interval lies "
+          "above 0)", _groupers_copy,
+          statistic="Spearman correlation across heads of the mean rank of same-object attention and weighted cosine "
+                    "with the copying score; 95% bootstrap interval over heads",
+          null="copying scores shuffled over heads (and, keeping depth trends, within layers), 95% bands printed",
+          paper_data="images with exact object masks: the generated scenes, or ADE20K (`ade20k_dir`)"),
     Claim("s7-symmetric", "§7 (other modalities)", "Are the QK modes of text and speech encoders symmetric early and "
           "less so with depth (the weighted cosine high in the first layers and falling), as in ViTs (§4.2, Fig 3)?",
           "s7_modalities", "cosine", "the *drop* exceeds one random cosine's spread", _falls, statistic=SHAPE_STAT,

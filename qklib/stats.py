@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import rankdata
 
 AGREES, DISAGREES, BORDERLINE, NOT_TESTED = "agrees", "disagrees", "borderline", "not tested in this run"
 RESAMPLES = 2000  # bootstrap resamples: the interval's ends then move by well under 1% of its width between seeds
@@ -158,3 +159,38 @@ def combine(outcomes) -> str:
     if any(o == DISAGREES for o in outcomes):
         return DISAGREES
     return AGREES if outcomes and all(o == AGREES for o in outcomes) else BORDERLINE
+
+
+def _spearman(sample: np.ndarray) -> np.ndarray:
+    """``[..., units, 2]`` ranks -> ``[...]``: Pearson correlation of the two columns (of ranks: Spearman)."""
+    centred = sample - sample.mean(axis=-2, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (centred[..., 0] * centred[..., 1]).sum(-1) / np.sqrt(
+            (centred[..., 0] ** 2).sum(-1) * (centred[..., 1] ** 2).sum(-1))
+
+
+def rank_correlation(x, y, *, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> Interval:
+    """Spearman's rank correlation of paired ``x``, ``y`` (one pair per unit, e.g. per head) with its percentile
+    bootstrap interval over units (the pairs resampled, the ranks taken on the full sample)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1 or len(x) < 3:
+        raise ValueError(f"rank_correlation takes two equal-length 1-d arrays of at least 3 units, got {x.shape} "
+                         f"and {y.shape}")
+    return bootstrap(np.stack([rankdata(x), rankdata(y)], axis=1), _spearman, resamples=resamples, seed=seed, level=level)
+
+
+def permutation_band(x, y, *, draws: int = 1000, seed: int = 0, groups=None, level: float = LEVEL) -> tuple[float, float]:
+    """The central ``level`` range of Spearman's correlation when ``y`` is shuffled against ``x`` (seeded): what
+    no association gives. ``groups``: shuffle only within each group (e.g. within a layer, so that a trend that
+    both share with depth is kept in the null)."""
+    x, y = rankdata(x), np.asarray(y, dtype=float)
+    groups = np.zeros(len(y)) if groups is None else np.asarray(groups)
+    rng = np.random.default_rng(seed)
+    shuffled = np.repeat(y[None], draws, axis=0)
+    for group in np.unique(groups):
+        where = np.flatnonzero(groups == group)
+        shuffled[:, where] = rng.permuted(shuffled[:, where], axis=1)
+    paired = np.stack([np.broadcast_to(x, shuffled.shape), rankdata(shuffled, axis=1)], axis=-1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(_spearman(paired), [tail, 100 - tail])
+    return float(low), float(high)

@@ -2,17 +2,21 @@
 
 The numbers come from ``qklib.core.ov`` (the exact OV SVD, composition and copying scores, their Haar nulls);
 this module arranges them per model, layer and head for the chapter, and attaches intervals
-(``qklib.stats.bootstrap`` over heads) and null thresholds.
+(``qklib.stats.bootstrap`` over heads) and null thresholds. Within one head it sets each QK mode's key feature
+``v_n`` against the head's own OV: how much of it the value reads, and what the head writes from it (``OV v_n``).
+What the heads' outputs do to the tokens of images is ``qklib.object_contrast``'s.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .core.models import depth
-from .core.ov import COMPOSITION_KINDS, copying_null, copying_scores, effective_rank, mode_alignment
+from .core.ov import COMPOSITION_KINDS, copying_null, copying_scores, effective_rank, haar_frames, mode_alignment
 from .core.svd import QKSVD
 from .stats import RESAMPLES, bootstrap
 
@@ -55,7 +59,8 @@ def copying_nulls(ovs: dict[str, QKSVD], draws: int, seed: int = 0) -> dict[str,
 def copying_null_table(ovs: dict[str, QKSVD], nulls: dict[str, torch.Tensor]) -> pd.DataFrame:
     """Per model and layer: the central 95% of the layer's mean copying score over heads when every head's read
     and write directions are Haar-random and its spectrum kept (``nulls``: :func:`copying_nulls`):
-    ``null_low``, ``null_high``, and the null's mean."""
+    ``null_low``, ``null_high``, and the null's mean. Any per-head null ``[draws, L, H]`` works the same way
+    (:func:`key_value_nulls`)."""
     rows = []
     for label, ov in ovs.items():
         layer_means = nulls[label].mean(-1).cpu().numpy()  # [draws, L]
@@ -161,3 +166,76 @@ def ledger_measures(heads: pd.DataFrame, summary: pd.DataFrame, nulls: dict[str,
             "copying": {"heads": [float(v) for v in group["copying"]],
                         "null": [float(v) for v in nulls[label].mean((1, 2)).cpu()]}}
     return measures
+
+
+# --- QK meets OV in one head -----------------------------------------------------------------------------------
+
+def key_value_alignment(qk: QKSVD, ov: QKSVD) -> torch.Tensor:
+    """``[L, H, r]``: for every QK mode n of a head, the share of its unit key feature ``v_n`` that lies in the same
+    head's OV read subspace, ``|V_ov^T v_n|^2`` in [0, 1]. 1: the head's value reads exactly what the mode looks
+    for in the keys; a random direction has ``r / d`` on average. Averaged over the r modes it is the mean squared
+    cosine of the principal angles between the head's key and value row spaces."""
+    return (ov.V.mT @ qk.V).square().sum(-2)
+
+
+def ov_images(qk: QKSVD, ov: QKSVD) -> torch.Tensor:
+    """``[L, H, d, r]``: ``OV v_n`` for every QK mode n of a head, what the head writes (per unit of attention)
+    from a key token that holds exactly the mode's key feature: ``U_ov S_ov V_ov^T v_n``."""
+    return ov.U @ (ov.S.unsqueeze(-1) * (ov.V.mT @ qk.V))
+
+
+def key_value_table(qks: dict[str, QKSVD], ovs: dict[str, QKSVD]) -> pd.DataFrame:
+    """One row per model, layer, head and QK mode: ``alignment`` (:func:`key_value_alignment`) against ``chance``
+    = r / d; ``gain`` = ``|OV v_n| / s_1(OV)``, how strongly the head writes from that feature relative to its
+    strongest direction; ``self_cosine`` = ``cos(OV v_n, v_n)``, whether it writes the feature back (copies it)."""
+    frames = []
+    for label, ov in ovs.items():
+        qk = qks[label]
+        images = ov_images(qk, ov)
+        gain = images.norm(dim=-2) / ov.S[..., :1]
+        self_cosine = (images * qk.V).sum(-2) / images.norm(dim=-2).clamp_min(1e-300)
+        layer, head, mode = np.indices(ov.S.shape).reshape(3, -1)
+        frames.append(pd.DataFrame({
+            "model": label, "layer": layer, "head": head, "mode": mode, "depth": depth(layer, ov.num_layers),
+            "alignment": key_value_alignment(qk, ov).cpu().numpy().ravel(), "chance": ov.rank / ov.dim,
+            "gain": gain.cpu().numpy().ravel(), "self_cosine": self_cosine.cpu().numpy().ravel()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def key_value_heads(table: pd.DataFrame) -> pd.DataFrame:
+    """Per model, layer and head (``key_value_table`` rows): ``key_value``, the mean alignment over its modes."""
+    return table.groupby(["model", "layer", "head"], sort=False).agg(
+        depth=("depth", "first"), key_value=("alignment", "mean"), chance=("chance", "first")).reset_index()
+
+
+def key_value_nulls(qks: dict[str, QKSVD], ovs: dict[str, QKSVD], draws: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``{label: [draws, L, H]}``: every head's mean alignment over modes when its OV read frame is Haar-random
+    (``haar_frames``, independently per head and draw: the spectrum kept, the read directions random; seeded)."""
+    nulls = {}
+    for label, ov in ovs.items():
+        generator, (layers, heads, d, r) = torch.Generator().manual_seed(seed), ov.V.shape
+        frames = (haar_frames(layers * heads, d, r, generator).view(ov.V.shape).to(ov.V.device) for _ in range(draws))
+        nulls[label] = torch.stack([key_value_alignment(qks[label], replace(ov, V=frame)).mean(-1) for frame in frames])
+    return nulls
+
+
+def featured_heads(heads: pd.DataFrame, label: str, layers: list[int]) -> list[tuple[int, int]]:
+    """``[(layer, head)]``: in each of ``layers``, the head of model ``label`` whose value reads most of its key
+    features (the largest ``key_value``, :func:`key_value_heads`), for the pictures."""
+    rows = heads[heads.model == label]
+    return [(int(layer), int(rows[rows.layer == layer].nlargest(1, "key_value")["head"].iloc[0])) for layer in layers]
+
+
+def key_value_measures(heads: pd.DataFrame, nulls: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """The claims ledger's ``key_value`` measure per model: every head's mean alignment (:func:`key_value_heads`)
+    and the Haar null's draws of their mean over heads (:func:`key_value_nulls`), with the chance r / d."""
+    return {label: {"key_value": {"heads": [float(v) for v in rows["key_value"]],
+                                  "null": [float(v) for v in nulls[label].mean((1, 2)).cpu()],
+                                  "chance": float(rows["chance"].iloc[0])}}
+            for label, rows in heads.groupby("model", sort=False)}
+
+
+def merged(*measures: dict[str, dict]) -> dict[str, dict]:
+    """One ``{label: {measure: ...}}`` from several (the first's models, in its order)."""
+    return {label: {key: value for part in measures for key, value in part.get(label, {}).items()}
+            for label in measures[0]}

@@ -121,14 +121,32 @@ def default_records(**changes) -> dict:
     return records | changes
 
 
-def s6_record(beyond: int = 60, pairs: int = 300, copying: float = 0.08, null: float = 0.04, draws: int = 20) -> dict:
+def s6_record(beyond: int = 60, pairs: int = 300, copying: float = 0.08, null: float = 0.04, draws: int = 20,
+              key_value: float = 0.28, grouping: float = 0.002, beyond_uniform: float = 0.001,
+              association: int = 1) -> dict:
     """§6's record: ``beyond`` of ``pairs`` head pairs compose beyond chance in each kind; every head's copying
-    score spread ±0.01 around ``copying``, the null's draws of the mean spread ±0.002 around ``null``."""
-    heads = list(copying + 0.01 * np.linspace(-1, 1, 72))
+    score spread ±0.01 around ``copying``, the null's draws of the mean spread ±0.002 around ``null``; every
+    head's key-value alignment spread ±0.01 around ``key_value`` against chance 1/6 and a null spread ±0.0005; per
+    image the change in object contrast spread ±0.002 around ``grouping`` in every layer, the uniform-attention
+    null ``beyond_uniform`` below it; the heads' copying scores in the order of their grouping (``association``
+    1), in the reverse order (-1), or alternating so that their rank correlation is 0 (0)."""
+    heads = list(copying + 0.01 * np.linspace(-1, 1, LAYERS * HEADS))
+    images = grouping + 0.002 * np.linspace(-1, 1, IMAGES)[:, None] * np.ones(LAYERS)
+    rank = np.arange(LAYERS * HEADS, dtype=float)
+    ordered = {1: rank, -1: rank[::-1], 0: np.r_[rank[::4], rank[1::4][::-1], rank[2::4], rank[3::4][::-1]]}
     measures = {"composition": {"kinds": {k: {"beyond": beyond, "pairs": pairs} for k in "qkv"},
                                 "chance": 1 / (draws + 1)},
-                "copying": {"heads": heads, "null": list(null + 0.002 * np.linspace(-1, 1, draws))}}
-    return ledger.question_record("s6_values", {"composition": "the weights", "copying": "the weights"},
+                "copying": {"heads": heads, "null": list(null + 0.002 * np.linspace(-1, 1, draws))},
+                "key_value": {"heads": list(key_value + 0.01 * np.linspace(-1, 1, LAYERS * HEADS)),
+                              "null": list(1 / 6 + 0.0005 * np.linspace(-1, 1, draws)), "chance": 1 / 6},
+                "grouping": {"images": images.tolist(), "uniform": (images - beyond_uniform).tolist(),
+                             "control": np.zeros((IMAGES, LAYERS)).tolist()},
+                "grouping_copying": {"attention": list(rank / 1000), "weighted_cosine": list(rank / 100 - 0.2),
+                                     "copying": list(0.5 + ordered[association] / 1000),
+                                     "layers": list(np.repeat(np.arange(LAYERS), HEADS)), "permutations": 200}}
+    return ledger.question_record("s6_values", {"composition": "the weights", "copying": "the weights",
+                                                "key_value": "the weights", "grouping": "30 generated scenes",
+                                                "grouping_copying": "30 generated scenes and the weights"},
                                   {EMBEDDED_NAME: measures, CONTROL: measures})
 
 

@@ -84,7 +84,7 @@ def test_a_model_of_the_wrong_family_is_refused_naming_the_parameter(minilm):
 
 
 def test_the_live_text_explorer_redraws_for_a_slider_and_says_what_is_wrong(minilm):
-    from qklib.present.crossmodal import explore_text
+    from qklib.present.explore import explore_text
 
     box = explore_text({"MiniLM": minilm}, {"MiniLM": qklib.qk_svd(minilm)}, text="One sentence here. And another one.")
     first = box.pictures["attention"].value

@@ -48,7 +48,7 @@ FAST = {
     "s4_cosine": {"models": [DEFAULT], "max_images": 4, "batch_size": 4},
     "s5_modes": {"n_scenes": 6, "max_images": 12, "top_k": 2, "layers": [4], "heads": [0, 1], "explorer_modes": 1,
                  "batch_size": 6},
-    "s6_values": {"models": [DEFAULT], "null_draws": 5},
+    "s6_values": {"models": [DEFAULT], "null_draws": 5, "n_scenes": 4, "permutations": 100},
     "s7_modalities": {"vision_models": [DEFAULT], "text_models": ["hf:sentence-transformers/all-MiniLM-L6-v2"],
                       "speech_models": ["hf:openai/whisper-tiny.en"], "n_texts": 4, "n_utterances": 4, "shifts": 1,
                       "resamples": 200},

@@ -320,15 +320,36 @@ def questions(**records) -> dict[str, ledger.Row]:
 def test_the_open_questions_are_answered_by_the_same_rules():
     rows = questions(s6_values=s6_record(), s8_segmentation=s8_record())
     assert {key: row.verdict for key, row in rows.items()} == {
-        "s6-composition": ledger.AGREES, "s6-copying": ledger.AGREES, "s8-segmentation": ledger.AGREES}
+        "s6-composition": ledger.AGREES, "s6-copying": ledger.AGREES, "s6-key-value": ledger.AGREES,
+        "s6-grouping": ledger.AGREES, "s6-grouping-copying": ledger.AGREES, "s8-segmentation": ledger.AGREES}
     assert [e.model for e in rows["s6-copying"].evidence] == [EMBEDDED_NAME]  # the control is no evidence
     assert "Q 20.0% of 300" in rows["s6-composition"].evidence[0].number
     assert "tokencut L11" in rows["s8-segmentation"].evidence[0].number
-    no = questions(s6_values=s6_record(beyond=0, copying=0.03), s8_segmentation=s8_record((-0.06, -0.08, -0.05)))
+    assert "0.280 [0.279, 0.281]; a random direction 0.167" in rows["s6-key-value"].evidence[0].number
+    assert "interval over 30 images) 0.0020 [" in rows["s6-grouping"].evidence[0].number
+    assert "random-init control +0.0000" in rows["s6-grouping"].evidence[0].number
+    assert "copying score 1.00 [1.00, 1.00]" in rows["s6-grouping-copying"].evidence[0].number
+    no = questions(s6_values=s6_record(beyond=0, copying=0.03, key_value=0.15, grouping=-0.002, association=-1),
+                   s8_segmentation=s8_record((-0.06, -0.08, -0.05)))
     assert {row.verdict for row in no.values()} == {ledger.DISAGREES}
-    close = questions(s6_values=s6_record(beyond=16, copying=0.042), s8_segmentation=s8_record((0.01, -0.01, 0.03)))
-    # 16 of 300 per kind = 5.3% against chance 4.8%; copying 0.042 ± 0.01 against the null's 0.0419 at 97.5%
+    close = questions(s6_values=s6_record(beyond=16, copying=0.042, key_value=0.1672, grouping=0.0005,
+                                          beyond_uniform=0.0, association=0),
+                      s8_segmentation=s8_record((0.01, -0.01, 0.03)))
+    # 16 of 300 per kind = 5.3% against chance 4.8%; copying 0.042 ± 0.01 against the null's 0.0419 at 97.5%;
+    # key-value 0.1672 ± 0.01 against the null's 0.1672 at 97.5%; a grouping change no larger than with uniform
+    # attention; copying ranked without regard to grouping
     assert {row.verdict for row in close.values()} == {ledger.BORDERLINE}
+    assert "copying score 0.05 [" in close["s6-grouping-copying"].evidence[0].number
+
+
+def test_the_grouping_question_needs_a_change_beyond_uniform_attention():
+    """A positive change that uniform attention gives as well is not grouping by attention: borderline."""
+    rows = questions(s6_values=s6_record(grouping=0.002, beyond_uniform=0.0))
+    assert rows["s6-grouping"].verdict == ledger.BORDERLINE
+    rows = questions(s6_values=s6_record(grouping=0.002, beyond_uniform=-0.003))
+    assert rows["s6-grouping"].verdict == ledger.DISAGREES
+    judged = ledger.judge_questions(s6_record(), EMBEDDED_NAME, ["s6-grouping"])
+    assert list(judged) == ["s6-grouping"] and judged["s6-grouping"].outcome == ledger.AGREES
 
 
 def test_a_question_whose_chapter_did_not_run_is_not_tested():

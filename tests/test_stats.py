@@ -82,3 +82,30 @@ def test_the_stratified_curve_bootstrap_resamples_units_within_each_layer():
     assert 0.2 < drop.low < drop.estimate < drop.high < 0.4
     same = stats.bootstrap_curve(np.full((3, 6), 0.3), lambda c: c[:, 0])
     assert same.low == same.high == pytest.approx(0.3)  # no spread between units: no width
+
+
+def test_rank_correlation_is_spearmans_with_an_interval_over_units():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=60)
+    y = x + rng.normal(size=60)
+    rho = stats.rank_correlation(x, y, resamples=500, seed=1)
+    assert rho.estimate == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+    assert rho.low < rho.estimate < rho.high and rho.units == 60
+    assert stats.rank_correlation(x, y, resamples=500, seed=1) == rho
+    assert stats.rank_correlation(x, -x, resamples=200).high == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="equal-length 1-d arrays of at least 3"):
+        stats.rank_correlation(x, y[:10])
+
+
+def test_the_permutation_band_is_centred_on_zero_unless_shuffled_within_shared_groups():
+    rng = np.random.default_rng(5)
+    groups = np.repeat(np.arange(6), 10)
+    x, y = groups + 0.1 * rng.normal(size=60), groups + 0.1 * rng.normal(size=60)  # tied only through the group
+    low, high = stats.permutation_band(x, y, draws=400, seed=2)
+    assert low < 0 < high and high - low < 0.7
+    assert stats.rank_correlation(x, y, resamples=100).estimate > high  # the plain shuffle calls the group trend an association
+    low, high = stats.permutation_band(x, y, draws=400, seed=2, groups=groups)
+    assert low > 0.8  # shuffled within groups the trend stays, and the null is near the observed value
+    assert stats.permutation_band(x, y, draws=400, seed=2) == stats.permutation_band(x, y, draws=400, seed=2)

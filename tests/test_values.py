@@ -1,6 +1,7 @@
 """The value side (OV SVD, composition scores, copying scores, Haar nulls), checked against dense linear algebra,
 hand-worked examples and the model's own attention output."""
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -330,3 +331,49 @@ def test_mode_alignment_is_the_projection_onto_earlier_written_subspaces(tiny_ti
             float((u.T @ qk.U[l2, h2, :, n]).square().sum()), abs=1e-12)
     assert bool((aligned[0] == 0).all()) and bool((aligned[1, :, :, 1:] == 0).all())  # only earlier layers
     assert float(aligned[2, :, :, :2].mean()) == pytest.approx(16 / 64, rel=0.15)  # random init: chance r / d
+
+
+def test_key_value_alignment_and_ov_images_against_dense_heads(tiny_timm):
+    """QK meets OV in one head: the share of each key feature v_n in the head's own value row space (by least
+    squares on the dense W_V, not through the SVD), and OV v_n as the dense product."""
+    from qklib import values
+
+    qk, ov = qklib.qk_svd(tiny_timm), qklib.ov_svd(tiny_timm)
+    aligned, images = values.key_value_alignment(qk, ov), values.ov_images(qk, ov)
+    assert aligned.shape == (3, 4, 16) and images.shape == (3, 4, 64, 16)
+    heads = _heads(tiny_timm)
+    for layer, head, mode in [(0, 0, 0), (1, 3, 7), (2, 2, 15)]:
+        _wq, _wk, wv, wo = (w[head] for w in heads[layer])
+        v = qk.V[layer, head, :, mode]
+        projected = wv.T @ torch.linalg.solve(wv @ wv.T, wv @ v)
+        assert float(aligned[layer, head, mode]) == pytest.approx(float(projected.square().sum()), abs=1e-12)
+        assert torch.allclose(images[layer, head, :, mode], wo @ wv @ v, atol=1e-12)
+    assert float(aligned.mean()) == pytest.approx(16 / 64, rel=0.15)  # random init: chance r / d
+    table = values.key_value_table({"m": qk}, {"m": ov})
+    row = table[(table.layer == 1) & (table["head"] == 3) & (table["mode"] == 7)].iloc[0]
+    image, v = images[1, 3, :, 7], qk.V[1, 3, :, 7]
+    assert row.gain == pytest.approx(float(image.norm() / ov.S[1, 3, 0]))
+    assert row.self_cosine == pytest.approx(float(image @ v / image.norm()))
+    assert row.alignment == float(aligned[1, 3, 7]) and row.chance == 0.25
+
+
+def test_a_head_whose_value_reads_its_keys_aligns_fully(tiny_timm):
+    """Copy a head's key rows into its value rows: the value then reads every key feature exactly (share 1),
+    the Haar null stays near r / d, and the featured head of that layer is this one."""
+    from qklib import values
+
+    model = copy.deepcopy(tiny_timm)
+    qkv = model.blocks[1].attn.qkv.weight.data
+    qkv[128 + 16:128 + 32] = qkv[64 + 16:64 + 32]  # head 1 of block 1: W_V = W_k
+    qk, ov = qklib.qk_svd(model), qklib.ov_svd(model)
+    aligned = values.key_value_alignment(qk, ov)
+    assert torch.allclose(aligned[1, 1], torch.ones(16, dtype=torch.float64), atol=1e-10)
+    assert float(aligned[1, 0].mean()) < 0.5
+    nulls = values.key_value_nulls({"m": qk}, {"m": ov}, draws=6, seed=3)["m"]
+    assert nulls.shape == (6, 3, 4) and float(nulls[:, 1, 1].max()) < 0.6
+    assert torch.equal(nulls, values.key_value_nulls({"m": qk}, {"m": ov}, draws=6, seed=3)["m"])
+    assert float(nulls.mean()) == pytest.approx(0.25, rel=0.1)
+    heads = values.key_value_heads(values.key_value_table({"m": qk}, {"m": ov}))
+    assert values.featured_heads(heads, "m", [1]) == [(1, 1)]
+    measure = values.key_value_measures(heads, {"m": nulls})["m"]["key_value"]
+    assert measure["heads"][4 + 1] == pytest.approx(1.0) and len(measure["null"]) == 6 and measure["chance"] == 0.25

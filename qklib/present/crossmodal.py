@@ -6,19 +6,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import altair as alt
-import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 import torch
 
-from ..core.modalities import attention_from_weights, attention_inputs, tokenise
 from ..core.svd import QKSVD
-from ..crossmodal import weights_of
-from ..sequences import best_pair, snippet_html
+from ..sequences import snippet_html
 from .cosine import inline
-from .explore import Live, _message, _picture, _slider
 from .mode_figures import mode_caption, picture_row
-from .render import jpeg_bytes, normalize_map, red_cyan
+from .render import normalize_map, red_cyan
 from .style import CHANCE, model_colour
 
 DEPTH = alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1]))
@@ -122,39 +118,3 @@ def attention_picture(maps: torch.Tensor, query: np.ndarray, key: np.ndarray, ce
     picture[:strip, :] = red_cyan(picture[:strip, :], np.zeros((strip, len(key) * cell)),
                                   np.ones((strip, 1)) * np.repeat(key, cell)[None])
     return picture
-
-
-def explore_text(models: dict, svds: dict[str, QKSVD], text: str = "The quick brown fox jumps over the lazy "
-                 "dog. It was not amused.") -> widgets.VBox:
-    """§7 live: type any English text; for a text model, layer, head and mode, the head's attention map on it and
-    the mode's best token pair (query on red, key on cyan) in the text."""
-
-    first = next(iter(svds.values()))
-    pick_model = widgets.Dropdown(options=list(models), description="model")
-    box_text = widgets.Textarea(value=text, description="text", layout=widgets.Layout(width="100%"))
-    layer, head = _slider("layer", first.num_layers - 1), _slider("head", first.num_heads - 1)
-    mode = _slider("mode", first.rank - 1)
-    caption, message, picture = widgets.HTML(), _message(), _picture("qk-live-picture")
-    weights = {label: weights_of(model) for label, model in models.items()}
-
-    def draw():
-        model, svd = models[pick_model.value], svds[pick_model.value]
-        tokens = tokenise(model, box_text.value)
-        x = attention_inputs(model, tokens)
-        l, h, n = layer.value, head.value, mode.value
-        maps = attention_from_weights(weights[pick_model.value], x)[l, h]
-        u, v = svd.U[l, h, :, n], svd.V[l, h, :, n]
-        xq = x[l].to(u)
-        picture.value = jpeg_bytes(attention_picture(maps, normalize_map(xq @ u), normalize_map(xq @ v)))
-        pair = best_pair(x[l], u, float(svd.S[l, h, n]), v)
-        caption.value = (f"{mode_caption(svd, l, h, n, pair.sign)}: best pair "
-                         + snippet_html(list(tokens.tokens), pair.query, pair.key, context=30))
-
-    box = Live([pick_model, box_text, layer, head, mode, caption, message, picture],
-               {"model": pick_model, "text": box_text, "layer": layer, "head": head, "mode": mode},
-               {"attention": picture}, {"caption": caption}, message, draw)
-    box.watch(pick_model, box_text, layer, head, mode)
-    if len(models) == 1:
-        pick_model.layout.display = "none"
-    box.redraw()
-    return box

@@ -37,14 +37,19 @@ from torch import nn
 
 from ..core.extract import record, token_embeddings
 from ..core.images import ImageError, display_crop, image_from_bytes, open_rgb, to_pixels
+from ..core.modalities import attention_from_weights, attention_inputs, tokenise
 from ..core.models import info
 from ..core.ov import copying_scores, effective_rank, ov_eigenvalues
 from ..core.svd import QKSVD, null_band
 from ..modes import mode_label, mode_maps
 from ..preference import query_tokens, token_masks
+from ..crossmodal import weights_of
 from ..search import SearchResult
+from ..sequences import best_pair, snippet_html
 from .attention import outline, overlay, view_mask
-from .render import jpeg_bytes, mosaic, render_mode, thumbnail
+from .crossmodal import attention_picture
+from .mode_figures import mode_caption
+from .render import jpeg_bytes, mosaic, normalize_map, render_mode, thumbnail
 
 
 class Live(widgets.VBox):
@@ -508,5 +513,41 @@ def explore(model, svd: QKSVD, images: Mapping[str, Image.Image | str | Path], f
     box = explorer.box
     box.watch(explorer.pick, explorer.layer, explorer.head, explorer.mode, explorer.sign)
     explorer.upload.observe(explorer.on_upload, names="value")
+    box.redraw()
+    return box
+
+
+def explore_text(models: dict, svds: dict[str, QKSVD], text: str = "The quick brown fox jumps over the lazy "
+                 "dog. It was not amused.") -> widgets.VBox:
+    """§7 live: type any English text; for a text model, layer, head and mode, the head's attention map on it and
+    the mode's best token pair (query on red, key on cyan) in the text."""
+
+    first = next(iter(svds.values()))
+    pick_model = widgets.Dropdown(options=list(models), description="model")
+    box_text = widgets.Textarea(value=text, description="text", layout=widgets.Layout(width="100%"))
+    layer, head = _slider("layer", first.num_layers - 1), _slider("head", first.num_heads - 1)
+    mode = _slider("mode", first.rank - 1)
+    caption, message, picture = widgets.HTML(), _message(), _picture("qk-live-picture")
+    weights = {label: weights_of(model) for label, model in models.items()}
+
+    def draw():
+        model, svd = models[pick_model.value], svds[pick_model.value]
+        tokens = tokenise(model, box_text.value)
+        x = attention_inputs(model, tokens)
+        l, h, n = layer.value, head.value, mode.value
+        maps = attention_from_weights(weights[pick_model.value], x)[l, h]
+        u, v = svd.U[l, h, :, n], svd.V[l, h, :, n]
+        xq = x[l].to(u)
+        picture.value = jpeg_bytes(attention_picture(maps, normalize_map(xq @ u), normalize_map(xq @ v)))
+        pair = best_pair(x[l], u, float(svd.S[l, h, n]), v)
+        caption.value = (f"{mode_caption(svd, l, h, n, pair.sign)}: best pair "
+                         + snippet_html(list(tokens.tokens), pair.query, pair.key, context=30))
+
+    box = Live([pick_model, box_text, layer, head, mode, caption, message, picture],
+               {"model": pick_model, "text": box_text, "layer": layer, "head": head, "mode": mode},
+               {"attention": picture}, {"caption": caption}, message, draw)
+    box.watch(pick_model, box_text, layer, head, mode)
+    if len(models) == 1:
+        pick_model.layout.display = "none"
     box.redraw()
     return box

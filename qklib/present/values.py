@@ -1,15 +1,29 @@
-"""§6's figures: OV spectra, effective rank and copying per layer, and the composition heatmaps, as altair
-charts that keep working in a static page (sliders and menus filter precomputed rows in the browser)."""
+"""§6's figures: OV spectra, effective rank and copying per layer, the composition heatmaps, what a head writes
+along one QK mode (red/cyan pictures, as §5's) and grouping against copying per head, as altair charts and HTML
+that keep working in a static page (sliders and menus filter precomputed rows in the browser)."""
 
 from __future__ import annotations
 
 import json
 
+import html
+from collections.abc import Sequence
+
 import altair as alt
 import numpy as np
 import pandas as pd
+from PIL import Image
 
+from ..core.extract import token_embeddings
+from ..core.images import display_crop, to_pixels
+from ..core.models import prefix_tokens
+from ..core.svd import QKSVD
+from ..ledger import QUESTIONS, judge_questions
+from ..values import ov_images
 from .cosine import PANELS_PER_ROW, inline
+from .ledger import ANSWERS
+from .mode_figures import picture_row
+from .render import render_mode, thumbnail
 from .style import model_colour, model_order
 
 
@@ -133,6 +147,29 @@ def alignment(table: pd.DataFrame) -> alt.LayerChart:
                                        title="key features of one head against earlier heads' written directions")
 
 
+def key_value_modes(table: pd.DataFrame) -> alt.LayerChart:
+    """For one head (layer and head sliders, model menu), every QK mode's share of its key feature read by the
+    head's own value (``qklib.values.key_value_table`` rows), against the mode index; the dashed rule is r / d,
+    the mean share for a random direction."""
+    coded, labels, _expr = _coded(table[["model", "layer", "head", "mode", "alignment"]])
+    keys = ["m", "layer", "head"]
+    model = alt.param(name="model", value=0, bind=alt.binding_select(
+        options=list(range(len(labels))), labels=labels, name="model "))
+    layer = alt.param(name="layer", value=0, bind=alt.binding_range(
+        min=0, max=int(table["layer"].max()), step=1, name="layer "))
+    head = alt.param(name="head", value=0, bind=alt.binding_range(
+        min=0, max=int(table["head"].max()), step=1, name="head "))
+    chart = alt.Chart(_arrays(coded, keys, "mode", ["alignment"])).add_params(model, layer, head).transform_filter(
+        (alt.datum.m == model) & (alt.datum.layer == layer) & (alt.datum.head == head))
+    line = _unpacked(chart, ["alignment"], keys, "mode").mark_line(point=True).encode(
+        x=alt.X("mode:Q", title="QK mode n (0-based, by singular value)"),
+        y=alt.Y("alignment:Q", title="share of v_n read by the value", scale=alt.Scale(domain=[0, 1])),
+        tooltip=["mode:Q", alt.Tooltip("alignment:Q", format=".3f")])
+    chance = alt.Chart(pd.DataFrame({"chance": [float(table["chance"].iloc[0])]})).mark_rule(
+        strokeDash=[4, 3], color="black").encode(y="chance:Q")
+    return (line + chance).properties(width=460, height=240, title="each QK mode's key feature against the value")
+
+
 def composition_layers(table: pd.DataFrame) -> alt.FacetChart:
     """Per pair of layers and kind, the share of head pairs beyond chance, one panel per model and kind."""
     shares = table.groupby(["model", "kind", "layer1", "layer2"], sort=False)["beyond"].mean().rename(
@@ -153,3 +190,82 @@ def pairs_download(table: pd.DataFrame) -> pd.DataFrame:
                              values=["score", "null_max", "beyond"], sort=False)
     wide.columns = [f"{kind}_{quantity} [{model}]" for quantity, kind, model in wide.columns]
     return wide.round(4).reset_index()
+
+
+def modes_download(table: pd.DataFrame) -> pd.DataFrame:
+    """``qklib.values.key_value_table`` rows as one row per layer, head and QK mode, a column per quantity and
+    model (``alignment [model]``, ``gain [model]``, ``self_cosine [model]``), rounded to 4 decimals: the model
+    label once per column, for the chapter's CSV download."""
+    wide = table.pivot_table(index=["layer", "head", "mode"], columns="model",
+                             values=["alignment", "gain", "self_cosine"], sort=False)
+    wide.columns = [f"{quantity} [{model}]" for quantity, model in wide.columns]
+    return wide.round(4).reset_index()
+
+
+def as_null(rows: pd.DataFrame) -> pd.DataFrame:
+    """``layer_table``-style rows (``low``, ``high``) as the null outline :func:`layer_interval` draws."""
+    return rows.rename(columns={"low": "null_low", "high": "null_high"})
+
+
+def _caption(table: pd.DataFrame, layer: int, head: int, mode: int) -> str:
+    row = table[(table.layer == layer) & (table["head"] == head) & (table["mode"] == mode)].iloc[0]
+    return (f"<b>L{layer} H{head} M{mode}</b>: {row.alignment:.2f} of v_n read by the value (random: "
+            f"{row.chance:.2f}); |OV v_n| / s_1 = {row.gain:.2f}; cos(OV v_n, v_n) = {row.self_cosine:+.2f}")
+
+
+def ov_image_pictures(model, qk: QKSVD, ov: QKSVD, images: dict[str, Image.Image], picks: Sequence[tuple[int, int]],
+                      table: pd.DataFrame, modes: int = 2, size: int = 160) -> str:
+    """HTML: for each ``(layer, head)`` of ``picks`` and its first ``modes`` QK modes, the ``images`` ({name: PIL})
+    in §5's red/cyan: red the key map ``z . v_n`` (the tokens the mode attends to), cyan ``z . w`` with ``w`` the
+    unit OV image of v_n (the tokens that already hold what the head writes when it attends along the mode); white
+    where both are high, as for a head that copies. ``z``: the normed tokens entering the block; ``table``: this
+    model's ``qklib.values.key_value_table`` rows, for the captions."""
+    layers = sorted({layer for layer, _head in picks})
+    tokens = token_embeddings(model, to_pixels(model, list(images.values())), layers=layers)  # [L', B, T, d]
+    prefix, written = prefix_tokens(model), ov_images(qk, ov)
+    photos = [display_crop(model, image) for image in images.values()]
+    rows = []
+    for layer, head in picks:
+        z = tokens[layers.index(layer), :, prefix:].double()  # [B, N, d]
+        side = int(round(z.shape[1] ** 0.5))
+        for mode in range(min(modes, qk.rank)):
+            image = written[layer, head, :, mode]
+            key = (z @ qk.V[layer, head, :, mode]).reshape(-1, side, side)
+            out = (z @ (image / image.norm().clamp_min(1e-300))).reshape(-1, side, side)
+            pictures = [thumbnail(render_mode(photo, k, o), size) for photo, k, o in zip(photos, key, out)]
+            rows.append(picture_row(pictures, [html.escape(name) for name in images], _caption(table, layer, head, mode)))
+    return "".join(rows)
+
+
+def grouping_copying(table: pd.DataFrame) -> alt.FacetChart:
+    """Every head's same-object attention against its copying score, coloured by layer, one panel per model
+    (``qklib.object_contrast.head_table`` rows); the tooltip adds the weighted cosine and the change in contrast."""
+    frame = table[["model", "layer", "head", "same_object_attention", "copying", "weighted_cosine", "delta"]]
+    return alt.Chart(inline(frame, digits=3)).mark_circle(size=40).encode(
+        x=alt.X("same_object_attention:Q", title="same-object attention above uniform"),
+        y=alt.Y("copying:Q", title="copying score"),
+        color=alt.Color("layer:Q", scale=alt.Scale(scheme="viridis"), title="layer"),
+        tooltip=["layer:O", "head:O", alt.Tooltip("same_object_attention:Q", format=".3f"),
+                 alt.Tooltip("weighted_cosine:Q", format=".3f"), alt.Tooltip("copying:Q", format=".3f"),
+                 alt.Tooltip("delta:Q", format=".4f", title="change in contrast")],
+    ).properties(width=220, height=200).facet(
+        facet=alt.Facet("model:N", title=None, sort=model_order(frame["model"])), columns=PANELS_PER_ROW
+    ).properties(title="grouping against copying, one point per head")
+
+
+def answers(record: dict, keys: Sequence[str]) -> str:
+    """Plain text (for ``glue:text``): for each question ``keys`` (``qklib.ledger.QUESTIONS``), the question and,
+    per model of the chapter's ``record``, the ledger's answer (yes, no or borderline) with the numbers behind it;
+    random-init controls are marked, and the ledger leaves them out."""
+    questions = {question.key: question for question in QUESTIONS}
+    judged_by_model = {entry["label"]: judge_questions(record, entry["label"], keys) for entry in record["models"]}
+    parts = []
+    for key in keys:
+        said = []
+        for entry in record["models"]:
+            judged = judged_by_model[entry["label"]].get(key)
+            if judged is not None:
+                note = " (control, not evidence)" if entry["control"] else ""
+                said.append(f"{entry['label']}{note}: {ANSWERS.get(judged.outcome, judged.outcome)}, {judged.number}")
+        parts.append(f"{questions[key].statement} " + "; ".join(said) + ".")
+    return " ".join(parts)
