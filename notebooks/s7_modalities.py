@@ -58,7 +58,6 @@ from myst_nb import glue
 
 import qklib
 from qklib import chapter, crossmodal, ledger, values
-from qklib.core.modalities import log_mel
 from qklib.present import crossmodal as figures
 from qklib.present.explore import explore_text
 from qklib.present import style
@@ -111,10 +110,7 @@ figures.cosine_chart(cosines)
 # %%
 texts = crossmodal.text_inputs(next(iter(text.values())), p.n_texts)
 utterances = crossmodal.speech_inputs(p.n_utterances)
-passes = {label: [crossmodal.text_pass(model, crossmodal.weights_of(model), t, p.shifts, p.seed) for t in texts]
-          for label, model in text.items()}
-passes |= {label: [crossmodal.speech_pass(model, crossmodal.weights_of(model), u, p.shifts, p.seed)
-                   for u in utterances] for label, model in speech.items()}
+passes = crossmodal.all_passes(text, speech, texts, utterances, p.shifts, p.seed)
 unit_table = crossmodal.unit_tables(passes, modality, p.resamples, p.seed)
 glue("s7_texts", len(texts), display=False)
 glue("s7_utterances", len(utterances), display=False)
@@ -128,13 +124,8 @@ figures.unit_chart(unit_table)
 # exact search over the inputs above). Text: the query token on red, the key token on cyan.
 
 # %%
-def featured_layers(count: int) -> list[int]:
-    return sorted({0, count // 2, count - 1})
-
-
 text_label = next(iter(text))
-text_modes = crossmodal.featured_modes(raw[text_label], featured_layers(raw[text_label].num_layers))
-text_pairs = crossmodal.mode_pairs(raw[text_label], passes[text_label], text_modes, p.top_inputs)
+text_pairs = crossmodal.featured_pairs(raw[text_label], passes[text_label], p.top_inputs)
 HTML(figures.text_snippets(raw[text_label], text_pairs, [q.labels for q in passes[text_label]]))
 
 # %% [markdown]
@@ -152,24 +143,23 @@ if p.live_explorer:
 
 # %%
 speech_label = next(iter(speech))
-speech_modes = crossmodal.featured_modes(raw[speech_label], featured_layers(raw[speech_label].num_layers))
-speech_pairs = crossmodal.mode_pairs(raw[speech_label], passes[speech_label], speech_modes, p.top_inputs)
-HTML(figures.speech_frames(raw[speech_label], speech_pairs, [log_mel(u.audio) for u in utterances],
-                           [q.tokens for q in passes[speech_label]], [q.labels for q in passes[speech_label]]))
+speech_pairs = crossmodal.featured_pairs(raw[speech_label], passes[speech_label], p.top_inputs)
+HTML(figures.speech_frames(raw[speech_label], speech_pairs, utterances, passes[speech_label]))
 
 # %% [markdown]
 # ## The value side
 #
 # As §6 for the ViT: each head's OV matrix $W_O W_V$ decomposed exactly, and its copying score, the share of its
 # eigenvalue mass that is positive real (Elhage et al. 2021). Line: mean over a layer's heads; shaded: its
-# interval over heads; dashed outline: heads with the same spectra and random directions.
+# interval over heads; dashed outline: the 95% band of the layer mean for heads with the same spectra and random
+# directions (20 draws).
 
 # %%
 ovs = {label: qklib.ov_svd(model) for label, model in {**text, **speech}.items()}
 heads = values.head_table(ovs)
-copying = values.layer_table(heads, "copying", p.resamples, p.seed)
 copying_null = values.copying_null_table(ovs, values.copying_nulls(ovs, 20, seed=p.seed))
-layer_interval(copying, "Copying score of the OV matrix", "positive-real eigenvalue share", copying_null)
+layer_interval(values.layer_table(heads, "copying", p.resamples, p.seed), "Copying score of the OV matrix",
+               "positive-real eigenvalue share", copying_null)
 
 # %%
 layer_interval(values.layer_table(heads, "effective_rank", p.resamples, p.seed), "Effective rank of the OV matrix",
@@ -185,17 +175,10 @@ download_link(cosines, "s7_cosine_layers.csv")
 download_link(unit_table, "s7_same_unit_layers.csv")
 
 # %%
-record = ledger.modalities_record(
-    {label: (raw[label], folded[label]) for label in passes},
-    {label: crossmodal.stacked(passes[label], "word") for label in passes},
-    {"cosine": "the query-key weights",
-     "same_unit": f"{len(texts)} pydoc snippets (text) and {len(utterances)} eSpeak NG utterances of the same "
-                  "prose (speech)"}, resamples=p.resamples, seed=p.seed)
+record = crossmodal.record(raw, folded, passes, len(texts), len(utterances), p.resamples, p.seed)
 glue("s7_ledger", record, display=False)  # for the claims ledger's "Beyond the paper" table
 questions = [q for q in ledger.QUESTIONS if q.chapter == "s7_modalities"]
-judged = {entry["label"]: ledger.judge_questions(record, entry["label"])
-          for entry in record["models"] if not entry["control"]}
-glue("s7_answers", Markdown(crossmodal.answers(judged, questions)), display=False)
+glue("s7_answers", Markdown(crossmodal.answers_text(record, questions)), display=False)
 
 # %% [markdown]
 # ## What we found

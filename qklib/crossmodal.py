@@ -23,7 +23,7 @@ from .core.modalities import (TokenisedText, Utterance, attention_from_weights, 
 from .core.reader import read_attention
 from .core.svd import QKSVD, null_band
 from .cosine import layer_table
-from .ledger import Claim, Judgement
+from .ledger import Claim, Judgement, judge_questions, modalities_record
 from .sequences import Pair, top_pairs
 from .stats import AGREES, BORDERLINE, DISAGREES
 from .units import layer_table as units_layer_table
@@ -182,3 +182,41 @@ def answers(judged: dict[str, dict[str, Judgement]], questions: Sequence[Claim])
             if verdict is not None:
                 lines.append(f"  - {label}: **{ANSWERS[verdict.outcome]}**; {verdict.number}.")
     return "\n".join(lines)
+
+
+def all_passes(text_models: dict[str, nn.Module], speech_models: dict[str, nn.Module], texts: Sequence[TokenisedText],
+               utterances: Sequence[Utterance], shifts: int, seed: int) -> dict[str, list[Pass]]:
+    """Every model's passes: the texts through each text model, the utterances through each speech model."""
+    out = {label: [text_pass(model, weights_of(model), t, shifts, seed) for t in texts]
+           for label, model in text_models.items()}
+    return out | {label: [speech_pass(model, weights_of(model), u, shifts, seed) for u in utterances]
+                  for label, model in speech_models.items()}
+
+
+def first_middle_last(count: int) -> list[int]:
+    """The first, middle and last layer of ``count`` (fewer where they coincide)."""
+    return sorted({0, count // 2, count - 1})
+
+
+def featured_pairs(svd: QKSVD, passes: Sequence[Pass], count: int) -> pd.DataFrame:
+    """:func:`mode_pairs` for the :func:`featured_modes` of the first, middle and last layer."""
+    return mode_pairs(svd, passes, featured_modes(svd, first_middle_last(svd.num_layers)), count)
+
+
+def record(svds: dict[str, QKSVD], folded: dict[str, QKSVD], passes: dict[str, Sequence[Pass]], texts: int,
+           utterances: int, resamples: int, seed: int):
+    """§7's ledger record (``qklib.ledger.modalities_record``) for the text and speech models of ``passes``,
+    with word units."""
+    return modalities_record(
+        {label: (svds[label], folded[label]) for label in passes},
+        {label: stacked(passes[label], "word") for label in passes},
+        {"cosine": "the query-key weights", "same_unit": f"{texts} pydoc snippets (text) and {utterances} eSpeak NG "
+                                                         "utterances of the same prose (speech)"},
+        resamples=resamples, seed=seed)
+
+
+def answers_text(record_: dict, questions: Sequence[Claim]) -> str:
+    """:func:`answers` for every trained model of a §7 record, judged by the ledger's rules."""
+    judged = {entry["label"]: judge_questions(record_, entry["label"])
+              for entry in record_["models"] if not entry["control"]}
+    return answers(judged, questions)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..core.modalities import log_mel
 from ..core.svd import QKSVD
 from ..sequences import snippet_html
 from .cosine import inline
@@ -84,10 +85,12 @@ def speech_picture(features: torch.Tensor, query: torch.Tensor, key: torch.Tenso
                     column * np.repeat(normalize_map(key[frames]), 2)[None])
 
 
-def speech_frames(svd: QKSVD, pairs: pd.DataFrame, features: Sequence[torch.Tensor], tokens: Sequence[torch.Tensor],
-                  labels: Sequence[Sequence[str]], around: int = 40) -> str:
+def speech_frames(svd: QKSVD, pairs: pd.DataFrame, utterances: Sequence, passes: Sequence, around: int = 40) -> str:
     """HTML: per featured mode, its best utterances' spectrograms around the best frame pair (``around`` frames,
-    20 ms each, either side), red/cyan, captioned with the words spoken at the query and the key frame."""
+    20 ms each, either side), red/cyan, captioned with the words spoken at the query and the key frame.
+    ``utterances``: ``qklib.core.modalities.Utterance``; ``passes``: their ``qklib.crossmodal.Pass``."""
+    features = {int(i): log_mel(utterances[int(i)].audio) for i in set(pairs["input"])}
+    tokens, labels = [p.tokens for p in passes], [p.labels for p in passes]
     rows_html = []
     for (layer, head, mode), rows in pairs.groupby(["layer", "head", "mode"], sort=False):
         u, v = svd.U[layer, head, :, mode], svd.V[layer, head, :, mode]
