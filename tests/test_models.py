@@ -16,6 +16,7 @@ import qklib
 from qklib.core import imgfocus, paper_models
 from qklib.core.images import to_pixels
 from qklib.core.models import ModelError
+from oracles import onnx_backbone_features
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def test_converted_model_reproduces_the_onnx_backbone(embedded_model, cat_photo)
     pixels = to_pixels(embedded_model, cat_photo)
     with torch.no_grad():
         ours = embedded_model.forward_features(pixels)
-    theirs = imgfocus.onnx_backbone_features(pixels)
+    theirs = onnx_backbone_features(pixels)
     assert ours.shape == theirs.shape == (1, 257, 384)
     relative = float((ours - theirs).norm() / theirs.norm())
     assert relative < 1e-4, relative
