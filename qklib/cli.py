@@ -11,35 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import textwrap
 from pathlib import Path
 
+from .core.messages import cli_syntax
 from .core.models import DEFAULT_MODEL, RANDOM, ModelError, convert, load_model, model_name
 from .core.official import IJEPA_PARTS, PREDICTOR_ARCH
 from .core.paper_models import format_table, models_table
 from .core.svd import NULL_DRAWS, NULL_SEED, layer_null_band, null_band, qk_svd
 from .search import MergeError, merge, parse_shard, search, shard_filename
 from .search.checkpoint import DEFAULT_EVERY, DEFAULT_SECONDS, Checkpoint
-
-# Python spellings in library messages -> the command line's.
-_CLI_SYNTAX = [
-    (re.compile(r"\ballow_partial=True"), "--allow-partial"),
-    (re.compile(r"\bresume=True"), "--resume"),
-    (re.compile(r"\bcheckpoint=PATH"), "--checkpoint PATH"),
-    (re.compile(r"\bshard='([^']*)'"), r"--shard \1"),
-    (re.compile(r"\bweights='([^']*)'"), r"--weights \1"),
-    (re.compile(r"\bqklib\.random_control\('([^']*)'\)"), r"'python -m qklib cosine \1 --random-init'"),
-]
-
-
-def cli_syntax(message: str) -> str:
-    """A library message with its Python spellings (``allow_partial=True``...) in command-line syntax."""
-    for pattern, replacement in _CLI_SYNTAX:
-        message = pattern.sub(replacement, message)
-    return message
-
 
 MODEL_HELP = ("model: a timm 'arch.tag', 'random:NAME' (the seeded random-init control of NAME's architecture) or "
               f"'hf:ORG/NAME' (a Hugging Face checkpoint in the local HF cache); default {DEFAULT_MODEL}, or with "

@@ -330,7 +330,7 @@ def test_random_spelling_is_the_seeded_random_control():
     assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)
     assert model_name(a) == "deit_tiny_distilled_patch16_224 (random init, seed 3)"
     assert qklib.info(a).prefix_tokens == 2
-    with pytest.raises(ModelError, match="takes no weights or part"):
+    with pytest.raises(ModelError, match="takes no weights= or part="):
         qklib.load_model("random:vit_tiny_patch16_224", weights="x.safetensors")
     with pytest.raises(ModelError, match="unknown model 'vit_tinny_patch16_224'"):
         qklib.load_model("random:vit_tinny_patch16_224")

@@ -164,20 +164,17 @@ def load_model(name: str | None = None, weights: str | Path | None = None, devic
         check_name(name)
     if name is not None and name.startswith(RANDOM):
         if weights is not None or part is not None:
-            raise ModelError(f"{name!r} is the random-init control of an architecture; it takes no weights or part",
-                             cli=f"{name!r} is the random-init control of an architecture; it takes no --weights or --part")
+            raise ModelError(f"{name!r} is the random-init control of an architecture; it takes no weights= or part=")
         return random_control(name[len(RANDOM):], seed=seed, device=device)
     if name is not None and name.startswith(HF):
         if weights is not None:
-            raise ModelError(f"{name!r} names its own weights; pass either hf:ORG/NAME or weights, not both",
-                             cli=f"{name!r} names its own weights; pass either hf:ORG/NAME or --weights, not both")
+            raise ModelError(f"{name!r} names its own weights; pass either hf:ORG/NAME or weights=, not both")
         converted = hf.convert_folder(hf.cached_folder(name[len(HF):]), source=name)
         return _from_converted(converted, None, device)
     if weights is not None:
         return _from_converted(_read_source(weights, name, part), name, device)
     if part is not None:
-        raise ModelError("part= selects a network of an official I-JEPA checkpoint file; pass weights='the.pth.tar'",
-                         cli="--part selects a network of an official I-JEPA checkpoint file; pass --weights FILE")
+        raise ModelError("part= selects a network of an official I-JEPA checkpoint file; pass weights='the.pth.tar'")
     if name == DEFAULT_MODEL:
         kwargs = _default_kwargs(name)
         model = build(_split(name)[0], kwargs)
@@ -219,22 +216,16 @@ def _read_source(weights: str | Path, name: str | None, part: str | None) -> Con
                                  "checkpoint")
             if name is None:
                 raise ModelError(
-                    f"{str(path)!r} holds a state dict but does not say which architecture: give its timm name, "
-                    f"load_model('vit_base_patch16_224', weights={str(path)!r}), or convert it once with "
-                    "'python -m qklib convert' to record the name in the file",
-                    cli=f"{str(path)!r} holds a state dict but does not say which architecture: give its timm name "
-                        f"(e.g. python -m qklib cosine vit_base_patch16_224 --weights {path}), or convert it once with "
-                        f"python -m qklib convert {path} --model ARCH --out FILE.safetensors")
+                    f"{str(path)!r} holds a state dict but does not say which architecture: give its timm name "
+                    f"(e.g. load_model('vit_base_patch16_224', weights={str(path)!r})), or convert it once with "
+                    f"'python -m qklib convert {path} --model ARCH --out FILE.safetensors' to record the name in the file")
             converted = Converted(_split(name)[0], _default_kwargs(name), state, label)
     if part is not None and not ijepa:
-        raise ModelError(f"part={part!r} selects a network of an official I-JEPA checkpoint; {label} is not one",
-                         cli=f"--part {part} selects a network of an official I-JEPA checkpoint; {label} is not one")
+        raise ModelError(f"part={part!r} selects a network of an official I-JEPA checkpoint; {label} is not one")
     if name is not None and _split(name)[0] != converted.arch and name != DEFAULT_MODEL:
         raise ModelError(
             f"{label} holds a {converted.arch}, but the model name says {_split(name)[0]!r}; leave the name out "
-            f"(load_model(weights={str(path)!r})) or give the matching one",
-            cli=f"{label} holds a {converted.arch}, but the model name says {_split(name)[0]!r}; leave the name out "
-                "or give the matching one")
+            f"(load_model(weights={str(path)!r})) or give the matching one")
     return converted
 
 
@@ -308,10 +299,7 @@ def _no_weights(name: str, reason: str) -> ModelError:
     return ModelError(
         f"{why}. If this machine is offline, either run once where the Hugging Face hub is reachable (timm caches "
         "the weights), or download them elsewhere and pass weights='path/to/model.safetensors'. With "
-        f"HF_HUB_OFFLINE=1 qklib does not try the hub. For a randomly initialised model use load_model('random:{name}')",
-        cli=f"{why}. If this machine is offline, either run once where the Hugging Face hub is reachable (timm caches "
-            "the weights), or download them elsewhere and pass --weights path/to/model.safetensors. With "
-            f"HF_HUB_OFFLINE=1 qklib does not try the hub. For a randomly initialised model use random:{name}")
+        f"HF_HUB_OFFLINE=1 qklib does not try the hub. For a randomly initialised model use load_model('random:{name}')")
 
 
 def _pretrained(name: str, device) -> nn.Module:
@@ -351,10 +339,9 @@ def random_control(name_or_model: str | nn.Module = DEFAULT_MODEL, seed: int = 0
         name = name_or_model[len(RANDOM):] if str(name_or_model).startswith(RANDOM) else name_or_model
         check_name(name)
         if name.startswith(HF):
-            raise ModelError(f"random_control({name!r}): load the checkpoint first, then pass the model, "
-                             "random_control(load_model(...)), so that its architecture is known",
-                             cli=f"random:{name}: the architecture of an hf: checkpoint is known only once it is "
-                                 "loaded; give the timm architecture name instead")
+            raise ModelError(f"random:{name}: the architecture of an hf: checkpoint is known only once it is loaded; "
+                             "give its timm architecture name instead (in Python, random_control(load_model(...)) "
+                             "also works)")
         arch, kwargs = _split(name)[0], _default_kwargs(name)
     _structure_check(arch, kwargs, arch)
     generator_state = torch.random.get_rng_state()
@@ -381,8 +368,7 @@ def convert(source: str | Path, out: str | Path, name: str | None = None, part: 
         ".safetensors", ".pt", ".pth", ".bin", ".tar", ".ckpt")
     if text.startswith((RANDOM, HF)) or not (looks_like_a_path or Path(text).expanduser().exists()):
         if name is not None:
-            raise ModelError(f"{text!r} is a model name; name= is for a weights file without an architecture",
-                             cli=f"{text!r} is a model name; --model is for a weights file without an architecture")
+            raise ModelError(f"{text!r} is a model name; name= is for a weights file without an architecture")
         model = load_model(text, part=part, seed=seed)
     else:
         model = load_model(name, weights=source, part=part)
