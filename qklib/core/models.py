@@ -35,6 +35,7 @@ from torch import nn
 
 from . import hf, imgfocus, official
 from .files import atomic_write
+from .provenance import Provenance, attach, provenance
 from .reader import attention_sites, describe_unreadable, family_of
 from .weights import (DATA_KEYS, Converted, ModelError, arch_from_metadata, converted_metadata, describe_keys, is_state_dict,
                       load_state, random_seed_from_metadata, read_checkpoint, read_weights, unwrap)
@@ -132,14 +133,12 @@ def _structure_check(arch: str, kwargs: dict, label: str) -> None:
     check_vit(skeleton, label)
 
 
-def _finish(model: nn.Module, label: str, arch: str, kwargs: dict, device, notes=(), data_config=None) -> nn.Module:
+def _finish(model: nn.Module, label: str, arch: str, kwargs: dict, device, notes=(), data_config=None,
+            random_seed: int | None = None) -> nn.Module:
     if data_config:
         data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
         model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **data_config}
-    model.qklib_name = label
-    model.qklib_arch = arch
-    model.qklib_kwargs = dict(kwargs)
-    model.qklib_notes = list(notes)
+    attach(model, Provenance(label, arch, dict(kwargs), tuple(notes), random_seed))
     return model.eval().to(device)
 
 
@@ -240,9 +239,8 @@ def _from_converted(converted: Converted, name: str | None, device) -> nn.Module
     if converted.arch != official.PREDICTOR_ARCH:
         check_vit(model, label)
     load_state(model, converted.state, repr(converted.source))
-    model = _finish(model, label, converted.arch, converted.kwargs, device, converted.notes, converted.data_config)
-    model.qklib_random_seed = converted.random_seed
-    return model
+    return _finish(model, label, converted.arch, converted.kwargs, device, converted.notes, converted.data_config,
+                   converted.random_seed)
 
 
 def cached_pretrained_file(name: str) -> Path | None:
@@ -331,10 +329,9 @@ def random_control(name_or_model: str | nn.Module = DEFAULT_MODEL, seed: int = 0
     geometry, for converted checkpoints) is reused. Same as ``load_model('random:NAME', seed=seed)``."""
     if isinstance(name_or_model, nn.Module):
         model = name_or_model
-        arch = getattr(model, "qklib_arch", None) or model.pretrained_cfg["architecture"]
-        kwargs = getattr(model, "qklib_kwargs", None)
-        if kwargs is None:
-            kwargs = {"img_size": info(model).img_size}
+        record = provenance(model)
+        arch = record.arch if record else model.pretrained_cfg["architecture"]
+        kwargs = record.kwargs if record else {"img_size": info(model).img_size}
     else:
         name = name_or_model[len(RANDOM):] if str(name_or_model).startswith(RANDOM) else name_or_model
         check_name(name)
@@ -350,9 +347,8 @@ def random_control(name_or_model: str | nn.Module = DEFAULT_MODEL, seed: int = 0
         model = build(arch, kwargs)
     finally:
         torch.random.set_rng_state(generator_state)
-    model = _finish(model, f"{arch} (random init, seed {seed})", arch, kwargs, device)
-    model.qklib_random_seed = seed  # written into a converted file's metadata, so the file stays a control
-    return model
+    # the seed is written into a converted file's metadata, so the file stays a control
+    return _finish(model, f"{arch} (random init, seed {seed})", arch, kwargs, device, random_seed=seed)
 
 
 def convert(source: str | Path, out: str | Path, name: str | None = None, part: str | None = None,
@@ -376,8 +372,8 @@ def convert(source: str | Path, out: str | Path, name: str | None = None, part: 
     cfg = getattr(model, "pretrained_cfg", None) or {}
     data_config = {key: (list(cfg[key]) if isinstance(cfg[key], tuple) else cfg[key])
                    for key in DATA_KEYS if cfg.get(key) is not None}
-    metadata = converted_metadata(model.qklib_arch, model.qklib_kwargs, model_name(model), data_config,
-                                  getattr(model, "qklib_random_seed", None))
+    record = provenance(model)
+    metadata = converted_metadata(record.arch, record.kwargs, model_name(model), data_config, record.random_seed)
     data = safetensors.torch.save(state, metadata=metadata)
     with atomic_write(out) as stream:
         stream.write(data)
@@ -411,7 +407,8 @@ def model_name(model: nn.Module) -> str:
     """The name qklib loaded the model under (``arch.tag``; ``arch [file]`` for weights from a file;
     ``arch (random init, seed S)``), else timm's architecture name."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return getattr(model, "qklib_name", "") or cfg.get("architecture", type(model).__name__)
+    record = provenance(model)
+    return record.name if record and record.name else cfg.get("architecture", type(model).__name__)
 
 
 def prefix_tokens(model: nn.Module) -> int:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .official import IJepaPredictor
+from .provenance import provenance
 
 __all__ = ["AttentionSites", "AttentionWeights", "attention_sites", "describe_unreadable", "family_of", "families",
            "read_attention", "register"]
@@ -348,7 +349,7 @@ def _read_timm(model: nn.Module, special_tokens: int) -> dict:
             "rel_pos_bias": getattr(model, "rel_pos_bias", None) is not None or any(
                 layer["rel_pos_bias"] for layer in layers),
             "head_norm": any(layer["head_norm"] for layer in layers),
-            "model": str(getattr(model, "qklib_name", "") or type(model).__name__),
+            "model": provenance(model).name if provenance(model) else type(model).__name__,
             "has_bias": dict(zip("qkvo", (any(layer["has_bias"][i] for layer in layers) for i in range(4)), strict=True))}
 
 
