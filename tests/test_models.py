@@ -180,12 +180,12 @@ def test_provenance_is_one_typed_record(tmp_path):
     """What load_model, random_control and convert know of a model's origin, in one record (core.provenance)."""
     control = qklib.load_model("random:vit_tiny_patch16_224", seed=3)
     record = provenance(control)
-    assert (record.name, record.arch, record.kwargs, record.notes, record.random_seed) == (
+    assert (record.label, record.arch, record.kwargs, record.notes, record.random_seed) == (
         "vit_tiny_patch16_224 (random init, seed 3)", "vit_tiny_patch16_224", {}, (), 3)
-    assert not [name for name in vars(control) if name.startswith("qklib_") and name != "qklib_provenance"]
+    assert [name for name in vars(control) if name.startswith("qklib_")] == ["qklib_origin"]
     out, _ = qklib.core.models.convert("random:vit_tiny_patch16_224", tmp_path / "c.safetensors", seed=3)
     loaded = provenance(qklib.load_model(weights=out))
-    assert loaded.random_seed == 3 and loaded.name == "vit_tiny_patch16_224 (random init, seed 3) [c.safetensors]"
+    assert loaded.random_seed == 3 and loaded.label == "vit_tiny_patch16_224 (random init, seed 3) [c.safetensors]"
     plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
     assert provenance(plain) is None and qklib.info(plain).name == "vit_tiny_patch16_224"
     relabelled = qklib.core.provenance.relabel(plain, "mine")

@@ -408,7 +408,7 @@ def model_name(model: nn.Module) -> str:
     ``arch (random init, seed S)``), else timm's architecture name."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     record = provenance(model)
-    return record.name if record and record.name else cfg.get("architecture", type(model).__name__)
+    return record.label if record and record.label else cfg.get("architecture", type(model).__name__)
 
 
 def prefix_tokens(model: nn.Module) -> int:

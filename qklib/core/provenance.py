@@ -15,17 +15,18 @@ from torch import nn
 
 __all__ = ["ATTRIBUTE", "Provenance", "attach", "provenance", "relabel"]
 
-ATTRIBUTE = "qklib_provenance"
+# Not "qklib_provenance": main's text and audio loaders (core.modalities) keep their own record under that name.
+ATTRIBUTE = "qklib_origin"
 
 
 @dataclass(frozen=True)
 class Provenance:
-    """``name``: the label qklib shows (``arch.tag``, ``arch [file]``, ``arch (random init, seed S)``); ``arch``:
+    """``label``: what qklib shows (``arch.tag``, ``arch [file]``, ``arch (random init, seed S)``); ``arch``:
     the architecture ``core.models.build`` builds (a timm name or ``ijepa_predictor``) with ``kwargs``; ``notes``:
     what the converter left out (decoders, mask tokens, poolers); ``random_seed``: the seed of a random-init
     control, None for trained weights."""
 
-    name: str
+    label: str
     arch: str
     kwargs: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
@@ -44,11 +45,11 @@ def attach(model: nn.Module, record: Provenance) -> nn.Module:
     return model
 
 
-def relabel(model: nn.Module, name: str) -> nn.Module:
-    """``model`` shown under ``name`` from now on (a model qklib did not load gets a record with its timm
+def relabel(model: nn.Module, label: str) -> nn.Module:
+    """``model`` shown under ``label`` from now on (a model qklib did not load gets a record with its timm
     architecture, or its class name)."""
     record = provenance(model)
     if record is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
-        record = Provenance(name, cfg.get("architecture", type(model).__name__))
-    return attach(model, replace(record, name=name))
+        record = Provenance(label, cfg.get("architecture", type(model).__name__))
+    return attach(model, replace(record, label=label))

@@ -360,7 +360,7 @@ def _read_timm(model: nn.Module, special_tokens: int) -> dict:
             "rel_pos_bias": getattr(model, "rel_pos_bias", None) is not None or any(
                 layer["rel_pos_bias"] for layer in layers),
             "head_norm": any(layer["head_norm"] for layer in layers),
-            "model": provenance(model).name if provenance(model) else type(model).__name__,
+            "model": provenance(model).label if provenance(model) else type(model).__name__,
             "has_bias": dict(zip("qkvo", (any(layer["has_bias"][i] for layer in layers) for i in range(4)), strict=True))}
 
 
