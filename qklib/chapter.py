@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ast
 import difflib
-import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -29,9 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .core.digest import file_digest, listing_digest, modes_digest  # noqa: F401 (chapters call chapter.*_digest)
 from .core.files import atomic_write
 from .core.images import ImageError, images_by_stem, load_folder, open_rgb, shipped_photos
-from .core.models import ModelError, check_name, load_model, random_control
+from .core.models import ModelError, check_name, load_model, model_name, random_control
 from .core.paper_models import EMBEDDED
 from .core.reader import family_of
 from .core.svd import QKSVD
@@ -39,7 +39,6 @@ from .modes import parse_label, rule_modes
 from .o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
 from .present.lab import use_served_vega
 from .search import parse_indices
-from .search.checkpoint import modes_digest  # noqa: F401 (chapters call chapter.modes_digest)
 
 
 class ParameterError(ValueError):
@@ -369,7 +368,7 @@ def load_models(specs, device: str = "cpu", seed: int = 0) -> dict:
     for spec in specs:
         model = (random_control(spec.name, seed=seed, device=device) if spec.random_init
                  else load_model(spec.name, weights=spec.weights, device=device, part=spec.part))
-        loaded[model.qklib_name] = model
+        loaded[model_name(model)] = model
     return loaded
 
 
@@ -478,26 +477,6 @@ def gallery_sample(root: Path, names: list[str], count: int, prefer: tuple[str, 
 
 
 # --- results cached by their inputs --------------------------------------------------------------------
-
-def file_digest(path: str | Path | None) -> str:
-    """sha256 of a file's bytes ('' for None): what a cache key records for a weights file."""
-    if not path:
-        return ""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def listing_digest(root: Path, names: list[str]) -> str:
-    """sha256 over the relative paths, sizes and modification times of ``names`` under ``root``."""
-    lines = []
-    for name in names:
-        stat = (Path(root) / name).stat()
-        lines.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
 
 @dataclass
 class Cached:

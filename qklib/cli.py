@@ -11,35 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import textwrap
 from pathlib import Path
 
+from .core.messages import cli_syntax
 from .core.models import DEFAULT_MODEL, RANDOM, ModelError, convert, load_model, model_name
 from .core.official import IJEPA_PARTS, PREDICTOR_ARCH
 from .core.paper_models import format_table, models_table
+from .core.provenance import provenance
 from .core.svd import NULL_DRAWS, NULL_SEED, layer_null_band, null_band, qk_svd
 from .search import MergeError, merge, parse_shard, search, shard_filename
 from .search.checkpoint import DEFAULT_EVERY, DEFAULT_SECONDS, Checkpoint
-
-# Python spellings in library messages -> the command line's.
-_CLI_SYNTAX = [
-    (re.compile(r"\ballow_partial=True"), "--allow-partial"),
-    (re.compile(r"\bresume=True"), "--resume"),
-    (re.compile(r"\bcheckpoint=PATH"), "--checkpoint PATH"),
-    (re.compile(r"\bshard='([^']*)'"), r"--shard \1"),
-    (re.compile(r"\bweights='([^']*)'"), r"--weights \1"),
-    (re.compile(r"\bqklib\.random_control\('([^']*)'\)"), r"'python -m qklib cosine \1 --random-init'"),
-]
-
-
-def cli_syntax(message: str) -> str:
-    """A library message with its Python spellings (``allow_partial=True``...) in command-line syntax."""
-    for pattern, replacement in _CLI_SYNTAX:
-        message = pattern.sub(replacement, message)
-    return message
-
 
 MODEL_HELP = ("model: a timm 'arch.tag', 'random:NAME' (the seeded random-init control of NAME's architecture) or "
               f"'hf:ORG/NAME' (a Hugging Face checkpoint in the local HF cache); default {DEFAULT_MODEL}, or with "
@@ -124,12 +107,13 @@ def _models(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     out, model = convert(args.source, args.out, name=args.model, part=args.part, seed=args.seed)
     count = sum(t.numel() for t in model.state_dict().values())
-    kind = "qklib's" if model.qklib_arch == PREDICTOR_ARCH else "timm's"
-    print(f"wrote {out}: {model_name(model)} as {kind} '{model.qklib_arch}', {len(model.state_dict())} tensors, "
+    record = provenance(model)
+    kind = "qklib's" if record.arch == PREDICTOR_ARCH else "timm's"
+    print(f"wrote {out}: {model_name(model)} as {kind} '{record.arch}', {len(model.state_dict())} tensors, "
           f"{count:,} values")
-    if model.qklib_kwargs:
-        print(f"architecture arguments (in the file's metadata): {json.dumps(model.qklib_kwargs, sort_keys=True)}")
-    for note in getattr(model, "qklib_notes", []):
+    if record.kwargs:
+        print(f"architecture arguments (in the file's metadata): {json.dumps(record.kwargs, sort_keys=True)}")
+    for note in record.notes:
         print(f"note: {note}")
     print(f"load it with: python -m qklib cosine --weights {out}   (Python: qklib.load_model(weights={str(out)!r}))")
     return 0

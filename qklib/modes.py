@@ -194,16 +194,6 @@ def image_attention(probs: torch.Tensor, prefix_tokens: int = 1) -> torch.Tensor
     return p / p.sum(-1, keepdim=True)
 
 
-def attention_contributions_of_terms(terms: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-    """``[r]``: ``c_n = sum_i sum_j p_ij (a^n_ij - mean_j a^n_ij)`` from ``terms [r, N, N]`` and the head's
-    ``attention [N, N]`` (rows sum to 1). Brute force over token pairs (tests and small cases).
-
-    Adding any per-query constant ``b_n,i`` to ``a^n_ij`` leaves ``c_n`` unchanged (the softmax removes it too);
-    the paper's sum ``sum_ij a^n_ij`` is ``N`` times the sum over queries of exactly that key-mean."""
-    centred = terms - terms.mean(-1, keepdim=True)
-    return (attention.to(torch.float64)[None] * centred).sum((1, 2))
-
-
 def attention_contributions(svd: QKSVD, tokens: torch.Tensor, probs: torch.Tensor, layer: int, head: int,
                             prefix_tokens: int = 1) -> torch.Tensor:
     """``[r]``: each mode's key-centred contribution weighted by the head's own attention,

@@ -133,14 +133,6 @@ def token_ratios(attention: torch.Tensor, prefix_tokens: int, masks: torch.Tenso
     return hits / total[..., None], removed
 
 
-def weighted_ratios(attention: torch.Tensor, prefix_tokens: int, masks: torch.Tensor,
-                    weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(kept, removed)``, each ``[L, B, H, 2, 3]``: :func:`token_ratios` averaged over query tokens with
-    ``weights`` ``[B, 2, N]`` (:func:`query_weights`): query (target, distractor) x key region."""
-    return tuple(torch.einsum("lbhqk,brq->lbhrk", r, weights.double())
-                 for r in token_ratios(attention, prefix_tokens, masks))
-
-
 def ratios(attention: torch.Tensor, prefix_tokens: int, masks: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """The six inner products, all layers and heads at once.
 

@@ -60,10 +60,11 @@ def tiny_vit():
     import timm
 
     import qklib
+    from qklib.core.provenance import relabel
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3).eval()
-    model.qklib_name = "vit_tiny_patch16_224 (test)"
+    relabel(model, "vit_tiny_patch16_224 (test)")
     return model, qklib.qk_svd(model)
 
 

@@ -71,7 +71,9 @@ def lab_module():
 def test_make_lab_runs_the_launcher_after_env_only():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^lab: env\n\t\$\(PY\) tools/lab\.py$", makefile, flags=re.M)
-    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "pip install -q -e .[docs,test]" in makefile  # `make env` installs the docs extra, where JupyterLab is
+    pins = project["dependencies"] + project["optional-dependencies"]["docs"]
     assert "jupyterlab==4.6.6" in pins  # what `make env` installs; the widgets and jupytext front ends come with
     assert any(p.startswith("ipywidgets==") for p in pins) and any(p.startswith("jupytext==") for p in pins)
     share = Path(sys.prefix) / "share" / "jupyter"

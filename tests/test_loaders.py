@@ -27,6 +27,7 @@ from qklib.cli import main
 from qklib.core import hf, paper_models
 from qklib.core.extract import record
 from qklib.core.models import ModelError, convert, model_name
+from qklib.core.provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
@@ -270,7 +271,7 @@ def test_official_simmim_checkpoint_converts_to_beit(tmp_path, pretrain):
     assert torch.all(model.blocks[0].attn.k_bias == 0)  # SimMIM has no key bias
     svd = qklib.qk_svd(model)
     assert not svd.exact and any("relative position bias" in note for note in svd.notes)
-    assert ("pixel decoder" in " ".join(model.qklib_notes)) == pretrain
+    assert ("pixel decoder" in " ".join(provenance(model).notes)) == pretrain
     config = timm.data.resolve_data_config({}, model=model)  # SimMIM normalises with ImageNet's statistics
     assert config["mean"] == pytest.approx((0.485, 0.456, 0.406)) and config["crop_pct"] == 0.875
     assert record(model, torch.randn(1, 3, 64, 64)).tokens.shape == (2, 1, 17, 96)
@@ -330,7 +331,7 @@ def test_random_spelling_is_the_seeded_random_control():
     assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)
     assert model_name(a) == "deit_tiny_distilled_patch16_224 (random init, seed 3)"
     assert qklib.info(a).prefix_tokens == 2
-    with pytest.raises(ModelError, match="takes no weights or part"):
+    with pytest.raises(ModelError, match="takes no weights= or part="):
         qklib.load_model("random:vit_tiny_patch16_224", weights="x.safetensors")
     with pytest.raises(ModelError, match="unknown model 'vit_tinny_patch16_224'"):
         qklib.load_model("random:vit_tinny_patch16_224")

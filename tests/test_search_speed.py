@@ -17,6 +17,7 @@ from qklib import search
 from qklib.core.extract import token_embeddings
 from qklib.core.images import model_transform, open_rgb, shipped_photos, to_pixels
 from qklib.core.models import prefix_tokens
+from qklib.core.provenance import relabel
 from qklib.core.stream import FileLoader, Stream
 from qklib.core.svd import QKWeights, qk_svd_from_weights
 from qklib.search import features as features_module
@@ -54,7 +55,7 @@ def folder(tmp_path_factory):
 def _random_vit(arch, **kwargs):
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, **kwargs).eval()
-    model.qklib_name = f"{arch} (test)"
+    relabel(model, f"{arch} (test)")
     return model
 
 

@@ -6,11 +6,10 @@ import re
 import ipywidgets as widgets
 from ipywidgets.widgets.widget import _instances as live_widgets  # ipywidgets' registry of open widgets
 from ipywidgets.widgets.widget_link import Link
-import numpy as np
 import pandas as pd
 import pytest
 
-from qklib.present.widgets import download_link, nested_stack, picture_html, png_widget
+from qklib.present.widgets import download_link, nested_stack, picture_html
 
 
 def leaf(text: str) -> widgets.HTML:
@@ -51,8 +50,3 @@ def test_download_link_carries_the_csv():
     payload = re.search(r'href="data:text/csv;base64,([^"]+)"', markup).group(1)
     assert base64.b64decode(payload).decode() == "layer,same\n0,0.25\n1,0.5\n"
     assert 'download="s3.csv"' in markup and "2 rows" in markup
-
-
-def test_png_widget_from_an_array():
-    image = png_widget(np.zeros((4, 6, 3), np.uint8), width=120)
-    assert image.value[:8] == b"\x89PNG\r\n\x1a\n" and image.layout.width == "120px"

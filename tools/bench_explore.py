@@ -57,7 +57,7 @@ def main() -> None:
     photos = shipped_photos()
     with TemporaryDirectory() as folder:
         scenes = chapter.scenes(Path(folder), 4, seed=0)
-        box = explore_attention({model.qklib_name: model}, scenes, {"chelsea": photos["chelsea"]})
+        box = explore_attention({qklib.info(model).name: model}, scenes, {"chelsea": photos["chelsea"]})
         first = timed(box, [("image", scenes[1].id), ("image", "chelsea")])
         cached = timed(box, [("layer", 3), ("head", 2), ("row", 4), ("col", 9), ("layer", 10), ("head", 5),
                              ("image", scenes[1].id), ("row", 12), ("layer", 0)])

@@ -12,7 +12,7 @@ Where to hook either comes from the model family's adapter (``core.reader.attent
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -34,13 +34,6 @@ class Record:
     tokens: torch.Tensor | None
     attention: torch.Tensor | None
     prefix_tokens: int
-
-
-@contextmanager
-def unfused_attention(model: nn.Module):
-    """Switch every layer's fused attention off (so the softmax is computed explicitly), then restore."""
-    with attention_sites(model).explicit_softmax():
-        yield
 
 
 def _layers(sites: AttentionSites, layers) -> list[int]:

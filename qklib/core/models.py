@@ -39,6 +39,7 @@ from torch import nn
 
 from . import hf, imgfocus, modalities, official
 from .files import atomic_write
+from .provenance import Provenance, attach, provenance
 from .reader import attention_sites, describe_unreadable, family_of
 from .weights import (DATA_KEYS, Converted, ModelError, arch_from_metadata, converted_metadata, describe_keys, is_state_dict,
                       load_state, random_seed_from_metadata, read_checkpoint, read_weights, unwrap)
@@ -136,14 +137,12 @@ def _structure_check(arch: str, kwargs: dict, label: str) -> None:
     check_vit(skeleton, label)
 
 
-def _finish(model: nn.Module, label: str, arch: str, kwargs: dict, device, notes=(), data_config=None) -> nn.Module:
+def _finish(model: nn.Module, label: str, arch: str, kwargs: dict, device, notes=(), data_config=None,
+            random_seed: int | None = None) -> nn.Module:
     if data_config:
         data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
         model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **data_config}
-    model.qklib_name = label
-    model.qklib_arch = arch
-    model.qklib_kwargs = dict(kwargs)
-    model.qklib_notes = list(notes)
+    attach(model, Provenance(label, arch, dict(kwargs), tuple(notes), random_seed))
     return model.eval().to(device)
 
 
@@ -168,13 +167,11 @@ def load_model(name: str | None = None, weights: str | Path | None = None, devic
         check_name(name)
     if name is not None and name.startswith(RANDOM):
         if weights is not None or part is not None:
-            raise ModelError(f"{name!r} is the random-init control of an architecture; it takes no weights or part",
-                             cli=f"{name!r} is the random-init control of an architecture; it takes no --weights or --part")
+            raise ModelError(f"{name!r} is the random-init control of an architecture; it takes no weights= or part=")
         return random_control(name[len(RANDOM):], seed=seed, device=device)
     if name is not None and name.startswith(HF):
         if weights is not None:
-            raise ModelError(f"{name!r} names its own weights; pass either hf:ORG/NAME or weights, not both",
-                             cli=f"{name!r} names its own weights; pass either hf:ORG/NAME or --weights, not both")
+            raise ModelError(f"{name!r} names its own weights; pass either hf:ORG/NAME or weights=, not both")
         if modalities.handles_name(name[len(HF):]):  # a BERT or Whisper checkpoint: §7's text and audio models
             return modalities.load_hf(name[len(HF):], device)
         converted = hf.convert_folder(hf.cached_folder(name[len(HF):]), source=name)
@@ -184,8 +181,7 @@ def load_model(name: str | None = None, weights: str | Path | None = None, devic
     if weights is not None:
         return _from_converted(_read_source(weights, name, part), name, device)
     if part is not None:
-        raise ModelError("part= selects a network of an official I-JEPA checkpoint file; pass weights='the.pth.tar'",
-                         cli="--part selects a network of an official I-JEPA checkpoint file; pass --weights FILE")
+        raise ModelError("part= selects a network of an official I-JEPA checkpoint file; pass weights='the.pth.tar'")
     if name == DEFAULT_MODEL:
         kwargs = _default_kwargs(name)
         model = build(_split(name)[0], kwargs)
@@ -200,8 +196,7 @@ def _modality_folder(folder: str | Path, name: str | None, part: str | None, dev
     """A BERT or Whisper model folder; a timm name or part= beside it is an error, not ignored."""
     if name not in (None, DEFAULT_MODEL) or part is not None:
         what = f"a {modalities.folder_family(folder)} model"
-        raise ModelError(f"{str(folder)!r} holds {what}, which takes no timm name or part; load_model(weights=FOLDER)",
-                         cli=f"{str(folder)!r} holds {what}, which takes no model name or --part; pass --weights alone")
+        raise ModelError(f"{str(folder)!r} holds {what}, which takes no timm name or part; load_model(weights=FOLDER)")
     return modalities.load_folder(folder, device)
 
 
@@ -236,22 +231,16 @@ def _read_source(weights: str | Path, name: str | None, part: str | None) -> Con
                                  "checkpoint")
             if name is None:
                 raise ModelError(
-                    f"{str(path)!r} holds a state dict but does not say which architecture: give its timm name, "
-                    f"load_model('vit_base_patch16_224', weights={str(path)!r}), or convert it once with "
-                    "'python -m qklib convert' to record the name in the file",
-                    cli=f"{str(path)!r} holds a state dict but does not say which architecture: give its timm name "
-                        f"(e.g. python -m qklib cosine vit_base_patch16_224 --weights {path}), or convert it once with "
-                        f"python -m qklib convert {path} --model ARCH --out FILE.safetensors")
+                    f"{str(path)!r} holds a state dict but does not say which architecture: give its timm name "
+                    f"(e.g. load_model('vit_base_patch16_224', weights={str(path)!r})), or convert it once with "
+                    f"'python -m qklib convert {path} --model ARCH --out FILE.safetensors' to record the name in the file")
             converted = Converted(_split(name)[0], _default_kwargs(name), state, label)
     if part is not None and not ijepa:
-        raise ModelError(f"part={part!r} selects a network of an official I-JEPA checkpoint; {label} is not one",
-                         cli=f"--part {part} selects a network of an official I-JEPA checkpoint; {label} is not one")
+        raise ModelError(f"part={part!r} selects a network of an official I-JEPA checkpoint; {label} is not one")
     if name is not None and _split(name)[0] != converted.arch and name != DEFAULT_MODEL:
         raise ModelError(
             f"{label} holds a {converted.arch}, but the model name says {_split(name)[0]!r}; leave the name out "
-            f"(load_model(weights={str(path)!r})) or give the matching one",
-            cli=f"{label} holds a {converted.arch}, but the model name says {_split(name)[0]!r}; leave the name out "
-                "or give the matching one")
+            f"(load_model(weights={str(path)!r})) or give the matching one")
     return converted
 
 
@@ -266,9 +255,8 @@ def _from_converted(converted: Converted, name: str | None, device) -> nn.Module
     if converted.arch != official.PREDICTOR_ARCH:
         check_vit(model, label)
     load_state(model, converted.state, repr(converted.source))
-    model = _finish(model, label, converted.arch, converted.kwargs, device, converted.notes, converted.data_config)
-    model.qklib_random_seed = converted.random_seed
-    return model
+    return _finish(model, label, converted.arch, converted.kwargs, device, converted.notes, converted.data_config,
+                   converted.random_seed)
 
 
 def cached_pretrained_file(name: str) -> Path | None:
@@ -325,10 +313,7 @@ def _no_weights(name: str, reason: str) -> ModelError:
     return ModelError(
         f"{why}. If this machine is offline, either run once where the Hugging Face hub is reachable (timm caches "
         "the weights), or download them elsewhere and pass weights='path/to/model.safetensors'. With "
-        f"HF_HUB_OFFLINE=1 qklib does not try the hub. For a randomly initialised model use load_model('random:{name}')",
-        cli=f"{why}. If this machine is offline, either run once where the Hugging Face hub is reachable (timm caches "
-            "the weights), or download them elsewhere and pass --weights path/to/model.safetensors. With "
-            f"HF_HUB_OFFLINE=1 qklib does not try the hub. For a randomly initialised model use random:{name}")
+        f"HF_HUB_OFFLINE=1 qklib does not try the hub. For a randomly initialised model use load_model('random:{name}')")
 
 
 def _pretrained(name: str, device) -> nn.Module:
@@ -358,24 +343,22 @@ def random_control(name_or_model: str | nn.Module = DEFAULT_MODEL, seed: int = 0
 
     ``name_or_model``: a name (``NAME`` or ``random:NAME``) or a loaded model, whose architecture (and
     geometry, for converted checkpoints) is reused. Same as ``load_model('random:NAME', seed=seed)``."""
-    if isinstance(name_or_model, nn.Module) and hasattr(name_or_model, "qklib_provenance"):
+    if isinstance(name_or_model, nn.Module) and modalities.source_of(name_or_model) is not None:
         return modalities.random_like(name_or_model, seed, device)  # a text or audio model: its transformers config
     if isinstance(name_or_model, nn.Module):
         model = name_or_model
-        arch = getattr(model, "qklib_arch", None) or model.pretrained_cfg["architecture"]
-        kwargs = getattr(model, "qklib_kwargs", None)
-        if kwargs is None:
-            kwargs = {"img_size": info(model).img_size}
+        record = provenance(model)
+        arch = record.arch if record else model.pretrained_cfg["architecture"]
+        kwargs = record.kwargs if record else {"img_size": info(model).img_size}
     else:
         name = name_or_model[len(RANDOM):] if str(name_or_model).startswith(RANDOM) else name_or_model
         check_name(name)
         if name.startswith(HF) and modalities.handles_name(name[len(HF):]):  # a text or speech encoder: its config
             return modalities.random_like(load_model(name, device=device), seed, device)
         if name.startswith(HF):
-            raise ModelError(f"random_control({name!r}): load the checkpoint first, then pass the model, "
-                             "random_control(load_model(...)), so that its architecture is known",
-                             cli=f"random:{name}: the architecture of an hf: checkpoint is known only once it is "
-                                 "loaded; give the timm architecture name instead")
+            raise ModelError(f"random:{name}: the architecture of an hf: checkpoint is known only once it is loaded; "
+                             "give its timm architecture name instead (in Python, random_control(load_model(...)) "
+                             "also works)")
         arch, kwargs = _split(name)[0], _default_kwargs(name)
     _structure_check(arch, kwargs, arch)
     generator_state = torch.random.get_rng_state()
@@ -384,9 +367,8 @@ def random_control(name_or_model: str | nn.Module = DEFAULT_MODEL, seed: int = 0
         model = build(arch, kwargs)
     finally:
         torch.random.set_rng_state(generator_state)
-    model = _finish(model, f"{arch} (random init, seed {seed})", arch, kwargs, device)
-    model.qklib_random_seed = seed  # written into a converted file's metadata, so the file stays a control
-    return model
+    # the seed is written into a converted file's metadata, so the file stays a control
+    return _finish(model, f"{arch} (random init, seed {seed})", arch, kwargs, device, random_seed=seed)
 
 
 def convert(source: str | Path, out: str | Path, name: str | None = None, part: str | None = None,
@@ -402,8 +384,7 @@ def convert(source: str | Path, out: str | Path, name: str | None = None, part: 
         ".safetensors", ".pt", ".pth", ".bin", ".tar", ".ckpt")
     if text.startswith((RANDOM, HF)) or not (looks_like_a_path or Path(text).expanduser().exists()):
         if name is not None:
-            raise ModelError(f"{text!r} is a model name; name= is for a weights file without an architecture",
-                             cli=f"{text!r} is a model name; --model is for a weights file without an architecture")
+            raise ModelError(f"{text!r} is a model name; name= is for a weights file without an architecture")
         model = load_model(text, part=part, seed=seed)
     else:
         model = load_model(name, weights=source, part=part)
@@ -411,8 +392,8 @@ def convert(source: str | Path, out: str | Path, name: str | None = None, part: 
     cfg = getattr(model, "pretrained_cfg", None) or {}
     data_config = {key: (list(cfg[key]) if isinstance(cfg[key], tuple) else cfg[key])
                    for key in DATA_KEYS if cfg.get(key) is not None}
-    metadata = converted_metadata(model.qklib_arch, model.qklib_kwargs, model_name(model), data_config,
-                                  getattr(model, "qklib_random_seed", None))
+    record = provenance(model)
+    metadata = converted_metadata(record.arch, record.kwargs, model_name(model), data_config, record.random_seed)
     data = safetensors.torch.save(state, metadata=metadata)
     with atomic_write(out) as stream:
         stream.write(data)
@@ -446,7 +427,8 @@ def model_name(model: nn.Module) -> str:
     """The name qklib loaded the model under (``arch.tag``; ``arch [file]`` for weights from a file;
     ``arch (random init, seed S)``), else timm's architecture name."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return getattr(model, "qklib_name", "") or cfg.get("architecture", type(model).__name__)
+    record = provenance(model)
+    return record.label if record and record.label else cfg.get("architecture", type(model).__name__)
 
 
 def prefix_tokens(model: nn.Module) -> int:

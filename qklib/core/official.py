@@ -114,8 +114,7 @@ class IJepaPredictor(nn.Module):
         raise ModelError(
             "the I-JEPA predictor takes encoder tokens and target positions, not an image: it has no token "
             "embeddings of an image to record. Its QK modes (qklib.qk_svd) are defined; for image tokens use the "
-            "encoder (part='encoder')",
-            cli="the I-JEPA predictor takes encoder tokens, not an image; use --part encoder for image tokens")
+            "encoder (part='encoder')")
 
 
 def build_predictor(**kwargs) -> IJepaPredictor:
@@ -155,8 +154,7 @@ def convert_ijepa(content: dict, part: str | None, source: str) -> Converted:
     """The chosen part (``encoder`` by default, as timm and transformers take it) of an I-JEPA checkpoint."""
     part = part or "encoder"
     if part not in IJEPA_PARTS:
-        raise ModelError(f"part {part!r}: an I-JEPA checkpoint has parts {', '.join(IJEPA_PARTS)}",
-                         cli=f"--part {part}: an I-JEPA checkpoint has parts {', '.join(IJEPA_PARTS)}")
+        raise ModelError(f"part={part!r}: an I-JEPA checkpoint has parts {', '.join(IJEPA_PARTS)}")
     if not is_ijepa(content):
         raise ModelError(f"{source}: expected an official I-JEPA checkpoint (a dict with 'encoder', 'predictor' and "
                          f"'target_encoder' state dicts), found {describe_keys(content)}")

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from . import imgfocus
-from .models import build, cached_pretrained_file, load_model
+from .models import cached_pretrained_file, load_model
 from .official import PREDICTOR_ARCH
 from .svd import QKSVD, qk_svd
 
@@ -111,15 +110,6 @@ def architecture(model: PaperModel) -> tuple[str, dict]:
     if model.timm_name:
         return model.timm_name.partition(".")[0], dict(model.arch_kwargs)
     return model.arch, dict(model.arch_kwargs)
-
-
-def build_random(model: PaperModel, depth: int | None = None) -> nn.Module:
-    """The model's architecture at random init (``pretrained=False``; no file needed). ``depth``: keep only
-    that many blocks (every block has the same geometry, so per-block properties are unchanged)."""
-    arch, kwargs = architecture(model)
-    if depth is not None:
-        kwargs["depth"] = depth
-    return build(arch, kwargs).eval()
 
 
 def available_offline(model: PaperModel) -> str:

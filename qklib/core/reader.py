@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .official import IJepaPredictor
+from .provenance import provenance
 
 __all__ = ["AttentionSites", "AttentionWeights", "attention_sites", "describe_unreadable", "family_of", "families",
            "read_attention", "register"]
@@ -259,12 +260,13 @@ def _as64(tensor: torch.Tensor | None, size: int) -> torch.Tensor:
 
 
 def _timm_projections(attn: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
-    """``([W_q, W_k, W_v] each [D, d], [b_q, b_k, b_v] each [D], learned?)`` float64 of a timm attention module:
+    """``([W_q, W_k, W_v] each [D, d] (views of the module's weight), [b_q, b_k, b_v] each [D] float64, learned?)``
+    of a timm attention module:
     a fused ``qkv`` Linear (rows [0, D) W_q, [D, 2D) W_k, [2D, 3D) W_v) with its own bias, or BEiT's/EVA's
     ``q_bias``/``v_bias`` beside a bias-free one (the key bias fixed at zero); or separate Linears."""
     qkv = _linear(attn, "qkv")
     if qkv is not None:
-        weight = qkv.weight.detach().to("cpu", torch.float64)
+        weight = qkv.weight.detach()
         width = weight.shape[0] // 3
         weights = [weight[:width], weight[width : 2 * width], weight[2 * width :]]
         if qkv.bias is not None:
@@ -275,7 +277,7 @@ def _timm_projections(attn: nn.Module) -> tuple[list[torch.Tensor], list[torch.T
         learned = [isinstance(b, nn.Parameter) for b in separate]
         return weights, [_as64(b, width) for b in separate], learned
     layers = next([_linear(attn, n) for n in names] for names in _SEPARATE if all(_linear(attn, n) for n in names))
-    return ([layer.weight.detach().to("cpu", torch.float64) for layer in layers],
+    return ([layer.weight.detach() for layer in layers],
             [_as64(layer.bias, layer.out_features) for layer in layers], [layer.bias is not None for layer in layers])
 
 
@@ -292,7 +294,8 @@ def _stack_or_none(values: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 
 def _timm_layer(index: int, block: nn.Module) -> dict:
-    """One block's weights in the per-layer shapes of :class:`AttentionWeights` (without the L axis)."""
+    """One block's weights in the per-layer shapes of :class:`AttentionWeights` (without the L axis); the four
+    projections as views of the module's weights, converted once when stacked (:func:`_stack64`)."""
     attn = _timm_attention(block)
     heads = int(attn.num_heads)
     (wq, wk, wv), (bq, bk, bv), learned = _timm_projections(attn)
@@ -303,7 +306,7 @@ def _timm_layer(index: int, block: nn.Module) -> dict:
         raise TypeError(f"block {index}: no output projection ('proj', 'o_proj' or 'out_proj' Linear, [{d}, {d_attn}])"
                         " beside the value projection")
     r = d_attn // heads
-    wo = output.weight.detach().to("cpu", torch.float64)
+    wo = output.weight.detach()
     norm = _affine(getattr(block, "norm1", None), d)
     scale = getattr(getattr(block, "ls1", None), "gamma", None)
     scale = getattr(block, "gamma_1", None) if scale is None else scale
@@ -322,13 +325,22 @@ def _timm_layer(index: int, block: nn.Module) -> dict:
     }
 
 
+def _stack64(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``[L, ...]`` float64 on the CPU from L equal-shaped tensors of any dtype and device, each converted as it is
+    copied in (one pass over the weights, not a float64 copy per layer and then a stacked one)."""
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float64)
+    for index, tensor in enumerate(tensors):
+        out[index].copy_(tensor)
+    return out
+
+
 def _read_timm(model: nn.Module, special_tokens: int) -> dict:
     """The timm adapter: every block's attention (:func:`_timm_layer`), stacked."""
     layers = [_timm_layer(index, block) for index, block in enumerate(model.blocks)]
     if len({tuple(layer["wq"].shape) for layer in layers}) != 1:
         raise ValueError("blocks differ in head count or width; stacked analysis needs a uniform transformer")
-    stacked = {name: torch.stack([layer[name] for layer in layers]) for name in ("wq", "wk", "wv", "bq", "bk", "bv",
-                                                                                  "wo", "bo")}
+    stacked = {name: _stack64([layer[name] for layer in layers]) for name in ("wq", "wk", "wv", "bq", "bk", "bv",
+                                                                               "wo", "bo")}
     norms = [layer["norm"] for layer in layers]
     scales = [layer["layer_scale"] for layer in layers]
     d = stacked["bo"].shape[1]
@@ -348,7 +360,7 @@ def _read_timm(model: nn.Module, special_tokens: int) -> dict:
             "rel_pos_bias": getattr(model, "rel_pos_bias", None) is not None or any(
                 layer["rel_pos_bias"] for layer in layers),
             "head_norm": any(layer["head_norm"] for layer in layers),
-            "model": str(getattr(model, "qklib_name", "") or type(model).__name__),
+            "model": provenance(model).label if provenance(model) else type(model).__name__,
             "has_bias": dict(zip("qkvo", (any(layer["has_bias"][i] for layer in layers) for i in range(4)), strict=True))}
 
 

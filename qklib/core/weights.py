@@ -18,6 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from .messages import cli_syntax
+
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".tar", ".ckpt")
 META_ARCH, META_KWARGS, META_SOURCE, META_DATA = "arch", "arch_kwargs", "source", "data_config"
 # Present only in the file of a random-init control: its seed. The model loaded back is labelled as the control
@@ -27,14 +29,13 @@ DATA_KEYS = ("mean", "std", "crop_pct", "interpolation")
 
 
 class ModelError(ValueError):
-    """A model name, architecture or weights file that qklib cannot use; the message says what to do.
+    """A model name, architecture or weights file that qklib cannot use; the message says what to do, once, in
+    Python spelling (``weights='FILE'``). ``cli``: the same message in command-line syntax (``--weights FILE``),
+    by ``core.messages.cli_syntax``."""
 
-    ``cli``: the same message in command-line syntax (``--weights FILE`` instead of ``weights='FILE'``).
-    """
-
-    def __init__(self, message: str, cli: str | None = None):
-        super().__init__(message)
-        self.cli = cli or message
+    @property
+    def cli(self) -> str:
+        return cli_syntax(str(self))
 
 
 @dataclass

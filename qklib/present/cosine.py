@@ -39,21 +39,6 @@ def _layer_slider(max_layer: int, name: str = "layer") -> alt.Parameter:
     return alt.param(name=name, value=0, bind=alt.binding_range(min=0, max=max_layer, step=1, name=f"{name} "))
 
 
-def fig3_cosine(layers: pd.DataFrame, band: float, title: str = "Weighted cosine between u_n and v_n") -> alt.Chart:
-    """Fig 3: weighted cosine per layer against normalised depth, one line per model, with the null band."""
-    band_frame = pd.DataFrame({"low": [-band], "high": [band], "x0": [0.0], "x1": [1.0]})
-    shade = alt.Chart(band_frame).mark_rect(opacity=0.15, color="gray").encode(
-        x="x0:Q", x2="x1:Q", y="low:Q", y2="high:Q")
-    lines = alt.Chart(inline(layers)).mark_line(point=True).encode(
-        x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1])),
-        y=alt.Y("weighted_cosine:Q", title="weighted cosine (mean over heads)"),
-        color=model_colour(layers["model"]),
-        tooltip=["model:N", "layer:O", alt.Tooltip("weighted_cosine:Q", format="+.3f"),
-                 alt.Tooltip("unweighted_cosine:Q", format="+.3f")],
-    )
-    return (shade + lines).properties(width=460, height=280, title=title)
-
-
 def heads_heatmap(heads: pd.DataFrame) -> alt.Chart:
     """Weighted cosine of every head: layer x head, one panel per model."""
     return alt.Chart(inline(heads)).mark_rect().encode(

