@@ -66,12 +66,14 @@ from myst_nb import glue
 from qklib import chapter, ledger
 from qklib.preference import GROUPS, measure, select
 from qklib.present import attention, style
+from qklib.present.lab import use_served_vega
 from qklib.present.explore import explore_attention
 from qklib.present.widgets import download_link
 
 started = time.perf_counter()
 p = chapter.check("s3_attention", globals())
 alt.theme.enable(style.THEME)  # one look across the book: text sizes, set in qklib.present.style
+use_served_vega()  # in JupyterLab (make lab) charts load vega from the lab's own server, offline
 
 # %% [markdown]
 # ## The scenes

@@ -53,11 +53,13 @@ from qklib.core.images import to_pixels
 from qklib.core.paper_models import IJEPA_NEEDS, ijepa_encoder_predictor
 from qklib.present import cosine as figures
 from qklib.present import style
+from qklib.present.lab import use_served_vega
 from qklib.present.explore import explore_spectrum
 from qklib.present.widgets import download_link
 
 p = chapter.check("s4_cosine", globals())
 alt.theme.enable(style.THEME)  # one look across the book: text sizes, set in qklib.present.style
+use_served_vega()  # in JupyterLab (make lab) charts load vega from the lab's own server, offline
 
 # %% [markdown]
 # ## The models and their decomposition

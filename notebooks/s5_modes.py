@@ -67,12 +67,14 @@ import qklib
 from qklib import ade20k, chapter, ledger, modes, same_object, search
 from qklib.present import mode_figures as figures
 from qklib.present import style
+from qklib.present.lab import use_served_vega
 from qklib.present.explore import explore
 from qklib.present.widgets import download_link
 
 started = time.perf_counter()
 p = chapter.check("s5_modes", globals())
 alt.theme.enable(style.THEME)  # one look across the book: text sizes, set in qklib.present.style
+use_served_vega()  # in JupyterLab (make lab) charts load vega from the lab's own server, offline
 
 # %% [markdown]
 # ## The model and the gallery

@@ -53,11 +53,13 @@ from qklib import ade20k, chapter, ledger, modes, object_contrast, values
 from qklib.present import values as figures
 from qklib.present.cosine import model_summary
 from qklib.present import style
+from qklib.present.lab import use_served_vega
 from qklib.present.explore import explore_ov
 from qklib.present.widgets import download_link
 
 p = chapter.check("s6_values", globals())
 alt.theme.enable(style.THEME)  # one look across the book: text sizes, set in qklib.present.style
+use_served_vega()  # in JupyterLab (make lab) charts load vega from the lab's own server, offline
 
 # %% [markdown]
 # ## The models and their OV circuits

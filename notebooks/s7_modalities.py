@@ -61,11 +61,13 @@ from qklib import chapter, crossmodal, ledger, values
 from qklib.present import crossmodal as figures
 from qklib.present.explore import explore_text
 from qklib.present import style
+from qklib.present.lab import use_served_vega
 from qklib.present.values import layer_interval
 from qklib.present.widgets import download_link
 
 p = chapter.check("s7_modalities", globals())
 alt.theme.enable(style.THEME)  # one look across the book: text sizes, set in qklib.present.style
+use_served_vega()  # in JupyterLab (make lab) charts load vega from the lab's own server, offline
 
 # %% [markdown]
 # ## The models

@@ -83,11 +83,13 @@ from qklib import chapter, ledger, recognition, segmentation
 from qklib.core.images import open_rgb
 from qklib.present import segmentation as figures
 from qklib.present import style
+from qklib.present.lab import use_served_vega
 from qklib.present.widgets import download_link
 
 started = time.perf_counter()
 p = chapter.check("s8_segmentation", globals())
 alt.theme.enable(style.THEME)  # one look across the book: text sizes, set in qklib.present.style
+use_served_vega()  # in JupyterLab (make lab) charts load vega from the lab's own server, offline
 
 # %% [markdown]
 # ## The models and the images

@@ -37,7 +37,6 @@ from .core.reader import family_of
 from .core.svd import QKSVD
 from .modes import parse_label, rule_modes
 from .o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
-from .present.lab import use_served_vega
 from .search import parse_indices
 
 
@@ -313,9 +312,8 @@ def _refuse_unknown(chapter: str, namespace: Mapping) -> None:
 def check(chapter: str, namespace: Mapping) -> SimpleNamespace:
     """Check every declared parameter of ``chapter`` found in ``namespace`` (the notebook's ``globals()``)
     and return the normalised values (folders resolved, models parsed into ``(name, weights, random)``).
-    A name papermill injected that the chapter does not declare (a misspelling) is refused.
-    In JupyterLab started by ``make lab``, charts are then drawn with the vega it serves (offline)."""
-    use_served_vega()
+    A name papermill injected that the chapter does not declare (a misspelling) is refused. Nothing else
+    changes: each chapter's first cell switches the renderer itself (``qklib.present.lab.use_served_vega``)."""
     if chapter not in SPECS:
         raise KeyError(f"unknown chapter {chapter!r}; chapters: {', '.join(SPECS)}")
     _refuse_unknown(chapter, namespace)

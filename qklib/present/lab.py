@@ -1,8 +1,8 @@
 """Charts in JupyterLab without a network: altair's HTML loads vega from a CDN, and JupyterLab 4.6 has no
 renderer for altair 6's vega-lite 6 specs. ``make lab`` (``tools/lab.py``) serves vega, vega-lite and
 vega-embed for the installed altair (from vl-convert, offline) as one script, and tells the kernels its URL
-in ``$QKLIB_VEGA_SCRIPT``; :func:`use_served_vega` (called by ``qklib.chapter.check``, the first call of every
-chapter) then draws every chart with that script.
+in ``$QKLIB_VEGA_SCRIPT``; :func:`use_served_vega` (called in the first cell of every chapter, in sight) then
+draws every chart with that script.
 
 The book is untouched: its pages load their own vendored copy (``tools/build_book.py``).
 """
