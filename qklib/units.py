@@ -38,7 +38,7 @@ def unit_sums(attention: torch.Tensor, units) -> np.ndarray:
     chance level, the summed attention to the other units and its chance level (``COLUMNS``).
 
     ``attention``: ``[L, H, T, T]`` (rows: queries, columns: keys) of one input; ``units``: ``[T]`` integer
-    labels, :data:`NOT_A_UNIT` for tokens to leave out. Inputs with no eligible query give zeros (no weight in
+    labels, ``NOT_A_UNIT`` for tokens to leave out. Inputs with no eligible query give zeros (no weight in
     the pooled ratios)."""
     return _sums(*_inputs(attention, units))
 
@@ -76,7 +76,7 @@ def _sums(attention: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
 
 def shifted_units(units, shift: int) -> np.ndarray:
     """The labels rolled by ``shift`` positions within the span from the first to the last labelled token (tokens
-    outside it, such as [CLS], [SEP] or trailing padding, keep :data:`NOT_A_UNIT`)."""
+    outside it, such as [CLS], [SEP] or trailing padding, keep ``NOT_A_UNIT``)."""
     labels = np.asarray(units).copy()
     inside = np.flatnonzero(labels != NOT_A_UNIT)
     if inside.size:
