@@ -161,7 +161,8 @@ def test_cli_models_and_cosine_json():
 
 
 def test_environment_yml_lists_the_same_dependencies_as_pyproject():
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pyproject = project["dependencies"] + project["optional-dependencies"]["slurm"]
     lines = (ROOT / "environment.yml").read_text().splitlines()
     start = lines.index("  - pip:")
     conda_pip = [l.strip()[2:] for l in lines[start + 1 :] if l.strip().startswith("- ") and l.strip() != "- -e ."]

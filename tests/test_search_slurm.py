@@ -1,0 +1,188 @@
+"""``search --shards N``: every shard without a result, here (``--executor local``) or as one job array through
+submitit (``--executor slurm``, on a real single-node Slurm: tests marked ``slurm``, see conftest's slurm_cluster)."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qklib import cli, load_model, search
+from qklib.core.cluster import ClusterError, SlurmOptions, make_executor, parse_slurm_args, wait
+from qklib.search.cluster import ShardTask, checkpoint_done, checkpoint_path, shard_status
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "random:vit_small_patch16_224"  # random init: no download; 12 blocks, so a shard runs for seconds
+COMMON = ["--model", MODEL, "--no-progress", "-k", "4", "--batch-size", "4"]
+
+
+def write_images(root: Path, count: int, seed: int = 0) -> Path:
+    """``count`` random 40 x 40 PNGs in four class folders, plus one damaged file ``c1/broken.png``."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        folder = root / f"c{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"im{i:03d}.png")
+    (root / "c1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return root
+
+
+def assert_same(merged: search.SearchResult, single: search.SearchResult) -> None:
+    """The same images in the same order, scores equal up to float32 rounding, the same bookkeeping."""
+    assert merged.files == single.files
+    assert np.array_equal(merged.index, single.index)
+    finite = np.isfinite(single.scores)
+    assert np.array_equal(finite, np.isfinite(merged.scores))
+    assert np.allclose(merged.scores[finite], single.scores[finite], rtol=1e-5, atol=1e-6)
+    assert (merged.n_images, merged.n_files, merged.skipped) == (single.n_images, single.n_files, single.skipped)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """80 images and a damaged one, and the single-run result of the options every test here uses."""
+    root = write_images(tmp_path_factory.mktemp("images"), 80)
+    single = search.search(load_model(MODEL), root, k=4, batch_size=4, progress=False)
+    return root, single
+
+
+# ------------------------------------------------------------------------------------- without Slurm
+
+
+def test_local_shards_equal_one_run_and_never_import_submitit(data, tmp_path):
+    """--executor local (the default) runs the missing shards here and merges them; submitit is never imported."""
+    root, single = data
+    out = tmp_path / "out"
+    code = (f"import sys; from qklib.cli import main; code = main({['search', str(root), '--out', str(out), '--shards', '3', *COMMON]!r}); "
+            "assert 'submitit' not in sys.modules, 'submitit was imported'; sys.exit(code)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "merged the 3 shards" in run.stdout and "skipped c1/broken.png" in run.stdout
+    assert_same(search.load_result(out / "search.npz"), single)
+    # The same command again: nothing is missing, nothing runs again, the merge is the same.
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.npz")}
+    assert cli.main(["search", str(root), "--out", str(out), "--shards", "3", *COMMON]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.npz")} == before
+
+
+def test_shard_status_reads_the_folder(data, tmp_path):
+    """Done, missing, damaged (missing, noted) and a foreign result (refused) are told apart from the files."""
+    root, _ = data
+    task = ShardTask(root=str(root), out=str(tmp_path), shards=4, model={"name": MODEL},
+                     options={"k": 4, "batch_size": 4, "limit": 12})
+    task(0)
+    (tmp_path / "shard-2-of-4.npz").write_bytes(b"PK\x03\x04 damaged")
+    status = shard_status(tmp_path, 4, root, k=4)
+    assert sorted(status.done) == [0] and status.missing == [1, 2, 3]
+    assert len(status.notes) == 1 and "shard-2-of-4.npz" in status.notes[0]
+    assert status.consumed[0] == 3  # files 0, 4, 8 of the first 12
+    with pytest.raises(ValueError, match="another search"):
+        shard_status(tmp_path, 4, root, k=8)
+    with pytest.raises(ValueError, match="another search"):
+        shard_status(tmp_path, 4, tmp_path, k=4)
+    assert checkpoint_done(tmp_path / "nothing.checkpoint") == 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--shards", "2", "--shard", "0/2"], "not both"),
+     (["--shards", "2", "--out", "x.npz"], "give a folder"),
+     (["--executor", "slurm"], "give --shards N"),
+     (["--shards", "2", "--executor", "slurm", "--slurm-arg", "mem"], "not KEY=VALUE"),
+     (["--shards", "2", "--executor", "slurm", "--time", "0"], "time must be >= 1 minute"),
+     (["--shards", "0"], "--shards must be >= 1")])
+def test_cli_refuses_bad_cluster_options(data, tmp_path, capsys, argv, message):
+    root, _ = data
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "o")]
+    assert cli.main(["search", str(root), *out, *COMMON, *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_slurm_args_and_options():
+    assert parse_slurm_args(["mem=16G", "--account=lab", "qos=high"]) == {"mem": "16G", "account": "lab", "qos": "high"}
+    with pytest.raises(ClusterError, match="KEY=VALUE"):
+        parse_slurm_args(["=3"])
+    with pytest.raises(ClusterError, match="unknown executor"):
+        make_executor("pbs", "/nonexistent", SlurmOptions())
+
+
+def test_submitit_local_executor_reports_a_failing_shard(data, tmp_path):
+    """Through submitit's LocalExecutor (no Slurm): a shard whose task raises is reported with its error's message,
+    and the others finish; the wait polls, it never blocks on a job handle."""
+    pytest.importorskip("submitit")
+    root, _ = data
+    task = ShardTask(root=str(root), out=str(tmp_path / "out"), shards=2, model={"name": MODEL},
+                     options={"k": 4, "batch_size": 4, "limit": 8})
+    checkpoint_path(task.result_path(1)).parent.mkdir(parents=True)
+    checkpoint_path(task.result_path(1)).write_bytes(b"damaged checkpoint")
+    executor = make_executor("submitit-local", tmp_path / "jobs", SlurmOptions(time_min=5))
+    jobs = executor.map_array(task, [0, 1])
+    states = wait(jobs, poll_s=0.5, timeout_s=300)
+    assert states == {0: "COMPLETED", 1: "FAILED"}
+    from qklib.search.cluster import failures
+
+    lines = failures(dict(zip([0, 1], jobs)), states, 2)
+    assert len(lines) == 1 and lines[0].startswith("shard 1/2") and "shard-1-of-2.npz.checkpoint" in lines[0]
+    assert "is damaged" in lines[0]
+
+
+# ------------------------------------------------------------------------------------- on a real Slurm
+
+
+def _qklib(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "qklib", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_four_shards_equal_one_run_and_name_the_damaged_image(slurm_cluster, data, tmp_path):
+    """A 4-shard search as one Slurm job array with --wait: progress lines, then exactly the single-run result; the
+    damaged image is skipped as in the single run and named in the report."""
+    root, single = data
+    out = tmp_path / "out"
+    run = _qklib("search", str(root), "--out", str(out), "--shards", "4", "--executor", "slurm", "--wait",
+                 "--time", "10", "--poll-seconds", "2", *COMMON)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "submitted job array" in run.stdout and "shards 0, 1, 2, 3 of 4" in run.stdout
+    assert "images/s" in run.stderr and "4 completed" in run.stderr
+    assert "skipped c1/broken.png: image" in run.stdout and "cannot be read as an image" in run.stdout
+    assert_same(search.load_result(out / "search.npz"), single)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_cancelled_shard_is_resubmitted_and_resumes(slurm_cluster, data, tmp_path):
+    """scancel one shard mid-run: the same command resubmits only that shard, which continues from its checkpoint,
+    and the merge equals the single run."""
+    root, single = data
+    out = tmp_path / "out"
+    args = ["search", str(root), "--out", str(out), "--shards", "2", "--executor", "slurm", "--time", "10",
+            "--checkpoint-every", "4", "--poll-seconds", "2", *COMMON]
+    first = _qklib(*args)
+    assert first.returncode == 0, first.stderr
+    array = first.stdout.split("submitted job array ")[1].split(":")[0]
+    checkpoint = checkpoint_path(out / "shard-1-of-2.npz")
+    deadline = time.monotonic() + 240
+    while checkpoint_done(checkpoint) < 8 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint_done(checkpoint) >= 8, "shard 1 never saved a checkpoint"
+    subprocess.run(["scancel", f"{array}_1"], check=True)
+    while time.monotonic() < deadline:  # the task ends (SIGKILL after KillWait) and shard 0 finishes
+        states = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", array], capture_output=True,
+                                text=True).stdout
+        if "CANCELLED" in states and "COMPLETED" in states:
+            break
+        time.sleep(1)
+    assert "CANCELLED" in states and not (out / "shard-1-of-2.npz").exists()
+    done_before = checkpoint_done(checkpoint)
+    assert 8 <= done_before < 40  # shard 1 has 40 of the 81 files
+    again = _qklib(*args, "--wait")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "shards 1 of 2 (1 already done)" in again.stdout
+    logs = sorted(out.glob(".submitit/*/*_0_log.out"), key=lambda p: p.stat().st_mtime)
+    assert f"resumed from its checkpoint at {done_before} of 40 files" in logs[-1].read_text()
+    assert_same(search.load_result(out / "search.npz"), single)
