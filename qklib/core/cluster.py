@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -189,3 +191,30 @@ def failure(job, state: str) -> str:
     except OSError:
         log = []
     return what + (f"; its log ends: {log[-1].strip()[:200]}" if log else "")
+
+
+@dataclass
+class Command:
+    """A command line to run as a cluster task (picklable): ``argv`` in ``cwd`` with ``env`` added. The task's
+    stdout and stderr go to the job's log; a nonzero exit raises RuntimeError ending with the command's last error
+    line, which :func:`failure` reports."""
+
+    argv: list[str]
+    cwd: str
+    env: dict[str, str] = field(default_factory=dict)
+    label: str = ""
+
+    def __call__(self) -> int:
+        run = subprocess.run(self.argv, cwd=self.cwd, env={**os.environ, **self.env}, stdout=sys.stdout,
+                             stderr=subprocess.PIPE, text=True)
+        sys.stderr.write(run.stderr)
+        if run.returncode != 0:
+            lines = [line for line in run.stderr.splitlines() if line.strip()]
+            raise RuntimeError(f"{self.label or self.argv[0]} exited with {run.returncode}: "
+                               f"{lines[-1].strip() if lines else 'no error output'}")
+        return 0
+
+
+def run_command(command: Command) -> int:
+    """``command()``: what an array of :class:`Command` maps over (``executor.map_array(run_command, commands)``)."""
+    return command()

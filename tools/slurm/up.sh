@@ -17,7 +17,7 @@ packages="slurm-wlm slurmdbd munge mariadb-server"
 if [ $install = 1 ]; then
   command -v slurmctld >/dev/null && command -v slurmdbd >/dev/null && command -v munged >/dev/null \
     && command -v mariadbd >/dev/null \
-    || { export DEBIAN_FRONTEND=noninteractive; apt-get update -q && apt-get install -y -q --no-install-recommends $packages; }
+    || { export DEBIAN_FRONTEND=noninteractive; { apt-get update -q && apt-get install -y -q --no-install-recommends $packages; } >&2; }
 fi
 for tool in slurmctld slurmd slurmdbd munged mungekey mariadbd mariadb-install-db mariadb sacctmgr sinfo setpriv; do
   command -v $tool >/dev/null || { echo "up.sh: $tool not found: apt-get install $packages (or run up.sh --install)" >&2; exit 3; }
