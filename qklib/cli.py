@@ -16,12 +16,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+from .core.cluster import KINDS, ClusterError, SlurmOptions, array_id, launch_folder, make_executor, parse_slurm_args, wait
+from .core.images import image_files
 from .core.models import DEFAULT_MODEL, RANDOM, ModelError, convert, load_model, model_name
 from .core.official import IJEPA_PARTS, PREDICTOR_ARCH
 from .core.paper_models import format_table, models_table
 from .core.svd import NULL_DRAWS, NULL_SEED, layer_null_band, null_band, qk_svd
-from .core.cluster import KINDS, ClusterError, SlurmOptions, array_id, launch_folder, make_executor, parse_slurm_args, wait
-from .core.images import image_files
 from .search import MergeError, merge, parse_shard, search, shard_filename
 from .search.checkpoint import DEFAULT_EVERY, DEFAULT_SECONDS, Checkpoint
 from .search.cluster import Progress, ShardTask, failures, merge_shards, shard_status
@@ -150,8 +150,8 @@ def _cli_search(args) -> int:
     if args.shards is not None:
         return _cli_search_sharded(args)
     if args.executor != "local" or args.wait:
-        raise ValueError(f"--executor {args.executor}{' and --wait' if args.wait else ''} run(s) the shards of "
-                         "--shards N; give --shards N")
+        given = f"--executor {args.executor}" if args.executor != "local" else "--wait"
+        raise ValueError(f"{given} acts on the shards of --shards N; give --shards N")
     shard, out, checkpoint_path = _search_paths(args)
     if args.checkpoint_every < 0 or args.checkpoint_seconds < 0:
         raise ValueError("--checkpoint-every and --checkpoint-seconds must be >= 0 (0 turns that trigger off)")
@@ -197,6 +197,8 @@ def _shard_task(args) -> ShardTask:
                          f"--out {args.out} names a file: give a folder")
     if args.checkpoint:
         raise ValueError("--checkpoint names one file; with --shards N each shard keeps its checkpoint beside its result")
+    if args.checkpoint_every < 0 or args.checkpoint_seconds < 0:
+        raise ValueError("--checkpoint-every and --checkpoint-seconds must be >= 0 (0 turns that trigger off)")
     device = args.device or ("cuda" if args.gpus_per_task else "cpu")
     seconds = args.checkpoint_seconds
     if args.executor != "local":
@@ -253,8 +255,13 @@ def _cli_search_sharded(args) -> int:
               f"{out / 'search.npz'}")
         return 0
     total = len(image_files(task.root)[: args.limit] if args.limit else image_files(task.root))
-    states = wait(list(jobs.values()), poll_s=args.poll_seconds,
-                  report=Progress(out, task.shards, task.root, jobs, total))
+    try:
+        states = wait(list(jobs.values()), poll_s=args.poll_seconds,
+                      report=Progress(out, task.shards, task.root, jobs, total))
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job array {array_id(list(jobs.values()))} keeps running (squeue shows it, "
+              "scancel stops it); once it has ended, run this command again to merge", file=sys.stderr)
+        return 130
     problems = failures(jobs, states, task.shards)
     if problems:
         for line in problems:

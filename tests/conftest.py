@@ -140,7 +140,7 @@ def _no_slurm(reason: str):
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
+def slurm_cluster():
     """A Slurm that submitit can use, with accounting (``sacct``): the one ``$SLURM_CONF`` names when ``sinfo``
     answers, else a single-node one brought up by ``tools/slurm/up.sh`` (as root, with Debian's slurm-wlm, slurmdbd,
     munge and mariadb-server installed) and taken down by ``tools/slurm/down.sh`` at the end of the session.
@@ -163,10 +163,14 @@ def slurm_cluster(tmp_path_factory):
     if os.geteuid() != 0:
         _no_slurm("a single-node Slurm is brought up by tools/slurm/up.sh as root only; run the tests as root, or "
                   "point SLURM_CONF at a running cluster")
-    folder = tmp_path_factory.mktemp("slurm")
+    import tempfile
+
+    # Not under pytest's basetemp: its /tmp/pytest-of-USER is 0700, and munged, as the munge user, must reach it.
+    folder = Path(tempfile.mkdtemp(prefix="qklib-slurm-"))
     started = time.monotonic()
     run = subprocess.run(["bash", str(SLURM_UP), str(folder)], capture_output=True, text=True, timeout=180)
     if run.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
         _no_slurm(f"tools/slurm/up.sh failed (exit {run.returncode}): {run.stderr.strip()[-2000:]}")
     print(f"single-node Slurm up in {time.monotonic() - started:.1f} s ({folder})")
     previous = os.environ.get("SLURM_CONF")

@@ -235,12 +235,12 @@ def test_cluster_runs_name_the_failing_model_and_build_an_index(tmp_path):
     options = SlurmOptions(time_min=5)
     with pytest.raises(build_book.BuildError) as failure:
         build_book.cluster_execute(["over"], {"over": {"models": ["a", "bad-one"]}}, "submitit-local", options,
-                                   executed=executed, notebooks=notebooks, poll_s=0.5)
+                                   executed=executed, notebooks=notebooks, poll_s=0.5, jobs_folder=tmp_path / "jobs")
     message = str(failure.value)
     assert message.startswith("1 of 2 runs failed") and "over (over__01-bad-one, job" in message
     assert "unknown model 'bad-one'" in message and not (executed / "over.ipynb").exists()
     stems = build_book.cluster_execute(["over"], {"over": {}}, "submitit-local", options, executed=executed,
-                                       notebooks=notebooks, poll_s=0.5)
+                                       notebooks=notebooks, poll_s=0.5, jobs_folder=tmp_path / "jobs")
     assert stems == {"over": ["over__00-a", "over__01-b"]}
     for stem, model in (("over__00-a", "a"), ("over__01-b", "b")):
         page = nbformat.read(executed / f"{stem}.ipynb", 4)
@@ -263,9 +263,10 @@ def test_slurm_runs_a_chapter_once_per_model_and_joins_their_ledger_records(slur
     from qklib.core.cluster import SlurmOptions
 
     models = ["random:vit_tiny_patch16_224", "random:deit_tiny_patch16_224"]
-    parameters = {"s4_cosine": {"models": models, "max_images": 2, "resamples": 200}}
+    parameters = {"s4_cosine": {"models": models, "max_images": 2, "resamples": 200,
+                                "results_dir": str(tmp_path / "results")}}
     stems = build_book.cluster_execute(["s4_cosine"], parameters, "slurm", SlurmOptions(time_min=10), executed=tmp_path,
-                                       poll_s=2)
+                                       poll_s=2, jobs_folder=tmp_path / "jobs")
     assert stems == {"s4_cosine": ["s4_cosine__00-random-vit_tiny_patch16_224",
                                    "s4_cosine__01-random-deit_tiny_patch16_224"]}
     parts = [ledger.record_from_notebook(tmp_path / f"{stem}.ipynb", "s4_cosine")

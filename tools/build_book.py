@@ -662,17 +662,19 @@ def chapter_sections(present: list[str], executed: Path = EXECUTED) -> dict[str,
 
 
 def cluster_execute(selected: list[str], parameters: dict[str, dict], kind: str, options, *,
-                    executed: Path = EXECUTED, notebooks: Path = NOTEBOOKS, poll_s: float = 10.0) -> dict:
+                    executed: Path = EXECUTED, notebooks: Path = NOTEBOOKS, poll_s: float = 10.0,
+                    jobs_folder: Path = ROOT / "_build" / "submitit") -> dict:
     """Every (chapter, model) run of ``selected`` as one task of a job array (``kind``: ``slurm`` or
     ``submitit-local``), followed until all end; then each chapter run on several models gets its index page.
-    Returns ``{chapter: [stems]}``. A failed task stops the build with each failure (chapter, model, error)."""
+    Returns ``{chapter: [stems]}``. A failed task stops the build with each failure (chapter, model, error).
+    submitit's job files and logs go to a new folder under ``jobs_folder`` (one per launch)."""
     from qklib.core.cluster import Command, array_id, failure, launch_folder, make_executor, run_command, wait
 
     runs = [(name, stem, values) for name in selected for stem, values in model_runs(name, parameters[name], notebooks)]
     commands = [Command([sys.executable, str(Path(__file__).resolve()), "--execute-one", name, stem,
                          json.dumps(values), "--executed", str(executed), "--notebooks", str(notebooks)],
                         cwd=str(ROOT), label=f"{name} ({stem})") for name, stem, values in runs]
-    folder = launch_folder(ROOT / "_build" / "submitit")
+    folder = launch_folder(jobs_folder)
     jobs = make_executor(kind, folder, options).map_array(run_command, commands)
     print(f"execute: {len(jobs)} runs as job array {array_id(jobs)} ({kind}); logs in {shown(folder)}", flush=True)
     last = []

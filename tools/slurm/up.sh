@@ -27,6 +27,12 @@ mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 if [ -e "$dir/pids" ]; then echo "up.sh: $dir/pids exists: a cluster runs there; tools/slurm/down.sh $dir first" >&2; exit 2; fi
 chmod 755 "$dir"
+trap 'echo "up.sh: line $LINENO failed: $BASH_COMMAND" >&2' ERR
+if ! setpriv --reuid=munge --regid=munge --init-groups test -x "$dir"; then
+  echo "up.sh: the munge user cannot reach $dir (a parent folder is not world-executable, e.g. mode 0700);" \
+       "give a folder under /tmp" >&2
+  exit 2
+fi
 port=${QKLIB_SLURM_PORT:-16817}
 host=$(hostname -s)
 start=$SECONDS
@@ -51,7 +57,7 @@ wait_for() {  # what, log, command...: poll every 0.2 s for up to 60 s while the
 
 # munge: its own key and socket, run as the munge user (munged refuses root-owned state).
 chown munge:munge "$dir/munge"; chmod 755 "$dir/munge"  # clients need x on the socket's folder
-setpriv --reuid=munge --regid=munge --init-groups mungekey --create --keyfile="$dir/munge/munge.key" 2>/dev/null
+setpriv --reuid=munge --regid=munge --init-groups mungekey --create --keyfile="$dir/munge/munge.key"
 setsid setpriv --reuid=munge --regid=munge --init-groups munged --foreground --socket="$dir/munge/munge.socket" \
   --key-file="$dir/munge/munge.key" --pid-file="$dir/munge/munged.pid" --seed-file="$dir/munge/munge.seed" \
   --log-file="$dir/munge/munged.log" > "$dir/log/munged.out" 2>&1 < /dev/null &
