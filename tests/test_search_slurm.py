@@ -158,8 +158,9 @@ def test_slurm_four_shards_equal_one_run_and_name_the_damaged_image(slurm_cluste
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_slurm_cancelled_shard_is_resubmitted_and_resumes(slurm_cluster, data, tmp_path):
-    """scancel one shard mid-run: the same command resubmits only that shard, which continues from its checkpoint,
-    and the merge equals the single run."""
+    """Mid-run, shard 0 is preempted (SIGUSR2, Slurm's warning before a kill) and shard 1 cancelled (scancel): shard 0
+    requeues itself and continues from its checkpoint; the same command again resubmits only shard 1, which continues
+    from its checkpoint; the merge equals the single run."""
     root, _ = data
     single = search.search(load_model(SLOWER), root, k=4, batch_size=4, progress=False)
     out = tmp_path / "out"
@@ -168,21 +169,19 @@ def test_slurm_cancelled_shard_is_resubmitted_and_resumes(slurm_cluster, data, t
     first = _qklib(*args)
     assert first.returncode == 0, first.stderr
     array = first.stdout.split("submitted job array ")[1].split(":")[0]
-    checkpoint = checkpoint_path(out / "shard-1-of-2.npz")
+    checkpoints = [checkpoint_path(out / f"shard-{i}-of-2.npz") for i in range(2)]
     deadline = time.monotonic() + 240
-    while checkpoint_done(checkpoint) < 4 and time.monotonic() < deadline:
+    while min(map(checkpoint_done, checkpoints)) < 4 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert checkpoint_done(checkpoint) >= 4, "shard 1 never saved a checkpoint"
+    assert min(map(checkpoint_done, checkpoints)) >= 4, "a shard never saved a checkpoint"
     # SIGKILL at once: submitit ignores scancel's SIGTERM, and within KillWait a fast shard could finish anyway.
     subprocess.run(["scancel", "--signal=KILL", "--full", f"{array}_1"], check=True)
-    while time.monotonic() < deadline:  # the task is cancelled and shard 0 finishes
-        states = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", array], capture_output=True,
-                                text=True).stdout
-        if "CANCELLED" in states and "COMPLETED" in states:
-            break
-        time.sleep(1)
-    assert "CANCELLED" in states and not (out / "shard-1-of-2.npz").exists()
-    done_before = checkpoint_done(checkpoint)
+    subprocess.run(["scancel", "--signal=USR2", f"{array}_0"], check=True)
+    states = _follow(array, deadline)
+    assert states == {"0": "COMPLETED", "1": "CANCELLED"} and not (out / "shard-1-of-2.npz").exists()
+    log = (next(out.glob(f".submitit/*/{array}_0_0_log.out"))).read_text()
+    assert "Caught signal SIGUSR2" in log and "shard 0/2: resumed from its checkpoint at" in log
+    done_before = checkpoint_done(checkpoints[1])
     assert 4 <= done_before < 40  # shard 1 has 40 of the 81 files
     again = _qklib(*args, "--wait")
     assert again.returncode == 0, again.stdout + again.stderr
@@ -190,3 +189,20 @@ def test_slurm_cancelled_shard_is_resubmitted_and_resumes(slurm_cluster, data, t
     logs = sorted(out.glob(".submitit/*/*_0_log.out"), key=lambda p: p.stat().st_mtime)
     assert f"resumed from its checkpoint at {done_before} of 40 files" in logs[-1].read_text()
     assert_same(search.load_result(out / "search.npz"), single)
+
+
+def _follow(array: str, deadline: float) -> dict[str, str]:
+    """The final state of each task of ``array`` ({task: state}); a task requeued by a preemption starts again at once
+    (Slurm would hold it for about two minutes)."""
+    states = {}
+    while time.monotonic() < deadline:
+        if subprocess.run(["squeue", "-h", "-j", array, "-t", "PENDING", "-o", "%i"], capture_output=True,
+                          text=True).stdout.strip():
+            subprocess.run(["scontrol", "update", f"JobId={array}", "StartTime=now"], capture_output=True)
+        lines = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", array], capture_output=True,
+                               text=True).stdout.splitlines()
+        states = {job.split("_")[-1]: state.split()[0] for job, state in (line.split("|") for line in lines if line)}
+        if states and all(state in ("COMPLETED", "CANCELLED", "FAILED") for state in states.values()):
+            return states
+        time.sleep(1)
+    return states

@@ -94,6 +94,7 @@ CONF
 chmod 600 "$dir/slurmdbd.conf"
 # The node line is what this machine reports (slurmd -C), less UpTime.
 node=$(slurmd -C | head -n 1)
+node_name=$(echo "$node" | sed -n 's/^NodeName=\([^ ]*\).*/\1/p')
 cat > "$dir/slurm.conf" <<CONF
 ClusterName=qklib
 SlurmctldHost=$host
@@ -124,7 +125,7 @@ MinJobAge=300
 ReturnToService=2
 SchedulerParameters=sched_interval=1
 $node
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=$node_name Default=YES MaxTime=INFINITE State=UP
 CONF
 cat > "$dir/env" <<CONF
 export SLURM_CONF=$dir/slurm.conf  # slurmdbd reads slurmdbd.conf beside it
@@ -140,7 +141,7 @@ record slurmctld $!
 wait_for slurmctld "$dir/log/slurmctld.log" scontrol ping
 setsid slurmd -D -f "$dir/slurm.conf" > "$dir/log/slurmd.out" 2>&1 < /dev/null &
 record slurmd $!
-wait_for slurmd "$dir/log/slurmd.log" bash -c "sinfo -h -n '$host' -o %T | grep -qx idle"
+wait_for slurmd "$dir/log/slurmd.log" bash -c "sinfo -h -n '$node_name' -o %T | grep -qx idle"
 wait_for "accounting (sacct)" "$dir/log/slurmdbd.log" sacct -n -X
 echo "up.sh: single-node Slurm up in $((SECONDS - start)) s: source $dir/env; stop with tools/slurm/down.sh $dir" >&2
 echo "$dir"
