@@ -24,7 +24,7 @@ from .core.paper_models import format_table, models_table
 from .core.svd import NULL_DRAWS, NULL_SEED, layer_null_band, null_band, qk_svd
 from .search import MergeError, merge, parse_shard, search, shard_filename
 from .search.checkpoint import DEFAULT_EVERY, DEFAULT_SECONDS, Checkpoint
-from .search.cluster import Progress, ShardTask, failures, merge_shards, shard_status
+from .search.cluster import Progress, ShardTask, failures, merge_shards, record_launch, shard_status, still_queued
 
 # Python spellings in library messages -> the command line's.
 _CLI_SYNTAX = [
@@ -242,10 +242,16 @@ def _cli_search_sharded(args) -> int:
             print(f"shard {index}/{task.shards} ...", file=sys.stderr, flush=True)
             task(index)
         return _merge_report(out, task.shards)
+    running = still_queued(out, status.missing) if args.executor == "slurm" else {}
+    if running:
+        listed = ", ".join(f"{shard} (job {job})" for shard, job in sorted(running.items()))
+        raise ValueError(f"shards {listed} are still queued or running from an earlier launch: wait for them "
+                         f"(squeue -j {sorted(running.values())[0].split('_')[0]}) or scancel them, then run this again")
     out.mkdir(parents=True, exist_ok=True)
     folder = launch_folder(out / ".submitit")
     executor = make_executor(args.executor, folder, options)
     jobs = dict(zip(status.missing, executor.map_array(task, status.missing)))
+    record_launch(folder, jobs)
     print(f"submitted job array {array_id(list(jobs.values()))}: shards {listed} of {task.shards} "
           f"({len(status.done)} already done); job files and logs in {folder}", flush=True)
     if not args.wait:

@@ -157,7 +157,7 @@ def test_slurm_four_shards_equal_one_run_and_name_the_damaged_image(slurm_cluste
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_slurm_cancelled_shard_is_resubmitted_and_resumes(slurm_cluster, data, tmp_path):
+def test_slurm_cancelled_shard_is_resubmitted_and_resumes(slurm_cluster, data, tmp_path, capsys):
     """Mid-run, shard 0 is preempted (SIGUSR2, Slurm's warning before a kill) and shard 1 cancelled (scancel): shard 0
     requeues itself and continues from its checkpoint; the same command again resubmits only shard 1, which continues
     from its checkpoint; the merge equals the single run."""
@@ -171,12 +171,19 @@ def test_slurm_cancelled_shard_is_resubmitted_and_resumes(slurm_cluster, data, t
     array = first.stdout.split("submitted job array ")[1].split(":")[0]
     checkpoints = [checkpoint_path(out / f"shard-{i}-of-2.npz") for i in range(2)]
     deadline = time.monotonic() + 240
-    while min(map(checkpoint_done, checkpoints)) < 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert min(map(checkpoint_done, checkpoints)) >= 4, "a shard never saved a checkpoint"
-    # SIGKILL at once: submitit ignores scancel's SIGTERM, and within KillWait a fast shard could finish anyway.
-    subprocess.run(["scancel", "--signal=KILL", "--full", f"{array}_1"], check=True)
-    subprocess.run(["scancel", "--signal=USR2", f"{array}_0"], check=True)
+    # Each shard is hit as soon as its checkpoint holds 4 files: shard 1 by SIGKILL at once (submitit ignores
+    # scancel's SIGTERM, and within KillWait a fast shard could finish anyway), shard 0 by SIGUSR2.
+    signals = {1: ["--signal=KILL", "--full"], 0: ["--signal=USR2"]}
+    while signals and time.monotonic() < deadline:
+        for shard in [s for s in signals if checkpoint_done(checkpoints[s]) >= 4]:
+            subprocess.run(["scancel", *signals.pop(shard), f"{array}_{shard}"], check=True)
+        time.sleep(0.02)
+    assert not signals, f"shards {sorted(signals)} never saved a checkpoint"
+    while not _pending(array) and time.monotonic() < deadline:  # shard 0 requeued; Slurm holds it for a while
+        time.sleep(0.2)
+    assert cli.main(args) == 2  # meanwhile the same command submits nothing, not even the cancelled shard 1
+    refused = capsys.readouterr().err  # shard 1 may still be listed while Slurm finishes killing it
+    assert f"shards 0 (job {array}_0)" in refused and "are still queued or running from an earlier launch" in refused
     states = _follow(array, deadline)
     assert states == {"0": "COMPLETED", "1": "CANCELLED"} and not (out / "shard-1-of-2.npz").exists()
     log = (next(out.glob(f".submitit/*/{array}_0_0_log.out"))).read_text()
@@ -191,13 +198,17 @@ def test_slurm_cancelled_shard_is_resubmitted_and_resumes(slurm_cluster, data, t
     assert_same(search.load_result(out / "search.npz"), single)
 
 
+def _pending(array: str) -> bool:
+    return bool(subprocess.run(["squeue", "-h", "-j", array, "-t", "PENDING", "-o", "%i"], capture_output=True,
+                               text=True).stdout.strip())
+
+
 def _follow(array: str, deadline: float) -> dict[str, str]:
     """The final state of each task of ``array`` ({task: state}); a task requeued by a preemption starts again at once
     (Slurm would hold it for about two minutes)."""
     states = {}
     while time.monotonic() < deadline:
-        if subprocess.run(["squeue", "-h", "-j", array, "-t", "PENDING", "-o", "%i"], capture_output=True,
-                          text=True).stdout.strip():
+        if _pending(array):
             subprocess.run(["scontrol", "update", f"JobId={array}", "StartTime=now"], capture_output=True)
         lines = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", array], capture_output=True,
                                text=True).stdout.splitlines()

@@ -218,3 +218,16 @@ class Command:
 def run_command(command: Command) -> int:
     """``command()``: what an array of :class:`Command` maps over (``executor.map_array(run_command, commands)``)."""
     return command()
+
+
+def queued_tasks(array_ids: Sequence[str]) -> set[str]:
+    """The tasks (``"123_4"``) of the arrays ``array_ids`` that Slurm still has queued or running (``squeue``)."""
+    if not array_ids:
+        return set()
+    try:
+        run = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(array_ids)], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as problem:
+        raise ClusterError(f"squeue did not answer ({problem}); is this a Slurm login node?") from None
+    # squeue exits 1 for ids it no longer knows (all finished long ago): nothing queued then.
+    return {line.strip() for line in run.stdout.splitlines() if line.strip()}

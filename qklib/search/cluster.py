@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.cluster import failure, import_submitit
+from ..core.cluster import failure, import_submitit, queued_tasks
 from ..core.models import load_model
 from .checkpoint import Checkpoint
 from .results import READ_ERRORS, ResultError, SearchResult, load_result, merge, resolved_root, shard_filename
@@ -169,3 +169,26 @@ def failures(jobs: dict[int, object], states: dict[int, str], shards: int) -> li
         if state != "COMPLETED":
             lines.append(f"shard {index}/{shards} (job {job.job_id}, {state}): {failure(job, state)}")
     return lines
+
+
+LAUNCH_RECORD = "shards.json"  # in each launch's folder: {"array": id, "tasks": {task id: shard}}
+
+
+def record_launch(folder: Path, jobs: dict[int, object]) -> None:
+    """Write which job runs which shard into the launch's ``folder``, for :func:`still_queued`."""
+    tasks = {str(job.job_id): index for index, job in jobs.items()}
+    (Path(folder) / LAUNCH_RECORD).write_text(json.dumps({"tasks": tasks}))
+
+
+def still_queued(out: str | Path, shards: list[int]) -> dict[int, str]:
+    """``{shard: task id}`` of ``shards`` that an earlier launch into ``out`` still has queued or running in Slurm:
+    submitting them again would run them twice."""
+    launched: dict[str, int] = {}
+    for record in sorted(Path(out).glob(f".submitit/*/{LAUNCH_RECORD}")):
+        try:
+            launched.update(json.loads(record.read_text())["tasks"])
+        except (OSError, ValueError, KeyError):
+            continue
+    arrays = sorted({task.split("_")[0] for task, shard in launched.items() if shard in shards})
+    queued = queued_tasks(arrays)
+    return {shard: task for task, shard in launched.items() if shard in shards and task in queued}
