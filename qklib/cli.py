@@ -16,6 +16,8 @@ import textwrap
 from pathlib import Path
 
 from .core.messages import cli_syntax
+from .core.cluster import KINDS, ClusterError, SlurmOptions, array_id, launch_folder, make_executor, parse_slurm_args, wait
+from .core.images import image_files
 from .core.models import DEFAULT_MODEL, RANDOM, ModelError, convert, load_model, model_name
 from .core.official import IJEPA_PARTS, PREDICTOR_ARCH
 from .core.paper_models import format_table, models_table
@@ -23,6 +25,7 @@ from .core.provenance import provenance
 from .core.svd import NULL_DRAWS, NULL_SEED, layer_null_band, null_band, qk_svd
 from .search import MergeError, merge, parse_shard, search, shard_filename
 from .search.checkpoint import DEFAULT_EVERY, DEFAULT_SECONDS, Checkpoint
+from .search.cluster import Progress, ShardTask, failures, merge_shards, record_launch, shard_status, still_queued
 
 MODEL_HELP = ("model: a timm 'arch.tag', 'random:NAME' (the seeded random-init control of NAME's architecture) or "
               f"'hf:ORG/NAME' (a Hugging Face checkpoint in the local HF cache); default {DEFAULT_MODEL}, or with "
@@ -128,6 +131,11 @@ def _search_paths(args) -> tuple[tuple[int, int] | None, Path, Path]:
 
 
 def _cli_search(args) -> int:
+    if args.shards is not None:
+        return _cli_search_sharded(args)
+    if args.executor != "local" or args.wait:
+        given = f"--executor {args.executor}" if args.executor != "local" else "--wait"
+        raise ValueError(f"{given} acts on the shards of --shards N; give --shards N")
     shard, out, checkpoint_path = _search_paths(args)
     if args.checkpoint_every < 0 or args.checkpoint_seconds < 0:
         raise ValueError("--checkpoint-every and --checkpoint-seconds must be >= 0 (0 turns that trigger off)")
@@ -139,7 +147,7 @@ def _cli_search(args) -> int:
                   file=sys.stderr)
         else:
             print(f"no checkpoint at {checkpoint_path}: starting from the first file", file=sys.stderr)
-    model = _load(args, device=args.device)
+    model = _load(args, device=args.device or "cpu")
     try:
         result = search(model, args.root, layers=args.layers, heads=args.heads, modes=args.modes, k=args.top_k,
                         batch_size=args.batch_size, shard=shard, progress=not args.no_progress, limit=args.limit,
@@ -157,6 +165,101 @@ def _cli_search(args) -> int:
     if shard:
         print(f"when all {shard[1]} shards are done: python -m qklib search-merge {out.parent} --out {out.parent / 'search.npz'}")
     return 0
+
+
+# A shard task saves its state at least this often on a cluster: below submitit's signal delay (90 s) before a
+# preempted or timed-out task is killed, so that the requeued task loses at most this much work.
+CLUSTER_CHECKPOINT_SECONDS = 30.0
+
+
+def _shard_task(args) -> ShardTask:
+    """The shard task of ``search --shards N`` from the command line's options, checked."""
+    if args.shard:
+        raise ValueError("give either --shard i/n (one shard, here) or --shards N (all N shards), not both")
+    if Path(args.out).suffix == ".npz":
+        raise ValueError(f"--shards N writes a folder of shard results (shard-I-of-N.npz and search.npz); "
+                         f"--out {args.out} names a file: give a folder")
+    if args.checkpoint:
+        raise ValueError("--checkpoint names one file; with --shards N each shard keeps its checkpoint beside its result")
+    if args.checkpoint_every < 0 or args.checkpoint_seconds < 0:
+        raise ValueError("--checkpoint-every and --checkpoint-seconds must be >= 0 (0 turns that trigger off)")
+    device = args.device or ("cuda" if args.gpus_per_task else "cpu")
+    seconds = args.checkpoint_seconds
+    if args.executor != "local":
+        seconds = min(seconds, CLUSTER_CHECKPOINT_SECONDS) if seconds else CLUSTER_CHECKPOINT_SECONDS
+    options = {"layers": args.layers, "heads": args.heads, "modes": args.modes, "k": args.top_k,
+               "batch_size": args.batch_size, "limit": args.limit, "precision": args.precision}
+    model = {"name": args.model, "weights": args.weights, "part": args.part, "seed": args.seed}
+    return ShardTask(root=str(Path(args.root).expanduser().resolve()), out=str(Path(args.out).resolve()),
+                     shards=args.shards, model=model, options=options, device=device,
+                     checkpoint_every=args.checkpoint_every, checkpoint_seconds=seconds)
+
+
+def _slurm_options(args) -> SlurmOptions:
+    return SlurmOptions(partition=args.partition, gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
+                        time_min=args.time, array_parallelism=args.array_parallelism, setup=list(args.slurm_setup),
+                        extra=parse_slurm_args(args.slurm_arg), job_name="qklib-search")
+
+
+def _merge_report(out: Path, shards: int) -> int:
+    result, path = merge_shards(out, shards)
+    print(result.summary())
+    print(f"merged the {shards} shards into {path}")
+    return 0
+
+
+def _cli_search_sharded(args) -> int:
+    """``search ROOT --shards N``: every shard without a result, here one after another (``--executor local``) or as
+    one job array; then, when all N are there, their merge into OUT/search.npz."""
+    task = _shard_task(args)
+    options = _slurm_options(args) if args.executor != "local" else None  # checks the options before any work
+    out = Path(task.out)
+    status = shard_status(out, task.shards, task.root, args.top_k)
+    for note in status.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not status.missing:
+        print(f"all {task.shards} shards have a result in {out}")
+        return _merge_report(out, task.shards)
+    listed = ", ".join(str(i) for i in status.missing)
+    if args.executor == "local":
+        for index in status.missing:
+            print(f"shard {index}/{task.shards} ...", file=sys.stderr, flush=True)
+            task(index)
+        return _merge_report(out, task.shards)
+    running = still_queued(out, status.missing) if args.executor == "slurm" else {}
+    if running:
+        listed = ", ".join(f"{shard} (job {job})" for shard, job in sorted(running.items()))
+        raise ValueError(f"shards {listed} are still queued or running from an earlier launch: wait for them "
+                         f"(squeue -j {sorted(running.values())[0].split('_')[0]}) or scancel them, then run this again")
+    out.mkdir(parents=True, exist_ok=True)
+    folder = launch_folder(out / ".submitit")
+    executor = make_executor(args.executor, folder, options)
+    jobs = dict(zip(status.missing, executor.map_array(task, status.missing)))
+    record_launch(folder, jobs)
+    print(f"submitted job array {array_id(list(jobs.values()))}: shards {listed} of {task.shards} "
+          f"({len(status.done)} already done); job files and logs in {folder}", flush=True)
+    if not args.wait:
+        print(f"follow it with: squeue -j {array_id(list(jobs.values()))}\nwhen it has finished, run this command "
+              "again: it merges the shards into search.npz, or resubmits only the shards without a result (each "
+              f"continues from its checkpoint); or merge by hand: python -m qklib search-merge {out} --out "
+              f"{out / 'search.npz'}")
+        return 0
+    total = len(image_files(task.root)[: args.limit] if args.limit else image_files(task.root))
+    try:
+        states = wait(list(jobs.values()), poll_s=args.poll_seconds,
+                      report=Progress(out, task.shards, task.root, jobs, total))
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job array {array_id(list(jobs.values()))} keeps running (squeue shows it, "
+              "scancel stops it); once it has ended, run this command again to merge", file=sys.stderr)
+        return 130
+    problems = failures(jobs, states, task.shards)
+    if problems:
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        print(f"{len(problems)} of {len(jobs)} shards did not finish; after fixing the cause, run the same command "
+              "again: it resubmits only these shards, each continuing from its checkpoint", file=sys.stderr)
+        return 1
+    return _merge_report(out, task.shards)
 
 
 def _cli_merge(args) -> int:
@@ -239,7 +342,7 @@ def _add_search(subparsers) -> None:
     cmd.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     cmd.add_argument("--shard", help="'i/n': score files i::n of the sorted list (0-based i); merge with search-merge")
     cmd.add_argument("--limit", type=int, help="score only the first LIMIT files of the sorted list")
-    cmd.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    cmd.add_argument("--device", default=None, help="torch device (default cpu; cuda with --gpus-per-task)")
     cmd.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "tf32"],
                      help="forward pass precision (default fp32; tf32 acts on CUDA only; projections stay float32)")
     cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -251,6 +354,7 @@ def _add_search(subparsers) -> None:
                      help=f"save the running state every N images (default {DEFAULT_EVERY}; 0: off)")
     cmd.add_argument("--checkpoint-seconds", type=float, default=DEFAULT_SECONDS, metavar="T",
                      help=f"... and at least every T seconds (default {DEFAULT_SECONDS:g}; 0: off)")
+    _add_cluster_options(cmd)
     cmd.set_defaults(run=_cli_search)
 
     merge_cmd = subparsers.add_parser("search-merge", description="Merge the shard results of 'search --shard i/n' into exactly the "
@@ -259,6 +363,31 @@ def _add_search(subparsers) -> None:
     merge_cmd.add_argument("--out", required=True, help="merged result (.npz)")
     merge_cmd.add_argument("--allow-partial", action="store_true", help="merge even if some shards are missing")
     merge_cmd.set_defaults(run=_cli_merge)
+
+
+def _add_cluster_options(cmd) -> None:
+    """``search --shards N`` and the job array's options (Slurm through submitit; see README "On a Slurm cluster")."""
+    group = cmd.add_argument_group(
+        "all shards at once", "--shards N searches every shard that has no result in the --out folder yet (files on "
+        "disk decide: the same command again runs only the missing or failed shards, each continuing from its "
+        "checkpoint), then merges them into OUT/search.npz")
+    group.add_argument("--shards", type=int, metavar="N", help="split the files into N shards (0..N-1)")
+    group.add_argument("--executor", default="local", choices=["local", *KINDS],
+                       help="local: the shards one after another in this process (default); slurm: one job array "
+                            "through submitit (pip install 'qklib[slurm]'); submitit-local: submitit's local "
+                            "subprocesses, for testing without Slurm")
+    group.add_argument("--wait", action="store_true", help="follow the jobs (shards done, images/s), then merge")
+    group.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
+    group.add_argument("--gpus-per-task", type=int, default=0, metavar="G", help="GPUs per shard (default 0)")
+    group.add_argument("--cpus-per-task", type=int, default=1, metavar="C", help="CPU cores per shard (default 1)")
+    group.add_argument("--time", type=int, default=60, metavar="MINUTES", help="time limit per shard (default 60); "
+                       "a shard that runs out is requeued and continues from its checkpoint")
+    group.add_argument("--array-parallelism", type=int, metavar="K", help="at most K shards run at once")
+    group.add_argument("--slurm-setup", action="append", default=[], metavar="LINE",
+                       help="shell line run before each shard, e.g. 'module load cuda' (repeatable)")
+    group.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="an sbatch option without its dashes, e.g. mem=16G or account=lab (repeatable)")
+    group.add_argument("--poll-seconds", type=float, default=10.0, metavar="S", help=argparse.SUPPRESS)
 
 
 def _stdout_closed() -> int:
@@ -281,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         return _stdout_closed()
     except MergeError as error:
         print(f"error: {error.cli_message}", file=sys.stderr)
+        return 2
+    except ClusterError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     except ModelError as error:
         print(f"error: {cli_syntax(error.cli)}", file=sys.stderr)

@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,70 @@ def write_o3_folder(root: Path, names=("a", "b"), layout=None, skip_mask=None):
 @pytest.fixture
 def write_o3():
     return write_o3_folder
+
+
+SLURM_UP = ROOT / "tools" / "slurm" / "up.sh"
+SLURM_DOWN = ROOT / "tools" / "slurm" / "down.sh"
+
+
+def _slurm_answers(env: dict) -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["sinfo", "-h"], env=env, capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _no_slurm(reason: str):
+    """Skip with the reason printed; under ``QKLIB_REQUIRE_SLURM=1`` (set by .ci/run) that is a failure."""
+    print(reason)
+    if os.environ.get("QKLIB_REQUIRE_SLURM") == "1":
+        pytest.fail(reason + " [QKLIB_REQUIRE_SLURM=1, so this is a failure]")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A Slurm that submitit can use, with accounting (``sacct``): the one ``$SLURM_CONF`` names when ``sinfo``
+    answers, else a single-node one brought up by ``tools/slurm/up.sh`` (as root, with Debian's slurm-wlm, slurmdbd,
+    munge and mariadb-server installed) and taken down by ``tools/slurm/down.sh`` at the end of the session.
+    Neither possible: skipped with the reason, a failure under ``QKLIB_REQUIRE_SLURM=1``."""
+    import shutil
+    import subprocess
+
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        _no_slurm("submitit is not installed: pip install -e '.[test]' (the Slurm tests drive Slurm through it)")
+    if os.environ.get("SLURM_CONF") and _slurm_answers(dict(os.environ)):
+        yield os.environ["SLURM_CONF"]
+        return
+    missing = [tool for tool in ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd", "sbatch", "sacct")
+               if shutil.which(tool) is None]
+    if missing:
+        _no_slurm(f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm slurmdbd munge "
+                  "mariadb-server, or tools/slurm/up.sh --install (as root)")
+    if os.geteuid() != 0:
+        _no_slurm("a single-node Slurm is brought up by tools/slurm/up.sh as root only; run the tests as root, or "
+                  "point SLURM_CONF at a running cluster")
+    import tempfile
+
+    # Not under pytest's basetemp: its /tmp/pytest-of-USER is 0700, and munged, as the munge user, must reach it.
+    folder = Path(tempfile.mkdtemp(prefix="qklib-slurm-"))
+    started = time.monotonic()
+    run = subprocess.run(["bash", str(SLURM_UP), str(folder)], capture_output=True, text=True, timeout=180)
+    if run.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        _no_slurm(f"tools/slurm/up.sh failed (exit {run.returncode}): {run.stderr.strip()[-2000:]}")
+    print(f"single-node Slurm up in {time.monotonic() - started:.1f} s ({folder})")
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(folder / "slurm.conf")
+    try:
+        yield os.environ["SLURM_CONF"]
+    finally:
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        subprocess.run(["bash", str(SLURM_DOWN), str(folder)], timeout=120)

@@ -194,3 +194,86 @@ def test_a_collapsed_cell_that_shows_nothing_leaves_no_empty_toggle(tmp_path):
                                                                 ["hide-input"]]
     assert notebook.cells[1].outputs  # the glued value stays: the page reads it
     assert notebook.metadata[build_book.RECORD_KEY] == {"inputs": "recorded"}
+
+
+# ------------------------------------------------------------------------------- on a cluster (issue 27 item 3)
+PER_MODEL = '''# %% [markdown]
+# # A chapter over models
+
+# %% tags=["parameters"]
+models = ["a", "b"]  # the models
+
+# %%
+bad = [m for m in models if m.startswith("bad")]
+if bad:
+    raise ValueError(f"unknown model {bad[0]!r}")
+print("ran on", models)
+'''
+
+
+def test_model_runs_split_a_chapter_per_model(tmp_path):
+    (tmp_path / "over.py").write_text(PER_MODEL)
+    assert build_book.model_runs("over", {}, tmp_path) == [("over__00-a", {"models": ["a"]}),
+                                                         ("over__01-b", {"models": ["b"]})]
+    assert build_book.model_runs("over", {"models": ["x/y z"]}, tmp_path) == [("over", {"models": ["x/y z"]})]
+    assert build_book.part_stem(3, {"name": "vit", "weights": "/w/f.safetensors"}).startswith("03-name-vit-weights-")
+    (tmp_path / "plain.py").write_text(TINY)
+    assert build_book.model_runs("plain", {"count": 3}, tmp_path) == [("plain", {"count": 3})]
+
+
+@pytest.mark.slow
+def test_cluster_runs_name_the_failing_model_and_build_an_index(tmp_path):
+    """Through submitit's LocalExecutor: each model's run is a task; a failing one stops the build naming the chapter,
+    the model and the error; when all succeed, the chapter's page is an index of one page per model, which the site's
+    toc lists under it."""
+    pytest.importorskip("submitit")
+    from qklib.core.cluster import SlurmOptions
+
+    notebooks, executed = tmp_path / "notebooks", tmp_path / "executed"
+    notebooks.mkdir()
+    (notebooks / "over.py").write_text(PER_MODEL)
+    options = SlurmOptions(time_min=5)
+    with pytest.raises(build_book.BuildError) as failure:
+        build_book.cluster_execute(["over"], {"over": {"models": ["a", "bad-one"]}}, "submitit-local", options,
+                                   executed=executed, notebooks=notebooks, poll_s=0.5, jobs_folder=tmp_path / "jobs")
+    message = str(failure.value)
+    assert message.startswith("1 of 2 runs failed") and "over (over__01-bad-one, job" in message
+    assert "unknown model 'bad-one'" in message and not (executed / "over.ipynb").exists()
+    stems = build_book.cluster_execute(["over"], {"over": {}}, "submitit-local", options, executed=executed,
+                                       notebooks=notebooks, poll_s=0.5, jobs_folder=tmp_path / "jobs")
+    assert stems == {"over": ["over__00-a", "over__01-b"]}
+    for stem, model in (("over__00-a", "a"), ("over__01-b", "b")):
+        page = nbformat.read(executed / f"{stem}.ipynb", 4)
+        assert page.cells[0].source.startswith(f"# A chapter over models ({model})")
+        assert f"ran on ['{model}']" in page.cells[-1].outputs[0]["text"]
+        assert page.metadata[build_book.RECORD_KEY]["parameters"] == {"models": [model]}
+    index = nbformat.read(executed / "over.ipynb", 4)
+    assert index.metadata[build_book.PARTS_KEY] == ["over__00-a", "over__01-b"]
+    assert "{doc}`over__00-a`" in index.cells[0].source and "{doc}`over__01-b`" in index.cells[0].source
+    sections = build_book.chapter_sections(["over"], executed)
+    assert sections == {"over": ["executed/over__00-a", "executed/over__01-b"]}
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_runs_a_chapter_once_per_model_and_joins_their_ledger_records(slurm_cluster, tmp_path):
+    """§4 on two random-init models as a two-task Slurm job array: a page per model, each with its own ledger
+    record, and an index page whose glued record joins them (what the claims ledger reads)."""
+    from qklib import ledger
+    from qklib.core.cluster import SlurmOptions
+
+    models = ["random:vit_tiny_patch16_224", "random:deit_tiny_patch16_224"]
+    parameters = {"s4_cosine": {"models": models, "max_images": 2, "resamples": 200,
+                                "results_dir": str(tmp_path / "results")}}
+    stems = build_book.cluster_execute(["s4_cosine"], parameters, "slurm", SlurmOptions(time_min=10), executed=tmp_path,
+                                       poll_s=2, jobs_folder=tmp_path / "jobs")
+    assert stems == {"s4_cosine": ["s4_cosine__00-random-vit_tiny_patch16_224",
+                                   "s4_cosine__01-random-deit_tiny_patch16_224"]}
+    parts = [ledger.record_from_notebook(tmp_path / f"{stem}.ipynb", "s4_cosine")
+             for stem in stems["s4_cosine"]]
+    assert [[entry["label"] for entry in part["models"]] for part in parts] == [
+        ["vit_tiny_patch16_224 (random init, seed 0)"], ["deit_tiny_patch16_224 (random init, seed 0)"]]
+    joined = ledger.record_from_notebook(tmp_path / "s4_cosine.ipynb", "s4_cosine")
+    assert joined["models"] == parts[0]["models"] + parts[1]["models"] and joined["data"] == parts[0]["data"]
+    toc = build_book.restricted_toc(["s4_cosine"], tmp_path / "toc.yml", (), build_book.chapter_sections(["s4_cosine"], tmp_path))
+    assert "file: executed/s4_cosine__01-random-deit_tiny_patch16_224" in toc.read_text()

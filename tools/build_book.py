@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from qklib import ledger  # noqa: E402
 from qklib.chapter import SPECS, declared_parameters, default_parameters, listing_digest, output_folder  # noqa: E402
+from qklib.core.cluster import ClusterError  # noqa: E402  (submitit itself is imported only for --executor slurm)
 from qklib.core.imgfocus import cache_dir as qklib_cache_dir  # noqa: E402
 from qklib.present.ledger import ledger_markdown  # noqa: E402
 NOTEBOOKS = ROOT / "notebooks"
@@ -122,9 +123,12 @@ def chapter_names(files: list[str]) -> list[str]:
     return [f[len(CHAPTER_PREFIX):] for f in files if f.startswith(CHAPTER_PREFIX)]
 
 
-def restricted_toc(only: list[str], path: Path, leave_out: tuple[str, ...] = ()) -> Path:
-    """A copy of _toc.yml keeping only the chapters in `only` and the other pages, except those in `leave_out`."""
+def restricted_toc(only: list[str], path: Path, leave_out: tuple[str, ...] = (),
+                   sections: dict[str, list[str]] | None = None) -> Path:
+    """A copy of _toc.yml keeping only the chapters in `only` and the other pages, except those in `leave_out`;
+    `sections` {chapter: [files]} adds per-model pages under a chapter run once per model (--executor slurm)."""
     toc = yaml.safe_load(TOC.read_text())
+    sections = sections or {}
     keep = {CHAPTER_PREFIX + name for name in only}
 
     def wanted(entry: dict) -> bool:
@@ -137,6 +141,9 @@ def restricted_toc(only: list[str], path: Path, leave_out: tuple[str, ...] = ())
                 node[key] = [c for c in node[key] if wanted(c)]
                 for child in node[key]:
                     prune(child)
+                    name = child.get("file", "")[len(CHAPTER_PREFIX):]
+                    if child.get("file", "").startswith(CHAPTER_PREFIX) and name in sections:
+                        child["sections"] = [{"file": file} for file in sections[name]]
         if "parts" in node:  # a part whose chapters all went is left out (Jupyter Book refuses an empty part)
             node["parts"] = [part for part in node["parts"] if part.get("chapters")]
 
@@ -301,30 +308,49 @@ def prepared(name: str, notebooks: Path = NOTEBOOKS):
     return notebook
 
 
+def retitle(notebook, suffix: str) -> str:
+    """Append `` (suffix)`` to the notebook's first ``# `` heading; returns the new title."""
+    for cell in notebook.cells:
+        if cell.cell_type != "markdown":
+            continue
+        lines = cell.source.splitlines()
+        for index, line in enumerate(lines):
+            if line.startswith("# "):
+                lines[index] = f"{line} ({suffix})"
+                cell.source = "\n".join(lines)
+                return lines[index][2:]
+    return suffix
+
+
 def shown(path: Path) -> Path:
     return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def execute(name: str, parameters: dict, workdir: Path, *, notebooks: Path = NOTEBOOKS, executed: Path = EXECUTED,
-            record: Callable[[], dict] | None = None) -> float:
+            record: Callable[[], dict] | None = None, stem: str | None = None) -> float:
     """notebooks/NAME.py -> executed/NAME.ipynb through papermill; returns seconds. Raises BuildError.
 
     papermill writes into a temporary file beside the result, renamed onto ``executed/NAME.ipynb`` only when
     the run succeeded (an atomic replace), so a failed or interrupted run never costs the last good chapter.
     A failed run is kept as ``executed/NAME.failed.ipynb`` for inspection (removed by the next good run).
-    ``record()`` (the run's inputs, :func:`chapter_inputs`) is written into the notebook's metadata after the run."""
+    ``record()`` (the run's inputs, :func:`chapter_inputs`) is written into the notebook's metadata after the run.
+    ``stem``: the executed file's name instead of NAME (one model's run of a chapter on a cluster)."""
     import jupytext
     import papermill
 
     notebook = prepared(name, notebooks)
-    unexecuted = workdir / f"{name}.ipynb"
+    stem = stem or name
+    unexecuted = workdir / f"{stem}.ipynb"
     jupytext.write(notebook, unexecuted, fmt="ipynb")
     executed.mkdir(parents=True, exist_ok=True)
-    output, failed = executed / f"{name}.ipynb", executed / f"{name}.failed.ipynb"
+    output, failed = executed / f"{stem}.ipynb", executed / f"{stem}.failed.ipynb"
     # papermill creates this file itself, so it gets the mode any new file gets (the umask), not mkstemp's 0600.
-    running = executed / f".{name}.{os.getpid()}.running.ipynb"
+    running = executed / f".{stem}.{os.getpid()}.running.ipynb"
     shown_parameters = ", ".join(f"{k}={v!r}" for k, v in parameters.items()) or "defaults"
     print(f"execute: {shown(notebooks / f'{name}.py')} -> {shown(output)} ({shown_parameters})", flush=True)
+    if stem != name:  # one model's run among others (--executor slurm): its title names the model
+        retitle(notebook, ", ".join(str(m) for m in parameters.get("models", [])))
+        jupytext.write(notebook, unexecuted, fmt="ipynb")
     started = time.perf_counter()
     try:
         papermill.execute_notebook(str(unexecuted), str(running), parameters=parameters, kernel_name="python3",
@@ -546,6 +572,132 @@ def execute_chapters(selected: list[str], parameters: dict[str, dict], *, force:
     return timings
 
 
+# ------------------------------------------------------------------------------------------ cluster
+# `--executor slurm`: every (chapter, model) run is one task of a Slurm job array (qklib.core.cluster, submitit).
+# A chapter run on several models becomes one page per model, executed/<name>__<NN>-<model>.ipynb (beside the
+# chapters, so that the text's relative links hold), under an index
+# page executed/<name>.ipynb that lists them and glues the models' ledger records joined into one, so that the
+# claims ledger judges every claim with every model's measurements.
+PARTS_KEY = "qklib_book_parts"  # the index notebook's metadata key: the stems of its per-model pages, in order
+
+
+def part_stem(index: int, model) -> str:
+    """A per-model page's file name: its position and the model spelled with safe characters."""
+    text = model if isinstance(model, str) else json.dumps(model, sort_keys=True)
+    return f"{index:02d}-{re.sub(r'[^A-Za-z0-9._-]+', '-', text).strip('-')[:80]}"
+
+
+def model_runs(name: str, parameters: dict, notebooks: Path = NOTEBOOKS) -> list[tuple[str, dict]]:
+    """``[(stem, parameters)]``: one run per model when the chapter runs on several models, else one run (stem
+    ``name``)."""
+    values = default_parameters(notebooks / f"{name}.py") | parameters
+    models = values.get("models")
+    if "models" not in declared_parameters(notebooks / f"{name}.py") or not isinstance(models, list) or len(models) < 2:
+        return [(name, parameters)]
+    return [(f"{name}__{part_stem(i, model)}", parameters | {"models": [model]}) for i, model in enumerate(models)]
+
+
+def run_one(name: str, stem: str, parameters: dict, executed: Path, notebooks: Path = NOTEBOOKS) -> float:
+    """One cluster task: execute chapter ``name`` with ``parameters`` into ``executed/<stem>.ipynb``, its inputs
+    recorded as a local run records them."""
+    shared = shared_inputs()
+    with tempfile.TemporaryDirectory(prefix="qklib-book-") as workdir:
+        return execute(name, parameters, Path(workdir), notebooks=notebooks, executed=executed, stem=stem,
+                       record=lambda: chapter_inputs(name, parameters, shared, notebooks=notebooks))
+
+
+def glued_record_output(path: Path, chapter: str) -> dict:
+    """The output cell in which ``path`` glued ``chapter``'s ledger record (a copy), or {} when it glued none."""
+    import nbformat
+
+    if chapter not in ledger.RECORD_NAMES:
+        return {}
+    for cell in nbformat.read(path, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            if output.get("metadata", {}).get("scrapbook", {}).get("name") == ledger.RECORD_NAMES.get(chapter):
+                return json.loads(json.dumps(output))
+    return {}
+
+
+def assemble(name: str, stems: list[str], executed: Path = EXECUTED, notebooks: Path = NOTEBOOKS) -> Path:
+    """Write the index page ``executed/<name>.ipynb`` of a chapter run once per model: its title, the list of the
+    models' pages, and (for a chapter of the claims ledger) the models' records joined into one glued record."""
+    import jupytext
+    import nbformat
+
+    parts = [executed / f"{stem}.ipynb" for stem in stems]
+    title = retitle(jupytext.read(notebooks / f"{name}.py", fmt="py:percent"), f"{len(stems)} models, one page each")
+    lines = [f"# {title}", "", f"This chapter ran once per model, each run a task of a Slurm job array "
+             "(`tools/build_book.py --executor slurm`); every model has its own page:", ""]
+    lines += [f"- {{doc}}`{stem}`" for stem in stems]
+    notebook = nbformat.v4.new_notebook(metadata={PARTS_KEY: stems, "kernelspec": prepared(name, notebooks).metadata["kernelspec"]})
+    notebook.cells.append(nbformat.v4.new_markdown_cell("\n".join(lines)))
+    output = glued_record_output(parts[0], name)
+    if output:
+        records = [ledger.record_from_notebook(path, name) for path in parts]
+        joined = dict(records[0], models=[entry for record in records for entry in record["models"]])
+        key = output["metadata"]["scrapbook"].get("mime_prefix", "") + ledger.MIME
+        output["data"] = {key: joined}
+        cell = nbformat.v4.new_code_cell("# the models' ledger records, joined", metadata={"tags": ["remove-input"]})
+        cell.outputs = [nbformat.from_dict(output)]
+        notebook.cells.append(cell)
+    path = executed / f"{name}.ipynb"
+    running = path.with_name(f".{name}.{os.getpid()}.assembling.ipynb")
+    nbformat.write(notebook, running)
+    os.replace(running, path)
+    return path
+
+
+def chapter_sections(present: list[str], executed: Path = EXECUTED) -> dict[str, list[str]]:
+    """``{chapter: [its per-model pages]}`` for the chapters whose executed notebook is an index page."""
+    sections = {}
+    for name in present:
+        try:
+            stems = json.loads((executed / f"{name}.ipynb").read_text()).get("metadata", {}).get(PARTS_KEY)
+        except (OSError, ValueError):
+            stems = None
+        if stems:
+            sections[name] = [f"{CHAPTER_PREFIX}{stem}" for stem in stems]
+    return sections
+
+
+def cluster_execute(selected: list[str], parameters: dict[str, dict], kind: str, options, *,
+                    executed: Path = EXECUTED, notebooks: Path = NOTEBOOKS, poll_s: float = 10.0,
+                    jobs_folder: Path = ROOT / "_build" / "submitit") -> dict:
+    """Every (chapter, model) run of ``selected`` as one task of a job array (``kind``: ``slurm`` or
+    ``submitit-local``), followed until all end; then each chapter run on several models gets its index page.
+    Returns ``{chapter: [stems]}``. A failed task stops the build with each failure (chapter, model, error).
+    submitit's job files and logs go to a new folder under ``jobs_folder`` (one per launch)."""
+    from qklib.core.cluster import Command, array_id, failure, launch_folder, make_executor, run_command, wait
+
+    runs = [(name, stem, values) for name in selected for stem, values in model_runs(name, parameters[name], notebooks)]
+    commands = [Command([sys.executable, str(Path(__file__).resolve()), "--execute-one", name, stem,
+                         json.dumps(values), "--executed", str(executed), "--notebooks", str(notebooks)],
+                        cwd=str(ROOT), label=f"{name} ({stem})") for name, stem, values in runs]
+    folder = launch_folder(jobs_folder)
+    jobs = make_executor(kind, folder, options).map_array(run_command, commands)
+    print(f"execute: {len(jobs)} runs as job array {array_id(jobs)} ({kind}); logs in {shown(folder)}", flush=True)
+    last = []
+
+    def report(states):
+        line = ", ".join(f"{list(states.values()).count(s)} {s.lower()}" for s in sorted(set(states.values())))
+        if line != (last[-1] if last else None):
+            print(f"execute: {line}", flush=True)
+            last.append(line)
+
+    states = wait(jobs, poll_s=poll_s, report=report)
+    failed = [f"{name} ({stem}, job {job.job_id}, {states[i]}): {failure(job, states[i])}"
+              for i, ((name, stem, _), job) in enumerate(zip(runs, jobs)) if states[i] != "COMPLETED"]
+    if failed:
+        raise BuildError(f"{len(failed)} of {len(jobs)} runs failed:\n  " + "\n  ".join(failed)
+                         + f"\nthe logs: {shown(folder)}")
+    stems = {name: [stem for n, stem, _ in runs if n == name] for name in selected}
+    for name, names in stems.items():
+        if names != [name]:
+            print(f"build: {shown(assemble(name, names, executed, notebooks))}: index of {len(names)} model pages")
+    return stems
+
+
 # -------------------------------------------------------------------------------------------- build
 def build_html(toc: Path, clean: bool = False) -> None:
     """Build ``_build/html`` with jupyter-book (warnings are errors). Sphinx re-reads and rewrites only the pages
@@ -618,6 +770,49 @@ def write_ledger(present: list[str], executed: Path = EXECUTED, target: Path = L
     return True
 
 
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "on a cluster", "--executor slurm runs every (chapter, model) execution of the chapters built now as one "
+        "task of a Slurm job array (submitit: pip install 'qklib[slurm]'), every chapter anew, then builds the site "
+        "here; a chapter run on several models gets one page per model under an index page")
+    group.add_argument("--executor", default="local", choices=["local", "slurm", "submitit-local"],
+                       help="local: papermill here, chapter after chapter (default)")
+    group.add_argument("--partition", help="Slurm partition")
+    group.add_argument("--gpus-per-task", type=int, default=0, metavar="G", help="GPUs per run (then --param all "
+                       "device=cuda)")
+    group.add_argument("--cpus-per-task", type=int, default=2, metavar="C", help="CPU cores per run (default 2)")
+    group.add_argument("--time", type=int, default=60, metavar="MINUTES", help="time limit per run (default 60)")
+    group.add_argument("--array-parallelism", type=int, metavar="K", help="at most K runs at once")
+    group.add_argument("--slurm-setup", action="append", default=[], metavar="LINE", help="shell line run before each run")
+    group.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE", help="an sbatch option, e.g. mem=32G")
+    group.add_argument("--poll-seconds", type=float, default=10.0, help=argparse.SUPPRESS)
+    group.add_argument("--execute-one", nargs=3, metavar=("NAME", "STEM", "PARAMETERS"), help=argparse.SUPPRESS)
+    group.add_argument("--executed", default=str(EXECUTED), help=argparse.SUPPRESS)
+    group.add_argument("--notebooks", default=str(NOTEBOOKS), help=argparse.SUPPRESS)
+
+
+def cluster_options(args):
+    from qklib.core.cluster import SlurmOptions, parse_slurm_args
+
+    return SlurmOptions(partition=args.partition, gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
+                        time_min=args.time, array_parallelism=args.array_parallelism, setup=list(args.slurm_setup),
+                        extra=parse_slurm_args(args.slurm_arg), job_name="qklib-book")
+
+
+def execute_one(args) -> int:
+    """The task a cluster runs for one (chapter, model): ``--execute-one NAME STEM PARAMETERS_JSON``."""
+    name, stem, values = args.execute_one
+    os.chdir(ROOT)
+    try:
+        seconds = run_one(name, stem, json.loads(values), Path(args.executed), Path(args.notebooks))
+    except BuildError as error:
+        print(f"\nbuild_book: {error}", file=sys.stderr)
+        print(f"build_book: {str(error).splitlines()[0]}", file=sys.stderr)  # the last line: what a failure reports
+        return 1
+    print(f"execute: {name} ({stem}) took {seconds:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
@@ -628,7 +823,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-execute", action="store_true", help="reuse executed/*.ipynb, only rebuild the HTML")
     parser.add_argument("--force", action="store_true", help="re-execute every chapter built now even when its "
                         "inputs are unchanged, and rebuild every page")
+    add_cluster_arguments(parser)
     args = parser.parse_args(argv)
+    if args.execute_one:
+        return execute_one(args)
     os.environ.pop("QKLIB_VEGA_SCRIPT", None)  # set in JupyterLab's terminals by `make lab`; pages load their own vega
     os.chdir(ROOT)
     try:
@@ -649,6 +847,8 @@ def main(argv: list[str] | None = None) -> int:
             missing = [n for n in selected if not (EXECUTED / f"{n}.ipynb").is_file()]
             if missing:
                 raise BuildError(f"--no-execute: executed/{missing[0]}.ipynb missing; run without --no-execute first")
+        elif args.executor != "local":
+            cluster_execute(selected, parameters, args.executor, cluster_options(args), poll_s=args.poll_seconds)
         else:
             timings = execute_chapters(selected, parameters, force=args.force)
         present, absent = site_chapters(chapters)
@@ -658,15 +858,18 @@ def main(argv: list[str] | None = None) -> int:
         check_not_failed(present)
         leave_out = () if LEDGER_PAGE not in files or write_ledger(present) else (LEDGER_PAGE,)
         started = time.perf_counter()
-        toc = restricted_toc(present, ROOT / "_build" / "toc-only.yml", leave_out) if absent or leave_out else TOC
+        sections = chapter_sections(present)
+        toc = (restricted_toc(present, ROOT / "_build" / "toc-only.yml", leave_out, sections)
+               if absent or leave_out or sections else TOC)
         build_html(toc, clean=args.force)
         print(f"build: jupyter-book took {time.perf_counter() - started:.1f} s")
         built = [f for f in files if f not in leave_out and (not f.startswith(CHAPTER_PREFIX)
                                                               or f[len(CHAPTER_PREFIX):] in present)]
+        built += [file for files_of in sections.values() for file in files_of]
         for name, seconds in timings.items():
             print(f"chapter {name}: executed in {seconds:.1f} s")
         report(built)
-    except BuildError as error:
+    except (BuildError, ClusterError) as error:
         print(f"\nbuild_book: {error}", file=sys.stderr)
         return 1
     return 0
