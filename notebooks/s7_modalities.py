@@ -98,7 +98,7 @@ crossmodal.models_table(loaded).style.hide(axis="index")
 raw = {label: qklib.qk_svd(model) for label, model in loaded.items()}
 folded = {label: qklib.qk_svd(model, fold_gamma=True) for label, model in loaded.items()}
 cosines = crossmodal.cosine_table(raw, folded, p.resamples, p.seed)
-figures.cosine_chart(cosines)
+figures.cosine_chart(cosines, list(loaded))
 
 # %% [markdown]
 # ## Fig 2 across modalities: do tokens attend to their own word?
@@ -117,7 +117,7 @@ passes = crossmodal.all_passes(text, speech, texts, utterances, p.shifts, p.seed
 unit_table = crossmodal.unit_tables(passes, modality, p.resamples, p.seed)
 glue("s7_texts", len(texts), display=False)
 glue("s7_utterances", len(utterances), display=False)
-figures.unit_chart(unit_table)
+figures.unit_chart(unit_table, list(loaded))
 
 # %% [markdown]
 # ## Fig 4 across modalities: what a mode looks for
@@ -152,13 +152,13 @@ HTML(figures.speech_frames(raw[speech_label], speech_pairs, utterances, passes[s
 # %% [markdown]
 # ## The value side
 #
-# As §6 for the ViT: each head's OV matrix $W_O W_V$ decomposed exactly, and its copying score, the share of its
-# eigenvalue mass that is positive real (Elhage et al. 2021). Line: mean over a layer's heads; shaded: its
-# interval over heads; dashed outline: the 95% band of the layer mean for heads with the same spectra and random
-# directions (20 draws).
+# As §6, for every model of the chapter: each head's OV matrix $W_O W_V$ decomposed exactly, and its copying
+# score, the share of its eigenvalue mass that is positive real (Elhage et al. 2021). Line: mean over a layer's
+# heads; shaded: its interval over heads; dashed outline: the 95% band of the layer mean for heads with the same
+# spectra and random directions (20 draws).
 
 # %%
-ovs = {label: qklib.ov_svd(model) for label, model in {**text, **speech}.items()}
+ovs = {label: qklib.ov_svd(model) for label, model in loaded.items()}
 heads = values.head_table(ovs)
 copying_null = values.copying_null_table(ovs, values.copying_nulls(ovs, 20, seed=p.seed))
 layer_interval(values.layer_table(heads, "copying", p.resamples, p.seed), "Copying score of the OV matrix",

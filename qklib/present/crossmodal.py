@@ -27,11 +27,12 @@ def _null_rules(values: Sequence[float]) -> alt.Chart:
         y="y:Q")
 
 
-def cosine_chart(table: pd.DataFrame) -> alt.HConcatChart:
+def cosine_chart(table: pd.DataFrame, models: Sequence[str] | None = None) -> alt.HConcatChart:
     """Fig 3 across modalities: the weighted cosine per layer (mean over heads, its interval over heads shaded)
     by relative depth, one line per model, one panel per ``basis``; dashed: +- the null band of one random
-    cosine (``band``, from each model's width)."""
-    colour = model_colour(table["model"])
+    cosine (``band``, from each model's width). ``models``: every model of the chapter, in its order, so that
+    each keeps one colour across the chapter's charts (default: the table's)."""
+    colour = model_colour(table["model"] if models is None else models)
     base = alt.Chart().encode(x=DEPTH, color=colour)
     band = base.mark_area(opacity=0.15).encode(y="heads_low:Q", y2="heads_high:Q")
     line = base.mark_line(point=True).encode(
@@ -39,17 +40,17 @@ def cosine_chart(table: pd.DataFrame) -> alt.HConcatChart:
         tooltip=["model:N", "layer:O", alt.Tooltip("weighted_cosine:Q", format=".3f"),
                  alt.Tooltip("heads_low:Q", format=".3f"), alt.Tooltip("heads_high:Q", format=".3f")])
     rules = [s * b for b in sorted(set(np.round(table["band"], 4))) for s in (-1, 1)]
-    panels = [alt.layer(band, line, data=inline(rows.drop(columns="basis"))).properties(width=300, height=240,
+    panels = [alt.layer(band, line, data=inline(rows.drop(columns="basis"))).properties(width=270, height=240,
                                                                                        title=basis)
               for basis, rows in table.groupby("basis", sort=False)]
     return alt.hconcat(*[alt.layer(panel, _null_rules(rules)) for panel in panels]).resolve_scale(y="shared")
 
 
-def unit_chart(table: pd.DataFrame) -> alt.HConcatChart:
+def unit_chart(table: pd.DataFrame, models: Sequence[str] | None = None) -> alt.HConcatChart:
     """Fig 2 across modalities: per layer, the preference for the own unit over shifted units (``excess``, 1 =
     attention follows position only; ``qklib.units.layer_table``) with its interval over inputs, one panel per
-    ``unit`` (e.g. "text: word"), one line per model; dashed at 1."""
-    colour = model_colour(table["model"])
+    ``unit`` (e.g. "text: word"), one line per model; dashed at 1. ``models``: as :func:`cosine_chart`'s."""
+    colour = model_colour(table["model"] if models is None else models)
     base = alt.Chart().encode(x=DEPTH, color=colour)
     band = base.mark_area(opacity=0.2).encode(y="excess_low:Q", y2="excess_high:Q")
     line = base.mark_line(point=True).encode(
@@ -59,7 +60,7 @@ def unit_chart(table: pd.DataFrame) -> alt.HConcatChart:
                  alt.Tooltip("null_dominance:Q", format=".2f")])
     columns = ["model", "layer", "depth", "excess", "excess_low", "excess_high", "dominance", "null_dominance"]
     panels = [alt.layer(band, line, _null_rules([1.0]), data=inline(rows[columns])).properties(
-        width=220, height=220, title=unit) for unit, rows in table.groupby("unit", sort=False)]
+        width=160, height=220, title=unit) for unit, rows in table.groupby("unit", sort=False)]
     return alt.hconcat(*panels).resolve_scale(y="shared")
 
 
