@@ -24,7 +24,7 @@ from .core.reader import read_attention
 from .core.svd import QKSVD, null_band
 from .cosine import layer_table
 from .ledger import Claim, Judgement, judge_questions, modalities_record
-from .sequences import Pair, top_pairs
+from .sequences import top_pairs
 from .stats import AGREES, BORDERLINE, DISAGREES
 from .units import layer_table as units_layer_table
 from .units import null_sums, unit_sums
@@ -125,11 +125,6 @@ def mode_pairs(svd: QKSVD, passes: Sequence[Pass], featured: Sequence[tuple[int,
                          "query": pair.query, "key": pair.key, "query_label": labels[pair.query],
                          "key_label": labels[pair.key], "score": pair.score, "sign": pair.sign})
     return pd.DataFrame(rows)
-
-
-def pair_of(row: pd.Series) -> Pair:
-    """A :func:`mode_pairs` row back as a :class:`qklib.sequences.Pair`."""
-    return Pair(int(row["input"]), int(row["query"]), int(row["key"]), float(row["score"]), int(row["sign"]))
 
 
 def models_table(loaded: dict[str, nn.Module]) -> pd.DataFrame:
