@@ -69,7 +69,9 @@ def is_model_folder(path: str | Path) -> bool:
     return Path(path).expanduser().is_dir() and (Path(path).expanduser() / "config.json").is_file()
 
 
-def _read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config.json, state dict)`` of a Hugging Face model folder (``model.safetensors`` or ``pytorch_model.bin``,
+    read with ``weights_only=True``, or their sharded form with an index): vision, text and speech folders alike."""
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -191,7 +193,7 @@ def convert_folder(folder: str | Path, source: str | None = None) -> Converted:
     """A transformers model folder as a timm architecture, its kwargs and state dict."""
     folder = Path(folder).expanduser()
     source = source or folder.name
-    config, state = _read_folder(folder)
+    config, state = read_folder(folder)
     kind = config.get("model_type")
     if kind not in SUPPORTED:
         raise ModelError(f"{str(folder)!r}: config.json says model_type {kind!r}; qklib converts Hugging Face "

@@ -18,42 +18,20 @@ import torch
 import transformers
 from torch import nn
 
+from ..hf import read_folder
 from ..provenance import provenance as core_provenance
-from ..weights import ModelError, read_checkpoint, strip_prefix
+from ..weights import ModelError, strip_prefix
 from .corpus import split_sentences
 
-__all__ = ["TokenisedText", "bert_from_folder", "read_folder_state", "text_tokenizer", "tokenise"]
+__all__ = ["TokenisedText", "bert_from_folder", "text_tokenizer", "tokenise"]
 
 _DROPPED_BERT = ("embeddings.position_ids",)  # a buffer old checkpoints saved; BertModel rebuilds it
-
-
-def read_folder_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(config.json, state dict)`` of a Hugging Face model folder (``model.safetensors``, sharded safetensors
-    with their index, or ``pytorch_model.bin`` read with ``weights_only=True``)."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ModelError(f"{str(folder)!r}: cannot read config.json ({error})") from error
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(read_checkpoint(folder / shard)[0])
-        return config, state
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            content = read_checkpoint(folder / name)[0]
-            if isinstance(content, dict):
-                return config, content
-    raise ModelError(f"{str(folder)!r} has a config.json but no model.safetensors or pytorch_model.bin with a state "
-                     "dict")
 
 
 def bert_from_folder(folder: Path) -> tuple[nn.Module, list[str], str]:
     """``(BertModel in eval mode with eager attention, float32; notes; the stored dtype)`` from a BERT model
     folder; every encoder tensor must be present and every tensor placed, or a ModelError names the offenders."""
-    config, state = read_folder_state(folder)
+    config, state = read_folder(folder)
     if config.get("model_type") != "bert":
         raise ModelError(f"{str(folder)!r}: config.json says model_type {config.get('model_type')!r}, not 'bert'")
     if any(key.startswith("bert.") for key in state):

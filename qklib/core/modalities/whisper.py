@@ -18,9 +18,9 @@ import torch
 import transformers
 from torch import nn
 
+from ..hf import read_folder
 from ..weights import ModelError
 from .ct2_weights import Ct2Model, read_ct2
-from .text import read_folder_state
 
 __all__ = ["ct2_encoder_state", "encoder_config", "whisper_encoder_class", "whisper_from_ct2", "whisper_from_folder"]
 
@@ -113,7 +113,7 @@ def whisper_from_ct2(folder: Path) -> tuple[nn.Module, list[str], str]:
 def whisper_from_folder(folder: Path) -> tuple[nn.Module, list[str], str]:
     """``(WhisperEncoder, notes, stored dtype)`` from a Hugging Face Whisper folder (``WhisperModel`` or
     ``WhisperForConditionalGeneration`` keys, or a bare encoder's)."""
-    config, state = read_folder_state(folder)
+    config, state = read_folder(folder)
     if config.get("model_type") != "whisper":
         raise ModelError(f"{str(folder)!r}: config.json says model_type {config.get('model_type')!r}, not 'whisper'")
     prefix = next((p for p in ("model.encoder.", "encoder.", "") if p + "conv1.weight" in state), None)
