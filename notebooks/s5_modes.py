@@ -64,10 +64,13 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 import qklib
-from qklib import ade20k, chapter, ledger, modes, same_object, search
+from qklib.core.datasets import ade20k
+from qklib.book import chapter, ledger
+from qklib.analyses import modes, same_object
+from qklib import search
 from qklib.present import mode_figures as figures
 from qklib.present import style
-from qklib.present.lab import use_served_vega
+from qklib.present.vega import use_served_vega
 from qklib.present.explore import explore
 from qklib.present.widgets import download_link
 
@@ -156,8 +159,8 @@ display(Markdown(figures.search_summary(found)))
 # **Position or content?** A mode can respond to *where* a token is rather than to *what* it shows: position
 # embeddings are added to every token. For each featured mode we measure the share of the variance of its query
 # map, and of its key map, over the same gallery images, that token position alone explains: the variance of
-# the per-position mean map divided by the total variance (`qklib.modes.position_shares`). Its null permutes each
-# image's tokens (20 draws, seeded), under which position explains about 1 / (number of images); the table gives
+# the per-position mean map divided by the total variance (`qklib.analyses.modes.position_shares`). Its null permutes
+# each image's tokens (20 draws, seeded), under which position explains about 1 / (number of images); the table gives
 # the null's 97.5th percentile. A mode whose maps are mostly position says little about semantics, whatever
 # its optimal images look like.
 
@@ -246,12 +249,12 @@ figures.top_share_chart(walk_table)
 # two different objects of one kind. In the generated scenes the distractors are distinguishable instances of
 # one kind (each with its own shade, size and rotation) and the target is another kind; the background is a
 # kind of its own. On ADE20K a kind is the object class that the full release and the instance annotations name
-# (`qklib.ade20k`); semantic maps (one object per class already) and plain label folders name none, and then
-# only the instance row is drawn. Chance is $1/K$ for the same instance among $K$ objects and
+# (`qklib.core.datasets.ade20k`); semantic maps (one object per class already) and plain label folders name none, and
+# then only the instance row is drawn. Chance is $1/K$ for the same instance among $K$ objects and
 # $\sum_c (n_c/K)^2$ for the same kind ($n_c$ objects of kind $c$), weighted like the model.
 # Each band is the 95% bootstrap interval over the layer's heads (the model and the control); chance is dashed.
 # A stronger null keeps the trained features and breaks only the pairing: every mode's key direction is replaced
-# by the next mode's of the same head (`qklib.same_object.mismatched`), computed for the ledger's reading (same
+# by the next mode's of the same head (`qklib.analyses.same_object.mismatched`), computed for the ledger's reading (same
 # instance, background as an object). Whatever P(same) it reaches comes from the features alone (both maps
 # peaking on the salient object, say), not from a mode linking its query feature to its own key feature.
 

@@ -49,11 +49,14 @@ from myst_nb import glue
 
 import qklib
 from IPython.display import HTML, display
-from qklib import ade20k, chapter, ledger, modes, object_contrast, values
-from qklib.present import values as figures
-from qklib.present.cosine import model_summary
+from qklib.core.datasets import ade20k
+from qklib.book import chapter, ledger
+from qklib.analyses import modes, object_contrast, values
+from qklib.present import ledger_page
+from qklib.present import values_figures as figures
+from qklib.present.cosine_figures import model_summary
 from qklib.present import style
-from qklib.present.lab import use_served_vega
+from qklib.present.vega import use_served_vega
 from qklib.present.explore import explore_ov
 from qklib.present.widgets import download_link
 
@@ -202,7 +205,7 @@ HTML(figures.ov_image_pictures(loaded[shown_model], qks[shown_model], ovs[shown_
 # Attention decides where a head reads; its OV decides what that adds. On images with exact object masks we
 # measure what each head's output does to the tokens: the *contrast*, the mean cosine between tokens of one
 # object minus that between tokens of different objects, of the residual stream $x$ entering the block and of
-# $x$ plus the head's output (LayerScale included, as it joins the stream; `qklib.object_contrast`). A positive
+# $x$ plus the head's output (LayerScale included, as it joins the stream; `qklib.analyses.object_contrast`). A positive
 # change means the head makes objects more distinct. The dashed band is the same head attending uniformly (its
 # OV and scale kept, its choice of keys taken away). How much LayerScale scales the heads' outputs,
 # $|\mathrm{diag}(ls)\,W_O|_F / |W_O|_F$ averaged over layers: {glue:text}`s6_scales`; a random-init control keeps
@@ -253,7 +256,8 @@ record = ledger.question_record(  # for the claims ledger's "Beyond the paper" t
                   values.key_value_measures(key_value_heads, key_value_draws),
                   object_contrast.ledger_measures(runs, grouping, control, p.permutations, p.resamples, p.seed)))
 glue("s6_ledger", record, display=False)
-glue("s6_answers", figures.answers(record, ("s6-key-value", "s6-grouping", "s6-grouping-copying")), display=False)
+answers = ledger_page.answers_text(record, ("s6-key-value", "s6-grouping", "s6-grouping-copying"))
+glue("s6_answers", answers, display=False)
 
 # %% [markdown]
 # Every head's OV statistics and every pair's composition with its null, for download:

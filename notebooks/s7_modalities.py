@@ -58,12 +58,14 @@ from IPython.display import HTML, Markdown, display
 from myst_nb import glue
 
 import qklib
-from qklib import chapter, crossmodal, ledger, values
-from qklib.present import crossmodal as figures
+from qklib.book import chapter, ledger
+from qklib.analyses import crossmodal, values
+from qklib.present import crossmodal_figures as figures
+from qklib.present import ledger_page
 from qklib.present.explore import explore_text
 from qklib.present import style
-from qklib.present.lab import use_served_vega
-from qklib.present.values import layer_interval
+from qklib.present.vega import use_served_vega
+from qklib.present.values_figures import layer_interval
 from qklib.present.widgets import download_link
 
 p = chapter.check("s7_modalities", globals())
@@ -123,7 +125,7 @@ figures.unit_chart(unit_table, list(loaded))
 # ## Fig 4 across modalities: what a mode looks for
 #
 # For the head with the largest first singular value in the first, middle and last layer, the inputs whose best
-# token pair scores highest on mode 0's term $(x_i \cdot u_0)\, s_0\, (v_0 \cdot x_j)$ (`qklib.sequences`, an
+# token pair scores highest on mode 0's term $(x_i \cdot u_0)\, s_0\, (v_0 \cdot x_j)$ (`qklib.analyses.sequences`, an
 # exact search over the inputs above). Text: the query token on red, the key token on cyan.
 
 # %%
@@ -178,10 +180,10 @@ download_link(cosines, "s7_cosine_layers.csv")
 download_link(unit_table, "s7_same_unit_layers.csv")
 
 # %%
-record = crossmodal.record(raw, folded, passes, len(texts), len(utterances), p.resamples, p.seed)
+record = ledger.crossmodal_record(raw, folded, passes, len(texts), len(utterances), p.resamples, p.seed)
 glue("s7_ledger", record, display=False)  # for the claims ledger's "Beyond the paper" table
 questions = [q for q in ledger.QUESTIONS if q.chapter == "s7_modalities"]
-glue("s7_answers", Markdown(crossmodal.answers_text(record, questions)), display=False)
+glue("s7_answers", Markdown(ledger_page.answers_markdown(record, questions)), display=False)
 
 # %% [markdown]
 # ## What we found

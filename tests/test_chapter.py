@@ -1,4 +1,4 @@
-"""qklib.chapter: declared parameters read from a notebook, the gallery and scenes on disk, input-keyed caches."""
+"""qklib.book.chapter: declared parameters read from a notebook, the gallery and scenes on disk, input-keyed caches."""
 
 import os
 from pathlib import Path
@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from qklib import chapter
+from qklib.book import chapter
 from qklib.core.svd import QKSVD
-from qklib.o3 import O3Layout
+from qklib.core.datasets.o3 import O3Layout
 
 
 def test_declared_parameters_reads_only_the_parameters_cell(tmp_path):
@@ -150,7 +150,7 @@ def test_the_embedded_models_caveat_is_said_only_of_a_run_with_it():
 def test_checking_parameters_leaves_the_chart_renderer_alone(monkeypatch):
     import altair as alt
 
-    from qklib import chapter
+    from qklib.book import chapter
 
     monkeypatch.setenv("QKLIB_VEGA_SCRIPT", "http://127.0.0.1:1/vega.js")  # as under make lab
     before = alt.renderers.active

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qklib import chapter
+from qklib.book import chapter
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted(chapter.SPECS)

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from qklib.cli import main
-from qklib.core import paper_models
+from qklib.book import paper_models
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""qklib.cosine: the §4 tables, the anisotropy baseline and the verdict on a curve's shape."""
+"""qklib.analyses.cosine: the §4 tables, the anisotropy baseline and the verdict on a curve's shape."""
 
 import numpy as np
 import pandas as pd
@@ -7,8 +7,10 @@ import torch
 
 from qklib.core.extract import token_embeddings
 from qklib.core.images import to_pixels
-from qklib.cosine import (CROPS, anisotropy_baseline, baseline_verdicts, relative_table, between_group_cosine, pairwise_cosine_from_sum, token_anisotropy, views, basis_differences, centre_token_index, cosine_histograms, depth_profile, findings_table,
-                          layer_table, mean_pairwise_cosine, mode_table)
+from qklib.analyses.cosine import (CROPS, anisotropy_baseline, baseline_verdicts, relative_table, between_group_cosine,
+                                   pairwise_cosine_from_sum, token_anisotropy, views, basis_differences,
+                                   centre_token_index, cosine_histograms, depth_profile, findings_table, layer_table,
+                                   mean_pairwise_cosine, mode_table)
 
 
 def test_mean_pairwise_cosine_matches_brute_force():
@@ -152,7 +154,7 @@ def test_baseline_verdicts_say_only_what_the_numbers_show():
 
 def test_relative_table_and_s4_chart(tiny_vit, cat_photo):
     from qklib.core.images import shipped_photos
-    from qklib.present.cosine import S4_QUANTITIES, s4_relative
+    from qklib.present.cosine_figures import S4_QUANTITIES, s4_relative
 
     model, svd = tiny_vit
     layers = layer_table({"m": svd})

@@ -1,12 +1,12 @@
-"""§7's passes over text and speech (qklib.crossmodal) against the models' own attention maps, and its mode search
-against brute force. The shipped MiniLM and whisper-tiny.en are runtime dependencies: these tests use them."""
+"""§7's passes over text and speech (qklib.analyses.crossmodal) against the models' own attention maps, and its mode
+search against brute force. The shipped MiniLM and whisper-tiny.en are runtime dependencies: these tests use them."""
 
 import numpy as np
 import pytest
 import torch
 
 import qklib
-from qklib import crossmodal, units
+from qklib.analyses import crossmodal, units
 from qklib.core import modalities
 
 
@@ -75,7 +75,7 @@ def test_too_many_inputs_are_refused_with_the_limit():
 
 
 def test_a_model_of_the_wrong_family_is_refused_naming_the_parameter(minilm):
-    from qklib import chapter
+    from qklib.book import chapter
 
     vit = qklib.random_control("vit_tiny_patch16_224")
     assert chapter.check_family({"text": minilm}, "bert", "text_models") == {"text": minilm}

@@ -3,7 +3,7 @@
 import hashlib
 import os
 
-from qklib import chapter
+from qklib.book import chapter
 from qklib.core import digest
 from qklib.search import checkpoint
 

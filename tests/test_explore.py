@@ -9,10 +9,11 @@ import pytest
 from PIL import Image
 
 import qklib
-from qklib import chapter, search
+from qklib.book import chapter
+from qklib import search
 from qklib.core.extract import record
 from qklib.core.images import to_pixels
-from qklib.preference import query_tokens, token_masks
+from qklib.analyses.preference import query_tokens, token_masks
 from qklib.present.explore import explore, explore_attention, explore_ov, explore_spectrum
 from qklib.present.render import mode_pictures
 

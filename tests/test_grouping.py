@@ -1,11 +1,11 @@
-"""qklib.grouping: the grouping index on hand-made attention, its null, and on a real model."""
+"""qklib.analyses.grouping: the grouping index on hand-made attention, its null, and on a real model."""
 
 import numpy as np
 import pytest
 import torch
 
 import qklib
-from qklib import grouping
+from qklib.analyses import grouping
 from qklib.core.images import to_pixels
 
 

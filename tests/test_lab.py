@@ -35,9 +35,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from qklib import chapter
-from qklib.present import lab as served
-from qklib.core.imgfocus import cache_dir
+from qklib.book import chapter
+from qklib.present import vega as served
+from qklib.core.loaders.imgfocus import cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted(chapter.SPECS)

@@ -1,4 +1,6 @@
-"""The package's floors: core <- analyses <- presentation <- chapter/cli, read from the import statements."""
+"""The package's floors, read from the import statements: core <- search <- analyses <- book <- present <- the
+command line and the package's top-level API. Each module sits on one floor and imports only from floors below
+its own (or its own)."""
 
 import ast
 from pathlib import Path
@@ -6,20 +8,20 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qklib"
-CORE, ANALYSIS, PRESENT, TOP = 0, 1, 2, 3
+# (floor, the subpackage that holds it); the top floor is the package itself, its __main__ and its command line.
+FLOORS = ("core", "search", "analyses", "book", "present")
+CORE, SEARCH, ANALYSES, BOOK, PRESENT, TOP = range(len(FLOORS) + 1)
+TOP_MODULES = ("qklib", "qklib.__main__", "qklib.cli")
 
 
 def floor(module: str) -> int:
-    """qklib.core.* is the ground floor, qklib.present.* the presentation floor, qklib.chapter/cli/__init__/
-    __main__ the top; every other module (one per paper section, and the search package) is an analysis."""
-    parts = module.split(".")
-    if parts[:2] == ["qklib", "core"]:
-        return CORE
-    if parts[:2] == ["qklib", "present"]:
-        return PRESENT
-    if parts in (["qklib"], ["qklib", "chapter"], ["qklib", "cli"], ["qklib", "__main__"]):
+    """The floor of ``module`` (a dotted name in qklib): its subpackage's place in ``FLOORS``, or ``TOP``."""
+    if module in TOP_MODULES:
         return TOP
-    return ANALYSIS
+    parts = module.split(".")
+    if len(parts) < 2 or parts[1] not in FLOORS:
+        raise ValueError(f"{module} is on no floor: put it in one of qklib's subpackages {FLOORS}")
+    return FLOORS.index(parts[1])
 
 
 def module_name(path: Path) -> str:
@@ -66,9 +68,16 @@ def violations(path: Path, importer: str) -> list[str]:
     return found
 
 
-def test_every_floor_is_populated():
-    floors = {floor(name) for name in MODULE_NAMES}
-    assert floors == {CORE, ANALYSIS, PRESENT, TOP}
+def test_every_module_is_on_a_floor_and_every_floor_is_populated():
+    floors = {floor(name) for name in MODULE_NAMES}  # raises for a module outside the floors' subpackages
+    assert floors == {CORE, SEARCH, ANALYSES, BOOK, PRESENT, TOP}
+
+
+def test_the_floor_check_places_modules_by_their_subpackage():
+    assert floor("qklib.core.loaders.hf") == CORE and floor("qklib.analyses.modes") == ANALYSES
+    assert floor("qklib.book.ledger") == BOOK and floor("qklib.cli") == TOP
+    with pytest.raises(ValueError, match="on no floor"):
+        floor("qklib.stray")
 
 
 @pytest.mark.parametrize("path", MODULES, ids=module_name)
@@ -79,12 +88,12 @@ def test_imports_point_down_are_public_and_at_the_top(path):
 def test_the_check_catches_upward_private_and_hidden_imports(tmp_path):
     source = tmp_path / "fake.py"
     source.write_text("from ..present.render import mosaic\nfrom .svd import _secret\n\n"
-                      "def f():\n    from ..modes import mode_maps\n")
+                      "def f():\n    from ..analyses.modes import mode_maps\n")
     found = violations(source, "qklib.core.fake")
     assert any("imports qklib.present.render" in v for v in found)
     assert any("private names ['_secret']" in v for v in found)
     assert any("inside a function" in v for v in found)
-    assert any("imports qklib.modes" in v for v in found)
+    assert any("imports qklib.analyses.modes" in v for v in found)
 
 
 # --- functions a reader can hold in their head ---------------------------------------------------------------
@@ -136,8 +145,8 @@ def test_the_length_check_counts_nested_functions_and_methods(tmp_path):
 ATTENTION_NAMES = {"qkv", "q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "proj", "q_norm", "k_norm", "norm1",
                    "ls1", "gamma_1", "q_bias", "v_bias", "attn_drop", "fused_attn", "attn"}
 HF_PROJECTIONS = {"query", "key", "value"}  # too common alone; in a key next to "attention" they name HF's Linears
-READER_AND_LOADERS = {"qklib.core.reader", "qklib.core.models", "qklib.core.hf", "qklib.core.imgfocus",
-                      "qklib.core.official", "qklib.core.weights",
+READER_AND_LOADERS = {"qklib.core.reader", "qklib.core.models", "qklib.core.loaders.hf", "qklib.core.loaders.imgfocus",
+                      "qklib.core.loaders.official", "qklib.core.loaders.weights",
                       # the text and speech families: their loaders and their adapters to the reader
                       "qklib.core.modalities.attention", "qklib.core.modalities.whisper",
                       "qklib.core.modalities.ct2_weights", "qklib.core.modalities.text",

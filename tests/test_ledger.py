@@ -1,4 +1,4 @@
-"""The claims ledger (qklib.ledger): the claim list, the chapters' records, their verdicts, reading them back from
+"""The claims ledger (qklib.book.ledger): the claim list, the chapters' records, their verdicts, reading them back from
 executed notebooks, and the page the book builder writes from them (tools/build_book.py)."""
 
 import dataclasses
@@ -11,9 +11,9 @@ import nbformat
 import numpy as np
 import pytest
 
-from qklib import ledger
-from qklib.core.paper_models import EMBEDDED, IJEPA_FILE, PAPER_MODELS, SIMMIM_PRETRAIN_FILE
-from qklib.present.ledger import ledger_markdown
+from qklib.book import ledger
+from qklib.book.paper_models import EMBEDDED, IJEPA_FILE, PAPER_MODELS, SIMMIM_PRETRAIN_FILE
+from qklib.present.ledger_page import ledger_markdown
 
 from ledger_records import (CONCAVE, CONTROL, EMBEDDED_NAME, FALLING, LAYERS, background_first, default_records,
                             grouping_then_context, s3_record, s4_record, s5_record, s6_record, s8_record,

@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 import qklib
 from official_layouts import beit_relative_index, write_ijepa, write_simmim
 from qklib.cli import main
-from qklib.core import hf, paper_models
+from qklib.core.loaders import hf
+from qklib.book import paper_models
 from qklib.core.extract import record
 from qklib.core.models import ModelError, convert, model_name
 from qklib.core.provenance import provenance
@@ -198,7 +199,7 @@ def test_hf_folders_of_the_wrong_kind_are_refused(tmp_path):
     with pytest.raises(ModelError, match="no model.safetensors or pytorch_model.bin"):
         qklib.load_model(weights=empty)
     _save_hf("vit", tmp_path / "vit")
-    state = dict(qklib.core.weights.read_weights(tmp_path / "vit" / "model.safetensors"))
+    state = dict(qklib.core.loaders.weights.read_weights(tmp_path / "vit" / "model.safetensors"))
     state["vit.encoder.layer.0.attention.attention.extra.weight"] = torch.zeros(2)
     save_file(state, str(tmp_path / "vit" / "model.safetensors"))
     with pytest.raises(ModelError, match="unexpected tensor vit.encoder.layer.0.attention.attention.extra.weight"):
@@ -419,7 +420,7 @@ def test_an_unreachable_hub_fails_within_seconds_with_the_fix(tmp_path):
 def test_a_converted_random_init_model_stays_a_control(tmp_path):
     """Issue 28 item 7: the random-init provenance travels in the converted file, and the model loaded back is
     labelled as a random-init control, which the claims ledger leaves out of its verdicts."""
-    from qklib.ledger import is_control
+    from qklib.book.ledger import is_control
 
     out = tmp_path / "x.safetensors"
     result = run_cli("convert", "random:vit_small_patch16_224.dino", "--seed", "3", "--out", str(out))

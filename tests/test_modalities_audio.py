@@ -13,10 +13,10 @@ from huggingface_hub import constants
 import qklib
 from qklib.core import modalities
 from qklib.core.modalities import (attention_from_weights, attention_inputs, frame_word_ids, log_mel, mel_filters,
-                                   model_attention, read_ct2, resample, speech_tokens, synthesise,
-                                   whisper_attention, whisper_sites)
+                                   model_attention, read_ct2, resample, speech_tokens, synthesise, whisper_attention,
+                                   whisper_sites)
 from qklib.core.models import model_name
-from qklib.core.weights import ModelError
+from qklib.core.loaders.weights import ModelError
 
 WHISPER = "hf:openai/whisper-tiny.en"
 SENTENCE = "The quick brown fox, jumps over the lazy dog. It was raining!"

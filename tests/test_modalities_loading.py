@@ -14,7 +14,7 @@ import qklib
 from qklib.core import modalities
 from qklib.core.modalities import loading
 from qklib.core.models import model_name
-from qklib.core.weights import ModelError
+from qklib.core.loaders.weights import ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
 

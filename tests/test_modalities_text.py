@@ -13,7 +13,7 @@ from qklib.core import modalities
 from qklib.core.modalities import (attention_from_weights, attention_inputs, bert_attention, bert_sites,
                                    model_attention, pydoc_corpus, split_sentences, tokenise)
 from qklib.core.models import model_name
-from qklib.core.weights import ModelError
+from qklib.core.loaders.weights import ModelError
 
 MINILM = "hf:sentence-transformers/all-MiniLM-L6-v2"
 # The fields of qklib.core.reader's AttentionWeights an adapter fills (the reader adds "family").

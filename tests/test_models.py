@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 import qklib
-from qklib.core import imgfocus, paper_models
+from qklib.core.loaders import imgfocus
+from qklib.book import paper_models
 from qklib.core.images import to_pixels
 from qklib.core.models import ModelError
 from qklib.core.provenance import provenance
@@ -45,7 +46,7 @@ def test_embedded_model_geometry(embedded_model):
 
 
 def test_conversion_is_safe_when_two_processes_convert_at_once(tmp_path):
-    code = "from qklib.core import imgfocus; print(imgfocus.cached_weights())"
+    code = "from qklib.core.loaders import imgfocus; print(imgfocus.cached_weights())"
     env = {**os.environ, "QKLIB_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for _ in range(2)]

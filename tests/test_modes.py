@@ -1,4 +1,4 @@
-"""qklib.modes: query/key maps, mode contributions and their ranking, labels."""
+"""qklib.analyses.modes: query/key maps, mode contributions and their ranking, labels."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import qklib
-from qklib import modes
+from qklib.analyses import modes
 from qklib.core.extract import record, token_embeddings
 from qklib.core.images import to_pixels
 from oracles import attention_contributions_of_terms

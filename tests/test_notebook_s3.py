@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from qklib import ledger
-from qklib.o3 import load_o3
+from qklib.book import ledger
+from qklib.core.datasets.o3 import load_o3
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 import pytest
 
 from official_layouts import write_ijepa
-from qklib import ledger
+from qklib.book import ledger
 
 S4_CLAIMS = [claim for claim in ledger.CLAIMS if claim.chapter == "s4_cosine"]
 

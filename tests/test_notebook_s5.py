@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qklib import ledger
+from qklib.book import ledger
 
 
 @pytest.mark.slow

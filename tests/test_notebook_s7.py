@@ -2,7 +2,7 @@
 
 import pytest
 
-from qklib import ledger
+from qklib.book import ledger
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""qklib.o3: the O3 loader (configurable layout, errors that list what is missing) and the scene generator."""
+"""qklib.core.datasets.o3: the O3 loader (configurable layout, errors that list what is missing) and the scene
+generator."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qklib.o3 import O3Error, O3Layout, generate_scenes, load_o3, render_scene
+from qklib.core.datasets.o3 import O3Error, O3Layout, generate_scenes, load_o3, render_scene
 
 
 @pytest.fixture(scope="module")

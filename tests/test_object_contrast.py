@@ -1,4 +1,4 @@
-"""§6's object contrast (qklib.object_contrast): what one head's output does to the similarity of tokens within
+"""§6's object contrast (qklib.analyses.object_contrast): what one head's output does to the similarity of tokens within
 and between objects, checked against brute-force pair loops, hand-worked heads and the model's own attention
 output."""
 
@@ -8,7 +8,7 @@ import timm
 import torch
 from PIL import Image
 
-from qklib import object_contrast as oc
+from qklib.analyses import object_contrast as oc
 from qklib.core.ov import OVWeights, ov_weights
 
 
@@ -153,7 +153,7 @@ def test_output_scale_reads_the_layer_scale(small_model):
 
 def test_measure_reads_an_ade20k_style_folder_with_non_square_images(small_model, tmp_path):
     """``ade20k_dir`` in the chapter: any folder of images/ and objects/ label maps, cropped like the images."""
-    from qklib import ade20k
+    from qklib.core.datasets import ade20k
 
     (tmp_path / "images").mkdir()
     (tmp_path / "objects").mkdir()

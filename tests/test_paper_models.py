@@ -17,12 +17,13 @@ from torch import nn
 import qklib
 from qklib.cli import main
 from official_layouts import ijepa_encoder, ijepa_predictor, simmim_vit, write_ijepa
-from qklib.core import official, paper_models
+from qklib.core.loaders import official
+from qklib.book import paper_models
 from qklib.core.extract import record
 from qklib.core.models import ModelError
 from qklib.core.reader import attention_sites
-from qklib.core.weights import strip_prefix
-from qklib.present import cosine as charts
+from qklib.core.loaders.weights import strip_prefix
+from qklib.present import cosine_figures as charts
 
 ENTRIES = [*paper_models.PAPER_MODELS, paper_models.IJEPA_PREDICTOR]
 

@@ -14,7 +14,7 @@ import jupytext
 import papermill
 import pytest
 
-from qklib import chapter
+from qklib.book import chapter
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted(chapter.SPECS)

@@ -1,4 +1,5 @@
-"""qklib.preference: token masks in the model's view, the six ratios, and the measure against a direct computation."""
+"""qklib.analyses.preference: token masks in the model's view, the six ratios, and the measure against a direct
+computation."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from qklib.o3 import generate_scenes, load_o3
-from qklib.preference import (GROUPS, PAIRS, TokenMasks, chance, measure, per_layer, query_tokens, query_weights, ratios, select,
-                              token_masks, token_ratios)
+from qklib.core.datasets.o3 import generate_scenes, load_o3
+from qklib.analyses.preference import (GROUPS, PAIRS, TokenMasks, chance, measure, per_layer, query_tokens,
+                                       query_weights, ratios, select, token_masks, token_ratios)
 from oracles import weighted_ratios
 
 

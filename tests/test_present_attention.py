@@ -1,4 +1,5 @@
-"""qklib.present.attention: §3's charts, mask figure, query maps over the scene and the "What we found" values."""
+"""qklib.present.attention_figures: §3's charts, mask figure, query maps over the scene and the "What we found"
+values."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from qklib import ledger, stats
+from qklib.book import ledger
+from qklib.core import stats
 from qklib.core.images import display_crop
-from qklib.o3 import generate_scenes
-from qklib.preference import GROUPS, PAIRS, query_maps, token_masks
-from qklib.present import attention
+from qklib.core.datasets.o3 import generate_scenes
+from qklib.analyses.preference import GROUPS, PAIRS, query_maps, token_masks
+from qklib.present import attention_figures as attention
 
 MODELS = ["model a", "model b"]
 
@@ -214,20 +216,20 @@ def test_findings_state_the_ledgers_verdicts_with_their_numbers_and_a_per_layer_
                ("s3-background-grows", ledger.DISAGREES))}
     found = attention.findings(_stats({"model a": rising, "model b": flat}), CHANCE, MODELS, judged, area)
     ratio = {g: rising[g][0] / CHANCE[g] for g in GROUPS}
-    assert found["s3_found_same"] == (
+    assert found["found_same"] == (
         f"**Same-object attention dominates layer 0: agrees.** Per unit area, layer 0 gives same {ratio['same']:.2f}× "
         f"chance, different {ratio['different']:.2f}×, background {ratio['background']:.2f}×; same ÷ the larger other "
         "1.50 [1.20, 1.80].")
-    assert found["s3_found_different"].startswith("**Different-object attention grows with depth: borderline.** Slope "
+    assert found["found_different"].startswith("**Different-object attention grows with depth: borderline.** Slope "
                                                   "1.5000 [1.2000, 1.8000] per layer (raw ratio L0 0.10, L5 0.30")
-    assert found["s3_found_background"].startswith("**Background attention grows with depth: disagrees.**")
-    assert found["s3_controls"] == "model b stays within 0.010 of chance in every layer (raw ratios)"
-    table = found["s3_layer_table"]
+    assert found["found_background"].startswith("**Background attention grows with depth: disagrees.**")
+    assert found["controls"] == "model b stays within 0.010 of chance in every layer (raw ratios)"
+    table = found["layer_table"]
     assert table.shape == (6, 9) and table[("model a (× chance)", "same")].iloc[0] == pytest.approx(ratio["same"],
                                                                                                    abs=1e-3)
     assert table[("model a (raw ratio)", "background")].tolist() == pytest.approx(rising["background"])
     one = attention.findings(_stats({"model a": rising}), CHANCE, ["model a"], judged, area)
-    assert one["s3_controls"] == "no second model was run"
+    assert one["controls"] == "no second model was run"
     assert not [k for k, v in found.items() if isinstance(v, np.generic)]  # glue needs plain Python numbers
 
 
@@ -265,8 +267,8 @@ def test_variant_means_chart_and_self_token_findings():
     assert means.loc[1, ("same", "peak token, self kept")] == pytest.approx(0.65)
     assert means.loc[1, ("same", "peak token, self removed")] == pytest.approx(0.35)
     found = attention.self_token_findings(means)
-    assert found["s3_self_part_l0"] == pytest.approx(0.3) and found["s3_same_removed_l0"] == pytest.approx(0.25)
-    assert found["s3_same_kept_l0"] == pytest.approx(0.55) and found["s3_variants"].shape == (3, 9)
+    assert found["self_part_l0"] == pytest.approx(0.3) and found["same_removed_l0"] == pytest.approx(0.25)
+    assert found["same_kept_l0"] == pytest.approx(0.55) and found["variants"].shape == (3, 9)
     spec = attention.variant_chart(means, "m").to_dict()
     values = next(iter(spec["datasets"].values())) if "datasets" in spec else spec["data"]["values"]
     assert len(values) == 27 and {v["variant"] for v in values} == {"peak token, self kept", "peak token, self removed",

@@ -1,12 +1,14 @@
-"""The claims ledger's page fragment (qklib.present.ledger): a row per claim with its verdict, evidence and needs."""
+"""The claims ledger's page fragment (qklib.present.ledger_page): a row per claim with its verdict, evidence and
+needs."""
 
 import dataclasses
 import re
 
-from qklib import ledger
-from qklib.present.ledger import chapter_link, ledger_markdown, model_text, summary
+from qklib.book import ledger
+from qklib.present.ledger_page import (answers_markdown, answers_text, chapter_link, ledger_markdown, model_text,
+                                      summary)
 
-from ledger_records import CONCAVE, CONTROL, EMBEDDED_NAME, FALLING, default_records, s4_record
+from ledger_records import CONCAVE, CONTROL, EMBEDDED_NAME, FALLING, default_records, s4_record, s6_record
 
 
 def rows_and_text(records):
@@ -86,3 +88,24 @@ def test_the_open_questions_get_their_own_table_with_yes_and_no():
     assert len(rows) == len(ledger.QUESTIONS)
     assert "  - **no**" in rows[0] and "→ **no**" in rows[0]  # no pair composes beyond chance
     assert "  - **yes**" in rows[-1] and "*Yes when*" in rows[-1] and "*A test on the paper's models needs*" in rows[-1]
+
+
+def test_the_answers_are_the_ledgers_in_words():
+    text = answers_text(s6_record(), ["s6-key-value", "s6-grouping-copying"])
+    assert text.startswith("Does a head's value read what its QK modes look for")
+    assert f"{EMBEDDED_NAME}: yes, share of a QK mode's key feature" in text
+    assert f"{CONTROL} (control, not evidence): yes" in text
+    no = answers_text(s6_record(association=-1), ["s6-grouping-copying"])
+    assert f"{EMBEDDED_NAME}: no, Spearman correlation over 72 heads" in no and "s6-key-value" not in no
+    assert "copying score -1.00" in no
+
+
+def test_the_markdown_answers_give_each_rule_and_leave_the_controls_out():
+    questions = [q for q in ledger.QUESTIONS if q.key in ("s6-key-value", "s6-grouping-copying")]
+    text = answers_markdown(s6_record(association=-1), questions)
+    bullets = [line for line in text.splitlines() if line.startswith("- **")]
+    assert [b.split("** Rule: ")[0][4:] for b in bullets] == [q.statement for q in questions]
+    assert all(f"Rule: {q.criterion}." in text for q in questions)
+    assert f"  - {EMBEDDED_NAME}: **yes**; share of a QK mode's key feature" in text
+    assert f"  - {EMBEDDED_NAME}: **no**; Spearman correlation over 72 heads" in text
+    assert CONTROL not in text

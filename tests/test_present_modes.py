@@ -14,12 +14,14 @@ from ipywidgets.widgets.widget import _instances
 from ipywidgets.widgets.widget_link import Link
 from PIL import Image
 
-from qklib import chapter, modes, search
+from qklib.book import chapter
+from qklib.analyses import modes
+from qklib import search
 from qklib.core.extract import record
 from qklib.core.images import open_rgb, to_pixels
 from qklib.present import mode_figures as figures
 from qklib.present.widgets import nested_stack
-from qklib.same_object import SameObject
+from qklib.analyses.same_object import SameObject
 
 
 @pytest.fixture(scope="module")

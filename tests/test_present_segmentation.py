@@ -1,4 +1,4 @@
-"""qklib.present.segmentation: the pictures and the findings' verdicts from rows whose answer is known."""
+"""qklib.present.segmentation_figures: the pictures and the findings' verdicts from rows whose answer is known."""
 
 from datetime import datetime, timezone
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qklib.present import segmentation as figures
-from qklib.recognition import ProbeResult
-from qklib.segmentation import Segmenter
+from qklib.present import segmentation_figures as figures
+from qklib.analyses.recognition import ProbeResult
+from qklib.analyses.segmentation import Segmenter
 
 DEFAULTS = {"modes": 1, "kmeans": 11, "tokencut": 11, "cls_attention": 11, "grid": None}
 

@@ -1,12 +1,12 @@
-"""§6's presentation helpers (qklib.present.values) on hand-made tables and ledger records."""
+"""§6's presentation helpers (qklib.present.values_figures) on hand-made tables and ledger records."""
 
 import json
 
 import pandas as pd
 
-from qklib.present import values as figures
+from qklib.present import values_figures as figures
 
-from ledger_records import CONTROL, EMBEDDED_NAME, s6_record
+from ledger_records import CONTROL, EMBEDDED_NAME
 
 
 def key_value_rows() -> pd.DataFrame:
@@ -31,16 +31,6 @@ def test_the_mode_chart_carries_every_head_and_the_chance_rule():
     assert arrays[-1]["alignment"] == [1.0, 1.1, 1.2] and arrays[-1]["m"] == 1
     assert next(d for d in datasets if "chance" in d[0]) == [{"chance": 0.25}]
     assert {param["name"] for param in spec["params"]} == {"model", "layer", "head"}
-
-
-def test_the_answers_are_the_ledgers_in_words():
-    text = figures.answers(s6_record(), ["s6-key-value", "s6-grouping-copying"])
-    assert text.startswith("Does a head's value read what its QK modes look for")
-    assert f"{EMBEDDED_NAME}: yes, share of a QK mode's key feature" in text
-    assert f"{CONTROL} (control, not evidence): yes" in text
-    no = figures.answers(s6_record(association=-1), ["s6-grouping-copying"])
-    assert f"{EMBEDDED_NAME}: no, Spearman correlation over 72 heads" in no and "s6-key-value" not in no
-    assert "copying score -1.00" in no
 
 
 def test_as_null_renames_the_interval():

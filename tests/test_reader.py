@@ -76,7 +76,7 @@ def test_flags_of_the_variants():
     assert eva.rope and eva.wq.shape == (1, 3, 64, 192)
     deit = read_attention(timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, depth=1))
     assert deit.special_tokens == 2
-    predictor = read_attention(qklib.core.official.build_predictor(embed_dim=64, predictor_dim=48, depth=2,
+    predictor = read_attention(qklib.core.loaders.official.build_predictor(embed_dim=64, predictor_dim=48, depth=2,
                                                                    num_heads=3, num_patches=16))
     assert predictor.family == "ijepa-predictor" and predictor.special_tokens == 0 and predictor.wq.shape == (2, 3, 16, 48)
 

@@ -1,4 +1,4 @@
-"""qklib.recognition: the nearest-centroid probe by hand and on separable data, the image features against a
+"""qklib.analyses.recognition: the nearest-centroid probe by hand and on separable data, the image features against a
 brute-force computation, and bad inputs."""
 
 import numpy as np
@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from qklib import recognition as rec
+from qklib.analyses import recognition as rec
 from qklib.core.extract import token_embeddings
 from qklib.core.images import ImageError, to_pixels
-from qklib.recognition import ProbeResult, RecognitionError
+from qklib.analyses.recognition import ProbeResult, RecognitionError
 
 
 def test_standardising_lets_a_small_informative_feature_win():

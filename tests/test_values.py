@@ -283,7 +283,7 @@ def test_effective_rank_and_bad_input():
 def test_chapter_tables_against_their_inputs(tiny_timm):
     """§6's tables: a row per pair of heads in different layers, ``beyond`` exactly where the score exceeds every
     null draw, the summary's counts, and the head table's columns equal to the library's numbers."""
-    from qklib import values
+    from qklib.analyses import values
 
     qk, ov = qklib.qk_svd(tiny_timm), qklib.ov_svd(tiny_timm)
     scores, null = qklib.composition_scores((qk, ov)), qklib.composition_null((qk, ov), count=4, seed=0)
@@ -336,7 +336,7 @@ def test_mode_alignment_is_the_projection_onto_earlier_written_subspaces(tiny_ti
 def test_key_value_alignment_and_ov_images_against_dense_heads(tiny_timm):
     """QK meets OV in one head: the share of each key feature v_n in the head's own value row space (by least
     squares on the dense W_V, not through the SVD), and OV v_n as the dense product."""
-    from qklib import values
+    from qklib.analyses import values
 
     qk, ov = qklib.qk_svd(tiny_timm), qklib.ov_svd(tiny_timm)
     aligned, images = values.key_value_alignment(qk, ov), values.ov_images(qk, ov)
@@ -360,7 +360,7 @@ def test_key_value_alignment_and_ov_images_against_dense_heads(tiny_timm):
 def test_a_head_whose_value_reads_its_keys_aligns_fully(tiny_timm):
     """Copy a head's key rows into its value rows: the value then reads every key feature exactly (share 1),
     the Haar null stays near r / d, and the featured head of that layer is this one."""
-    from qklib import values
+    from qklib.analyses import values
 
     model = copy.deepcopy(tiny_timm)
     qkv = model.blocks[1].attn.qkv.weight.data

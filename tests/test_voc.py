@@ -1,4 +1,5 @@
-"""qklib.voc: a tiny Pascal VOC folder written here, read back exactly, and folders in the wrong layout refused."""
+"""qklib.core.datasets.voc: a tiny Pascal VOC folder written here, read back exactly, and folders in the wrong layout
+refused."""
 
 import numpy as np
 import pytest
@@ -6,8 +7,8 @@ from PIL import Image
 
 import qklib
 from qklib.core.images import ImageError
-from qklib.segmentation import datasets, foreground_iou, miou
-from qklib.voc import VOC_CLASSES, VOID, load_voc
+from qklib.analyses.segmentation import datasets, foreground_iou, miou
+from qklib.core.datasets.voc import VOC_CLASSES, VOID, load_voc
 
 
 def _palette_png(path, indices):

@@ -38,8 +38,7 @@ import timm  # noqa: E402
 import qklib  # noqa: E402
 
 from qklib.core.ov import OVWeights, ov_weights  # noqa: E402
-from qklib.core.svd import (  # noqa: E402
-    CROSS_PRODUCT_COND, ONE_PASS_COND, QKWeights, qk_svd_from_weights, qk_weights)
+from qklib.core.svd import CROSS_PRODUCT_COND, ONE_PASS_COND, QKWeights, qk_svd_from_weights, qk_weights
 
 
 def _best_of(fn, repeats: int) -> float:

@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import qklib  # noqa: E402
-from qklib import chapter, search  # noqa: E402
+from qklib.book import chapter
+from qklib import search  # noqa: E402
 from qklib.core.images import shipped_photos  # noqa: E402
 from qklib.present.explore import explore, explore_attention, explore_spectrum  # noqa: E402
 

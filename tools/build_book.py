@@ -24,7 +24,7 @@ executed notebook's metadata (key `qklib_book`); the builder prints for each cha
 unchanged)" or which inputs changed. Sphinx then rewrites only the pages whose sources changed.
 
 Every build then writes the claims ledger, `executed/ledger.md` (included by the page `book/claims.md`), from
-the glued records of the executed chapters (`qklib.ledger`), so that it always matches the chapters in the site.
+the glued records of the executed chapters (`qklib.book.ledger`), so that it always matches the chapters in the site.
 """
 
 from __future__ import annotations
@@ -47,11 +47,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from qklib import ledger  # noqa: E402
-from qklib.chapter import SPECS, declared_parameters, default_parameters, listing_digest, output_folder  # noqa: E402
+from qklib.book import ledger  # noqa: E402
+from qklib.book.chapter import (SPECS, declared_parameters, default_parameters, listing_digest,  # noqa: E402
+                                output_folder)
 from qklib.core.cluster import ClusterError  # noqa: E402  (submitit itself is imported only for --executor slurm)
-from qklib.core.imgfocus import cache_dir as qklib_cache_dir  # noqa: E402
-from qklib.present.ledger import ledger_markdown  # noqa: E402
+from qklib.core.loaders.imgfocus import cache_dir as qklib_cache_dir  # noqa: E402
+from qklib.present.ledger_page import ledger_markdown  # noqa: E402
 NOTEBOOKS = ROOT / "notebooks"
 EXECUTED = ROOT / "executed"
 VENDOR = ROOT / "book" / "vendor"
@@ -453,8 +454,8 @@ def path_listing(path: Path) -> str:
 def model_weights(spec) -> tuple[str, str]:
     """``(what, digest)`` of one ``models`` entry's weights where that is cheap: a weights file's or folder's
     listing, timm's or the embedded model's cached file; a random-init control has none."""
-    from qklib.chapter import ParameterError, model_spec
-    from qklib.core import imgfocus
+    from qklib.book.chapter import ParameterError, model_spec
+    from qklib.core.loaders import imgfocus
     from qklib.core.models import DEFAULT_MODEL, cached_pretrained_file
 
     try:
@@ -745,7 +746,7 @@ def site_chapters(chapters: list[str], executed: Path = EXECUTED) -> tuple[list[
 
 
 def write_ledger(present: list[str], executed: Path = EXECUTED, target: Path = LEDGER) -> bool:
-    """Write the claims ledger (``qklib.ledger``) from the glued records of the executed chapters to ``target``,
+    """Write the claims ledger (``qklib.book.ledger``) from the glued records of the executed chapters to ``target``,
     which the page ``book/claims.md`` includes; True when written. It is rebuilt on every build, so it always
     matches the chapters of the site. A chapter of the paper's claims not executed yet leaves the ledger out of the
     site (False, with a message); a "Beyond the paper" chapter not executed leaves its questions "not tested"; a

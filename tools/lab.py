@@ -9,7 +9,7 @@
   user-level kernel of the same name, and it imports ``qklib`` from this checkout.
 * Charts are drawn offline: vega, vega-lite and vega-embed for the installed altair (from vl-convert) are
   written once to ``_build/lab/`` and served by JupyterLab at ``/static/``; the kernels find the URL in
-  ``$QKLIB_VEGA_SCRIPT`` (see ``qklib.present.lab``).
+  ``$QKLIB_VEGA_SCRIPT`` (see ``qklib.present.vega``).
 * As root, JupyterLab refuses to start without ``--allow-root``; it is added then.
 
 Arguments after ``--`` go to JupyterLab unchanged (e.g. ``-- --ServerApp.open_browser=False``).

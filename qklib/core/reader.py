@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .official import IJepaPredictor
+from .loaders.official import IJepaPredictor
 from .provenance import provenance
 
 __all__ = ["AttentionSites", "AttentionWeights", "attention_sites", "describe_unreadable", "family_of", "families",

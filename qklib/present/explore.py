@@ -4,7 +4,7 @@ where :mod:`qklib.present.widgets` serves precomputed pictures instead.
 
 * :func:`explore_attention` (§3): one query token's attention map over a scene or image, in any layer and
   head, the query token picked by its row and column (or put on the target or a distractor), drawn as the
-  chapter's static maps are (:func:`qklib.present.attention.overlay`: target outlined red, distractors white);
+  chapter's static maps are (:func:`qklib.present.attention_figures.overlay`: target outlined red, distractors white);
 * :func:`explore_spectrum` (§4): one head's singular spectrum and its cos_n = u_n . v_n, and one mode's
   cosine against its head, its layer and the null band;
 * :func:`explore` (§5): one mode's query (red) and key (cyan) maps, either sign, on a gallery image or an
@@ -41,13 +41,13 @@ from ..core.modalities import attention_from_weights, attention_inputs, tokenise
 from ..core.models import info
 from ..core.ov import copying_scores, effective_rank, ov_eigenvalues
 from ..core.svd import QKSVD, null_band
-from ..modes import mode_label, mode_maps
-from ..preference import query_tokens, token_masks
-from ..crossmodal import weights_of
+from ..analyses.modes import mode_label, mode_maps
+from ..analyses.preference import query_tokens, token_masks
+from ..analyses.crossmodal import weights_of
 from ..search import SearchResult
-from ..sequences import best_pair, snippet_html
-from .attention import outline, overlay, view_mask
-from .crossmodal import attention_picture
+from ..analyses.sequences import best_pair, snippet_html
+from .attention_figures import outline, overlay, view_mask
+from .crossmodal_figures import attention_picture
 from .mode_figures import mode_caption
 from .render import jpeg_bytes, mosaic, normalize_map, render_mode, thumbnail
 

@@ -24,15 +24,14 @@ from ..core.extract import record, token_embeddings
 from ..core.images import display_crop, open_rgb, to_pixels
 from ..core.models import depth, info
 from ..core.svd import QKSVD
-from ..modes import mode_label, mode_maps, top_modes
-from ..ledger import RANKINGS
-from ..same_object import SameObject
+from ..analyses.modes import mode_label, mode_maps, top_modes
+from ..book.ledger import RANKINGS
+from ..analyses.same_object import SameObject
 from ..search import SearchResult
-from ..stats import AGREES, BORDERLINE, DISAGREES, RESAMPLES, bootstrap, bootstrap_curve, decide
-from .attention import course
-from .cosine import inline
+from ..core.stats import AGREES, BORDERLINE, DISAGREES, RESAMPLES, bootstrap, bootstrap_curve, decide
+from .attention_figures import course
 from .render import jpeg_bytes, mode_pictures, render_mode, thumbnail
-from .style import CHANCE, CONTROLS, TRAINED
+from .style import CHANCE, CONTROLS, TRAINED, inline
 from .widgets import nested_stack, picture_html
 
 PICTURE_PX = 160  # shown width of every picture (a click enlarges it)
@@ -105,8 +104,8 @@ def optimal_table(svd: QKSVD, found: SearchResult, featured: Sequence[tuple[int,
 def featured_table(svd: QKSVD, featured: Sequence[tuple[int, int, int, int]], correlations: Sequence[float],
                    positions: Sequence[dict] | None = None) -> pd.DataFrame:
     """One row per featured mode: ``mode`` label, ``layer``, ``s``, ``cos`` (u_n . v_n), ``map_corr`` (the
-    token-level correlation of its query and key maps over the gallery, :func:`qklib.modes.position_shares`) and,
-    with ``positions`` (:func:`qklib.modes.position_shares`), the share of each map's variance that token
+    token-level correlation of its query and key maps over the gallery, :func:`qklib.analyses.modes.position_shares`)
+    and, with ``positions`` (:func:`qklib.analyses.modes.position_shares`), the share of each map's variance that token
     position explains with its null's 97.5th percentile."""
     if len(correlations) != len(featured):
         raise ValueError(f"{len(correlations)} correlations for {len(featured)} featured modes")
@@ -159,7 +158,7 @@ def optimal_images(model, svd: QKSVD, found: SearchResult, featured: Sequence[tu
     """Fig 4: for each featured ``(layer, head, mode, sign)``, a row of its top images with the mode drawn
     over them (``size`` px pictures shown ``PICTURE_PX`` wide), captioned with file name and score;
     ``correlations`` (one per featured mode: query/key map correlation over the gallery) go into the titles.
-    With ``positions`` (:func:`qklib.modes.position_shares`), each row is followed by the same images with the
+    With ``positions`` (:func:`qklib.analyses.modes.position_shares`), each row is followed by the same images with the
     mode's per-position mean maps taken out (the content part), drawn small."""
     if correlations is not None and len(correlations) != len(featured):
         raise ValueError(f"{len(correlations)} correlations for {len(featured)} featured modes")
@@ -189,7 +188,7 @@ def walkthrough(model, svd: QKSVD, image: Image.Image, layers: Sequence[int], he
                 size: int = PICTURE_PX) -> tuple[pd.DataFrame, widgets.VBox]:
     """Fig 5: one image through the ``count`` modes that shape each head's attention most.
 
-    Modes are ranked by their key-centred, attention-weighted contribution (:func:`qklib.modes.top_modes` with
+    Modes are ranked by their key-centred, attention-weighted contribution (:func:`qklib.analyses.modes.top_modes` with
     the head's attention); the paper's sum over token pairs ranks them too, and both are kept. Returns the tidy
     table (one row per layer, head, ranking and rank: ``ranking`` ``"attention"`` or ``"paper sum"``,
     ``label``, ``mode``, ``sign``, ``contribution``, ``share`` of the head's sum of absolute contributions, ``cos``)
@@ -225,12 +224,13 @@ def walkthrough(model, svd: QKSVD, image: Image.Image, layers: Sequence[int], he
 
 
 def ablation_table(rows: Sequence[dict], resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
-    """The ablation (:func:`qklib.modes.ablation`) per layer and ranking (``RANKINGS``; "all" pools the layers):
-    the mean attention change (total variation) when that ranking's top modes are removed, with its 95%
+    """The ablation (:func:`qklib.analyses.modes.ablation`) per layer and ranking (``RANKINGS``; "all" pools the
+    layers): the mean attention change (total variation) when that ranking's top modes are removed, with its 95%
     bootstrap interval over image-head cases (``low``, ``high``), and the number of cases."""
     frame = pd.DataFrame(list(rows))
     if frame.empty:
-        raise ValueError("no ablation rows: pass the rows of qklib.modes.ablation for at least one image and layer")
+        raise ValueError("no ablation rows: pass the rows of qklib.analyses.modes.ablation for at least one image "
+                         "and layer")
     out = []
     for layer, cases in [*frame.groupby("layer"), ("all", frame)]:
         for name, label in RANKINGS.items():
@@ -280,12 +280,12 @@ OBJECTS = {False: "background left out", True: "background an object"}
 def same_object_table(model_runs: dict[tuple[bool, str], SameObject], control_runs: dict[tuple[bool, str], SameObject],
                       model_label: str, num_layers: int, resamples: int = RESAMPLES, seed: int = 0,
                       null_runs: dict[tuple[bool, str], SameObject] | None = None) -> pd.DataFrame:
-    """Fig 6 as a tidy table from :func:`qklib.same_object.same_object_variants` of the model and of its random-init
-    control: one row per variant, series and layer. Columns ``same`` (``"same instance"`` or ``"same kind"``),
-    ``objects`` (the background left out or counted as an object), ``model`` (the model, ``"random-init control"``,
-    ``"chance"``, and ``"mismatched-mode null"`` where ``null_runs``, :func:`qklib.same_object.mismatched`, holds
-    the variant), ``layer``, ``P(same)``, ``low`` / ``high`` (the 95% bootstrap interval over the layer's heads;
-    empty for chance), ``depth``."""
+    """Fig 6 as a tidy table from :func:`qklib.analyses.same_object.same_object_variants` of the model and of its
+    random-init control: one row per variant, series and layer. Columns ``same`` (``"same instance"`` or ``"same
+    kind"``), ``objects`` (the background left out or counted as an object), ``model`` (the model, ``"random-init
+    control"``, ``"chance"``, and ``"mismatched-mode null"`` where ``null_runs``,
+    :func:`qklib.analyses.same_object.mismatched`, holds the variant), ``layer``, ``P(same)``, ``low`` / ``high`` (the
+    95% bootstrap interval over the layer's heads; empty for chance), ``depth``."""
     frames = []
     for (background, match), run in model_runs.items():
         control = control_runs[background, match]
@@ -383,7 +383,7 @@ def same_object_findings(same: SameObject, control: SameObject, resamples: int =
 def same_object_variant_findings(model_runs: dict[tuple[bool, str], SameObject],
                                  control_runs: dict[tuple[bool, str], SameObject]) -> dict:
     """Layer-by-layer phrases for every Fig 6 variant (keys become glue names with the chapter's prefix):
-    ``course_<objects>_<match>`` (:func:`qklib.present.attention.course` of P(same) over all layers, steps under
+    ``course_<objects>_<match>`` (:func:`qklib.present.attention_figures.course` of P(same) over all layers, steps under
     ``STEP`` level) and
     ``range_...`` (its lowest and highest layer, with chance and the control); where both matches were computed,
     ``kind_gap_<objects>`` (the course of P(same kind) - P(same instance): the share of top images whose query and

@@ -14,7 +14,7 @@ from ..core.extract import token_embeddings
 from ..core.images import display_crop, to_pixels
 from ..core.models import info
 from ..core.svd import QKSVD
-from ..modes import mode_maps
+from ..analyses.modes import mode_maps
 
 # The authors normalised each map between these percentiles before drawing it.
 LOW_PERCENTILE = 30.0
@@ -80,8 +80,8 @@ def mode_pictures(model, svd: QKSVD, images, layer: int, head: int, mode: int, s
                   position: tuple | None = None) -> list[np.ndarray]:
     """Red/cyan pictures of one mode for a list of PIL images (tokens computed unless given as ``[B, T, d]``).
     ``position``: ``(query_mean, key_mean)``, the mode's per-position mean maps (``[N]``, sign +1;
-    :func:`qklib.modes.position_shares`), subtracted first: the pictures then show the content part of the maps,
-    what position alone does not explain."""
+    :func:`qklib.analyses.modes.position_shares`), subtracted first: the pictures then show the content part of the
+    maps, what position alone does not explain."""
     meta = info(model)
     if tokens is None:
         tokens = token_embeddings(model, to_pixels(model, list(images)), layers=[layer])[0]

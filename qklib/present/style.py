@@ -3,8 +3,9 @@
 Colours follow a model's role, not its name, so the same run shows the same colours in every chapter: the
 first trained model of a chapter's ``models`` is always blue, the second orange, ...; random-init controls are
 greys, listed after the trained models they control; chance is drawn in black, dashed, and named in the chart.
-The theme (``THEME``, registered with altair under that name) sets the charts' text sizes; a chapter turns it on
-in its first cell with ``alt.theme.enable(style.THEME)``.
+Charts carry their data inline (:func:`inline`), rounded to keep pages small. The theme (``THEME``, registered with
+altair under that name) sets the charts' text sizes; a chapter turns it on in its first cell with
+``alt.theme.enable(style.THEME)``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,35 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import altair as alt
+import numpy as np
+import pandas as pd
 
-from ..ledger import is_control
+from ..book.ledger import is_control
 
 TRAINED = ("#1f5fa8", "#d9730d", "#2a9d5c", "#b0306b", "#7b5ea7", "#8c6d31", "#17a2b8", "#c9a227")
 CONTROLS = ("#7f7f7f", "#a9a9a9", "#505050", "#c7c7c7")
 CHANCE = "black"
 THEME = "qklib"
+
+
+# Facetted charts wrap after this many panels, so that they fit the book's text column.
+PANELS_PER_ROW = 2
+
+
+def inline(frame: pd.DataFrame, digits: int = 4) -> alt.InlineData:
+    """The frame as inline chart data, floats rounded to ``digits`` significant digits to keep pages small
+    (significant, not decimal, digits: small values such as spectrum weights on a log axis must not become 0).
+
+    Inline values bypass altair's 5000-row guard on purpose: the chapters precompute every row that a
+    slider can show, and the page-size budget (5 MB) is checked by the book's browser test instead.
+    """
+    rounded = frame.copy()
+    for column in rounded.select_dtypes("float").columns:
+        values = rounded[column].to_numpy(dtype=float)
+        magnitude = np.floor(np.log10(np.abs(np.where(values == 0, 1.0, values))))
+        scale = 10.0 ** (digits - 1 - magnitude)
+        rounded[column] = np.round(values * scale) / scale
+    return alt.InlineData(values=rounded.to_dict(orient="records"))
 
 
 def model_order(models: Iterable[str]) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..weights import ModelError
+from ..loaders.weights import ModelError
 
 __all__ = ["CT2_DTYPES", "Ct2Model", "read_ct2"]
 

@@ -27,7 +27,7 @@ from torch import nn
 from ..provenance import Provenance as Record
 from ..provenance import attach
 from ..provenance import provenance as core_provenance
-from ..weights import ModelError
+from ..loaders.weights import ModelError
 from .text import bert_from_folder
 from .whisper import whisper_from_ct2, whisper_from_folder
 

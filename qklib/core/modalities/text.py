@@ -18,9 +18,9 @@ import torch
 import transformers
 from torch import nn
 
-from ..hf import read_folder
+from ..loaders.hf import read_folder
 from ..provenance import provenance as core_provenance
-from ..weights import ModelError, strip_prefix
+from ..loaders.weights import ModelError, strip_prefix
 from .corpus import split_sentences
 
 __all__ = ["TokenisedText", "bert_from_folder", "text_tokenizer", "tokenise"]

@@ -18,8 +18,8 @@ import torch
 import transformers
 from torch import nn
 
-from ..hf import read_folder
-from ..weights import ModelError
+from ..loaders.hf import read_folder
+from ..loaders.weights import ModelError
 from .ct2_weights import Ct2Model, read_ct2
 
 __all__ = ["ct2_encoder_state", "encoder_config", "whisper_encoder_class", "whisper_from_ct2", "whisper_from_folder"]

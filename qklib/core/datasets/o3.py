@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .core.images import IMAGE_SUFFIXES, LazyItems, images_by_stem
+from ..images import IMAGE_SUFFIXES, LazyItems, images_by_stem
 
 FEATURES = ("colour", "shape", "size", "orientation")
 SHAPES = ("disc", "square", "triangle", "cross", "ellipse", "bar")

@@ -10,8 +10,8 @@ Nothing is downloaded: point :func:`load_voc` at the folder of one VOC year (``V
 Only the images with a ``SegmentationObject`` PNG are annotated (2,913 of VOC2012's 17,125). The PNGs' pixel
 values are palette indices (the colours are only for viewing), so a mask saved as an RGB picture is refused.
 Void (255: object borders and ambiguous pixels) becomes ``VOID = -1`` in the returned maps, so that label maps
-keep qklib's convention (0 background, 1.. objects, negative ignored): ``qklib.segmentation.miou`` and
-``foreground_iou`` skip those pixels, and ``qklib.same_object`` never counts them as an object.
+keep qklib's convention (0 background, 1.. objects, negative ignored): ``qklib.analyses.segmentation.miou`` and
+``foreground_iou`` skip those pixels, and ``qklib.analyses.same_object`` never counts them as an object.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .core.images import ImageError, LazyItems, images_by_stem
+from ..images import ImageError, LazyItems, images_by_stem
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",

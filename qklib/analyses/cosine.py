@@ -25,11 +25,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .core.extract import image_tokens, token_embeddings
-from .core.images import to_pixels
-from .core.models import depth, info
-from .core.svd import NULL_DRAWS, NULL_SEED, QKSVD, layer_null_band, layer_null_sd, null_band
-from .stats import RESAMPLES, bootstrap
+from ..core.extract import image_tokens, token_embeddings
+from ..core.images import to_pixels
+from ..core.models import depth, info
+from ..core.svd import NULL_DRAWS, NULL_SEED, QKSVD, layer_null_band, layer_null_sd, null_band
+from ..core.stats import RESAMPLES, bootstrap
 
 
 def centre_token_index(model: nn.Module) -> int:
@@ -345,7 +345,7 @@ VERDICT_NAMES = {"s4-early-high-falls": "high early and falling with depth", "s4
 
 def verdicts_text(judged: dict[str, dict]) -> str:
     """Per model, the claims ledger's outcome for each of §4's general claims with the numbers behind it
-    (``judged``: ``{label: qklib.ledger.judge_model(record, label)}``)."""
+    (``judged``: ``{label: qklib.book.ledger.judge_model(record, label)}``)."""
     parts = []
     for label, claims in judged.items():
         found = [f"{name}: **{claims[key].outcome}** ({claims[key].number})" for key, name in VERDICT_NAMES.items()

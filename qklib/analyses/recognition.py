@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core.images import ImageError, list_images, to_pixels
-from .core.models import info
-from .core.reader import attention_sites
-from .core.svd import QKSVD
-from .search import Features, feature_scores
-from .stats import RESAMPLES, Interval, bootstrap
+from ..core.images import ImageError, list_images, to_pixels
+from ..core.models import info
+from ..core.reader import attention_sites
+from ..core.svd import QKSVD
+from ..search import Features, feature_scores
+from ..core.stats import RESAMPLES, Interval, bootstrap
 
 
 class RecognitionError(ValueError):

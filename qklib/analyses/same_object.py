@@ -32,8 +32,8 @@ gives the chance level per layer.
 :func:`same_object_variants` computes every combination of ``background`` and ``match`` from one forward
 pass per batch; :func:`same_object_probability` is one of them.
 
-Data: generated odd-one-out scenes (``qklib.o3.generate_scenes``, whose ``objects/`` label maps hold
-1 = target, 2.. = distractors) by default, or an ADE20K folder (``qklib.ade20k.load_ade20k``).
+Data: generated odd-one-out scenes (``qklib.core.datasets.o3.generate_scenes``, whose ``objects/`` label maps hold
+1 = target, 2.. = distractors) by default, or an ADE20K folder (``qklib.core.datasets.ade20k.load_ade20k``).
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-from .core.images import ImageError, model_transform, view_steps
-from .core.models import info
-from .core.svd import QKSVD
-from .search import Features, RunningTopK, feature_scores
+from ..core.images import ImageError, model_transform, view_steps
+from ..core.models import info
+from ..core.svd import QKSVD
+from ..search import Features, RunningTopK, feature_scores
 
 
 # --- label maps on the token grid ----------------------------------------------------------------------
@@ -310,9 +310,10 @@ def same_object_variants(model, svd: QKSVD, dataset: Sequence, k: int = 5, layer
     from one forward pass per batch; see the module docstring. Returns ``{(background, match): SameObject}``.
 
     ``dataset``: a sequence of items with ``.image`` (PIL), ``.objects`` (instance label map, 0 = background)
-    and, for ``match="kind"``, ``.kinds`` (label -> kind); e.g. generated scenes (``qklib.o3.generate_scenes``)
-    or ``qklib.ade20k.load_ade20k(root)``. Streams: memory does not grow with its length. The top-k of each
-    background setting is taken over the images it can use (two or more objects).
+    and, for ``match="kind"``, ``.kinds`` (label -> kind); e.g. generated scenes
+    (``qklib.core.datasets.o3.generate_scenes``) or ``qklib.core.datasets.ade20k.load_ade20k(root)``. Streams: memory
+    does not grow with its length. The top-k of each background setting is taken over the images it can use (two or more
+    objects).
     """
     background, match = _check_variants(k, background, match)
     device = next(model.parameters()).device

@@ -13,14 +13,13 @@ import pandas as pd
 from PIL import Image
 
 from ..core.images import ImageError, image_from_bytes
-from ..recognition import ProbeResult
-from ..segmentation import METHODS, Segmenter, object_map, paired_difference, summarise, upsample_labels
-from ..stats import RESAMPLES
-from .attention import outline
-from .cosine import PANELS_PER_ROW, inline
+from ..analyses.recognition import ProbeResult
+from ..analyses.segmentation import METHODS, Segmenter, object_map, paired_difference, summarise, upsample_labels
+from ..core.stats import RESAMPLES
+from .attention_figures import outline
 from .explore import Live
 from .render import jpeg_bytes, mosaic
-from .style import model_order
+from .style import PANELS_PER_ROW, inline, model_order
 from .widgets import nested_stack, picture_html
 
 # Segment colours: distinct, readable over photos (tab20's first ten, then repeated).
@@ -122,7 +121,7 @@ def difference_table(rows_by_model: Mapping[str, list[dict]], defaults: Mapping[
                      resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
     """The modes against each baseline on the same images (:func:`pair_table`): at each layer against k-means on
     that layer's tokens (the features the modes come from), and at the methods' default layers against every
-    baseline. ``defaults``: :meth:`qklib.segmentation.Segmenter.default_layers`."""
+    baseline. ``defaults``: :meth:`qklib.analyses.segmentation.Segmenter.default_layers`."""
     pairs = [(("modes", layer), ("kmeans", layer)) for layer in layers]
     pairs += [(("modes", defaults["modes"]), (method, defaults[method])) for method in METHODS if method != "modes"]
     return pair_table(rows_by_model, pairs, resamples, seed)
@@ -236,7 +235,7 @@ def findings(rows_by_model: Mapping[str, list[dict]], defaults: Mapping[str, int
     """``{"text": one paragraph, "record": the numbers behind it}``: per model, the modes at their default layer
     against k-means on the same tokens, against the best of the other training-free methods at its default
     layer and against the grid (paired differences, 95 % intervals over images), and the layer where the modes
-    did best. ``defaults``: :meth:`qklib.segmentation.Segmenter.default_layers`."""
+    did best. ``defaults``: :meth:`qklib.analyses.segmentation.Segmenter.default_layers`."""
     sentences, record = [], {"question": QUESTION, "metric": metric, "models": {}}
     for model, rows in rows_by_model.items():
         summary = summarise(rows, metric, resamples, seed)

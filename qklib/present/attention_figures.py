@@ -1,8 +1,8 @@
 """§3's figures (paper Fig 2): the scenes' token masks, attention preference against depth, per head and per
 query pair (static sliders), one scene's query maps drawn over the scene, and the values "What we found" glues.
 
-Inputs are the tidy table of ``qklib.preference.measure`` (one row per model, image, layer and head) and
-the per-layer statistics of ``qklib.preference.per_layer``. Every chart carries its data inline and works
+Inputs are the tidy table of ``qklib.analyses.preference.measure`` (one row per model, image, layer and head) and
+the per-layer statistics of ``qklib.analyses.preference.per_layer``. Every chart carries its data inline and works
 in a static page; every picture is an ``<img>`` that toggles full size on click.
 """
 
@@ -22,13 +22,12 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from ..core.images import display_crop
-from ..preference import (GROUPS, PAIRS, image_curves, per_area, per_layer, query_maps, query_tokens,
-                          token_masks)
-from ..ledger import Judgement
-from ..stats import RESAMPLES
-from .cosine import inline
+from ..analyses.preference import (GROUPS, PAIRS, image_curves, per_area, per_layer, query_maps, query_tokens,
+                                   token_masks)
+from ..book.ledger import Judgement
+from ..core.stats import RESAMPLES
 from .render import jpeg_bytes
-from .style import CHANCE, model_colour, model_order
+from .style import CHANCE, inline, model_colour, model_order
 from .widgets import download_link, nested_stack, picture_html
 
 GROUP_ORDER = list(GROUPS)
@@ -102,7 +101,7 @@ def mask_picture(model, samples: Sequence, min_cover: float = 0.5, dpi: int = 12
 
 # ------------------------------------------------------------------------------------------- charts
 def layer_stats(table: pd.DataFrame, chance: pd.Series) -> pd.DataFrame:
-    """:func:`qklib.preference.per_layer` of ``table`` with each group's ``chance`` level as a column."""
+    """:func:`qklib.analyses.preference.per_layer` of ``table`` with each group's ``chance`` level as a column."""
     levels = pd.DataFrame({"group": GROUP_ORDER, "chance": [float(chance[g]) for g in GROUP_ORDER]})
     return per_layer(table).merge(levels, on="group")
 
@@ -134,8 +133,8 @@ def layer_chart(stats: pd.DataFrame, models: Sequence[str], scenes: int) -> alt.
 
 def area_table(table: pd.DataFrame, chance: pd.DataFrame, models: Sequence[str], resamples: int = RESAMPLES,
                seed: int = 0, suffix: str = "_removed") -> pd.DataFrame:
-    """Attention per unit area (:func:`qklib.preference.per_area`) per model, layer and group: ``ratio`` (× chance,
-    1 = uniform attention over the same key tokens) with its 95% bootstrap interval over images (``low``,
+    """Attention per unit area (:func:`qklib.analyses.preference.per_area`) per model, layer and group: ``ratio`` (×
+    chance, 1 = uniform attention over the same key tokens) with its 95% bootstrap interval over images (``low``,
     ``high``). ``table``: one variant's rows of ``measure`` (the headline: self token removed, so ``suffix``
     picks the chance columns for that key set); ``chance``: ``Preference.chance`` of the same images."""
     by_image = chance.set_index("image")
@@ -284,7 +283,7 @@ def overlay(view: np.ndarray, query_map: torch.Tensor | np.ndarray, query: int, 
 
 def query_map_pictures(model, sample, min_cover: float = 0.5, size: int = 224, gap: int = 6) -> list[list[np.ndarray]]:
     """``pictures[layer][head]``: ``[size, 2 * size + gap, 3]`` uint8, the target query's map over the scene
-    (left) and the distractor query's (right), from :func:`qklib.preference.query_maps`."""
+    (left) and the distractor query's (right), from :func:`qklib.analyses.preference.query_maps`."""
     maps, queries, _ = query_maps(model, sample, min_cover)  # [L, H, 2, gh, gw], [2]
     view = Image.fromarray(display_crop(model, sample.image))
     view = np.asarray(view.resize((size, size), Image.Resampling.BILINEAR))
@@ -340,13 +339,13 @@ FINDINGS = {"same": ("s3-same-early", "Same-object attention dominates layer 0")
 
 def findings(stats: pd.DataFrame, chance: pd.Series, models: Sequence[str], judged: Mapping[str, Judgement],
              area: pd.DataFrame) -> dict[str, object]:
-    """The numbers and sentences of "What we found", keyed by glue name (``s3_...``).
+    """The numbers and sentences of "What we found", keyed by name (the chapter glues each as ``s3_<name>``).
 
     ``stats``: :func:`layer_stats` of one variant (the chapter's headline); ``judged``: the claims ledger's
-    judgements of the first model (``qklib.ledger.judge_model`` of the chapter's record), so the chapter states
+    judgements of the first model (``qklib.book.ledger.judge_model`` of the chapter's record), so the chapter states
     the same verdicts, by the same rules and intervals, as the ledger; ``area``: :func:`area_table`. Returns one
-    sentence per Fig 2 observation (``s3_found_<group>``: the outcome and its deciding statistic),
-    ``s3_controls`` (each further model's largest distance from chance) and ``s3_layer_table`` (every layer:
+    sentence per Fig 2 observation (``found_<group>``: the outcome and its deciding statistic),
+    ``controls`` (each further model's largest distance from chance) and ``layer_table`` (every layer:
     attention per unit area of every model, and the first model's raw ratios).
     """
     wide = layer_means(stats, models)
@@ -365,15 +364,15 @@ def findings(stats: pd.DataFrame, chance: pd.Series, models: Sequence[str], judg
             curve = wide[(first, group)]
             detail = (f"slope {verdict.interval.text(4)} per layer (raw ratio L0 {curve.iloc[0]:.2f}, "
                       f"L{len(curve) - 1} {curve.iloc[-1]:.2f}; every layer in the table below)")
-        sentences[f"s3_found_{group}"] = f"**{name}: {verdict.outcome}.** {detail[0].upper()}{detail[1:]}."
+        sentences[f"found_{group}"] = f"**{name}: {verdict.outcome}.** {detail[0].upper()}{detail[1:]}."
     table = pd.concat({f"{m} (× chance)": per_area[m][GROUP_ORDER] for m in models}
                       | {f"{first} (raw ratio)": wide[first][GROUP_ORDER]}, axis=1)
     return {
-        "s3_model": first, "s3_layers": len(wide), **sentences,
-        "s3_chance_same": float(chance["same"]), "s3_chance_background": float(chance["background"]),
-        "s3_controls": "; ".join(f"{m} stays within {max(distance[(m, g)] for g in GROUP_ORDER):.3f} of chance "
+        "model": first, "layers": len(wide), **sentences,
+        "chance_same": float(chance["same"]), "chance_background": float(chance["background"]),
+        "controls": "; ".join(f"{m} stays within {max(distance[(m, g)] for g in GROUP_ORDER):.3f} of chance "
                                  "in every layer (raw ratios)" for m in models[1:]) or "no second model was run",
-        "s3_layer_table": table.round(3),
+        "layer_table": table.round(3),
     }
 
 
@@ -408,8 +407,8 @@ def variant_chart(means: pd.DataFrame, model: str) -> alt.FacetChart:
 def self_token_findings(means: pd.DataFrame) -> dict[str, object]:
     """Glue values on the query's own token from :func:`variant_means` (needs both peak-token variants):
     same-object attention in layer 0 with and without it and their difference (the self term), and the variants'
-    table (``s3_variants``)."""
+    table (``variants``)."""
     removed = means[("same", VARIANT_NAMES[("peak", "removed")])]
     kept = means[("same", VARIANT_NAMES[("peak", "kept")])]
-    return {"s3_same_kept_l0": float(kept.iloc[0]), "s3_same_removed_l0": float(removed.iloc[0]),
-            "s3_self_part_l0": float(kept.iloc[0] - removed.iloc[0]), "s3_variants": means.round(3)}
+    return {"same_kept_l0": float(kept.iloc[0]), "same_removed_l0": float(removed.iloc[0]),
+            "self_part_l0": float(kept.iloc[0] - removed.iloc[0]), "variants": means.round(3)}

@@ -18,18 +18,15 @@ from ..core.extract import token_embeddings
 from ..core.images import display_crop, to_pixels
 from ..core.models import prefix_tokens
 from ..core.svd import QKSVD
-from ..ledger import QUESTIONS, judge_questions
-from ..values import ov_images
-from .cosine import PANELS_PER_ROW, inline
-from .ledger import ANSWERS
+from ..analyses.values import ov_images
 from .mode_figures import picture_row
 from .render import render_mode, thumbnail
-from .style import model_colour, model_order
+from .style import PANELS_PER_ROW, inline, model_colour, model_order
 
 
 def layer_interval(layers: pd.DataFrame, title: str, y_title: str,
                    null: pd.DataFrame | None = None) -> alt.LayerChart:
-    """One line per model of a per-layer mean over heads (``qklib.values.layer_table`` rows) with its bootstrap
+    """One line per model of a per-layer mean over heads (``qklib.analyses.values.layer_table`` rows) with its bootstrap
     interval over heads shaded; with ``null`` (rows with model, depth, null_low, null_high) each model's null
     band as a dashed outline."""
     colour = model_colour(layers["model"])  # the book's colour per model role, controls grey
@@ -79,7 +76,7 @@ def _unpacked(chart: alt.Chart, values: list[str], keys: list[str], position: st
 
 def spectra(spectrum: pd.DataFrame) -> alt.FacetChart:
     """Every head's OV spectrum ``s_n / s_1`` against the mode index in the layer a slider picks, one panel per
-    model (``qklib.values.spectrum_table`` rows)."""
+    model (``qklib.analyses.values.spectrum_table`` rows)."""
     coded, _labels, label_expr = _coded(spectrum.rename(columns={"relative_singular_value": "s"}))
     keys = ["m", "layer", "head"]
     layer = alt.param(name="layer", value=0, bind=alt.binding_range(
@@ -97,7 +94,7 @@ def spectra(spectrum: pd.DataFrame) -> alt.FacetChart:
 
 
 def composition_heatmap(table: pd.DataFrame, heads: int) -> alt.LayerChart:
-    """Composition score of every pair of heads (``qklib.values.composition_table`` rows): the earlier head
+    """Composition score of every pair of heads (``qklib.analyses.values.composition_table`` rows): the earlier head
     (writing) down, the later head (reading) across, ordered by layer then head; menus pick the model and the
     kind (q, k, v). Pairs beyond chance (above every null draw) are ringed."""
     frame = pd.DataFrame({"model": table["model"], "kind": table["kind"],
@@ -124,7 +121,7 @@ def composition_heatmap(table: pd.DataFrame, heads: int) -> alt.LayerChart:
 
 def alignment(table: pd.DataFrame) -> alt.LayerChart:
     """For one later head (layer and head sliders, model menu), each QK mode's key feature against the written
-    subspaces of the earlier layers (``qklib.values.alignment_table`` rows): one line per earlier layer, its
+    subspaces of the earlier layers (``qklib.analyses.values.alignment_table`` rows): one line per earlier layer, its
     best-aligned head's share of the feature; the dashed rule is r / d, the mean share for a random direction."""
     coded, labels, _expr = _coded(table[["model", "layer", "head", "mode", "earlier_layer", "alignment"]])
     keys = ["m", "layer", "head", "earlier_layer"]
@@ -149,7 +146,7 @@ def alignment(table: pd.DataFrame) -> alt.LayerChart:
 
 def key_value_modes(table: pd.DataFrame) -> alt.LayerChart:
     """For one head (layer and head sliders, model menu), every QK mode's share of its key feature read by the
-    head's own value (``qklib.values.key_value_table`` rows), against the mode index; the dashed rule is r / d,
+    head's own value (``qklib.analyses.values.key_value_table`` rows), against the mode index; the dashed rule is r / d,
     the mean share for a random direction."""
     coded, labels, _expr = _coded(table[["model", "layer", "head", "mode", "alignment"]])
     keys = ["m", "layer", "head"]
@@ -183,8 +180,8 @@ def composition_layers(table: pd.DataFrame) -> alt.FacetChart:
 
 
 def pairs_download(table: pd.DataFrame) -> pd.DataFrame:
-    """``qklib.values.composition_table`` rows as one row per pair of heads, a column per kind, quantity and model
-    (``k_score [model]``, ``k_null_max [model]``, ``k_beyond [model]``): the model label once per column instead
+    """``qklib.analyses.values.composition_table`` rows as one row per pair of heads, a column per kind, quantity and
+    model (``k_score [model]``, ``k_null_max [model]``, ``k_beyond [model]``): the model label once per column instead
     of once per row, for the chapter's CSV download."""
     wide = table.pivot_table(index=["layer1", "head1", "layer2", "head2"], columns=["kind", "model"],
                              values=["score", "null_max", "beyond"], sort=False)
@@ -193,7 +190,7 @@ def pairs_download(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def modes_download(table: pd.DataFrame) -> pd.DataFrame:
-    """``qklib.values.key_value_table`` rows as one row per layer, head and QK mode, a column per quantity and
+    """``qklib.analyses.values.key_value_table`` rows as one row per layer, head and QK mode, a column per quantity and
     model (``alignment [model]``, ``gain [model]``, ``self_cosine [model]``), rounded to 4 decimals: the model
     label once per column, for the chapter's CSV download."""
     wide = table.pivot_table(index=["layer", "head", "mode"], columns="model",
@@ -219,7 +216,7 @@ def ov_image_pictures(model, qk: QKSVD, ov: QKSVD, images: dict[str, Image.Image
     in §5's red/cyan: red the key map ``z . v_n`` (the tokens the mode attends to), cyan ``z . w`` with ``w`` the
     unit OV image of v_n (the tokens that already hold what the head writes when it attends along the mode); white
     where both are high, as for a head that copies. ``z``: the normed tokens entering the block; ``table``: this
-    model's ``qklib.values.key_value_table`` rows, for the captions."""
+    model's ``qklib.analyses.values.key_value_table`` rows, for the captions."""
     layers = sorted({layer for layer, _head in picks})
     tokens = token_embeddings(model, to_pixels(model, list(images.values())), layers=layers)  # [L', B, T, d]
     prefix, written = prefix_tokens(model), ov_images(qk, ov)
@@ -239,7 +236,8 @@ def ov_image_pictures(model, qk: QKSVD, ov: QKSVD, images: dict[str, Image.Image
 
 def grouping_copying(table: pd.DataFrame) -> alt.FacetChart:
     """Every head's same-object attention against its copying score, coloured by layer, one panel per model
-    (``qklib.object_contrast.head_table`` rows); the tooltip adds the weighted cosine and the change in contrast."""
+    (``qklib.analyses.object_contrast.head_table`` rows); the tooltip adds the weighted cosine and the change in
+    contrast."""
     frame = table[["model", "layer", "head", "same_object_attention", "copying", "weighted_cosine", "delta"]]
     return alt.Chart(inline(frame, digits=3)).mark_circle(size=40).encode(
         x=alt.X("same_object_attention:Q", title="same-object attention above uniform"),
@@ -251,21 +249,3 @@ def grouping_copying(table: pd.DataFrame) -> alt.FacetChart:
     ).properties(width=220, height=200).facet(
         facet=alt.Facet("model:N", title=None, sort=model_order(frame["model"])), columns=PANELS_PER_ROW
     ).properties(title="grouping against copying, one point per head")
-
-
-def answers(record: dict, keys: Sequence[str]) -> str:
-    """Plain text (for ``glue:text``): for each question ``keys`` (``qklib.ledger.QUESTIONS``), the question and,
-    per model of the chapter's ``record``, the ledger's answer (yes, no or borderline) with the numbers behind it;
-    random-init controls are marked, and the ledger leaves them out."""
-    questions = {question.key: question for question in QUESTIONS}
-    judged_by_model = {entry["label"]: judge_questions(record, entry["label"], keys) for entry in record["models"]}
-    parts = []
-    for key in keys:
-        said = []
-        for entry in record["models"]:
-            judged = judged_by_model[entry["label"]].get(key)
-            if judged is not None:
-                note = " (control, not evidence)" if entry["control"] else ""
-                said.append(f"{entry['label']}{note}: {ANSWERS.get(judged.outcome, judged.outcome)}, {judged.number}")
-        parts.append(f"{questions[key].statement} " + "; ".join(said) + ".")
-    return " ".join(parts)

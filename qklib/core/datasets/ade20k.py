@@ -4,8 +4,8 @@ ADE20K segments everything in a scene (sky, wall and floor are objects too). :fu
 the full release, the ADEChallengeData2016 instance or semantic annotations, or any ``images/`` +
 ``objects/`` folder pair, lazily, as :class:`MaskedImage` items. Where the files name each instance's class
 (the full release and the instance annotations), an item's ``kinds`` maps its object labels to classes, so the
-same-object probability can also ask whether two objects are of one kind (``qklib.same_object``, ``match="kind"``);
-semantic maps (one object per class already) and plain label folders carry no kinds.
+same-object probability can also ask whether two objects are of one kind (``qklib.analyses.same_object``,
+``match="kind"``); semantic maps (one object per class already) and plain label folders carry no kinds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .core.images import ImageError, images_by_stem
+from ..images import ImageError, images_by_stem
 
 _recursive = partial(images_by_stem, recursive=True)
 

@@ -12,11 +12,10 @@ import torch
 
 from ..core.modalities import log_mel
 from ..core.svd import QKSVD
-from ..sequences import snippet_html
-from .cosine import inline
+from ..analyses.sequences import snippet_html
 from .mode_figures import mode_caption, picture_row
 from .render import normalize_map, red_cyan
-from .style import CHANCE, model_colour
+from .style import CHANCE, inline, model_colour
 
 DEPTH = alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1]))
 
@@ -48,7 +47,7 @@ def cosine_chart(table: pd.DataFrame, models: Sequence[str] | None = None) -> al
 
 def unit_chart(table: pd.DataFrame, models: Sequence[str] | None = None) -> alt.HConcatChart:
     """Fig 2 across modalities: per layer, the preference for the own unit over shifted units (``excess``, 1 =
-    attention follows position only; ``qklib.units.layer_table``) with its interval over inputs, one panel per
+    attention follows position only; ``qklib.analyses.units.layer_table``) with its interval over inputs, one panel per
     ``unit`` (e.g. "text: word"), one line per model; dashed at 1. ``models``: as :func:`cosine_chart`'s."""
     colour = model_colour(table["model"] if models is None else models)
     base = alt.Chart().encode(x=DEPTH, color=colour)
@@ -66,7 +65,7 @@ def unit_chart(table: pd.DataFrame, models: Sequence[str] | None = None) -> alt.
 
 def text_snippets(svd: QKSVD, pairs: pd.DataFrame, labels: Sequence[Sequence[str]], context: int = 12) -> str:
     """HTML: per featured mode its caption and its best snippets, the query token on red and the key token on
-    cyan. ``pairs``: ``qklib.crossmodal.mode_pairs`` rows; ``labels``: each input's tokens."""
+    cyan. ``pairs``: ``qklib.analyses.crossmodal.mode_pairs`` rows; ``labels``: each input's tokens."""
     blocks = []
     for (layer, head, mode), rows in pairs.groupby(["layer", "head", "mode"], sort=False):
         lines = "".join(f"<li>{snippet_html(labels[int(r.input)], int(r.query), int(r.key), context)} "
@@ -89,7 +88,7 @@ def speech_picture(features: torch.Tensor, query: torch.Tensor, key: torch.Tenso
 def speech_frames(svd: QKSVD, pairs: pd.DataFrame, utterances: Sequence, passes: Sequence, around: int = 40) -> str:
     """HTML: per featured mode, its best utterances' spectrograms around the best frame pair (``around`` frames,
     20 ms each, either side), red/cyan, captioned with the words spoken at the query and the key frame.
-    ``utterances``: ``qklib.core.modalities.Utterance``; ``passes``: their ``qklib.crossmodal.Pass``."""
+    ``utterances``: ``qklib.core.modalities.Utterance``; ``passes``: their ``qklib.analyses.crossmodal.Pass``."""
     features = {int(i): log_mel(utterances[int(i)].audio) for i in set(pairs["input"])}
     tokens, labels = [p.tokens for p in passes], [p.labels for p in passes]
     rows_html = []

@@ -23,9 +23,9 @@ import re
 import numpy as np
 import torch
 
-from .core.extract import record
-from .core.images import to_pixels
-from .core.svd import QKSVD
+from ..core.extract import record
+from ..core.images import to_pixels
+from ..core.svd import QKSVD
 
 def mode_label(layer: int, head: int, mode: int, sign: int = 1) -> str:
     """``"L3 H2 M0"`` (0-based); ``"L3 H2 M0-"`` for the sign-flipped feature."""

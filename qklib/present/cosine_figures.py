@@ -1,4 +1,4 @@
-"""§4's figures (Fig 3, S1, S2, S4) as altair charts, and the chart data helper the chapters share.
+"""§4's figures (Fig 3, S1, S2, S4) as altair charts.
 
 Every chart carries its data inline and keeps working in a static page: sliders are altair parameters
 bound to range inputs, filtering precomputed rows in the browser.
@@ -12,28 +12,8 @@ import pandas as pd
 from IPython.display import Markdown
 
 from ..core.svd import QKSVD
-from ..cosine import layer_table, null_band_table
-from .style import model_colour, model_order
-
-# Facetted charts wrap after this many panels, so that they fit the book's text column.
-PANELS_PER_ROW = 2
-
-
-def inline(frame: pd.DataFrame, digits: int = 4) -> alt.InlineData:
-    """The frame as inline chart data, floats rounded to ``digits`` significant digits to keep pages small
-    (significant, not decimal, digits: small values such as spectrum weights on a log axis must not become 0).
-
-    Inline values bypass altair's 5000-row guard on purpose: the chapters precompute every row that a
-    slider can show, and the page-size budget (5 MB) is checked by the book's browser test instead.
-    """
-    rounded = frame.copy()
-    for column in rounded.select_dtypes("float").columns:
-        values = rounded[column].to_numpy(dtype=float)
-        magnitude = np.floor(np.log10(np.abs(np.where(values == 0, 1.0, values))))
-        scale = 10.0 ** (digits - 1 - magnitude)
-        rounded[column] = np.round(values * scale) / scale
-    return alt.InlineData(values=rounded.to_dict(orient="records"))
-
+from ..analyses.cosine import layer_table, null_band_table
+from .style import PANELS_PER_ROW, inline, model_colour, model_order
 
 def _layer_slider(max_layer: int, name: str = "layer") -> alt.Parameter:
     return alt.param(name=name, value=0, bind=alt.binding_range(min=0, max=max_layer, step=1, name=f"{name} "))
@@ -92,7 +72,7 @@ S4_QUANTITIES = {"weighted_cosine": "weights: weighted cosine of u_n and v_n",
 
 def s4_relative(frame: pd.DataFrame) -> alt.FacetChart:
     """S4: weighted cosine, the many-token anisotropy baseline with its bootstrap interval (shaded), the paper's
-    centre-token baseline and the relative cosine per layer (:func:`qklib.cosine.relative_table` rows)."""
+    centre-token baseline and the relative cosine per layer (:func:`qklib.analyses.cosine.relative_table` rows)."""
     long = frame.melt(id_vars=["model", "layer", "depth", "baseline_low", "baseline_high"],
                       value_vars=list(S4_QUANTITIES), var_name="quantity", value_name="value")
     long["quantity"] = long["quantity"].map(S4_QUANTITIES)
@@ -121,14 +101,14 @@ def model_summary(svds: dict[str, QKSVD]) -> Markdown:
 def fig3_cosine_simulated_band(layers: pd.DataFrame, bands: pd.DataFrame,
                                title: str | list[str] = "Weighted cosine between u_n and v_n", effect: float | None = None,
                                baseline: pd.DataFrame | None = None) -> alt.LayerChart:
-    """Fig 3 with each model's own per-layer null band (:func:`qklib.cosine.null_band_table`): a shaded
+    """Fig 3 with each model's own per-layer null band (:func:`qklib.analyses.cosine.null_band_table`): a shaded
     ``[-null_band, +null_band]`` strip per model, in the model's colour, instead of one flat single-cosine band.
 
-    ``layers``: :func:`qklib.cosine.layer_table` rows (model, layer, depth, weighted_cosine, ...); with ``heads_low``
-    and ``heads_high`` columns (the 95% interval over heads) each curve gets its interval as error bars. ``bands``: rows with
-    model, layer, depth and null_band. ``effect``: the claims ledger's verdict band (one random cosine's 95%
-    spread), drawn as two dashed grey lines at ``±effect``. ``baseline``: rows with model, depth and
-    ``anisotropy_baseline`` (:func:`qklib.cosine.relative_table`), drawn dotted in the model's colour.
+    ``layers``: :func:`qklib.analyses.cosine.layer_table` rows (model, layer, depth, weighted_cosine, ...); with
+    ``heads_low`` and ``heads_high`` columns (the 95% interval over heads) each curve gets its interval as error bars.
+    ``bands``: rows with model, layer, depth and null_band. ``effect``: the claims ledger's verdict band (one random
+    cosine's 95% spread), drawn as two dashed grey lines at ``±effect``. ``baseline``: rows with model, depth and
+    ``anisotropy_baseline`` (:func:`qklib.analyses.cosine.relative_table`), drawn dotted in the model's colour.
     """
     strip = bands[["model", "layer", "depth", "null_band"]].copy()
     strip["low"], strip["high"] = -strip["null_band"], strip["null_band"]
@@ -158,7 +138,7 @@ def fig3_cosine_simulated_band(layers: pd.DataFrame, bands: pd.DataFrame,
 
 def basis_comparison(table: pd.DataFrame, title: str = "Weighted cosine in two bases") -> alt.FacetChart:
     """Raw weights (the paper's basis) and LayerNorm gamma folded in, side by side on a shared y axis: one
-    panel per basis, one line per model. ``table``: :func:`qklib.cosine.basis_table` rows."""
+    panel per basis, one line per model. ``table``: :func:`qklib.analyses.cosine.basis_table` rows."""
     frame = table[["model", "basis", "basis_label", "layer", "depth", "weighted_cosine"]]
     order = [label for label in ("raw", "gamma-folded") if label in set(frame["basis"])]
     return alt.Chart(inline(frame)).mark_line(point=True).encode(
@@ -175,7 +155,7 @@ def fig_s3_encoder_predictor(svds: dict[str, QKSVD]) -> alt.HConcatChart:
     each with the simulated 95% null band of its own plotted statistic (the predictor is narrower: d = 384
     against the encoder's 1280).
 
-    ``svds``: ``{label: QKSVD}``, e.g. from ``qklib.core.paper_models.ijepa_encoder_predictor(checkpoint)``.
+    ``svds``: ``{label: QKSVD}``, e.g. from ``qklib.book.paper_models.ijepa_encoder_predictor(checkpoint)``.
     """
     panels = []
     for label, svd in svds.items():
@@ -188,8 +168,9 @@ def fig_s3_encoder_predictor(svds: dict[str, QKSVD]) -> alt.HConcatChart:
 def bias_shift(table: pd.DataFrame, threshold: float,
                title: str = "How far dropping the query-bias term moves attention") -> alt.LayerChart:
     """Per model, against depth, the total variation by which attention moves when the query-bias term is dropped
-    (:func:`qklib.biases.attention_shift`): the median over the layer's heads (line), the range of its heads (band),
-    and the ledger's threshold for "negligible" (dashed, ``threshold``). ``table``: :func:`qklib.biases.layer_table`."""
+    (:func:`qklib.analyses.biases.attention_shift`): the median over the layer's heads (line), the range of its heads
+    (band), and the ledger's threshold for "negligible" (dashed, ``threshold``). ``table``:
+    :func:`qklib.analyses.biases.layer_table`."""
     frame = inline(table[["model", "layer", "depth", "shift_median", "shift_low", "shift_high"]])
     base = alt.Chart(frame).encode(
         x=alt.X("depth:Q", title="normalised layer depth  l / (L-1)", scale=alt.Scale(domain=[0, 1])),
@@ -206,8 +187,8 @@ def bias_shift(table: pd.DataFrame, threshold: float,
 
 
 def grouping_chart(table: pd.DataFrame, title: str = "Grouping index against the weighted cosine, per head") -> alt.Chart:
-    """One point per head (:func:`qklib.grouping.head_table`): its weighted cosine (x, from the weights) and its
-    grouping index on real tokens (y, with its 95% interval over images as a whisker), one colour per model; the
+    """One point per head (:func:`qklib.analyses.grouping.head_table`): its weighted cosine (x, from the weights) and
+    its grouping index on real tokens (y, with its 95% interval over images as a whisker), one colour per model; the
     grey band is the widest key-permutation null band of the heads (chance grouping), the dashed line 0."""
     frame = inline(table[["model", "layer", "head", "weighted_cosine", "grouping", "low", "high", "null_low",
                           "null_high"]])

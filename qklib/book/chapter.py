@@ -28,16 +28,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .core.digest import file_digest, listing_digest, modes_digest  # noqa: F401 (chapters call chapter.*_digest)
-from .core.files import atomic_write
-from .core.images import ImageError, images_by_stem, load_folder, open_rgb, shipped_photos
-from .core.models import ModelError, check_name, load_model, model_name, random_control
-from .core.paper_models import EMBEDDED
-from .core.reader import family_of
-from .core.svd import QKSVD
-from .modes import parse_label, rule_modes
-from .o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
-from .search import parse_indices
+from ..core.digest import file_digest, listing_digest, modes_digest  # noqa: F401 (chapters call chapter.*_digest)
+from ..core.files import atomic_write
+from ..core.images import ImageError, images_by_stem, load_folder, open_rgb, shipped_photos
+from ..core.models import ModelError, check_name, load_model, model_name, random_control
+from .paper_models import EMBEDDED
+from ..core.reader import family_of
+from ..core.svd import QKSVD
+from ..analyses.modes import parse_label, rule_modes
+from ..core.datasets.o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
+from ..search import parse_indices
 
 
 class ParameterError(ValueError):
@@ -178,7 +178,7 @@ def labels(name, value) -> list[str]:
 def mode_labels(name, value) -> list[tuple[int, int, int, int]] | str:
     """Mode labels like ``"L10 H3 M0"`` (``"L10 H3 M0-"`` for the flipped feature) -> ``(layer, head, mode, sign)``;
     checked against the model by :func:`fit_to_model`. ``"rule"`` stays ``"rule"``: :func:`fit_to_model` then
-    picks the modes by :func:`qklib.modes.rule_modes` (fixed before looking at any picture)."""
+    picks the modes by :func:`qklib.analyses.modes.rule_modes` (fixed before looking at any picture)."""
     if value == "rule":
         return "rule"
     parsed = []
@@ -313,7 +313,7 @@ def check(chapter: str, namespace: Mapping) -> SimpleNamespace:
     """Check every declared parameter of ``chapter`` found in ``namespace`` (the notebook's ``globals()``)
     and return the normalised values (folders resolved, models parsed into ``(name, weights, random)``).
     A name papermill injected that the chapter does not declare (a misspelling) is refused. Nothing else
-    changes: each chapter's first cell switches the renderer itself (``qklib.present.lab.use_served_vega``)."""
+    changes: each chapter's first cell switches the renderer itself (``qklib.present.vega.use_served_vega``)."""
     if chapter not in SPECS:
         raise KeyError(f"unknown chapter {chapter!r}; chapters: {', '.join(SPECS)}")
     _refuse_unknown(chapter, namespace)
@@ -326,7 +326,7 @@ def check(chapter: str, namespace: Mapping) -> SimpleNamespace:
 def fit_to_model(p: SimpleNamespace, svd: QKSVD) -> SimpleNamespace:
     """Check the parameters that depend on the model's size once it is loaded: ``layers`` and ``heads``
     (``"all"``, an int or a list) become sorted lists of 0-based indices; ``featured = "rule"`` becomes the
-    modes :func:`qklib.modes.rule_modes` picks; ``featured`` modes and
+    modes :func:`qklib.analyses.modes.rule_modes` picks; ``featured`` modes and
     ``explorer_modes`` must exist in the model. Returns a copy of ``p``; parameters ``p`` lacks are left alone."""
     fitted = SimpleNamespace(**vars(p))
     size = f"the model has {svd.num_layers} layers, {svd.num_heads} heads and {svd.rank} modes per head, all 0-based"

@@ -3,7 +3,7 @@
 A claim (``CLAIMS``) is data: the paper's statement in our words, where the paper makes it, the chapter that
 tests it, the models it is about, the data the paper measured it on, and the rule that judges one model's
 measurement: a statistic with its 95% bootstrap interval compared with a named threshold (``THRESHOLDS``), so
-each model agrees, disagrees or is borderline (``qklib.stats.decide``). The measurements come from the run: each
+each model agrees, disagrees or is borderline (``qklib.core.stats.decide``). The measurements come from the run: each
 chapter glues one :class:`Record` (:func:`attention_record`, :func:`cosine_record`, :func:`modes_record`,
 :func:`question_record`) under the name in ``RECORD_NAMES``; the book builder reads them back from the executed
 notebooks (:func:`read_records`), and :func:`assemble` judges every claim on every model of the run that it
@@ -29,13 +29,14 @@ import nbformat
 import numpy as np
 import pandas as pd
 
-from .core.paper_models import EMBEDDED, IJEPA_FILE, IJEPA_PREDICTOR, PAPER_MODELS, PaperModel
-from .core.svd import QKSVD, null_band
-from .object_contrast import grouping_score
-from .preference import GROUPS, image_curves, per_area
-from .units import curves as unit_curves, early_minus_late, first_half_mean, pooled_heads
-from .stats import (AGREES, BORDERLINE, DISAGREES, NOT_TESTED, RESAMPLES, Interval, bootstrap, bootstrap_curve,
-                    bootstrap_slope, combine, decide, decide_within, permutation_band, rank_correlation)
+from .paper_models import EMBEDDED, IJEPA_FILE, IJEPA_PREDICTOR, PAPER_MODELS, PaperModel
+from ..core.svd import QKSVD, null_band
+from ..analyses.crossmodal import Pass, stacked
+from ..analyses.object_contrast import grouping_score
+from ..analyses.preference import GROUPS, image_curves, per_area
+from ..analyses.units import curves as unit_curves, early_minus_late, first_half_mean, pooled_heads
+from ..core.stats import (AGREES, BORDERLINE, DISAGREES, NOT_TESTED, RESAMPLES, Interval, bootstrap, bootstrap_curve,
+                          bootstrap_slope, combine, decide, decide_within, permutation_band, rank_correlation)
 
 FORMAT = 2  # the records' layout; a record of another format is refused
 MIME = "application/vnd.qklib.ledger+json"  # a +json type: nbformat stores the glued record as JSON
@@ -75,7 +76,7 @@ class LedgerError(RuntimeError):
 
 _KNOWN: tuple[PaperModel, ...] = (*PAPER_MODELS, IJEPA_PREDICTOR)
 BY_LABEL = {m.label: m for m in (*_KNOWN, EMBEDDED)}
-# The names ``qklib.core.paper_models.ijepa_encoder_predictor`` gives Fig S3's pair, whatever the file is called.
+# The names ``qklib.book.paper_models.ijepa_encoder_predictor`` gives Fig S3's pair, whatever the file is called.
 FIG_S3_PARTS = {"I-JEPA encoder": "I-JEPA ViT-H/14 encoder", "I-JEPA predictor": IJEPA_PREDICTOR.label}
 
 
@@ -139,7 +140,7 @@ def attention_record(table: pd.DataFrame, chance: pd.DataFrame, data: str, resam
     """§3's record: per model, each group's ratio per image and layer (mean over heads) and each image's chance
     level for the same key set, from which the ledger computes attention per unit area and its intervals.
 
-    ``table``: the headline variant's rows of ``qklib.preference.measure`` (every model); ``chance``: the first
+    ``table``: the headline variant's rows of ``qklib.analyses.preference.measure`` (every model); ``chance``: the first
     model's ``Preference.chance`` (per image, with the ``*_removed`` columns for the headline variant); ``data``:
     what was measured (e.g. "60 of 64 generated scenes"); ``resamples``, ``seed``: the bootstrap's."""
     suffix = "_removed" if "removed" in variant else ""
@@ -167,11 +168,11 @@ def cosine_record(relative: pd.DataFrame, bands: pd.DataFrame, effect: float, sv
     (``effect``: one random cosine's 95% spread for the model's width), the anisotropy baseline with its
     interval (Fig S4), and what dropping the query-bias term does to attention.
 
-    ``relative``: ``qklib.cosine.relative_table``; ``bands``: ``qklib.cosine.null_band_table``; ``svds`` and
-    ``folded``: the models' raw and gamma-folded decompositions; ``extra``: further decompositions without images
-    (Fig S3's I-JEPA encoder and predictor, keyed as ``qklib.core.paper_models.ijepa_encoder_predictor`` names
+    ``relative``: ``qklib.analyses.cosine.relative_table``; ``bands``: ``qklib.analyses.cosine.null_band_table``;
+    ``svds`` and ``folded``: the models' raw and gamma-folded decompositions; ``extra``: further decompositions without
+    images (Fig S3's I-JEPA encoder and predictor, keyed as ``qklib.book.paper_models.ijepa_encoder_predictor`` names
     them), judged with the single-cosine band of their own width; ``biases``: ``{label: [L, images]}`` from
-    ``qklib.biases.attention_shift`` (the mean over heads and queries of each image's attention change)."""
+    ``qklib.analyses.biases.attention_shift`` (the mean over heads and queries of each image's attention change)."""
     entries = []
     for label, frame in relative.groupby("model", sort=False):
         frame = frame.sort_values("layer")
@@ -210,12 +211,12 @@ def modes_record(label: str, same, control, ablation_rows: Sequence[dict], galle
                  variant: str = "same instance, background counted as one more object", resamples: int = RESAMPLES,
                  seed: int = 0, mismatched=None) -> Record:
     """§5's record for the chapter's model ``label``: same-object probability per head and layer with chance and
-    the random-init control (``same``, ``control``: ``qklib.same_object.SameObject``), the ablation of four
-    mode rankings per image-head case (``ablation_rows``: ``qklib.modes.ablation``), and how many images the
+    the random-init control (``same``, ``control``: ``qklib.analyses.same_object.SameObject``), the ablation of four
+    mode rankings per image-head case (``ablation_rows``: ``qklib.analyses.modes.ablation``), and how many images the
     optimal-image search scored (``natural_gallery``: whether they include a folder of natural images, the data
     the paper's reading of optimal images needs). ``masked``: what the images with object masks are (e.g.
     "generated scenes"); ``gallery``: the searched folder; ``mismatched``: the same statistic with every key
-    direction paired with another mode's (``qklib.same_object.mismatched``), a stronger null, or None."""
+    direction paired with another mode's (``qklib.analyses.same_object.mismatched``), a stronger null, or None."""
     rows = pd.DataFrame(list(ablation_rows))
     ablation = {"cases": {name: _floats(rows[name]) for name in RANKINGS}, "count": int(rows["count"].iloc[0]),
                 "resamples": int(resamples), "seed": int(seed)}
@@ -235,15 +236,15 @@ def modes_record(label: str, same, control, ablation_rows: Sequence[dict], galle
 
 def question_record(chapter: str, data: Mapping[str, str], measures: Mapping[str, Mapping[str, dict]]) -> Record:
     """A "Beyond the paper" chapter's record: ``measures`` maps each model label to ``{measure: {...}}`` (JSON-safe
-    numbers, intervals as ``qklib.stats.Interval.as_dict``), ``data`` each measure to what it was measured on."""
+    numbers, intervals as ``qklib.core.stats.Interval.as_dict``), ``data`` each measure to what it was measured on."""
     return _record(chapter, dict(data), [_entry(label, **per_model) for label, per_model in measures.items()])
 
 
 def modalities_record(svds: Mapping[str, tuple[QKSVD, QKSVD]], units: Mapping[str, tuple[np.ndarray, np.ndarray]],
                       data: Mapping[str, str], unit: str = "word", resamples: int = RESAMPLES, seed: int = 0) -> Record:
     """§7's record: per text or speech model (and control), the per-head weighted cosines in the raw and the
-    gamma-folded basis, and the same-unit attention sums per input with their shifted-units null (``qklib.units``;
-    heads pooled), from which the ledger judges §7's "Beyond the paper" questions."""
+    gamma-folded basis, and the same-unit attention sums per input with their shifted-units null
+    (``qklib.analyses.units``; heads pooled), from which the ledger judges §7's "Beyond the paper" questions."""
     entries = []
     for label, (svd, folded) in svds.items():
         sums, null = units[label]
@@ -253,6 +254,18 @@ def modalities_record(svds: Mapping[str, tuple[QKSVD, QKSVD]], units: Mapping[st
                               same_unit=measure))
     return _record("s7_modalities", dict(data), entries)
 
+
+
+def crossmodal_record(svds: Mapping[str, QKSVD], folded: Mapping[str, QKSVD], passes: Mapping[str, Sequence[Pass]],
+                      texts: int, utterances: int, resamples: int = RESAMPLES, seed: int = 0) -> Record:
+    """:func:`modalities_record` of §7's text and speech models from their passes
+    (``qklib.analyses.crossmodal.all_passes``), with word units; ``texts`` and ``utterances`` count the inputs."""
+    return modalities_record(
+        {label: (svds[label], folded[label]) for label in passes},
+        {label: stacked(passes[label], "word") for label in passes},
+        {"cosine": "the query-key weights", "same_unit": f"{texts} pydoc snippets (text) and {utterances} eSpeak NG "
+                                                         "utterances of the same prose (speech)"},
+        resamples=resamples, seed=seed)
 
 # --- the judges: one model's measurement -> its outcome, the statistic and its interval ------------------------
 
@@ -320,7 +333,7 @@ def _edge(count: int) -> int:
 
 
 def _first(count: int) -> int:
-    """The first layers of a shape judgement: a sixth, at least two (as ``qklib.cosine.depth_profile``)."""
+    """The first layers of a shape judgement: a sixth, at least two (as ``qklib.analyses.cosine.depth_profile``)."""
     return max(2, count // 6)
 
 
@@ -645,7 +658,7 @@ RULE = ("Every verdict compares a statistic's 95% interval with a stated thresho
         "lies on the claim's side, *disagrees* when it lies wholly on the other side, *borderline* when it crosses the "
         "threshold; a claim is *not tested* when no model of the run concerns it. A claim judged on several models "
         "is *mixed* when their outcomes differ. Intervals are seeded percentile bootstraps (2000 resamples unless a "
-        "chapter's `resamples` says otherwise; `qklib.stats`).")
+        "chapter's `resamples` says otherwise; `qklib.core.stats`).")
 
 CLAIMS: tuple[Claim, ...] = (
     Claim("s3-same-early", "§3, Fig 2", "In early layers a token attends most to its own object (same-object "

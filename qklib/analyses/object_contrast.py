@@ -21,9 +21,10 @@ taken away). Beside it, per head, the *same-object attention*: over the tokens
 of an object, the mean attention to the other tokens of the same object (the token's own weight removed and the
 row renormalised, as §3 does) minus what uniform attention over the other tokens gives, ``(n_k - 1) / (N - 1)``.
 
-A token belongs to the object that covers at least ``min_cover`` of its patch (``qklib.same_object.token_coverage``,
-the label map resized and cropped like the image); other tokens (background, edges) are in no pair. An image
-needs two objects of at least two tokens each, else it is skipped and counted.
+A token belongs to the object that covers at least ``min_cover`` of its patch
+(``qklib.analyses.same_object.token_coverage``, the label map resized and cropped like the image); other tokens
+(background, edges) are in no pair. An image needs two objects of at least two tokens each, else it is skipped and
+counted.
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
-from .core.extract import stream_layers
-from .core.images import to_pixels
-from .core.models import depth, prefix_tokens
-from .core.ov import OVWeights, ov_weights
+from ..core.extract import stream_layers
+from ..core.images import to_pixels
+from ..core.models import depth, prefix_tokens
+from ..core.ov import OVWeights, ov_weights
 from .same_object import token_coverage
-from .stats import RESAMPLES, bootstrap
+from ..core.stats import RESAMPLES, bootstrap
 
 MIN_COVER = 0.5  # a token belongs to an object that covers at least half of its patch
 
@@ -162,8 +163,9 @@ def _layer(x: torch.Tensor, out: torch.Tensor, flat: torch.Tensor, attention: to
 
 def measure(model: nn.Module, dataset: Sequence, batch_size: int = 16, min_cover: float = MIN_COVER) -> ObjectContrast:
     """:class:`ObjectContrast` of ``model`` on ``dataset``: items with ``.image`` (PIL) and ``.objects``
-    (``[H, W]`` instance labels, 0 background), e.g. ``qklib.o3.generate_scenes`` or ``qklib.ade20k.load_ade20k``.
-    Raises ``ValueError`` when no image has two objects of two tokens each."""
+    (``[H, W]`` instance labels, 0 background), e.g. ``qklib.core.datasets.o3.generate_scenes`` or
+    ``qklib.core.datasets.ade20k.load_ade20k``. Raises ``ValueError`` when no image has two objects of two tokens
+    each."""
     weights = ov_weights(model, layer_scale=True)
     prefix, layers = prefix_tokens(model), len(model.blocks)
     parts, skipped = [], 0
@@ -192,7 +194,7 @@ def layer_table(runs: dict[str, ObjectContrast], resamples: int = RESAMPLES, see
     """Per model and layer: the change in contrast, mean over the layer's heads (``quantity`` "per head"), the
     same with each head attending uniformly ("uniform", the null) and for the whole attention block ("block"),
     and the contrast of the block's input itself ("before"), each with its 95% bootstrap interval over images
-    (``low``, ``high``), in the layout of ``qklib.values.layer_table``."""
+    (``low``, ``high``), in the layout of ``qklib.analyses.values.layer_table``."""
     rows = []
     for label, run in runs.items():
         layers = run.delta.shape[1]
@@ -208,7 +210,7 @@ def layer_table(runs: dict[str, ObjectContrast], resamples: int = RESAMPLES, see
 def head_table(runs: dict[str, ObjectContrast], heads: pd.DataFrame, weighted: dict[str, torch.Tensor]) -> pd.DataFrame:
     """One row per model, layer and head: the change in contrast and the same-object attention (means over
     images), the head's weighted cosine (``weighted``: ``{label: [L, H]}``, ``QKSVD.weighted_cosine()``) and its
-    copying score (from ``heads``, ``qklib.values.head_table``)."""
+    copying score (from ``heads``, ``qklib.analyses.values.head_table``)."""
     frames = []
     for label, run in runs.items():
         layers, count = run.delta.shape[1:]
@@ -230,8 +232,8 @@ def grouping_score(attention, weighted_cosine) -> np.ndarray:
 
 def ledger_measures(runs: dict[str, ObjectContrast], heads: pd.DataFrame, control: str | None = None,
                     permutations: int = 1000, resamples: int = RESAMPLES, seed: int = 0) -> dict[str, dict]:
-    """The claims ledger's measures per model (``qklib.ledger.question_record``): ``grouping``, every image's change
-    in contrast per layer (mean over heads), with the uniform-attention null and the random-init control's
+    """The claims ledger's measures per model (``qklib.book.ledger.question_record``): ``grouping``, every image's
+    change in contrast per layer (mean over heads), with the uniform-attention null and the random-init control's
     (``control``: its label in ``runs``, or None) beside it; ``grouping_copying``, every head's same-object
     attention, weighted cosine, copying score and layer (``heads``: :func:`head_table`)."""
     measures = {}

@@ -1,4 +1,4 @@
-"""The claims ledger as a MyST page fragment: one row per claim of ``qklib.ledger.assemble``: the paper's claim and
+"""The claims ledger as a MyST page fragment: one row per claim of ``qklib.book.ledger.assemble``: the paper's claim and
 the rule that judges it; the verdict with the evidence of this run (chapter, model, data, number), and what a
 test as the paper's needs.
 
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ..core.paper_models import EMBEDDED
-from ..ledger import AGREES, BORDERLINE, BY_EYE, DISAGREES, MIXED, NOT_TESTED, RULE, THRESHOLDS, Evidence, Row
+from ..book.paper_models import EMBEDDED
+from ..book.ledger import (AGREES, BORDERLINE, BY_EYE, DISAGREES, MIXED, NOT_TESTED, QUESTIONS, RULE, THRESHOLDS, Claim,
+                           Evidence, Row, judge_questions)
 
 
 ANSWERS = {AGREES: "yes", DISAGREES: "no"}  # a question's outcome in words; borderline and the rest unchanged
@@ -115,4 +116,38 @@ def ledger_markdown(rows: Sequence[Row], records: Mapping[str, Mapping], questio
                   "claims above. An answer is *yes* when the rule agrees, *no* when it disagrees, *borderline* when "
                   "the interval cannot decide.", "", *_table(questions, "The question", answers=True), ""]
     lines += ["**What the chapters ran** (the records this page is built from):", "", run_text(records), ""]
+    return "\n".join(lines)
+
+
+def answers_text(record: dict, keys: Sequence[str]) -> str:
+    """Plain text (for ``glue:text``): for each question ``keys`` (``qklib.book.ledger.QUESTIONS``), the question and,
+    per model of the chapter's ``record``, the ledger's answer (yes, no or borderline) with the numbers behind it;
+    random-init controls are marked, and the ledger leaves them out."""
+    questions = {question.key: question for question in QUESTIONS}
+    judged_by_model = {entry["label"]: judge_questions(record, entry["label"], keys) for entry in record["models"]}
+    parts = []
+    for key in keys:
+        said = []
+        for entry in record["models"]:
+            judged = judged_by_model[entry["label"]].get(key)
+            if judged is not None:
+                note = " (control, not evidence)" if entry["control"] else ""
+                said.append(f"{entry['label']}{note}: {ANSWERS.get(judged.outcome, judged.outcome)}, {judged.number}")
+        parts.append(f"{questions[key].statement} " + "; ".join(said) + ".")
+    return " ".join(parts)
+
+
+def answers_markdown(record: dict, questions: Sequence[Claim]) -> str:
+    """Markdown (for ``glue:md``): per question, its statement and rule, then each trained model's answer (yes, no
+    or borderline, by the ledger's rule) with the numbers behind it. Random-init controls are left out: the
+    chapter draws them in its figures as the yardstick."""
+    judged = {entry["label"]: judge_questions(record, entry["label"])
+              for entry in record["models"] if not entry["control"]}
+    lines = []
+    for question in questions:
+        lines.append(f"- **{question.statement}** Rule: {question.criterion}.")
+        for label, verdicts in judged.items():
+            verdict = verdicts.get(question.key)
+            if verdict is not None:
+                lines.append(f"  - {label}: **{ANSWERS.get(verdict.outcome, verdict.outcome)}**; {verdict.number}.")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from .messages import cli_syntax
+from ..messages import cli_syntax
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".tar", ".ckpt")
 META_ARCH, META_KWARGS, META_SOURCE, META_DATA = "arch", "arch_kwargs", "source", "data_config"

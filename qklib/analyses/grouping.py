@@ -24,9 +24,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .core.extract import image_tokens, record
-from .core.models import depth, prefix_tokens
-from .stats import RESAMPLES, bootstrap
+from ..core.extract import image_tokens, record
+from ..core.models import depth, prefix_tokens
+from ..core.stats import RESAMPLES, bootstrap
 
 NULL_DRAWS = 20
 

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as T
 
-from .core.extract import record
-from .core.images import to_pixels, view_steps
-from .core.models import depth, model_name
-from .stats import Interval, bootstrap
+from ..core.extract import record
+from ..core.images import to_pixels, view_steps
+from ..core.models import depth, model_name
+from ..core.stats import Interval, bootstrap
 
 QUERY_CHOICES = ("peak", "all")
 SELF_TOKEN = ("kept", "removed")

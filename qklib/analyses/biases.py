@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .core.extract import image_tokens, token_embeddings
-from .core.models import depth, prefix_tokens
-from .core.reader import read_attention
+from ..core.extract import image_tokens, token_embeddings
+from ..core.models import depth, prefix_tokens
+from ..core.reader import read_attention
 
 
 @torch.no_grad()

@@ -4,8 +4,8 @@ The inputs are what ships offline: English prose from the standard library (``py
 encoder, and the same sentences spoken by eSpeak NG for the speech encoder. A unit is what §3's object becomes in
 each modality: the word pieces of one word and the tokens of one sentence (text), the encoder frames inside one
 spoken word (speech; frames of silence and Whisper's 30-s padding belong to no unit). Attention to the own unit is
-measured by :mod:`qklib.units` with its shifted-units null; the optimal inputs of a QK mode by
-:mod:`qklib.sequences`.
+measured by :mod:`qklib.analyses.units` with its shifted-units null; the optimal inputs of a QK mode by
+:mod:`qklib.analyses.sequences`.
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .core.modalities import (TokenisedText, Utterance, attention_from_weights, attention_inputs, frame_word_ids,
-                              log_mel, pydoc_corpus, speech_tokens, synthesise, tokenise)
-from .core.reader import read_attention
-from .core.svd import QKSVD, null_band
+from ..core.modalities import (TokenisedText, Utterance, attention_from_weights, attention_inputs, frame_word_ids,
+                               log_mel, pydoc_corpus, speech_tokens, synthesise, tokenise)
+from ..core.reader import read_attention
+from ..core.svd import QKSVD, null_band
 from .cosine import layer_table
-from .ledger import Claim, Judgement, judge_questions, modalities_record
 from .sequences import top_pairs
-from .stats import AGREES, BORDERLINE, DISAGREES
 from .units import layer_table as units_layer_table
 from .units import null_sums, unit_sums
 
@@ -61,7 +59,7 @@ def speech_inputs(count: int, max_words: int = 45) -> list[Utterance]:
 
 @dataclass
 class Pass:
-    """One input's forward pass, kept small: per unit kind its :func:`qklib.units.unit_sums` and the shifted
+    """One input's forward pass, kept small: per unit kind its :func:`qklib.analyses.units.unit_sums` and the shifted
     null's (``[L, H, 4]`` each), the tokens each layer's attention reads (``[L, T, d]``, content tokens only) and
     their labels (text: the WordPiece strings; speech: the word spoken at each frame, '' in silence)."""
 
@@ -90,8 +88,8 @@ def text_pass(model: nn.Module, weights: dict, text: TokenisedText, shifts: int,
 
 def speech_pass(model: nn.Module, weights: dict, utterance: Utterance, shifts: int, seed: int) -> Pass:
     """The same for one utterance, on the frames before Whisper's padding: the maps are the softmax over those
-    frames, which, renormalised over any set of them as :mod:`qklib.units` does, equals the model's softmax over
-    all 1500 renormalised the same way."""
+    frames, which, renormalised over any set of them as :mod:`qklib.analyses.units` does, equals the model's softmax
+    over all 1500 renormalised the same way."""
     features = log_mel(utterance.audio)
     n = speech_tokens(utterance.seconds)
     tokens = attention_inputs(model, features)[:, :n]
@@ -140,7 +138,8 @@ def models_table(loaded: dict[str, nn.Module]) -> pd.DataFrame:
 
 
 def cosine_table(raw: dict[str, QKSVD], folded: dict[str, QKSVD], resamples: int, seed: int) -> pd.DataFrame:
-    """``qklib.cosine.layer_table`` in both bases, with each model's null band of one random cosine (``band``)."""
+    """``qklib.analyses.cosine.layer_table`` in both bases, with each model's null band of one random cosine
+    (``band``)."""
     frames = []
     for basis, svds in (("raw weights", raw), ("gamma folded", folded)):
         table = layer_table(svds, resamples=resamples, seed=seed)
@@ -152,7 +151,7 @@ def cosine_table(raw: dict[str, QKSVD], folded: dict[str, QKSVD], resamples: int
 
 def unit_tables(passes: dict[str, Sequence[Pass]], modality: dict[str, str], resamples: int,
                 seed: int) -> pd.DataFrame:
-    """``qklib.units.layer_table`` per model and unit kind, the ``unit`` column naming both ("text: word")."""
+    """``qklib.analyses.units.layer_table`` per model and unit kind, the ``unit`` column naming both ("text: word")."""
     frames = []
     for label, model_passes in passes.items():
         for unit in model_passes[0].sums:
@@ -161,22 +160,6 @@ def unit_tables(passes: dict[str, Sequence[Pass]], modality: dict[str, str], res
             table["unit"] = f"{modality[label]}: {unit}"
             frames.append(table)
     return pd.concat(frames, ignore_index=True)
-
-
-ANSWERS = {AGREES: "yes", DISAGREES: "no", BORDERLINE: "borderline"}
-
-
-def answers(judged: dict[str, dict[str, Judgement]], questions: Sequence[Claim]) -> str:
-    """Markdown: per question, each model's answer (yes / no / borderline, from the ledger's rule) and the numbers
-    behind it."""
-    lines = []
-    for question in questions:
-        lines.append(f"- **{question.statement}** Rule: {question.criterion}.")
-        for label, verdicts in judged.items():
-            verdict = verdicts.get(question.key)
-            if verdict is not None:
-                lines.append(f"  - {label}: **{ANSWERS[verdict.outcome]}**; {verdict.number}.")
-    return "\n".join(lines)
 
 
 def all_passes(text_models: dict[str, nn.Module], speech_models: dict[str, nn.Module], texts: Sequence[TokenisedText],
@@ -196,22 +179,3 @@ def first_middle_last(count: int) -> list[int]:
 def featured_pairs(svd: QKSVD, passes: Sequence[Pass], count: int) -> pd.DataFrame:
     """:func:`mode_pairs` for the :func:`featured_modes` of the first, middle and last layer."""
     return mode_pairs(svd, passes, featured_modes(svd, first_middle_last(svd.num_layers)), count)
-
-
-def record(svds: dict[str, QKSVD], folded: dict[str, QKSVD], passes: dict[str, Sequence[Pass]], texts: int,
-           utterances: int, resamples: int, seed: int):
-    """§7's ledger record (``qklib.ledger.modalities_record``) for the text and speech models of ``passes``,
-    with word units."""
-    return modalities_record(
-        {label: (svds[label], folded[label]) for label in passes},
-        {label: stacked(passes[label], "word") for label in passes},
-        {"cosine": "the query-key weights", "same_unit": f"{texts} pydoc snippets (text) and {utterances} eSpeak NG "
-                                                         "utterances of the same prose (speech)"},
-        resamples=resamples, seed=seed)
-
-
-def answers_text(record_: dict, questions: Sequence[Claim]) -> str:
-    """:func:`answers` for every trained model of a §7 record, judged by the ledger's rules."""
-    judged = {entry["label"]: judge_questions(record_, entry["label"])
-              for entry in record_["models"] if not entry["control"]}
-    return answers(judged, questions)

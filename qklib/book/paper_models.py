@@ -2,7 +2,7 @@
 and I-JEPA's predictor (the paper's Fig S3).
 
 Thirteen models and the I-JEPA encoder load by timm name. SimMIM's two ViT-B/16 and I-JEPA's predictor exist
-only as the authors' checkpoints: ``load_model(weights=FILE)`` converts them (``qklib.core.official``), and
+only as the authors' checkpoints: ``load_model(weights=FILE)`` converts them (``qklib.core.loaders.official``), and
 ``python -m qklib convert FILE --out model.safetensors`` writes them once in timm's format.
 """
 
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from . import imgfocus
-from .models import cached_pretrained_file, load_model
-from .official import PREDICTOR_ARCH
-from .svd import QKSVD, qk_svd
+from ..core.loaders import imgfocus
+from ..core.models import cached_pretrained_file, load_model
+from ..core.loaders.official import PREDICTOR_ARCH
+from ..core.svd import QKSVD, qk_svd
 
 IJEPA_FILE = "IN1K-vit.h.14-300e.pth.tar"
 SIMMIM_PRETRAIN_FILE = "simmim_pretrain__vit_base__img224__800ep.pth"

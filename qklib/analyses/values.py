@@ -2,9 +2,9 @@
 
 The numbers come from ``qklib.core.ov`` (the exact OV SVD, composition and copying scores, their Haar nulls);
 this module arranges them per model, layer and head for the chapter, and attaches intervals
-(``qklib.stats.bootstrap`` over heads) and null thresholds. Within one head it sets each QK mode's key feature
+(``qklib.core.stats.bootstrap`` over heads) and null thresholds. Within one head it sets each QK mode's key feature
 ``v_n`` against the head's own OV: how much of it the value reads, and what the head writes from it (``OV v_n``).
-What the heads' outputs do to the tokens of images is ``qklib.object_contrast``'s.
+What the heads' outputs do to the tokens of images is ``qklib.analyses.object_contrast``'s.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .core.models import depth
-from .core.ov import COMPOSITION_KINDS, copying_null, copying_scores, effective_rank, haar_frames, mode_alignment
-from .core.svd import QKSVD
-from .stats import RESAMPLES, bootstrap
+from ..core.models import depth
+from ..core.ov import COMPOSITION_KINDS, copying_null, copying_scores, effective_rank, haar_frames, mode_alignment
+from ..core.svd import QKSVD
+from ..core.stats import RESAMPLES, bootstrap
 
 
 def head_table(ovs: dict[str, QKSVD]) -> pd.DataFrame:
@@ -153,7 +153,7 @@ def findings(heads: pd.DataFrame, summary: pd.DataFrame, resamples: int = RESAMP
 
 
 def ledger_measures(heads: pd.DataFrame, summary: pd.DataFrame, nulls: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """The claims ledger's "Beyond the paper" measures per model (``qklib.ledger.question_record``): the pairs of
+    """The claims ledger's "Beyond the paper" measures per model (``qklib.book.ledger.question_record``): the pairs of
     heads composing beyond chance per kind (:func:`composition_summary`) and every head's copying score with the
     null's draws of their mean (``nulls``: :func:`copying_nulls`)."""
     measures = {}

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .stats import Interval, RESAMPLES, bootstrap
+from ..core.stats import Interval, RESAMPLES, bootstrap
 
 NOT_A_UNIT = -1  # the label of tokens that are neither query nor key: special tokens, padding, silence
 COLUMNS = ("same", "same_chance", "other", "other_chance")  # the last axis of unit_sums
