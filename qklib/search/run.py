@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -130,6 +131,94 @@ def _finish(top: RunningTopK, names: list[str], features: Features, k: int, mode
                         skipped=sorted(skipped), shard=shard, seconds=seconds, weights=weights, listing=listing)
 
 
+@dataclass(frozen=True)
+class _Listing:
+    """The files a search scores: ``names``, the sorted image files under ``root`` (resolved to an absolute path),
+    cut to the first ``limit``; ``part``, the parsed shard ``(i, n)`` or None; ``positions``, the indices into
+    ``names`` this run scores, in order (``i::n`` of them for a shard)."""
+
+    root: Path
+    names: list[str]
+    limit: int | None
+    part: tuple[int, int] | None
+    positions: list[int]
+
+
+def _list_files(root: str | Path, limit: int | None, shard) -> _Listing:
+    """The :class:`_Listing` of ``root``: ImageError when the folder does not exist or holds no image file, then
+    ValueError for a ``limit`` below 1, then for a malformed ``shard``."""
+    root = Path(root).expanduser().resolve()
+    names = image_files(root)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        names = names[:limit]
+    part = parse_shard(shard)
+    positions = list(range(len(names)))
+    if part:
+        positions = positions[part[0] :: part[1]]
+    return _Listing(root, names, limit, part, positions)
+
+
+def _stream(model: nn.Module, listing: _Listing, done: int, batch_size: int, workers: int | None, device) -> Stream:
+    """The batches of ``listing``'s positions after the first ``done`` (those a checkpoint already holds)."""
+    return Stream(FileLoader(listing.root, listing.names), listing.names, listing.positions[done:],
+                  model_transform(model), batch_size, workers=workers, device=device)
+
+
+def _set_up(pool: ThreadPoolExecutor, model: nn.Module, device, stream: _HeadStart | None, svd: QKSVD | None,
+            layers, heads, modes, read_qk: bool, for_checkpoint: bool) -> tuple[Features, str | None]:
+    """The chosen :class:`Features` (from ``svd``, or the SVD computed here) and the weights' sha256 (the result's
+    provenance and part of a checkpoint's key), or None when it is to be hashed beside the search instead
+    (:class:`_DigestBeside`).
+
+    The setup runs in this thread, one-threaded; meanwhile ``pool`` hashes the weights when a checkpoint needs
+    them for its key now (``for_checkpoint``) or when :func:`_digest_in_line` says so (hashlib releases the GIL),
+    and ``stream``, when given, decodes its first batch. Should the setup fail, ``stream`` is closed (its decoding
+    stopped) before the error propagates."""
+    try:
+        svd = svd if svd is not None else qk_svd(model)
+        early = pool.submit(weights_digest, model) if for_checkpoint or _digest_in_line(device) else None
+        features = Features.select(svd, layers, heads, modes, device=device, model=model, read_qk=read_qk)
+        weights = early.result() if early is not None else None
+    except BaseException:
+        if stream is not None:
+            stream.close()
+        raise
+    return features, weights
+
+
+def _begin(saved: Checkpoint | None, resume: bool, model: nn.Module, weights: str, listing: _Listing,
+           features: Features, k: int, batch_size: int, svd_digest: str) -> Progress:
+    """checkpoint/resume: where the run starts. Without a checkpoint, at the first position. With one, the
+    checkpoint is first checked against this run's inputs (:func:`run_key`; ``svd_digest``: the digest of a
+    caller's SVD, or ``""``) and the run starts after what it holds; CheckpointError names the first input that
+    differs, or refuses an existing checkpoint without ``resume``."""
+    if saved is None:
+        return Progress(total=len(listing.positions))
+    key = run_key(model_name(model), weights, listing.root, listing.names, listing.limit, listing.part,
+                  features.layers, features.heads, features.modes, k, batch_size, svd_digest)
+    return saved.begin(key, listing.names, listing.positions, resume)
+
+
+class _DigestBeside:
+    """The weights' sha256, hashed in ``pool`` beside the search from the first batch of ``stream`` on (read the
+    batches from :attr:`batches`). On an accelerator the host's cores are free while the device computes, and by
+    the first batch the decoding processes are forked (never beside a running thread)."""
+
+    def __init__(self, pool: ThreadPoolExecutor, model: nn.Module, stream: Stream):
+        self.pool, self.model = pool, model
+        self._future = None
+        self.batches = _OnFirst(stream, self._start)
+
+    def _start(self) -> None:
+        self._future = self.pool.submit(weights_digest, self.model)
+
+    def result(self) -> str:
+        """The sha256, once the search is done (hashed now if there was no batch at all)."""
+        return self._future.result() if self._future is not None else weights_digest(self.model)
+
+
 def search(model: nn.Module, root: str | Path, layers=None, heads=None, modes=None, k: int = 8,
            batch_size: int = 32, shard=None, svd: QKSVD | None = None, progress: bool = True,
            limit: int | None = None, checkpoint: Checkpoint | str | Path | None = None, resume: bool = False,
@@ -157,67 +246,32 @@ def search(model: nn.Module, root: str | Path, layers=None, heads=None, modes=No
 
         search(model, "/data/val", out="val.npz", checkpoint="val.ckpt", resume=True)  # rerun until it returns
     """
-    root = Path(root).expanduser().resolve()
-    names = image_files(root)
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
-        names = names[:limit]
-    part = parse_shard(shard)
-    positions = list(range(len(names)))
-    if part:
-        positions = positions[part[0] :: part[1]]
+    listing = _list_files(root, limit, shard)
     svd_digest = modes_digest(svd) if svd is not None and checkpoint is not None else ""
     device = next(model.parameters()).device
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     saved = Checkpoint.of(checkpoint) if checkpoint is not None else None
-    before = Progress(total=len(positions))
     if resume and saved is None:
         raise ValueError("resume=True needs checkpoint=PATH: the file the interrupted run saved its state to")
-
-    def stream_from(done: int) -> Stream:
-        return Stream(FileLoader(root, names), names, positions[done:], model_transform(model), batch_size,
-                      workers=workers, device=device)
-
     with ThreadPoolExecutor(2, thread_name_prefix="qklib-search") as pool:
-        # Beside the one-threaded feature setup (and the SVD, when it is computed here): on the CPU, decoding the
-        # first batch when a thread decodes (no worker processes to fork beside running threads), and hashing
-        # the weights (see _digest_in_line; hashlib releases the GIL). The weights' sha256 is the result's
-        # provenance and part of a checkpoint's key (which needs it now, and the stream only after).
-        stream = _HeadStart(stream_from(0), pool) if saved is None and _decodes_in_thread(device, workers) else None
-        try:
-            svd = svd if svd is not None else qk_svd(model)
-            early = pool.submit(weights_digest, model) if saved is not None or _digest_in_line(device) else None
-            features = Features.select(svd, layers, heads, modes, device=device, model=model, read_qk=read_qk)
-            weights = early.result() if early is not None else None
-        except BaseException:
-            if stream is not None:
-                stream.close()
-            raise
-        # checkpoint/resume: check the checkpoint against this run's inputs and start after what it holds
-        if saved is not None:
-            key = run_key(model_name(model), weights, root, names, limit, part, features.layers, features.heads,
-                          features.modes, k, batch_size, svd_digest)
-            before = saved.begin(key, names, positions, resume)
+        # On the CPU with a decoding thread, the first batch decodes beside the setup (no worker processes to
+        # fork beside running threads); with a checkpoint, the stream starts only after what it holds.
+        head_start = saved is None and _decodes_in_thread(device, workers)
+        stream = _HeadStart(_stream(model, listing, 0, batch_size, workers, device), pool) if head_start else None
+        features, weights = _set_up(pool, model, device, stream, svd, layers, heads, modes, read_qk,
+                                    for_checkpoint=saved is not None)
+        before = _begin(saved, resume, model, weights, listing, features, k, batch_size, svd_digest)
         if stream is None:
-            stream = stream_from(before.done)
-        # On an accelerator, the digest is hashed beside the search from the first batch on (the decoding processes
-        # are forked by then, never beside a running thread): the host's cores are free while the device computes.
-        pending = []
-
-        def start_digest():
-            pending.append(pool.submit(weights_digest, model))
-
-        batches = stream if weights is not None else _OnFirst(stream, start_digest)
+            stream = _stream(model, listing, before.done, batch_size, workers, device)
+        late = _DigestBeside(pool, model, stream) if weights is None else None
         start = time.perf_counter()
-        top, scored = run(model, batches, features, k, precision, progress, len(positions) - before.done, "search",
-                          saved)
-        if weights is None:
-            weights = pending[0].result() if pending else weights_digest(model)  # no batch at all: hash it now
-    result = _finish(top, names, features, k, model_name(model), str(root), len(names), before.scored + scored,
-                     before.skipped + stream.skipped, part, before.seconds + time.perf_counter() - start, weights,
-                     listing_digest(None, names))
+        top, scored = run(model, stream if late is None else late.batches, features, k, precision, progress,
+                          len(listing.positions) - before.done, "search", saved)
+        weights = weights if late is None else late.result()
+    result = _finish(top, listing.names, features, k, model_name(model), str(listing.root), len(listing.names),
+                     before.scored + scored, before.skipped + stream.skipped, listing.part,
+                     before.seconds + time.perf_counter() - start, weights, listing_digest(None, listing.names))
     if out is not None:
         result.save(out)
     if saved is not None:
