@@ -39,10 +39,10 @@ def test_model_specs():
 def test_folders_are_resolved_and_outputs_created(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "in").mkdir()
-    assert chapter.folder()("image_dir", "in") == tmp_path / "in"
-    assert chapter.folder()("image_dir", "") is None
+    assert chapter.existing_folder()("image_dir", "in") == tmp_path / "in"
+    assert chapter.existing_folder()("image_dir", "") is None
     with pytest.raises(chapter.ParameterError, match="is required"):
-        chapter.folder(required=True)("o3_dir", "")
+        chapter.existing_folder(required=True)("o3_dir", "")
     assert chapter.output_folder("results_dir", "out/deeper").is_dir()
     (tmp_path / "file").write_text("x")
     with pytest.raises(chapter.ParameterError, match="not a folder"):

@@ -99,9 +99,6 @@ def test_the_check_catches_upward_private_and_hidden_imports(tmp_path):
 # --- functions a reader can hold in their head ---------------------------------------------------------------
 
 MAX_FUNCTION_LINES = 60
-# qklib.search.run.search (93 lines, 17 parameters) is being rewritten on another branch (issue 23); it is the one
-# function allowed over the limit until that lands.
-LONG_FUNCTION_EXCEPTIONS = {"qklib.search.run.search"}
 
 
 def long_functions(path: Path, name: str, limit: int = MAX_FUNCTION_LINES) -> list[str]:
@@ -125,7 +122,7 @@ def long_functions(path: Path, name: str, limit: int = MAX_FUNCTION_LINES) -> li
 @pytest.mark.parametrize("path", MODULES, ids=module_name)
 def test_no_function_runs_over_60_lines(path):
     name = module_name(path)
-    found = [f for f in long_functions(path, name) if f.split(" (")[0] not in LONG_FUNCTION_EXCEPTIONS]
+    found = long_functions(path, name)
     assert found == [], f"split these into functions of at most {MAX_FUNCTION_LINES} lines: {found}"
 
 

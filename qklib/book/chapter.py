@@ -95,11 +95,13 @@ def check_models(models, name: str = "models", most: int | None = None) -> list[
     return specs
 
 
-def models(most: int | None = None) -> Callable:
+def model_list(most: int | None = None) -> Callable:
+    """A list of model specs (at most ``most``), each a name or ``[name, weights]``."""
     return lambda name, value: check_models(value, name, most)
 
 
-def count(minimum: int = 1) -> Callable:
+def count_at_least(minimum: int = 1) -> Callable:
+    """An integer ``>= minimum`` (not a bool)."""
     def check(name, value):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ParameterError(f"parameter {name!r} must be an integer >= {minimum}, got {value!r}")
@@ -107,7 +109,7 @@ def count(minimum: int = 1) -> Callable:
     return check
 
 
-def number(low: float, high: float) -> Callable:
+def number_in(low: float, high: float) -> Callable:
     """A number in ``(low, high]``."""
     def check(name, value):
         if isinstance(value, bool) or not isinstance(value, int | float) or not low < value <= high:
@@ -116,7 +118,7 @@ def number(low: float, high: float) -> Callable:
     return check
 
 
-def folder(required: bool = False) -> Callable:
+def existing_folder(required: bool = False) -> Callable:
     """An existing folder, or None when the parameter is empty and not required."""
     def check(name, value):
         if value in (None, ""):
@@ -155,13 +157,15 @@ def output_folder(name, value) -> Path:
     return path
 
 
-def flag(name, value) -> bool:
+def true_or_false(name, value) -> bool:
+    """True or False, nothing else."""
     if not isinstance(value, bool):
         raise ParameterError(f"parameter {name!r} must be True or False, got {value!r}")
     return value
 
 
-def text(name, value) -> str:
+def non_empty_text(name, value) -> str:
+    """A string that is not empty."""
     if not isinstance(value, str) or not value:
         raise ParameterError(f"parameter {name!r} must be a non-empty string, got {value!r}")
     return value
@@ -222,33 +226,40 @@ def o3_layout(name, value) -> O3Layout:
 
 # --- the chapters' declared parameters ----------------------------------------------------------------------
 
-COMMON = {"batch_size": count(1), "device": check_device, "seed": count(0), "resamples": count(100),
-          "results_dir": output_folder}
+COMMON = {"batch_size": count_at_least(1), "device": check_device, "seed": count_at_least(0),
+          "resamples": count_at_least(100), "results_dir": output_folder}
 
 SPECS: dict[str, dict[str, Callable]] = {
     "s3_attention": {
-        "models": models(), "o3_dir": folder(), "o3_layout": o3_layout, "max_images": count(1),
-        "n_scenes": count(1), "min_cover": number(0, 1), **COMMON, "live_explorer": flag,
+        "models": model_list(), "o3_dir": existing_folder(), "o3_layout": o3_layout,
+        "max_images": count_at_least(1), "n_scenes": count_at_least(1), "min_cover": number_in(0, 1), **COMMON,
+        "live_explorer": true_or_false,
     },
     "s4_cosine": {
-        "models": models(), "image_dir": folder(), "max_images": count(2), "ijepa_checkpoint": existing_file, **COMMON,
-        "live_explorer": flag,
+        "models": model_list(), "image_dir": existing_folder(), "max_images": count_at_least(2),
+        "ijepa_checkpoint": existing_file, **COMMON, "live_explorer": true_or_false,
     },
     "s5_modes": {
-        "models": models(most=1), "image_dir": folder(), "max_images": count(0), "ade20k_dir": folder(),
-        "ade20k_limit": count(1), "n_scenes": count(6), "top_k": count(1), "layers": indices, "heads": indices,
-        "explorer_modes": count(1), "featured": mode_labels, "walkthrough_image": text, "live_explorer": flag, **COMMON,
+        "models": model_list(most=1), "image_dir": existing_folder(), "max_images": count_at_least(0),
+        "ade20k_dir": existing_folder(), "ade20k_limit": count_at_least(1), "n_scenes": count_at_least(6),
+        "top_k": count_at_least(1), "layers": indices, "heads": indices, "explorer_modes": count_at_least(1),
+        "featured": mode_labels, "walkthrough_image": non_empty_text, "live_explorer": true_or_false, **COMMON,
     },
-    "s6_values": {"models": models(), "null_draws": count(1), "n_scenes": count(2), "ade20k_dir": folder(),
-                  "ade20k_limit": count(1), "permutations": count(100), **COMMON, "live_explorer": flag},
+    "s6_values": {
+        "models": model_list(), "null_draws": count_at_least(1), "n_scenes": count_at_least(2),
+        "ade20k_dir": existing_folder(), "ade20k_limit": count_at_least(1), "permutations": count_at_least(100),
+        **COMMON, "live_explorer": true_or_false,
+    },
     "s7_modalities": {
-        "vision_models": models(), "text_models": models(), "speech_models": models(), "n_texts": count(4),
-        "n_utterances": count(4), "shifts": count(1), "top_inputs": count(1), **COMMON, "live_explorer": flag,
+        "vision_models": model_list(), "text_models": model_list(), "speech_models": model_list(),
+        "n_texts": count_at_least(4), "n_utterances": count_at_least(4), "shifts": count_at_least(1),
+        "top_inputs": count_at_least(1), **COMMON, "live_explorer": true_or_false,
     },
     "s8_segmentation": {
-        "models": models(), "n_scenes": count(12), "o3_dir": folder(), "o3_layout": o3_layout, "ade20k_dir": folder(),
-        "voc_dir": folder(), "image_dir": folder(), "max_images": count(1), "layers": indices, "n_segments": count(0),
-        "shown_images": count(1), "live_explorer": flag, **COMMON,
+        "models": model_list(), "n_scenes": count_at_least(12), "o3_dir": existing_folder(), "o3_layout": o3_layout,
+        "ade20k_dir": existing_folder(), "voc_dir": existing_folder(), "image_dir": existing_folder(),
+        "max_images": count_at_least(1), "layers": indices, "n_segments": count_at_least(0),
+        "shown_images": count_at_least(1), "live_explorer": true_or_false, **COMMON,
     },
 }
 

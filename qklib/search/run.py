@@ -120,9 +120,11 @@ class _OnFirst:
             yield batch
 
 
-def _finish(top: RunningTopK, names: list[str], features: Features, k: int, model: str, root: str,
+def _result(top: RunningTopK, names: list[str], features: Features, k: int, model: str, root: str,
             n_files: int, scored: int, skipped, shard, seconds: float, weights: str = "",
             listing: str = "") -> SearchResult:
+    """The :class:`SearchResult` of a finished run: the running top-k brought to the host, its file positions
+    turned into the names of the files it holds."""
     shape = (*features.shape, k)
     host = top.cpu()
     scores, index, files = compact(host.scores.reshape(shape), host.position.reshape(shape), names)
@@ -269,7 +271,7 @@ def search(model: nn.Module, root: str | Path, layers=None, heads=None, modes=No
         top, scored = run(model, stream if late is None else late.batches, features, k, precision, progress,
                           len(listing.positions) - before.done, "search", saved)
         weights = weights if late is None else late.result()
-    result = _finish(top, listing.names, features, k, model_name(model), str(listing.root), len(listing.names),
+    result = _result(top, listing.names, features, k, model_name(model), str(listing.root), len(listing.names),
                      before.scored + scored, before.skipped + stream.skipped, listing.part,
                      before.seconds + time.perf_counter() - start, weights, listing_digest(None, listing.names))
     if out is not None:
@@ -293,5 +295,5 @@ def search_images(model: nn.Module, images: Mapping[str, object], layers=None, h
                     model_transform(model), batch_size, workers=0, device=device)  # in memory: no processes
     start = time.perf_counter()
     top, scored = run(model, stream, features, k, precision, progress, len(names))
-    return _finish(top, names, features, k, model_name(model), "", len(names), scored, stream.skipped, None,
+    return _result(top, names, features, k, model_name(model), "", len(names), scored, stream.skipped, None,
                    time.perf_counter() - start)
