@@ -42,8 +42,8 @@ def one_thread(device: torch.device | str = "cpu"):
 # near-degenerate trained heads (cond up to ~2e4 there) take two.
 ONE_PASS_COND = 100.0
 
-# The r x r core's SVD comes from the eigendecomposition of core^T core (symmetric eigensolver: about half the cost
-# of LAPACK's SVD, measured 37 against 70 ms for 144 64x64 cores) where the core's condition number is at most this;
+# The r x r core's SVD comes from the eigendecomposition of core^T core (a symmetric eigensolver costs about half
+# of LAPACK's SVD) where the core's condition number is at most this;
 # the left vectors' orthonormality is then lost by ~eps * cond^2 (~1e-14), and the reconstruction is exact to ~eps
 # whatever the condition. Random-init cores (cond ~3) take it, and 34 of the embedded model's 72; the others take
 # the SVD.
@@ -59,8 +59,8 @@ def _empty_output(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
     On the CPU it is allocated by numpy, which asks the kernel for transparent huge pages on large arrays (numpy's
     default on Linux since 1.16); torch's own allocator does so only with ``THP_MEM_ALLOC_ENABLE=1``. Writing the
-    outputs then page-faults 2 MB pages instead of 4 KB ones: measured 26 -> 5 ms per 56 MB output on a 2-core
-    EPYC, about 15 % of ``qk_svd`` on ViT-B/16. The tensor shares the array's memory and keeps it alive."""
+    outputs then page-faults 2 MB pages instead of 4 KB ones, one fault where there were 512 (``make bench`` times
+    ``qk_svd``). The tensor shares the array's memory and keeps it alive."""
     if device.type == "cpu":
         return torch.from_numpy(np.empty(shape, dtype=np.float64))
     return torch.empty(shape, dtype=torch.float64, device=device)
