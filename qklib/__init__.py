@@ -1,24 +1,24 @@
 """qklib: query-key interaction in vision transformers (Pan et al., NeurIPS 2024), exactly and fast.
 
-The package has three floors; each imports only from the floors below it (``tests/test_layout.py``):
+The package has five floors, one subpackage each; a module imports only from its own floor and those below
+(``tests/test_layout.py``):
 
-* ``qklib.core``: load a ViT (``models``; converters ``weights``, ``hf``, ``official``, ``imgfocus``; the paper's
-  table ``paper_models``), the one reader of every model family's attention weights and hook sites (``reader``),
-  images in (``images``, ``stream``), what meets W_q and W_k (``extract``), the exact QK SVD (``svd``: the
-  container and the bases; ``lowrank``: the fast thin-factor SVD; ``nulls``: the cosines' null statistics), the
-  value side (``ov``: the exact OV SVD, composition and copying scores, their Haar nulls) and atomic writes
-  (``files``).
-* analyses, one per paper section: §3 ``o3`` (data) and ``preference``; §4 ``cosine``, ``biases`` and ``grouping``;
-  §5 ``modes``, ``search`` (optimal images), ``ade20k`` (data) and ``same_object``; across them ``stats`` (the
-  intervals, nulls and decision rule of every verdict) and ``ledger``, the paper's headline claims judged from the
-  chapters' records; beyond the paper, §6 ``values`` (the value side),
-  §8 ``segmentation`` (the modes as a training-free segmenter against the established methods), ``recognition``
-  and ``voc`` (data).
-* ``qklib.present``: every chart, picture and widget (``attention``, ``cosine``, ``values``, ``mode_figures``,
-  ``segmentation``, ``render``, ``widgets``, ``explore``, ``lab``), and the claims ledger's table (``ledger``).
+* ``qklib.core``: load a model (``models``; checkpoint loaders in ``loaders``; the text and speech encoders in
+  ``modalities``), the one reader of every model family's attention weights and hook sites (``reader``), the exact
+  QK SVD (``svd``: the container and the bases; ``lowrank``: the fast thin-factor SVD; ``nulls``: the cosines' null
+  statistics), the value side (``ov``), what meets W_q and W_k (``extract``), images in (``images``, ``stream``),
+  datasets with object masks (``datasets``), and the intervals and decision rule of every verdict (``stats``).
+* ``qklib.search``: the optimal-image search of §5.
+* ``qklib.analyses``: one module per measurement: §3 ``preference``; §4 ``cosine``, ``biases``, ``grouping``; §5
+  ``modes``, ``same_object``; §6 ``values``, ``object_contrast``; §7 ``units``, ``sequences``, ``crossmodal``; §8
+  ``segmentation``, ``recognition``.
+* ``qklib.book``: what only the book needs: the chapters' parameters (``chapter``), the claims ledger (``ledger``)
+  and the paper's models (``paper_models``).
+* ``qklib.present``: every chart, picture and widget, and the claims ledger's page.
 
-``qklib.book.chapter`` serves the book's chapters (parameter checks, the gallery, cached results), and
-``qklib.cli`` is the command line (``python -m qklib``).
+``qklib.cli`` is the command line (``python -m qklib``). To read the core in an hour, follow a model from its name
+to its SVD: ``core/models.py`` (``load_model``), ``core/reader.py`` (``read_attention``), ``core/svd.py``
+(``qk_svd``, ``QKSVD``), ``core/lowrank.py``, then ``core/extract.py`` for what the model computes on images.
 """
 
 from .core.models import DEFAULT_MODEL, ModelError, ModelInfo, info, load_model, random_control

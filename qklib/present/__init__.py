@@ -1,4 +1,5 @@
-"""The presentation floor: altair charts, red/cyan and mask pictures, static and live widgets.
+"""The presentation floor: altair charts, red/cyan and mask pictures, static and live widgets, the claims
+ledger's page.
 
-Analyses never import from here; chapters call these with the analyses' results.
+Nothing below imports from here; chapters call these with the analyses' results and the ledger's verdicts.
 """
