@@ -21,11 +21,11 @@ to its SVD: ``core/models.py`` (``load_model``), ``core/reader.py`` (``read_atte
 (``qk_svd``, ``QKSVD``), ``core/lowrank.py``, then ``core/extract.py`` for what the model computes on images.
 """
 
+from .analyses.segmentation import segment
 from .core.models import DEFAULT_MODEL, ModelError, ModelInfo, info, load_model, random_control
 from .core.ov import (OVWeights, composition_null, composition_scores, copying_null, copying_scores, effective_rank,
                       haar_rotated, mode_alignment, ov_svd, ov_weights)
 from .core.svd import QKSVD, QKWeights, mode_scores, null_band, qk_svd, qk_weights
-from .analyses.segmentation import segment
 
 __all__ = [
     "DEFAULT_MODEL", "ModelError", "ModelInfo", "OVWeights", "QKSVD", "QKWeights", "composition_null",

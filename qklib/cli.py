@@ -15,13 +15,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .core.messages import cli_syntax
+from .book.paper_models import format_table, models_table
 from .core.cluster import (KINDS, ClusterError, SlurmOptions, array_id, launch_folder, make_executor, parse_slurm_args,
                            wait)
 from .core.images import image_files
-from .core.models import DEFAULT_MODEL, RANDOM, ModelError, convert, load_model, model_name
 from .core.loaders.official import IJEPA_PARTS, PREDICTOR_ARCH
-from .book.paper_models import format_table, models_table
+from .core.messages import cli_syntax
+from .core.models import DEFAULT_MODEL, RANDOM, ModelError, convert, load_model, model_name
 from .core.provenance import provenance
 from .core.svd import NULL_DRAWS, NULL_SEED, layer_null_band, null_band, qk_svd
 from .search import MergeError, merge, parse_shard, search, shard_filename

@@ -28,8 +28,8 @@ from torch import nn
 from ..core.extract import image_tokens, token_embeddings
 from ..core.images import to_pixels
 from ..core.models import depth, info
-from ..core.svd import NULL_DRAWS, NULL_SEED, QKSVD, layer_null_band, layer_null_sd, null_band
 from ..core.stats import RESAMPLES, bootstrap
+from ..core.svd import NULL_DRAWS, NULL_SEED, QKSVD, layer_null_band, layer_null_sd, null_band
 
 
 def centre_token_index(model: nn.Module) -> int:

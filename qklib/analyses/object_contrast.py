@@ -42,8 +42,8 @@ from ..core.extract import stream_layers
 from ..core.images import to_pixels
 from ..core.models import depth, prefix_tokens
 from ..core.ov import OVWeights, ov_weights
-from .same_object import token_coverage
 from ..core.stats import RESAMPLES, bootstrap
+from .same_object import token_coverage
 
 MIN_COVER = 0.5  # a token belongs to an object that covers at least half of its patch
 

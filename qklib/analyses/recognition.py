@@ -29,9 +29,9 @@ from torch import nn
 from ..core.images import ImageError, list_images, to_pixels
 from ..core.models import info
 from ..core.reader import attention_sites
+from ..core.stats import RESAMPLES, Interval, bootstrap
 from ..core.svd import QKSVD
 from ..search import Features, feature_scores
-from ..core.stats import RESAMPLES, Interval, bootstrap
 
 
 class RecognitionError(ValueError):

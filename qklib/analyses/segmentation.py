@@ -54,13 +54,13 @@ from torch import nn
 from torchvision.transforms import functional as TF
 
 from ..core.datasets.ade20k import load_ade20k
+from ..core.datasets.o3 import generate_scenes, load_o3
+from ..core.datasets.voc import load_voc
 from ..core.extract import record
 from ..core.models import info
+from ..core.stats import RESAMPLES, Interval, bootstrap
 from ..core.svd import QKSVD, QKWeights, append_one, one_thread, qk_svd_from_weights, qk_weights
 from .modes import RULE_DEPTHS, rule_layers
-from ..core.datasets.o3 import generate_scenes, load_o3
-from ..core.stats import RESAMPLES, Interval, bootstrap
-from ..core.datasets.voc import load_voc
 
 
 class SegmentError(ValueError):

@@ -17,8 +17,8 @@ import torch
 
 from ..core.models import depth
 from ..core.ov import COMPOSITION_KINDS, copying_null, copying_scores, effective_rank, haar_frames, mode_alignment
-from ..core.svd import QKSVD
 from ..core.stats import RESAMPLES, bootstrap
+from ..core.svd import QKSVD
 
 
 def head_table(ovs: dict[str, QKSVD]) -> pd.DataFrame:

@@ -28,16 +28,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..analyses.modes import parse_label, rule_modes
+from ..core.datasets.o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
 from ..core.digest import file_digest, listing_digest, modes_digest  # noqa: F401 (chapters call chapter.*_digest)
 from ..core.files import atomic_write
 from ..core.images import ImageError, images_by_stem, load_folder, open_rgb, shipped_photos
 from ..core.models import ModelError, check_name, load_model, model_name, random_control
-from .paper_models import EMBEDDED
 from ..core.reader import family_of
 from ..core.svd import QKSVD
-from ..analyses.modes import parse_label, rule_modes
-from ..core.datasets.o3 import O3Error, O3Layout, O3Set, generate_scenes, load_o3
 from ..search import parse_indices
+from .paper_models import EMBEDDED
 
 
 class ParameterError(ValueError):

@@ -29,14 +29,14 @@ import nbformat
 import numpy as np
 import pandas as pd
 
-from .paper_models import EMBEDDED, IJEPA_FILE, IJEPA_PREDICTOR, PAPER_MODELS, PaperModel
-from ..core.svd import QKSVD, null_band
 from ..analyses.crossmodal import Pass, stacked
 from ..analyses.object_contrast import grouping_score
 from ..analyses.preference import GROUPS, image_curves, per_area
 from ..analyses.units import curves as unit_curves, early_minus_late, first_half_mean, pooled_heads
 from ..core.stats import (AGREES, BORDERLINE, DISAGREES, NOT_TESTED, RESAMPLES, Interval, bootstrap, bootstrap_curve,
                           bootstrap_slope, combine, decide, decide_within, permutation_band, rank_correlation)
+from ..core.svd import QKSVD, null_band
+from .paper_models import EMBEDDED, IJEPA_FILE, IJEPA_PREDICTOR, PAPER_MODELS, PaperModel
 
 FORMAT = 2  # the records' layout; a record of another format is refused
 MIME = "application/vnd.qklib.ledger+json"  # a +json type: nbformat stores the glued record as JSON

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from ..core.loaders import imgfocus
-from ..core.models import cached_pretrained_file, load_model
 from ..core.loaders.official import PREDICTOR_ARCH
+from ..core.models import cached_pretrained_file, load_model
 from ..core.svd import QKSVD, qk_svd
 
 IJEPA_FILE = "IN1K-vit.h.14-300e.pth.tar"

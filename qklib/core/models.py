@@ -37,14 +37,14 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
-from .loaders import hf, imgfocus, official
 from . import modalities
 from .files import atomic_write
-from .provenance import Provenance, attach, provenance
-from .reader import attention_sites, describe_unreadable, family_of
+from .loaders import hf, imgfocus, official
 from .loaders.weights import (DATA_KEYS, Converted, ModelError, arch_from_metadata, converted_metadata, describe_keys,
                               is_state_dict, load_state, random_seed_from_metadata, read_checkpoint, read_weights,
                               unwrap)
+from .provenance import Provenance, attach, provenance
+from .reader import attention_sites, describe_unreadable, family_of
 
 __all__ = ["DEFAULT_MODEL", "ModelError", "ModelInfo", "build", "cached_pretrained_file", "check_name", "check_vit",
            "convert", "depth", "info", "load_model", "load_state", "model_name", "prefix_tokens", "random_control",

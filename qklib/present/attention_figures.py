@@ -21,10 +21,10 @@ from IPython.display import HTML
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
-from ..core.images import display_crop
 from ..analyses.preference import (GROUPS, PAIRS, image_curves, per_area, per_layer, query_maps, query_tokens,
                                    token_masks)
 from ..book.ledger import Judgement
+from ..core.images import display_crop
 from ..core.stats import RESAMPLES
 from .render import jpeg_bytes
 from .style import CHANCE, inline, model_colour, model_order

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown
 
-from ..core.svd import QKSVD
 from ..analyses.cosine import layer_table, null_band_table
+from ..core.svd import QKSVD
 from .style import PANELS_PER_ROW, inline, model_colour, model_order
 
 def _layer_slider(max_layer: int, name: str = "layer") -> alt.Parameter:

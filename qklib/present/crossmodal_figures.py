@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..analyses.sequences import snippet_html
 from ..core.modalities import log_mel
 from ..core.svd import QKSVD
-from ..analyses.sequences import snippet_html
 from .mode_figures import mode_caption, picture_row
 from .render import normalize_map, red_cyan
 from .style import CHANCE, inline, model_colour

@@ -35,17 +35,17 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
+from ..analyses.crossmodal import weights_of
+from ..analyses.modes import mode_label, mode_maps
+from ..analyses.preference import query_tokens, token_masks
+from ..analyses.sequences import best_pair, snippet_html
 from ..core.extract import record, token_embeddings
 from ..core.images import ImageError, display_crop, image_from_bytes, open_rgb, to_pixels
 from ..core.modalities import attention_from_weights, attention_inputs, tokenise
 from ..core.models import info
 from ..core.ov import copying_scores, effective_rank, ov_eigenvalues
 from ..core.svd import QKSVD, null_band
-from ..analyses.modes import mode_label, mode_maps
-from ..analyses.preference import query_tokens, token_masks
-from ..analyses.crossmodal import weights_of
 from ..search import SearchResult
-from ..analyses.sequences import best_pair, snippet_html
 from .attention_figures import outline, overlay, view_mask
 from .crossmodal_figures import attention_picture
 from .mode_figures import mode_caption

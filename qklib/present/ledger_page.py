@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ..book.paper_models import EMBEDDED
 from ..book.ledger import (AGREES, BORDERLINE, BY_EYE, DISAGREES, MIXED, NOT_TESTED, QUESTIONS, RULE, THRESHOLDS, Claim,
                            Evidence, Row, judge_questions)
+from ..book.paper_models import EMBEDDED
 
 
 ANSWERS = {AGREES: "yes", DISAGREES: "no"}  # a question's outcome in words; borderline and the rest unchanged

@@ -20,15 +20,15 @@ import torch
 from IPython.display import HTML
 from PIL import Image
 
+from ..analyses.modes import mode_label, mode_maps, top_modes
+from ..analyses.same_object import SameObject
+from ..book.ledger import RANKINGS
 from ..core.extract import record, token_embeddings
 from ..core.images import display_crop, open_rgb, to_pixels
 from ..core.models import depth, info
-from ..core.svd import QKSVD
-from ..analyses.modes import mode_label, mode_maps, top_modes
-from ..book.ledger import RANKINGS
-from ..analyses.same_object import SameObject
-from ..search import SearchResult
 from ..core.stats import AGREES, BORDERLINE, DISAGREES, RESAMPLES, bootstrap, bootstrap_curve, decide
+from ..core.svd import QKSVD
+from ..search import SearchResult
 from .attention_figures import course
 from .render import jpeg_bytes, mode_pictures, render_mode, thumbnail
 from .style import CHANCE, CONTROLS, TRAINED, inline

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..analyses.modes import mode_maps
 from ..core.extract import token_embeddings
 from ..core.images import display_crop, to_pixels
 from ..core.models import info
 from ..core.svd import QKSVD
-from ..analyses.modes import mode_maps
 
 # The authors normalised each map between these percentiles before drawing it.
 LOW_PERCENTILE = 30.0

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..core.images import ImageError, image_from_bytes
 from ..analyses.recognition import ProbeResult
 from ..analyses.segmentation import METHODS, Segmenter, object_map, paired_difference, summarise, upsample_labels
+from ..core.images import ImageError, image_from_bytes
 from ..core.stats import RESAMPLES
 from .attention_figures import outline
 from .explore import Live

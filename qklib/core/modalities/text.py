@@ -19,8 +19,8 @@ import transformers
 from torch import nn
 
 from ..loaders.hf import read_folder
-from ..provenance import provenance as core_provenance
 from ..loaders.weights import ModelError, strip_prefix
+from ..provenance import provenance as core_provenance
 from .corpus import split_sentences
 
 __all__ = ["TokenisedText", "bert_from_folder", "text_tokenizer", "tokenise"]
