@@ -63,11 +63,12 @@ import altair as alt
 import pandas as pd
 from myst_nb import glue
 
-from qklib.book import chapter, ledger
 from qklib.analyses.preference import GROUPS, measure, select
-from qklib.present import attention_figures as attention, style
-from qklib.present.vega import use_served_vega
+from qklib.book import chapter, ledger
+from qklib.present import attention_figures as figures
+from qklib.present import style
 from qklib.present.explore import explore_attention
+from qklib.present.vega import use_served_vega
 from qklib.present.widgets import download_link
 
 started = time.perf_counter()
@@ -87,9 +88,9 @@ use_served_vega()  # in JupyterLab (make lab) charts load vega from the lab's ow
 scenes, source = chapter.odd_one_out(p.o3_dir, p.o3_layout, p.max_images, p.n_scenes, p.seed, p.results_dir)
 loaded = chapter.load_models(p.models, device=p.device, seed=p.seed)
 reference = next(iter(loaded.values()))  # all models here share one input geometry
-shown = attention.example_scenes(scenes)
+shown = figures.example_scenes(scenes)
 print(source)
-attention.mask_picture(reference, shown, p.min_cover)
+figures.mask_picture(reference, shown, p.min_cover)
 
 # %% [markdown]
 # Top: what the model sees. Bottom: the token-grid masks (red: target fraction, blue: distractor
@@ -117,7 +118,7 @@ for key, why in list(first.skipped.items())[:5]:
     print(f"  skipped {key}: {why}")
 sums = [full[[f"{q}_t", f"{q}_d", f"{q}_b"]].sum(axis=1) for q in "td"]
 print(f"largest deviation of a query's three ratios from 1: {max((s - 1).abs().max() for s in sums):.1e}")
-attention.table_download(table)
+figures.table_download(table)
 
 # %%
 table.head()
@@ -137,9 +138,9 @@ table.head()
 
 # %%
 chance = first.chance[list(GROUPS)].mean()
-area = attention.area_table(table, first.chance, list(loaded), p.resamples, p.seed)
+area = figures.area_table(table, first.chance, list(loaded), p.resamples, p.seed)
 download_link(area.round(4), "s3_per_area.csv")
-attention.area_chart(area, list(loaded), len(first.measured))
+figures.area_chart(area, list(loaded), len(first.measured))
 
 # %% [markdown]
 # The raw ratios, as the paper's Fig 2 plots them (a secondary view): each point is the mean over images and
@@ -148,8 +149,8 @@ attention.area_chart(area, list(loaded), len(first.measured))
 # *different* are equal, the objects' mean area).
 
 # %%
-layer_stats = attention.layer_stats(table, chance)
-attention.layer_chart(layer_stats, list(loaded), len(first.measured))
+layer_stats = figures.layer_stats(table, chance)
+figures.layer_chart(layer_stats, list(loaded), len(first.measured))
 
 # %% [markdown]
 # ## The query's own token and the choice of query token
@@ -159,9 +160,9 @@ attention.layer_chart(layer_stats, list(loaded), len(first.measured))
 # only add to *same* (and, by renormalisation, shrinks the other two).
 
 # %%
-variants = attention.variant_means(full, next(iter(loaded)))
+variants = figures.variant_means(full, next(iter(loaded)))
 download_link(variants.round(4).reset_index(), "s3_variants_per_layer.csv")
-attention.variant_chart(variants, next(iter(loaded)))
+figures.variant_chart(variants, next(iter(loaded)))
 
 # %% [markdown]
 # ## Per head
@@ -170,13 +171,13 @@ attention.variant_chart(variants, next(iter(loaded)))
 # background ratio (mean over images) for every model.
 
 # %%
-attention.head_heatmap(table, list(loaded))
+figures.head_heatmap(table, list(loaded))
 
 # %% [markdown]
 # Pick a layer and a head with the sliders to see its six ratios, for every model (mean over images).
 
 # %%
-attention.pair_chart(table, list(loaded))
+figures.pair_chart(table, list(loaded))
 
 # %% [markdown]
 # What one head's attention looks like on one scene, for the first model: the target query's map (left)
@@ -186,8 +187,8 @@ attention.pair_chart(table, list(loaded))
 # token is boxed in light blue. Move the sliders to change layer and head; click a picture to enlarge it.
 
 # %%
-example = attention.first_measured(shown, scenes, first.measured)
-attention.query_map_slider(reference, example, p.min_cover)
+example = figures.first_measured(shown, scenes, first.measured)
+figures.query_map_slider(reference, example, p.min_cover)
 
 # %% [markdown]
 # In a live kernel, with `live_explorer = True`, this explorer computes the map of any query token (pick
@@ -200,7 +201,7 @@ if p.live_explorer:
 # %%
 record = ledger.attention_record(table, first.chance, f"{len(first.measured)} of {source}", p.resamples, p.seed)
 judged = ledger.judge_model(record, next(iter(loaded)))
-found = attention.findings(layer_stats, chance, list(loaded), judged, area) | attention.self_token_findings(variants)
+found = figures.findings(layer_stats, chance, list(loaded), judged, area) | figures.self_token_findings(variants)
 found.update(caveat=chapter.embedded_caveat(loaded), source=source, measured=len(first.measured),
              skipped=len(first.skipped), min_cover=p.min_cover, device=p.device, measure_seconds=measure_seconds,
              data_note="" if p.o3_dir else "These generated scenes are simple arrays of shapes, not O3's photos.",

@@ -43,19 +43,18 @@ live_explorer: bool = False  # True in a live kernel (JupyterLab): explore any l
 
 # %%
 import altair as alt
+from IPython.display import Markdown, display
 from myst_nb import glue
 
 import qklib
-from IPython.display import Markdown, display
-
+from qklib.core.images import to_pixels
 from qklib.analyses import biases, cosine, grouping
 from qklib.book import chapter, ledger
-from qklib.core.images import to_pixels
 from qklib.book.paper_models import IJEPA_NEEDS, ijepa_encoder_predictor
 from qklib.present import cosine_figures as figures
 from qklib.present import style
-from qklib.present.vega import use_served_vega
 from qklib.present.explore import explore_spectrum
+from qklib.present.vega import use_served_vega
 from qklib.present.widgets import download_link
 
 p = chapter.check("s4_cosine", globals())

@@ -64,14 +64,14 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 import qklib
-from qklib.core.datasets import ade20k
-from qklib.book import chapter, ledger
-from qklib.analyses import modes, same_object
 from qklib import search
+from qklib.core.datasets import ade20k
+from qklib.analyses import modes, same_object
+from qklib.book import chapter, ledger
 from qklib.present import mode_figures as figures
 from qklib.present import style
-from qklib.present.vega import use_served_vega
 from qklib.present.explore import explore
+from qklib.present.vega import use_served_vega
 from qklib.present.widgets import download_link
 
 started = time.perf_counter()

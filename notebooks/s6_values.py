@@ -45,19 +45,19 @@ live_explorer: bool = False  # True in a live kernel (JupyterLab): explore any h
 
 # %%
 import altair as alt
+from IPython.display import HTML, display
 from myst_nb import glue
 
 import qklib
-from IPython.display import HTML, display
 from qklib.core.datasets import ade20k
-from qklib.book import chapter, ledger
 from qklib.analyses import modes, object_contrast, values
+from qklib.book import chapter, ledger
 from qklib.present import ledger_page
+from qklib.present import style
 from qklib.present import values_figures as figures
 from qklib.present.cosine_figures import model_summary
-from qklib.present import style
-from qklib.present.vega import use_served_vega
 from qklib.present.explore import explore_ov
+from qklib.present.vega import use_served_vega
 from qklib.present.widgets import download_link
 
 p = chapter.check("s6_values", globals())

@@ -58,14 +58,14 @@ from IPython.display import HTML, Markdown, display
 from myst_nb import glue
 
 import qklib
-from qklib.book import chapter, ledger
 from qklib.analyses import crossmodal, values
+from qklib.book import chapter, ledger
 from qklib.present import crossmodal_figures as figures
 from qklib.present import ledger_page
-from qklib.present.explore import explore_text
 from qklib.present import style
-from qklib.present.vega import use_served_vega
+from qklib.present.explore import explore_text
 from qklib.present.values_figures import layer_interval
+from qklib.present.vega import use_served_vega
 from qklib.present.widgets import download_link
 
 p = chapter.check("s7_modalities", globals())

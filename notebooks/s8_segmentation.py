@@ -79,9 +79,9 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 import qklib
-from qklib.book import chapter, ledger
-from qklib.analyses import recognition, segmentation
 from qklib.core.images import open_rgb
+from qklib.analyses import recognition, segmentation
+from qklib.book import chapter, ledger
 from qklib.present import segmentation_figures as figures
 from qklib.present import style
 from qklib.present.vega import use_served_vega
