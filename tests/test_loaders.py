@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qklib
+from fake_hub import fake_hf_cache
 from official_layouts import beit_relative_index, write_ijepa, write_simmim
 from qklib.cli import main
 from qklib.core.loaders import hf
@@ -145,22 +146,10 @@ def test_hf_preprocessing_travels_with_the_weights(tmp_path):
         assert (config["crop_pct"], config["interpolation"]) == (0.8, "bicubic")
 
 
-def _fake_hf_cache(cache: Path, repo: str, source: Path) -> None:
-    """The hub cache layout: models--ORG--NAME/refs/main names a snapshot folder holding the files."""
-    entry = cache / f"models--{repo.replace('/', '--')}"
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    (entry / "refs").mkdir(parents=True)
-    (entry / "refs" / "main").write_text(revision)
-    snapshot = entry / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    for file in source.iterdir():
-        (snapshot / file.name).write_bytes(file.read_bytes())
-
-
 def test_hf_name_resolves_in_the_local_cache_only(tmp_path, monkeypatch):
     _save_hf("dino", tmp_path / "dino")
     cache = tmp_path / "hub"
-    _fake_hf_cache(cache, "facebook/dino-vitb16", tmp_path / "dino")
+    fake_hf_cache(cache, "facebook/dino-vitb16", tmp_path / "dino")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     model = qklib.load_model("hf:facebook/dino-vitb16")
     assert model_name(model) == "vit_base_patch16_224 [hf:facebook/dino-vitb16]"
@@ -179,7 +168,7 @@ def test_cached_timm_weights_load_without_asking_the_hub(tmp_path, monkeypatch):
     source = qklib.load_model("random:" + name, seed=5)
     (tmp_path / "files").mkdir()
     save_file(source.state_dict(), str(tmp_path / "files" / "model.safetensors"))
-    _fake_hf_cache(tmp_path / "hub", timm.models.get_pretrained_cfg(name).hf_hub_id, tmp_path / "files")
+    fake_hf_cache(tmp_path / "hub", timm.models.get_pretrained_cfg(name).hf_hub_id, tmp_path / "files")
     assert paper_models.available_offline(entry) == "yes"
     model = qklib.load_model(name)  # HF_HUB_OFFLINE=1 here (conftest): the cached file is read directly
     assert model_name(model) == name

